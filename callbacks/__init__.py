@@ -1,0 +1,10 @@
+"""Callbacks: the six-hook Callback base and the stock callbacks."""
+
+from .base import HOOKS, Callback, LambdaCallback
+from .early_stopping import EarlyStopping
+from .guards import SignalCheckpoint, TerminateOnNonFinite
+from .loggers import ProgressBar, TensorBoardLogger
+from .model_checkpoint import ModelCheckpoint
+
+__all__ = ["HOOKS", "Callback", "LambdaCallback", "EarlyStopping", "ModelCheckpoint", "TensorBoardLogger",
+           "ProgressBar", "TerminateOnNonFinite", "SignalCheckpoint"]

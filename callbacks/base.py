@@ -1,0 +1,42 @@
+"""Callback: six hooks, all no-ops, each taking the trainer first; and LambdaCallback for one-offs.
+
+A callback reads `trainer.state`, `trainer.model` and `trainer.config`, asks the trainer to stop with
+`trainer.request_stop(reason)` (never by raising), and exposes the counters it keeps through
+`state_dict()` / `load_state_dict()` so they survive a resume. Settings are constructor arguments;
+runtime counters are reset in `on_train_begin` (a resumed run loads them right after it).
+"""
+
+from __future__ import annotations
+
+HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
+
+
+class Callback:
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_epoch_begin(self, trainer) -> None: ...
+
+    def on_batch_begin(self, trainer, batch) -> None: ...
+
+    def on_batch_end(self, trainer, outputs: dict) -> None: ...
+
+    def on_epoch_end(self, trainer, logs: dict) -> None: ...
+
+    def on_train_end(self, trainer) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LambdaCallback(Callback):
+    """LambdaCallback(on_epoch_end=lambda trainer, logs: print(logs["train/loss"]))"""
+
+    def __init__(self, **hooks):
+        unknown = set(hooks) - set(HOOKS)
+        if unknown:
+            raise TypeError(f"LambdaCallback: unknown hook(s) {sorted(unknown)}; hooks are {', '.join(HOOKS)}")
+        for name, fn in hooks.items():
+            setattr(self, name, fn)

@@ -1,0 +1,63 @@
+"""EarlyStopping: stop when a monitored metric has not improved for `patience` epochs (Keras semantics)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Callback
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """Does `value` beat `best` by more than `min_delta`?  No best yet: any finite value does."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class EarlyStopping(Callback):
+    """An epoch improves when `monitor` in its logs beats the best so far (or `baseline`) by more than
+    `min_delta`; after `patience` epochs in a row without improvement, training stops. Epochs whose
+    logs lack `monitor` (no validation that epoch) are not counted. With `restore_best`, the weights of
+    the best epoch are put back when it stops."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
+                 baseline: float | None = None, restore_best: bool = False):
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
+        if patience < 1:
+            raise ValueError(f"EarlyStopping: patience must be >= 1, got {patience}")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta, self.baseline, self.restore_best = abs(min_delta), baseline, restore_best
+
+    def on_train_begin(self, trainer):
+        self.best, self.wait, self.best_weights = self.baseline, 0, None
+
+    def on_epoch_end(self, trainer, logs):
+        if self.monitor not in logs:
+            return
+        value = float(logs[self.monitor])
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.wait = value, 0
+            trainer.state.best_metric = value
+            if self.restore_best:
+                self.best_weights = {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            if self.best_weights is not None:
+                trainer.unwrapped_model.load_state_dict(self.best_weights)
+            trainer.request_stop(f"early stopping: {self.monitor} did not improve for {self.patience} "
+                                 f"epoch(s); best {self.best}")
+
+    def state_dict(self):
+        return {"best": self.best, "wait": self.wait, "best_weights": self.best_weights}
+
+    def load_state_dict(self, state):
+        self.best, self.wait = state["best"], state["wait"]
+        self.best_weights = state["best_weights"]
+        if self.best_weights is not None:
+            self.best_weights = {k: torch.as_tensor(v) for k, v in self.best_weights.items()}

@@ -1,0 +1,60 @@
+"""Guards: stop on a non-finite loss; on SIGTERM/SIGINT, checkpoint and stop so a resume loses nothing."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from .base import Callback
+
+log = logging.getLogger(__name__)
+
+
+class TerminateOnNonFinite(Callback):
+    """Stop at the first optimizer step whose loss is NaN or infinite. The trainer never applies such
+    a step, so the weights (and any checkpoint written after) are those of the last finite step."""
+
+    def on_batch_end(self, trainer, outputs):
+        if outputs["optimizer_step"] and not outputs["train/finite"]:
+            trainer.request_stop(f"non-finite loss at step {trainer.state.global_step}; the step was not applied")
+
+
+class SignalCheckpoint(Callback):
+    """On SIGTERM or SIGINT (a preemption, a Ctrl-C): finish the current optimizer step, write a
+    checkpoint, and stop with reason "signal"; `fit(resume="latest")` then continues exactly. A second
+    signal of the same kind gets the default behaviour. The trainer attaches one unless you do."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+
+    def on_train_begin(self, trainer):
+        self.received, self._previous = None, {}
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("SignalCheckpoint: fit() is not on the main thread, so signals cannot be caught")
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one is not ignored
+
+    def on_batch_end(self, trainer, outputs):
+        if outputs["optimizer_step"]:
+            self._maybe_stop(trainer)
+
+    def on_epoch_end(self, trainer, logs):
+        self._maybe_stop(trainer)
+
+    def _maybe_stop(self, trainer):
+        # Every process must take the same decision at the same step, or the next collective hangs.
+        if trainer.any_process(self.received is not None):
+            trainer.save_checkpoint()
+            trainer.request_stop("signal", resumable=True)
+            self.received = None
+
+    def on_train_end(self, trainer):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -1,0 +1,124 @@
+"""TensorBoardLogger and ProgressBar. Both act on the main process only, and read tensors (a device
+sync each) only when a log is due, every `log_every_steps` optimizer steps."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .base import Callback
+
+
+def scalar(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+class _Throughput:
+    """Samples per second between two log points."""
+
+    def reset(self):
+        self.samples, self.since = 0, time.perf_counter()
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.since, 1e-9)
+        self.samples, self.since = 0, now
+        return rate
+
+
+class TensorBoardLogger(Callback):
+    """Event files under `log_dir` (default `<output_dir>/tensorboard`): `train/loss` and the other
+    training_step metrics, `optim/lr`, `optim/grad_norm` and `perf/samples_per_sec` every
+    `every_n_steps` (default `log_every_steps`); every epoch's logs and every validation; the resolved
+    config as text."""
+
+    def __init__(self, log_dir: str | None = None, every_n_steps: int | None = None):
+        self.log_dir, self.every_n_steps = log_dir, every_n_steps
+
+    def on_train_begin(self, trainer):
+        self.writer = None
+        if not trainer.is_main_process:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+
+        self.every = self.every_n_steps or trainer.config.log_every_steps
+        self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
+                                    purge_step=trainer.state.global_step or None)
+        self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
+        self.throughput = _Throughput()
+        self.throughput.reset()
+
+    def on_batch_end(self, trainer, outputs):
+        if self.writer is None or not outputs["optimizer_step"]:
+            return
+        self.throughput.samples += outputs["train/samples"]
+        step = trainer.state.global_step
+        if any(k.startswith("val/") for k in outputs):  # a step validation ran
+            self._write({k: v for k, v in outputs.items() if k.startswith("val/")}, step)
+        if step % self.every:
+            return
+        metrics = {"train/loss": outputs["train/loss"], "optim/lr": outputs["optim/lr"],
+                   "perf/samples_per_sec": self.throughput.take()}
+        if "optim/grad_norm" in outputs:
+            metrics["optim/grad_norm"] = outputs["optim/grad_norm"]
+        metrics.update({f"train/{k}": v for k, v in outputs.items() if "/" not in k and k not in ("loss", "optimizer_step")})
+        self._write(metrics, step)
+
+    def on_epoch_end(self, trainer, logs):
+        if self.writer is not None:
+            self._write({f"epoch/{k}" if k.startswith("train/") else k: v for k, v in logs.items()},
+                        trainer.state.global_step)
+            self.writer.flush()
+
+    def _write(self, metrics: dict, step: int):
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, scalar(value), step)
+
+    def on_train_end(self, trainer):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over optimizer steps with epoch, loss, lr and samples/s; silent when stderr is not a
+    terminal (tqdm's `disable=None`), so logs of batch jobs stay clean."""
+
+    def __init__(self, every_n_steps: int | None = None, disable: bool | None = None):
+        self.every_n_steps, self.disable = every_n_steps, disable
+
+    def on_train_begin(self, trainer):
+        self.bar = None
+        if not trainer.is_main_process:
+            return
+        from tqdm.auto import tqdm
+
+        self.every = self.every_n_steps or trainer.config.log_every_steps
+        self.bar = tqdm(total=trainer.total_steps(), initial=trainer.state.global_step, unit="step",
+                        disable=self.disable, dynamic_ncols=True)
+        self.throughput = _Throughput()
+        self.throughput.reset()
+
+    def on_batch_end(self, trainer, outputs):
+        if self.bar is None or not outputs["optimizer_step"]:
+            return
+        self.bar.update(1)
+        self.throughput.samples += outputs["train/samples"]
+        if trainer.state.global_step % self.every == 0 and not self.bar.disable:
+            self.bar.set_postfix(epoch=trainer.state.epoch, loss=f"{scalar(outputs['train/loss']):.4g}",
+                                 lr=f"{outputs['optim/lr']:.3g}", samples_s=f"{self.throughput.take():.0f}",
+                                 refresh=False)
+
+    def on_epoch_end(self, trainer, logs):
+        if self.bar is not None and not self.bar.disable:
+            shown = {k.split("/")[-1] if k.startswith("val/") else k: f"{scalar(v):.4g}"
+                     for k, v in logs.items() if k.startswith(("val/", "train/loss"))}
+            self.bar.set_postfix(epoch=trainer.state.epoch, **shown, refresh=True)
+
+    def on_train_end(self, trainer):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,75 @@
+"""ModelCheckpoint: decides when to write a checkpoint and which ones to keep."""
+
+from __future__ import annotations
+
+from .base import Callback
+
+
+class ModelCheckpoint(Callback):
+    """Write a checkpoint every `every_n_steps` optimizer steps and/or every `every_n_epochs` epochs,
+    and at the end of training (`save_last`). Keep the `keep_last` newest and, when `monitor` is set,
+    the `save_top_k` best by it (`mode`); remove the rest once a newer checkpoint is committed.
+
+    Checkpoints go to `trainer.checkpoint_dir` as `step-000123`; `fit(resume="latest")` finds them
+    through the folder's index, never by parsing these names.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, monitor: str | None = None,
+                 mode: str = "min", save_top_k: int = 1, save_last: bool = True, keep_last: int = 3):
+        if mode not in ("min", "max"):
+            raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"ModelCheckpoint: {name} must be >= 1 or None, got {value}")
+        if keep_last < 1 or save_top_k < 0:
+            raise ValueError("ModelCheckpoint: keep_last must be >= 1 and save_top_k >= 0")
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
+        self.save_last, self.keep_last = save_last, keep_last
+
+    def on_train_begin(self, trainer):
+        self.recent: list[str] = []  # newest last
+        self.best: list[tuple[float, str]] = []  # best first
+        self.saved: list[str] = []  # every checkpoint this callback wrote and has not removed
+        self.last_saved_step: int | None = None
+
+    def on_batch_end(self, trainer, outputs):
+        if outputs["optimizer_step"] and self.every_n_steps and trainer.state.global_step % self.every_n_steps == 0:
+            self._save(trainer, outputs)
+
+    def on_epoch_end(self, trainer, logs):
+        if self.every_n_epochs and trainer.state.epoch % self.every_n_epochs == 0:
+            self._save(trainer, logs)
+
+    def on_train_end(self, trainer):
+        if self.save_last and trainer.error is None and self.last_saved_step != trainer.state.global_step \
+                and trainer.state.global_step > 0:
+            self._save(trainer, {})
+
+    def _save(self, trainer, metrics: dict):
+        path = trainer.save_checkpoint(on_commit=lambda p: self._prune(trainer))
+        self.last_saved_step = trainer.state.global_step
+        if path.name not in self.saved:
+            self.saved.append(path.name)
+            self.recent = (self.recent + [path.name])[-self.keep_last:]
+        if self.monitor and self.monitor in metrics:
+            value = float(metrics[self.monitor])
+            ranked = sorted(self.best + [(value, path.name)], key=lambda vp: vp[0], reverse=self.mode == "max")
+            self.best = ranked[: self.save_top_k]
+
+    def _prune(self, trainer):
+        """Remove our checkpoints that are neither recent nor best; only after a newer one is committed."""
+        keep = set(self.recent) | {name for _, name in self.best}
+        for name in [n for n in self.saved if n not in keep]:
+            trainer.remove_checkpoint(name)
+            self.saved.remove(name)
+
+    def state_dict(self):
+        return {"recent": self.recent, "best": [list(vp) for vp in self.best], "saved": self.saved,
+                "last_saved_step": self.last_saved_step}
+
+    def load_state_dict(self, state):
+        self.recent = list(state["recent"])
+        self.best = [(float(v), name) for v, name in state["best"]]
+        self.saved = list(state["saved"])
+        self.last_saved_step = state["last_saved_step"]
