@@ -68,8 +68,9 @@ class TensorBoardLogger(Callback):
 
     def on_epoch_end(self, trainer, logs):
         if self.writer is not None:
-            self._write({f"epoch/{k}" if k.startswith("train/") else k: v for k, v in logs.items()},
-                        trainer.state.global_step)
+            # The epoch's mean train loss gets its own tag: train/loss holds the per-step values.
+            metrics = {k: v for k, v in logs.items() if k not in ("epoch", "train/loss", "optim/lr")}
+            self._write({"epoch/train_loss": logs["train/loss"], **metrics}, trainer.state.global_step)
             self.writer.flush()
 
     def _write(self, metrics: dict, step: int):
@@ -99,6 +100,7 @@ class ProgressBar(Callback):
         self.every = self.every_n_steps or trainer.config.log_every_steps
         self.bar = tqdm(total=trainer.total_steps(), initial=trainer.state.global_step, unit="step",
                         disable=self.disable, dynamic_ncols=True)
+        self.postfix: dict = {}
         self.throughput = _Throughput()
         self.throughput.reset()
 
@@ -108,15 +110,15 @@ class ProgressBar(Callback):
         self.bar.update(1)
         self.throughput.samples += outputs["train/samples"]
         if trainer.state.global_step % self.every == 0 and not self.bar.disable:
-            self.bar.set_postfix(epoch=trainer.state.epoch, loss=f"{scalar(outputs['train/loss']):.4g}",
-                                 lr=f"{outputs['optim/lr']:.3g}", samples_s=f"{self.throughput.take():.0f}",
-                                 refresh=False)
+            self.postfix.update(epoch=trainer.state.epoch, loss=f"{scalar(outputs['train/loss']):.4g}",
+                                lr=f"{outputs['optim/lr']:.3g}", samples_s=f"{self.throughput.take():.0f}")
+            self.bar.set_postfix(self.postfix, refresh=False)
 
     def on_epoch_end(self, trainer, logs):
         if self.bar is not None and not self.bar.disable:
-            shown = {k.split("/")[-1] if k.startswith("val/") else k: f"{scalar(v):.4g}"
-                     for k, v in logs.items() if k.startswith(("val/", "train/loss"))}
-            self.bar.set_postfix(epoch=trainer.state.epoch, **shown, refresh=True)
+            self.postfix.update({k: f"{scalar(v):.4g}" for k, v in logs.items() if k.startswith("val/")})
+            self.postfix["epoch"] = trainer.state.epoch
+            self.bar.set_postfix(self.postfix)
 
     def on_train_end(self, trainer):
         if self.bar is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -494,7 +495,10 @@ def make_accelerator(precision: str) -> Accelerator:
         # Accelerate keeps one process-wide state and refuses a second precision; a process that
         # builds trainers of both kinds (a sweep, the tests) resets it. The process group stays.
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed)
+    # Accelerate runs several processes on CPUs (gloo) only when told cpu=True; without a GPU, a
+    # torchrun/accelerate launch of several processes means exactly that.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed, cpu=cpu_processes)
 
 
 def default_callbacks(config: TrainerConfig, attached) -> list[Callback]:

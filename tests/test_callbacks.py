@@ -1,0 +1,92 @@
+"""Stock callbacks, each for the behaviour a user relies on."""
+
+import pytest
+import torch
+
+from callbacks import EarlyStopping, ProgressBar, TensorBoardLogger
+from helpers import Regression, make_data, make_model, weights
+from trainer import TrainerConfig
+
+
+class ScriptedVal(Regression):
+    """validation_step reports a scripted val/loss per epoch (and snapshots the weights it saw)."""
+
+    script: list = []
+
+    def validation_step(self, batch):
+        self.seen_weights = getattr(self, "seen_weights", {})
+        self.seen_weights[self.state.epoch] = weights(self.unwrapped_model)
+        return {"loss": torch.tensor(self.script[self.state.epoch - 1])}
+
+
+def run_scripted(tmp_path, script, callbacks=(), **cfg):
+    cls = type("Scripted", (ScriptedVal,), {"script": script})
+    cfg.setdefault("max_epochs", len(script))
+    t = cls(make_model(), TrainerConfig(batch_size=8, output_dir=str(tmp_path), **cfg), train_data=make_data(16),
+            val_data=make_data(8), callbacks=list(callbacks))
+    return t, t.fit()
+
+
+@pytest.mark.parametrize("script, kwargs, stop_epoch", [
+    ([5, 4, 4.5, 4.2, 4.1, 3.0], dict(patience=3), 5),  # best at epoch 2, then 3 epochs without
+    ([5, 4, 4.5, 3.9, 4.1, 4.0, 3.0], dict(patience=2), 6),  # the counter resets at epoch 4
+    ([5, 4.95, 4.92, 4.91, 1.0], dict(patience=3, min_delta=0.1), 4),  # gains under min_delta do not count
+    ([5, 4, 3, 2, 1], dict(patience=2, baseline=3.5), 2),  # 5 and 4 do not beat the baseline
+    ([1, 2, 3, 2.5, 2.9, 4], dict(patience=2, mode="max"), 5),
+])
+def test_early_stopping_stops_at_the_right_epoch(tmp_path, script, kwargs, stop_epoch):
+    _, state = run_scripted(tmp_path, script, [EarlyStopping(**kwargs)])
+    assert state.epoch == stop_epoch
+    assert state.should_stop and state.stop_reason.startswith("early stopping: val/loss")
+
+
+def test_config_patience_attaches_early_stopping(tmp_path):
+    t, state = run_scripted(tmp_path, [3, 2, 2.5, 2.6, 1], early_stopping_patience=2)
+    assert any(isinstance(cb, EarlyStopping) for cb in t.callbacks)
+    assert state.epoch == 4 and state.best_metric == 2
+
+
+def test_restore_best_puts_back_the_best_epochs_weights(tmp_path):
+    t, state = run_scripted(tmp_path, [3, 1, 2, 2.5], [EarlyStopping(patience=2, restore_best=True)])
+    assert state.epoch == 4
+    best = t.seen_weights[2]
+    for k, v in weights(t.unwrapped_model).items():
+        assert torch.equal(v, best[k])
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+def test_tensorboard_logger_writes_the_curves(tmp_path):
+    cfg = TrainerConfig(max_epochs=2, batch_size=8, log_every_steps=2, max_grad_norm=10.0, output_dir=str(tmp_path))
+    t = Regression(make_model(), cfg, train_data=make_data(32), val_data=make_data(16),
+                   callbacks=[TensorBoardLogger()])
+    t.fit()
+    scalars, acc = _scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
+    for tag in ("optim/lr", "optim/grad_norm", "perf/samples_per_sec"):
+        assert [s for s, _ in scalars[tag]] == [2, 4, 6, 8]
+    assert [s for s, _ in scalars["val/loss"]] == [4, 8]
+    assert [v for _, v in scalars["val/loss"]] == pytest.approx([h["val/loss"] for h in t.state.val_history])
+    assert [v for _, v in scalars["epoch/train_loss"]] == pytest.approx(t.state.train_loss_history)
+    assert all(v > 0 for _, v in scalars["perf/samples_per_sec"])
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_progress_bar_is_quiet_without_a_terminal(tmp_path, capsys):
+    cfg = TrainerConfig(max_epochs=1, batch_size=8, log_every_steps=1, output_dir=str(tmp_path))
+    Regression(make_model(), cfg, train_data=make_data(32), callbacks=[ProgressBar()]).fit()
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_progress_bar_shows_loss_when_forced_on(tmp_path, capsys):
+    cfg = TrainerConfig(max_epochs=1, batch_size=8, log_every_steps=1, output_dir=str(tmp_path))
+    Regression(make_model(), cfg, train_data=make_data(32), callbacks=[ProgressBar(disable=False)]).fit()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss=" in err and "samples_s=" in err

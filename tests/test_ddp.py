@@ -1,0 +1,47 @@
+"""Two CPU processes (torchrun, gloo) end where one process with twice the batch ends, and a DDP run
+stopped with a checkpoint and resumed ends bitwise where the uninterrupted DDP run ends."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from helpers import ScheduledRegression, assert_bitwise_equal, make_data, make_model, weights
+from trainer import TrainerConfig
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def torchrun(out, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), "--out", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return load_file(str(out / "final.safetensors")), json.loads((out / "state.json").read_text())
+
+
+def test_ddp_matches_one_process_with_double_batch_and_resumes_exactly(tmp_path):
+    ddp_weights, ddp_state = torchrun(tmp_path / "ddp")
+    assert ddp_state["world_size"] == 2 and ddp_state["global_step"] == 18
+
+    cfg = TrainerConfig(max_epochs=3, batch_size=8, lr=0.01, output_dir=str(tmp_path / "single"))
+    single = ScheduledRegression(make_model(dropout=0.0), cfg, train_data=make_data(48), val_data=make_data(20))
+    single_state = single.fit()
+    for k, v in weights(single.model).items():
+        torch.testing.assert_close(ddp_weights[k], v, rtol=0, atol=1e-5)
+    assert ddp_state["train_loss_history"] == __import__("pytest").approx(single_state.train_loss_history, rel=1e-5)
+    assert [h["val/loss"] for h in ddp_state["val_history"]] == __import__("pytest").approx(
+        [h["val/loss"] for h in single_state.val_history], rel=1e-5)
+
+    # Stopped at step 8 (mid-epoch 2) with a checkpoint, then resumed by a fresh torchrun.
+    _, stopped = torchrun(tmp_path / "resumed", "--stop-at", "8")
+    assert stopped["global_step"] == 8 and stopped["stop_reason"] == "test preemption"
+    resumed_weights, resumed_state = torchrun(tmp_path / "resumed", "--resume")
+    assert_bitwise_equal(resumed_weights, ddp_weights)
+    assert resumed_state["train_loss_history"] == ddp_state["train_loss_history"]
+    assert resumed_state["global_step"] == 18

@@ -1,0 +1,156 @@
+"""BaseTrainer behaviour a user relies on: evaluation averages, data order, accumulation, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from callbacks import TerminateOnNonFinite
+from helpers import Regression, assert_bitwise_equal, make_data, make_model, weights
+from trainer import BaseTrainer, ConfigError, TrainerConfig
+from trainer.data import EpochSampler, epoch_permutation
+
+
+def fit_weights(tmp_path, n=40, **cfg):
+    cfg.setdefault("max_epochs", 2)
+    t = Regression(make_model(dropout=0.0), TrainerConfig(output_dir=str(tmp_path), **cfg), train_data=make_data(n))
+    t.fit()
+    return weights(t.model), t
+
+
+def test_validate_averages_over_all_samples_not_batches(tmp_path):
+    class MeanOfY(BaseTrainer):
+        def training_step(self, batch):
+            return self.model(batch[0]).sum()
+
+        def validation_step(self, batch):
+            assert not self.model.training and not torch.is_grad_enabled()
+            return {"y": batch[1].mean()}
+
+    y = torch.arange(10.0)  # batches of 4, 4, 2: a mean of batch means would be (1.5 + 5.5 + 8.5) / 3
+    data = TensorDataset(torch.zeros(10, 4), y)
+    t = MeanOfY(make_model(), TrainerConfig(batch_size=4, output_dir=str(tmp_path)), val_data=data, test_data=data)
+    assert t.validate() == {"val/y": pytest.approx(4.5)}
+    assert t.test() == {"test/y": pytest.approx(4.5)}
+    assert t.model.training
+
+
+def test_data_order_is_seeded_and_independent_of_batch_size():
+    perm = epoch_permutation(50, seed=3, epoch=1)
+    assert torch.equal(perm, epoch_permutation(50, seed=3, epoch=1))
+    assert not torch.equal(perm, epoch_permutation(50, seed=3, epoch=2))
+    assert sorted(perm.tolist()) == list(range(50))
+    big = [torch.cat(mb) for mb, _ in EpochSampler(50, 8, seed=3).steps()]
+    small = [torch.cat(mb) for mb, _ in EpochSampler(50, 2, grad_accum_steps=4, seed=3).steps()]
+    assert all(torch.equal(a, b) for a, b in zip(big, small)) and len(big) == len(small) == 7
+    two_ranks = [EpochSampler(50, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    for (mb0, n0), (mb1, n1), whole in zip(two_ranks[0].steps(), two_ranks[1].steps(), big):
+        assert n0 == n1 == len(whole)
+        assert torch.equal(torch.cat(mb0 + mb1), whole)
+
+
+def test_grad_accumulation_matches_the_large_batch(tmp_path):
+    # 44 samples: the last optimizer step holds 4, which accumulation must weight by sample count.
+    big, _ = fit_weights(tmp_path / "a", n=44, batch_size=8)
+    accum, _ = fit_weights(tmp_path / "b", n=44, batch_size=2, grad_accum_steps=4)
+    for k in big:
+        torch.testing.assert_close(big[k], accum[k], rtol=1e-5, atol=1e-6)
+
+
+def test_same_config_same_weights(tmp_path):
+    a, ta = fit_weights(tmp_path / "a", batch_size=8)
+    b, tb = fit_weights(tmp_path / "b", batch_size=8)
+    assert_bitwise_equal(a, b)
+    assert ta.state.train_loss_history == tb.state.train_loss_history
+
+
+def test_max_steps_stops_mid_epoch(tmp_path):
+    _, t = fit_weights(tmp_path, n=40, batch_size=8, max_epochs=10, max_steps=7)
+    assert (t.state.global_step, t.state.epoch, t.state.step_in_epoch) == (7, 1, 2)
+
+
+def test_bf16_on_cpu_learns(tmp_path):
+    t = Regression(make_model(dropout=0.0), TrainerConfig(max_epochs=30, batch_size=8, lr=0.02, precision="bf16",
+                                                          output_dir=str(tmp_path)), train_data=make_data(64))
+    history = t.fit().train_loss_history
+    assert history[-1] < 0.2 * history[0]
+
+
+def test_gradient_clipping_is_applied(tmp_path):
+    norms = []
+
+    class SGDRegression(Regression):
+        def configure_optimizer(self):
+            return torch.optim.SGD(self.model.parameters(), lr=1.0)
+
+    from callbacks import LambdaCallback
+    spy = LambdaCallback(on_batch_end=lambda t, o: norms.append(float(o["optim/grad_norm"])))
+    cfg = TrainerConfig(max_steps=1, batch_size=8, max_grad_norm=0.5, output_dir=str(tmp_path))
+    t = SGDRegression(make_model(dropout=0.0), cfg, train_data=make_data(32), callbacks=[spy])
+    before = weights(t.model)
+    t.fit()
+    assert norms[0] > 0.5  # the reported norm is the one before clipping
+    update = torch.cat([(weights(t.model)[k] - before[k]).flatten() for k in before])
+    assert update.norm().item() == pytest.approx(0.5, rel=1e-4)  # SGD with lr 1 moves by the clipped gradient
+
+
+def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
+    seen = {}
+
+    class NaNAtStep2(Regression):
+        def training_step(self, batch):
+            loss = super().training_step(batch)
+            if self.state.global_step == 2:
+                seen["before"] = weights(self.model)
+                return loss * float("nan")
+            return loss
+
+    t = NaNAtStep2(make_model(), TrainerConfig(max_epochs=3, batch_size=8, output_dir=str(tmp_path)),
+                   train_data=make_data(40), callbacks=[TerminateOnNonFinite()])
+    state = t.fit()
+    assert state.should_stop and "non-finite" in state.stop_reason and state.global_step == 3
+    assert_bitwise_equal(weights(t.model), seen["before"])
+
+
+def test_a_generic_dataset_goes_through_collate(tmp_path):
+    class Pairs(Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"x": torch.full((4,), float(i)), "y": torch.tensor([float(i)])}
+
+    class DictRegression(BaseTrainer):
+        def training_step(self, batch):
+            return F.mse_loss(self.model(batch["x"]), batch["y"])
+
+    t = DictRegression(make_model(), TrainerConfig(batch_size=5, output_dir=str(tmp_path)), train_data=Pairs())
+    assert t.fit().global_step == 3
+
+
+def test_user_errors_are_clear(tmp_path):
+    cfg = TrainerConfig(output_dir=str(tmp_path))
+    with pytest.raises(TypeError, match="training_step"):
+        BaseTrainer(make_model(), cfg)  # abstract: no training_step
+    with pytest.raises(ValueError, match="train_data is empty"):
+        Regression(make_model(), cfg, train_data=TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1)))
+    with pytest.raises(ConfigError, match="^val_every: set to 2 but no val_data"):
+        Regression(make_model(), TrainerConfig(val_every=2), train_data=make_data())
+    with pytest.raises(TypeError, match="map-style dataset"):
+        Regression(make_model(), cfg, train_data=iter([1, 2, 3]))
+    with pytest.raises(ValueError, match="no val_data"):
+        Regression(make_model(), cfg, train_data=make_data()).validate()
+
+    class ReturnsFloat(Regression):
+        def training_step(self, batch):
+            return 1.0
+
+    with pytest.raises(TypeError, match="must return a loss tensor or a dict with a 'loss' tensor; got float"):
+        ReturnsFloat(make_model(), cfg, train_data=make_data()).fit()
+
+    class ReturnsVector(Regression):
+        def training_step(self, batch):
+            return F.mse_loss(self.model(batch[0]), batch[1], reduction="none")
+
+    with pytest.raises(ValueError, match="reduce it to a scalar"):
+        ReturnsVector(make_model(), cfg, train_data=make_data()).fit()
