@@ -31,7 +31,6 @@ class ModelCheckpoint(Callback):
         self.recent: list[str] = []  # newest last
         self.best: list[tuple[float, str]] = []  # best first
         self.saved: list[str] = []  # every checkpoint this callback wrote and has not removed
-        self.last_saved_step: int | None = None
 
     def on_batch_end(self, trainer, outputs):
         if outputs["optimizer_step"] and self.every_n_steps and trainer.state.global_step % self.every_n_steps == 0:
@@ -42,13 +41,12 @@ class ModelCheckpoint(Callback):
             self._save(trainer, logs)
 
     def on_train_end(self, trainer):
-        if self.save_last and trainer.error is None and self.last_saved_step != trainer.state.global_step \
-                and trainer.state.global_step > 0:
+        if self.save_last and trainer.error is None and trainer.state.global_step > 0 \
+                and not trainer.has_current_checkpoint():
             self._save(trainer, {})
 
     def _save(self, trainer, metrics: dict):
         path = trainer.save_checkpoint(on_commit=lambda p: self._prune(trainer))
-        self.last_saved_step = trainer.state.global_step
         if path.name not in self.saved:
             self.saved.append(path.name)
             self.recent = (self.recent + [path.name])[-self.keep_last:]
@@ -65,11 +63,9 @@ class ModelCheckpoint(Callback):
             self.saved.remove(name)
 
     def state_dict(self):
-        return {"recent": self.recent, "best": [list(vp) for vp in self.best], "saved": self.saved,
-                "last_saved_step": self.last_saved_step}
+        return {"recent": self.recent, "best": [list(vp) for vp in self.best], "saved": self.saved}
 
     def load_state_dict(self, state):
         self.recent = list(state["recent"])
         self.best = [(float(v), name) for v, name in state["best"]]
         self.saved = list(state["saved"])
-        self.last_saved_step = state["last_saved_step"]

@@ -1,0 +1,28 @@
+"""Reproduced papers: one folder each, holding its trainer subclass, config.yaml and README.
+
+A paper package defines `Config` (a `TrainerConfig` subclass with the paper's own keys) and
+`run(config) -> Path` (runs the reproduction, returns the folder with its results); its docstring's
+first line describes it in `paperloop list`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).parent
+
+
+def available() -> list[str]:
+    return sorted(p.parent.name for p in HERE.glob("*/config.yaml"))
+
+
+def load(name: str) -> ModuleType:
+    if name not in available():
+        raise KeyError(f"unknown paper {name!r}; available: {', '.join(available())}")
+    return importlib.import_module(f"papers.{name}")
+
+
+def config_path(name: str) -> Path:
+    return HERE / name / "config.yaml"

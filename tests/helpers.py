@@ -97,3 +97,13 @@ class KillAt(Callback):
     def on_batch_end(self, trainer, outputs):
         self._maybe_kill(trainer, "on_batch_end")
         self.seen_in_step = 0 if outputs["optimizer_step"] else self.seen_in_step + 1
+
+
+def make_resume_trainer(out, grad_accum_steps: int = 1, callbacks=(), **overrides) -> ScheduledRegression:
+    """Dropout, shuffled data, Adam and an LR schedule: a resume must restore RNG, data order,
+    optimizer and scheduler to land on the same weights. 48 samples, 6 steps an epoch, 4 epochs."""
+    cfg = dict(max_epochs=4, batch_size=8 // grad_accum_steps, grad_accum_steps=grad_accum_steps, lr=0.01,
+               checkpoint_every_steps=3, output_dir=str(out))
+    cfg.update(overrides)
+    return ScheduledRegression(make_model(), TrainerConfig(**cfg), train_data=make_data(48), val_data=make_data(16),
+                               callbacks=list(callbacks))

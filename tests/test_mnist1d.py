@@ -1,0 +1,37 @@
+"""The MNIST-1D paper's pieces: the data as the paper had it, the shuffled variant, the model sizes."""
+
+import numpy as np
+import torch
+
+from models import build_classifier
+from papers.mnist1d.data import datasets, generate, position_permutation
+
+
+def test_dataset_shapes_and_the_fixed_shuffle():
+    raw = generate(42)
+    train, test = datasets(raw, shuffled=False, permutation_seed=0)
+    assert train.tensors[0].shape == (4000, 40) and test.tensors[0].shape == (1000, 40)
+    assert sorted(train.tensors[1].unique().tolist()) == list(range(10))
+    s_train, s_test = datasets(raw, shuffled=True, permutation_seed=0)
+    perm = position_permutation(40, 0)
+    assert not torch.equal(perm, torch.arange(40))
+    assert torch.equal(s_train.tensors[0], train.tensors[0][:, perm])  # one permutation, train and test alike
+    assert torch.equal(s_test.tensors[0], test.tensors[0][:, perm])
+    assert torch.equal(s_train.tensors[1], train.tensors[1])
+
+def test_generation_is_seeded_and_leaves_numpy_alone():
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    a, b = generate(42), generate(42)
+    assert np.random.rand() == expected  # make_dataset reseeds numpy; generate() restores the caller's state
+    assert (a["x"] == b["x"]).all() and not (generate(1)["x"] == a["x"]).all()
+
+
+def test_reference_model_sizes():
+    # Parameter counts of the paper's reference models for 40-long signals and 10 classes.
+    sizes = {name: sum(p.numel() for p in build_classifier(name).parameters()) for name in ("logistic", "mlp", "cnn", "gru")}
+    assert sizes == {"logistic": 410, "mlp": 15210, "cnn": 5210, "gru": 5134}
+    x = torch.randn(3, 40)
+    for name in sizes:
+        assert build_classifier(name)(x).shape == (3, 10)

@@ -1,0 +1,218 @@
+"""Checkpoints and exact resume: a run killed anywhere and resumed ends bitwise where a run that was
+never interrupted ends; broken or tampered checkpoints are refused without running any code."""
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.checkpoint as ckpt
+from callbacks import EarlyStopping, LambdaCallback
+from helpers import Recorder, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, weights
+from trainer import CheckpointError
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+_straight_cache = {}
+
+
+def run_worker(out, *args):
+    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc
+
+
+def straight(tmp_path_factory, accum=1):
+    """The uninterrupted run, once per accumulation setting."""
+    if accum not in _straight_cache:
+        t = make_resume_trainer(tmp_path_factory.mktemp("straight"), grad_accum_steps=accum)
+        t.fit()
+        _straight_cache[accum] = t
+    return _straight_cache[accum]
+
+
+def assert_same_run(resumed, reference):
+    assert_bitwise_equal(weights(resumed.model), weights(reference.model))
+    assert_bitwise_equal(optimizer_tensors(resumed), optimizer_tensors(reference))
+    assert resumed.scheduler.state_dict() == reference.scheduler.state_dict()
+    assert resumed.state.train_loss_history == reference.state.train_loss_history
+    assert resumed.state.val_history == reference.state.val_history
+    assert resumed.state.global_step == reference.state.global_step == 24
+
+
+@pytest.mark.parametrize("where", [
+    ["--hook", "on_batch_begin", "--step", "4"],  # mid-epoch 0; last checkpoint at step 3
+    ["--hook", "on_epoch_begin", "--step", "12"],  # at the boundary into epoch 2
+    ["--hook", "on_batch_begin", "--step", "17"],  # mid-epoch 2
+    ["--hook", "on_batch_begin", "--step", "23"],  # the last step
+], ids=["mid-epoch", "epoch-boundary", "epoch-2", "last-step"])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, where):
+    proc = run_worker(tmp_path, *where)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = make_resume_trainer(tmp_path)
+    resumed.fit(resume="latest")
+    assert_same_run(resumed, straight(tmp_path_factory))
+
+
+def test_sigkill_between_micro_batches_with_accumulation(tmp_path, tmp_path_factory):
+    proc = run_worker(tmp_path, "--accum", "2", "--hook", "on_batch_end", "--step", "10", "--micro-batch", "0")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = make_resume_trainer(tmp_path, grad_accum_steps=2)
+    resumed.fit(resume="latest")
+    assert_same_run(resumed, straight(tmp_path_factory, accum=2))
+
+
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, tmp_path_factory, caplog):
+    proc = run_worker(tmp_path, "--crash-in-save", "3")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt.committed(folder)] == ["step-000006", "step-000003"]
+    assert len(list(folder.glob(".step-000006.tmp-*"))) == 1  # the torn write, left aside
+    resumed = make_resume_trainer(tmp_path)
+    resumed.fit(resume="latest")
+    assert_same_run(resumed, straight(tmp_path_factory))
+
+
+def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path, tmp_path_factory):
+    proc = run_worker(tmp_path, "--hook", "on_batch_begin", "--step", "7", "--signal", "SIGTERM")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert state["stop_reason"] == "signal" and state["global_step"] == 8  # the step in flight finished
+    assert ckpt.committed(tmp_path / "checkpoints")[0].name == "step-000008"
+    resumed = make_resume_trainer(tmp_path)
+    resumed.fit(resume="latest")
+    assert_same_run(resumed, straight(tmp_path_factory))
+
+
+def _finished_run(tmp_path):
+    t = make_resume_trainer(tmp_path)
+    t.fit()
+    return t
+
+
+def test_damaged_newest_checkpoint_falls_back_and_explicit_path_names_the_file(tmp_path, tmp_path_factory, caplog):
+    reference = straight(tmp_path_factory)
+    _finished_run(tmp_path)
+    newest, previous = ckpt.committed(tmp_path / "checkpoints")[:2]
+    weights_file = newest / ckpt.WEIGHTS
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match=f"^{weights_file}: size"):
+        make_resume_trainer(tmp_path).fit(resume=newest)
+    with caplog.at_level(logging.WARNING):
+        resumed = make_resume_trainer(tmp_path)
+        resumed.fit(resume="latest")
+    assert f"skipped {newest}" in caplog.text
+    assert_same_run(resumed, reference)  # from the previous checkpoint, on to the same end
+
+    tensors = previous / ckpt.STATE_TENSORS
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"^{tensors}: sha256 differs"):
+        make_resume_trainer(tmp_path).load_checkpoint(previous)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("fix_manifest", [False, True], ids=["manifest-as-was", "manifest-rewritten"])
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_payloads_run_no_code(tmp_path, fix_manifest, writer):
+    _finished_run(tmp_path / "run")
+    path = ckpt.committed(tmp_path / "run" / "checkpoints")[0]
+    marker = tmp_path / "pwned"
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    for name in manifest["files"]:
+        if writer == "pickle":
+            (path / name).write_bytes(pickle.dumps(Payload(marker)))
+        else:
+            torch.save({"weights": Payload(marker)}, path / name)
+        if fix_manifest:
+            manifest["files"][name] = {"size": (path / name).stat().st_size,
+                                       "sha256": __import__("hashlib").sha256((path / name).read_bytes()).hexdigest()}
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError):
+        make_resume_trainer(tmp_path / "run").fit(resume=path)
+    assert not marker.exists()
+
+
+def test_early_stopping_counters_survive_a_resume(tmp_path):
+    script = [5, 4, 4.5, 4.2, 4.1, 3.0]  # best at epoch 2; patience 3 stops at epoch 5
+
+    class Scripted(type(make_resume_trainer(tmp_path / "probe"))):
+        def validation_step(self, batch):
+            return {"loss": torch.tensor(script[self.state.epoch - 1])}
+
+    def build(out, callbacks=()):
+        t = make_resume_trainer(out, max_epochs=6, callbacks=[EarlyStopping(patience=3), *callbacks])
+        t.__class__ = Scripted
+        return t
+
+    reference = build(tmp_path / "straight")
+    assert reference.fit().epoch == 5
+
+    def preempt_after_epoch_3(trainer, logs):
+        if trainer.state.epoch == 3:  # two epochs into the patience window
+            trainer.request_stop("preempted", resumable=True)
+
+    first = build(tmp_path / "resumed", [LambdaCallback(on_epoch_end=preempt_after_epoch_3)])
+    assert first.fit().epoch == 3
+    resumed = build(tmp_path / "resumed")
+    state = resumed.fit(resume="latest")
+    assert state.epoch == 5 and state.stop_reason.startswith("early stopping")
+    assert_bitwise_equal(weights(resumed.model), weights(reference.model))
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    done = _finished_run(tmp_path)
+    rec = Recorder()
+    again = make_resume_trainer(tmp_path, callbacks=[rec])
+    state = again.fit(resume="latest")
+    assert state.global_step == 24 and state.train_loss_history == done.state.train_loss_history
+    assert [c[0] for c in rec.calls] == ["on_train_begin", "on_train_end"]
+    assert_bitwise_equal(weights(again.model), weights(done.model))
+
+
+def test_checkpoint_layout_and_pruning(tmp_path):
+    _finished_run(tmp_path)
+    folder = tmp_path / "checkpoints"
+    kept = [p.name for p in ckpt.committed(folder)]
+    # every 3 steps and every epoch (6 steps), keep_last=3; the rest were removed after newer ones landed
+    assert kept == ["step-000024.1", "step-000024", "step-000021"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + [ckpt.INDEX])
+    files = {p.name for p in (folder / "step-000024.1").iterdir()}
+    assert files == {ckpt.WEIGHTS, ckpt.STATE_JSON, ckpt.STATE_TENSORS, "config.yaml", ckpt.MANIFEST}
+
+
+def test_transformers_checkpoint_loads_with_from_pretrained(tmp_path):
+    from torch.utils.data import TensorDataset
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from trainer import BaseTrainer, TrainerConfig
+
+    class LM(BaseTrainer):
+        def training_step(self, batch):
+            (ids,) = batch
+            return self.model(input_ids=ids, labels=ids).loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    data = TensorDataset(torch.randint(0, 64, (16, 12)))
+    t = LM(model, TrainerConfig(max_steps=3, batch_size=4, output_dir=str(tmp_path)), train_data=data)
+    t.save_checkpoint(tmp_path / "before")
+    t.fit()
+    path = t.save_checkpoint()
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert_bitwise_equal(weights(loaded), weights(t.model))
+    assert not torch.equal(weights(loaded)["transformer.wte.weight"],
+                           weights(AutoModelForCausalLM.from_pretrained(tmp_path / "before"))["transformer.wte.weight"])

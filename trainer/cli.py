@@ -1,0 +1,45 @@
+"""The `paperloop` command.
+
+    paperloop list                              the reproduced papers
+    paperloop run PAPER [key=value ...]         run one with its config.yaml and overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    import papers
+
+    parser = argparse.ArgumentParser(prog="paperloop", description="Reproduce ML papers with paperloop.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the reproduced papers", description="List the reproduced papers.")
+    run = sub.add_parser("run", help="run a paper's reproduction",
+                         description="Run PAPER with papers/PAPER/config.yaml, then key=value overrides.")
+    run.add_argument("paper", help="a name from `paperloop list`")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=500")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for name in papers.available():
+            print(f"{name:12s} {(papers.load(name).__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    try:
+        module = papers.load(args.paper)
+        config = load_config(module.Config, papers.config_path(args.paper), args.overrides)
+    except (KeyError, ConfigError) as e:
+        print(f"paperloop: error: {e.args[0]}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = module.run(config)
+    print(f"paperloop: {args.paper} wrote its results to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
