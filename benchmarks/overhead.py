@@ -180,7 +180,7 @@ def main():
         print(f"|{'-' * 54}|---------|--------------------|")
         for label, ts in times.items():
             med = statistics.median(ts)
-            print(f"| {label:52s} | {w['steps'] / med:7.0f} | {base / med:17.2f}x |")
+            print(f"| {label:52s} | {w['steps'] / med:7.1f} | {base / med:17.2f}x |")
 
 
 if __name__ == "__main__":

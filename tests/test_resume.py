@@ -72,7 +72,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.committed(folder)] == ["step-000006", "step-000003"]
-    assert len(list(folder.glob(".step-000006.tmp-*"))) == 1  # the torn write, left aside
+    assert len(list(folder.glob(".step-000006.1.tmp-*"))) == 1  # the torn epoch-end write, left aside
     resumed = make_resume_trainer(tmp_path)
     resumed.fit(resume="latest")
     assert_same_run(resumed, straight(tmp_path_factory))

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class CheckpointError(RuntimeError):
 
 def encode(obj, tensors: dict[str, torch.Tensor], path: str = "state"):
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()
+        tensors[path] = obj.detach().to("cpu").contiguous()  # written out before training goes on: no copy
         return {"__tensor__": path}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
@@ -152,13 +153,17 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 # Atomic commit, verification, and finding the newest good checkpoint
 
 
-def _hash_and_fsync(path: Path) -> dict:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
-            digest.update(chunk)
+            digest.update(chunk)  # hashlib releases the GIL: files hash in parallel threads
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -186,7 +191,12 @@ def temporary_dir(final: Path) -> Path:
 
 def commit(tmp: Path, final: Path, record: dict) -> None:
     """Seal `tmp` with a manifest, rename it to `final`, and append it to the folder's index."""
-    files = {p.relative_to(tmp).as_posix(): _hash_and_fsync(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+    with ThreadPoolExecutor() as pool:  # hashing (CPU) overlaps the fsyncs (disk)
+        digests = list(pool.map(_sha256, paths))
+        for p in paths:
+            _fsync(p)
+    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1))
     _fsync_dir(tmp)
     os.rename(tmp, final)
@@ -223,12 +233,11 @@ def verify(directory: Path) -> None:
             raise CheckpointError(f"{path}: missing")
         if path.stat().st_size != expected["size"]:
             raise CheckpointError(f"{path}: size {path.stat().st_size} != {expected['size']} in the manifest")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        if digest.hexdigest() != expected["sha256"]:
-            raise CheckpointError(f"{path}: sha256 differs from the manifest (corrupted or modified)")
+    with ThreadPoolExecutor() as pool:
+        digests = pool.map(_sha256, [directory / name for name in files])
+        for (name, expected), digest in zip(files.items(), digests):
+            if digest != expected["sha256"]:
+                raise CheckpointError(f"{directory / name}: sha256 differs from the manifest (corrupted or modified)")
 
 
 def committed(folder: Path) -> list[Path]:

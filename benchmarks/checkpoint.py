@@ -1,0 +1,126 @@
+"""Checkpoint save/load time and resume cost, against plain torch.save/torch.load and safetensors.
+
+    python benchmarks/checkpoint.py            # median of 5, one thread
+
+Model: ~25M parameters (4 x Linear(2500, 2500)) with AdamW state after one step, ~300 MB in all.
+  - torch.save of {model, optimizer} state dicts + fsync; torch.load(weights_only=True)
+  - safetensors.save_file of the same tensors + fsync; safetensors.load_file
+  - paperloop save_checkpoint (safetensors + JSON, sha256 manifest, fsync, atomic rename) and
+    load_checkpoint (verify every file's sha256, then load weights, optimizer, RNG, ...)
+Resume cost: time from a saved data position to the first batch, at offset 10 and 100,000 of a
+1,000,000-sample in-memory dataset (it must not grow with the offset).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer import BaseTrainer, TrainerConfig  # noqa: E402
+from trainer.data import EpochSampler, fetch  # noqa: E402
+
+
+class Regress(BaseTrainer):
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.model(x), y)
+
+
+def fsync(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def flat_tensors(model, optimizer):
+    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for pid, s in optimizer.state_dict()["state"].items():
+        flat.update({f"opt.{pid}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+    return flat
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(repeats: int = 5):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2500, 2500) for _ in range(4)])
+    params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        tmp = Path(tmp)
+        data = TensorDataset(torch.randn(8, 2500), torch.randn(8, 2500))
+        t = Regress(model, TrainerConfig(max_steps=1, batch_size=8, output_dir=str(tmp / "run")), train_data=data)
+        t.fit()  # one step, so AdamW holds its moments
+        state = {"model": model.state_dict(), "optimizer": t.optimizer.state_dict()}
+        flat = flat_tensors(model, t.optimizer)
+        counter = iter(range(10**6))
+
+        def torch_save():
+            path = tmp / f"t{next(counter)}.pt"
+            torch.save(state, path)
+            fsync(path)
+            return path
+
+        def st_save():
+            path = tmp / f"s{next(counter)}.safetensors"
+            save_file(flat, str(path))
+            fsync(path)
+            return path
+
+        pt, st, ours = torch_save(), st_save(), t.save_checkpoint(tmp / "ours-probe")
+        methods = {  # label: (save, load)
+            "torch.save + fsync / torch.load(weights_only=True)": (torch_save, lambda: torch.load(pt, weights_only=True)),
+            "safetensors save_file + fsync / load_file": (st_save, lambda: load_file(str(st))),
+            "paperloop save_checkpoint / load_checkpoint (sha256 verified)":
+                (lambda: t.save_checkpoint(tmp / f"ours{next(counter)}"), lambda: t.load_checkpoint(ours)),
+        }
+        times = {label: ([], []) for label in methods}
+        for _ in range(repeats):  # interleaved: disk and machine noise hit every method alike
+            for label, fns in methods.items():
+                for fn, out in zip(fns, times[label]):
+                    start = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - start)
+        rows = [(label, statistics.median(s), statistics.median(lo)) for label, (s, lo) in times.items()]
+    size_mb = sum(v.numel() * v.element_size() for v in flat.values()) / 2**20
+    print(f"\n{params / 1e6:.1f}M parameters + AdamW state ({size_mb:.0f} MB), 1 thread, median of {repeats}")
+    print(f"| {'method':62s} | save s | load s | save+load s |")
+    print(f"|{'-' * 64}|--------|--------|-------------|")
+    for label, save_s, load_s in rows:
+        print(f"| {label:62s} | {save_s:6.3f} | {load_s:6.3f} | {save_s + load_s:11.3f} |")
+
+    n = 1_000_000
+    big = TensorDataset(torch.randn(n, 8), torch.randn(n, 1))
+
+    def first_batch_at(offset):
+        sampler = EpochSampler(n, batch_size=32, seed=0)
+        sampler.load_state_dict({"seed": 0, "epoch": 3, "offset": offset})
+        micro_batches, _ = next(sampler.steps())
+        return fetch(big, micro_batches[0])
+
+    print(f"\nresume: saved data position -> first batch, {n:,}-sample dataset, median of {repeats}")
+    print("| offset | seconds |")
+    print("|--------|---------|")
+    for offset in (10, 100_000):
+        print(f"| {offset:>6,} | {median_time(lambda: first_batch_at(offset), repeats):7.4f} |")
+
+
+if __name__ == "__main__":
+    main()
