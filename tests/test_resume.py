@@ -216,3 +216,31 @@ def test_transformers_checkpoint_loads_with_from_pretrained(tmp_path):
     assert_bitwise_equal(weights(loaded), weights(t.model))
     assert not torch.equal(weights(loaded)["transformer.wte.weight"],
                            weights(AutoModelForCausalLM.from_pretrained(tmp_path / "before"))["transformer.wte.weight"])
+
+
+def test_a_subclass_state_survives_through_extra_state(tmp_path):
+    class Counting(type(make_resume_trainer(tmp_path / "probe"))):
+        def training_step(self, batch):
+            self.seen = getattr(self, "seen", 0) + len(batch[0])
+            self.sum_y = getattr(self, "sum_y", torch.zeros(())) + batch[1].sum()
+            return super().training_step(batch)
+
+        def extra_state(self):
+            return {"seen": self.seen, "sum_y": self.sum_y}
+
+        def load_extra_state(self, state):
+            self.seen, self.sum_y = state["seen"], state["sum_y"]
+
+    def build(out, callbacks=()):
+        t = make_resume_trainer(out, callbacks=callbacks)
+        t.__class__ = Counting
+        return t
+
+    reference = build(tmp_path / "straight")
+    reference.fit()
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 10 and t.request_stop("x", resumable=True))
+    build(tmp_path / "resumed", [stop]).fit()
+    resumed = build(tmp_path / "resumed")
+    resumed.fit(resume="latest")
+    assert resumed.seen == reference.seen == 4 * 48
+    assert torch.equal(resumed.sum_y, reference.sum_y)
