@@ -1,9 +1,15 @@
 """The MNIST-1D paper's pieces: the data as the paper had it, the shuffled variant, the model sizes."""
 
+import json
+import os
+import signal
+
 import numpy as np
+import pytest
 import torch
 
 from models import build_classifier
+from papers import mnist1d
 from papers.mnist1d.data import datasets, generate, position_permutation
 
 
@@ -35,3 +41,26 @@ def test_reference_model_sizes():
     x = torch.randn(3, 40)
     for name in sizes:
         assert build_classifier(name)(x).shape == (3, 10)
+
+
+def test_an_interrupted_paper_run_continues_where_it_stopped(tmp_path, monkeypatch):
+    cfg = mnist1d.Config(models=("mlp",), shuffled=(False,), max_steps=120, val_every_steps=60,
+                         output_dir=str(tmp_path / "straight"))
+    straight = mnist1d.run_row(cfg, mnist1d.generate(42), "mlp", False)
+
+    step = mnist1d.Classifier.training_step
+
+    def sigterm_at_step_50(self, batch):
+        if self.state.global_step == 50 and not getattr(self, "signalled", False):
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice in the middle of the row
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", sigterm_at_step_50)
+    cfg = mnist1d.Config(**{**vars(cfg), "output_dir": str(tmp_path / "resumed")})
+    with pytest.raises(KeyboardInterrupt, match="mlp was interrupted at step 51"):
+        mnist1d.run(cfg)
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", step)
+    mnist1d.run(cfg)
+    row = json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"][0]
+    assert (row["test_acc"], row["best_test_acc"], row["steps"]) == (straight["test_acc"], straight["best_test_acc"], 120)

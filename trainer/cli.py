@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paperloop: error: {e.args[0]}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = module.run(config)
+    try:
+        out = module.run(config)
+    except KeyboardInterrupt as e:
+        print(f"paperloop: interrupted: {e.args[0] if e.args else 'no checkpoint was written'}", file=sys.stderr)
+        return 130
     print(f"paperloop: {args.paper} wrote its results to {out}")
     return 0
 

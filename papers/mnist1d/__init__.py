@@ -4,7 +4,8 @@
     paperloop run mnist1d models=[cnn] shuffled=[false]       # one row
 
 Each (model, shuffled) row trains its own run under output_dir (TensorBoard logs included); then
-results.json, results.md (paper vs ours) and results.png (a bar chart) are written there.
+results.json, results.md (paper vs ours) and results.png (a bar chart) are written there. Interrupted
+(SIGTERM, Ctrl-C), a row checkpoints and the command stops; the same command again continues it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from callbacks import ProgressBar, TensorBoardLogger
 from models import BUILDERS, build_classifier
 from trainer import ConfigError, TrainerConfig
+from trainer.checkpoint import committed
 
 from .data import datasets, generate
 from .trainer import Classifier
@@ -56,8 +58,13 @@ def run_row(cfg: Config, raw: dict, model_name: str, shuffled: bool) -> dict:
     model = build_classifier(model_name, length=train.tensors[0].shape[1])
     trainer = Classifier(model, dataclasses.replace(cfg, output_dir=str(row_dir)), train_data=train,
                          val_data=test, test_data=test, callbacks=[TensorBoardLogger(), ProgressBar()])
+    # A row stopped by a signal left a checkpoint: running the same command again continues from it.
+    resume = "latest" if committed(trainer.checkpoint_dir) else None
     start = time.perf_counter()
-    trainer.fit()
+    state = trainer.fit(resume=resume)
+    if state.stop_reason == "signal":
+        raise KeyboardInterrupt(f"{row_dir.name} was interrupted at step {state.global_step} and checkpointed; "
+                                "run the same command again to continue")
     test_acc = trainer.test()["test/acc"]
     return {"model": model_name, "shuffled": shuffled, "test_acc": round(test_acc, 2),
             "paper_test_acc": PAPER_TEST_ACC[(model_name, shuffled)],
