@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -363,7 +364,21 @@ def make_accelerator(precision: str) -> Accelerator:
     # Accelerate runs several processes on CPUs (gloo) only when told cpu=True; without a GPU, a
     # torchrun/accelerate launch of several processes means exactly that.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed, cpu=cpu_processes)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu_processes)
+    if accelerator.num_processes > 1:
+        # A process group left to interpreter teardown can abort the process ("terminate called
+        # without an active exception") after a run that succeeded; close it in order at exit.
+        atexit.unregister(_destroy_process_group)  # registered once, however many trainers
+        atexit.register(_destroy_process_group)
+    return accelerator
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        # Wait for every process first: one that tears down while a peer still talks to it (gloo)
+        # makes the peer abort at exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def default_callbacks(config: TrainerConfig, attached) -> list[Callback]:

@@ -52,7 +52,7 @@ class Checkpointing:
     def _next_checkpoint_path(self) -> Path:
         base = self.checkpoint_dir / f"step-{self.state.global_step:06d}"
         for path, _ in self._pending_saves:  # asked for twice in one hook: the same state, one write
-            if path.parent == base.parent and path.name.startswith(base.name):
+            if path.parent == base.parent and (path.name == base.name or path.name.startswith(base.name + ".")):
                 return path
         path, i = base, 0
         while path.exists():
