@@ -244,3 +244,12 @@ def test_a_subclass_state_survives_through_extra_state(tmp_path):
     resumed.fit(resume="latest")
     assert resumed.seen == reference.seen == 4 * 48
     assert torch.equal(resumed.sum_y, reference.sum_y)
+
+
+def test_resume_warns_about_callback_state_it_cannot_place(tmp_path, caplog):
+    first = make_resume_trainer(tmp_path, max_epochs=1, callbacks=[EarlyStopping(patience=5), LambdaCallback()])
+    first.fit()
+    with caplog.at_level(logging.WARNING):
+        make_resume_trainer(tmp_path, max_epochs=2).fit(resume="latest")
+    assert "holds state for callback EarlyStopping, which is not attached" in caplog.text
+    assert "LambdaCallback" not in caplog.text  # stateless: nothing saved, nothing to warn about

@@ -86,7 +86,7 @@ class Checkpointing:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "callbacks": {key: cb.state_dict() for key, cb in self._callback_keys().items()},
+            "callbacks": {key: state for key, cb in self._callback_keys().items() if (state := cb.state_dict())},
             "extra": self.extra_state(),
             "processes": gather_object([per_process]) if self.world_size > 1 else [per_process],
         }
@@ -129,7 +129,7 @@ class Checkpointing:
         for key, callback in mine.items():
             if key in saved:
                 callback.load_state_dict(saved[key])
-            else:
+            elif callback.state_dict():  # a stateless callback has nothing to miss
                 log.warning("resume: the checkpoint holds no state for callback %s; it starts fresh", key)
         for key in saved.keys() - mine.keys():
             log.warning("resume: the checkpoint holds state for callback %s, which is not attached", key)
