@@ -90,3 +90,14 @@ def test_progress_bar_shows_loss_when_forced_on(tmp_path, capsys):
     Regression(make_model(), cfg, train_data=make_data(32), callbacks=[ProgressBar(disable=False)]).fit()
     err = capsys.readouterr().err
     assert "4/4" in err and "loss=" in err and "samples_s=" in err
+
+
+def test_model_checkpoint_keeps_the_best_and_the_newest(tmp_path):
+    from callbacks import ModelCheckpoint
+    from trainer.checkpoint import committed
+
+    # 2 optimizer steps an epoch, a checkpoint at each epoch's end; val/loss is best after epoch 2
+    t, _ = run_scripted(tmp_path, [3, 1, 2, 4], [ModelCheckpoint(monitor="val/loss", save_top_k=1, keep_last=1)])
+    assert [p.name for p in committed(tmp_path / "checkpoints")] == ["step-000008", "step-000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoints.jsonl", "step-000004",
+                                                                            "step-000008"]
