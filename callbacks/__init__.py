@@ -2,9 +2,9 @@
 
 from .base import HOOKS, Callback, LambdaCallback
 from .early_stopping import EarlyStopping
-from .guards import SignalCheckpoint, TerminateOnNonFinite
+from .guards import SignalCheckpoint, TerminateOnNonFinite, TimeLimit
 from .loggers import ProgressBar, TensorBoardLogger
 from .model_checkpoint import ModelCheckpoint
 
 __all__ = ["HOOKS", "Callback", "LambdaCallback", "EarlyStopping", "ModelCheckpoint", "TensorBoardLogger",
-           "ProgressBar", "TerminateOnNonFinite", "SignalCheckpoint"]
+           "ProgressBar", "TerminateOnNonFinite", "SignalCheckpoint", "TimeLimit"]

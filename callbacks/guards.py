@@ -1,14 +1,22 @@
-"""Guards: stop on a non-finite loss; on SIGTERM/SIGINT, checkpoint and stop so a resume loses nothing."""
+"""Guards: stop on a non-finite loss; on SIGTERM/SIGINT or at a time limit, checkpoint and stop so a
+resume loses nothing."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 
 from .base import Callback
 
 log = logging.getLogger(__name__)
+
+
+def checkpoint_and_stop(trainer, reason: str) -> None:
+    """Checkpoint, then stop in a way a resume undoes: the run is interrupted, not finished."""
+    trainer.save_checkpoint()
+    trainer.request_stop(reason, resumable=True)
 
 
 class TerminateOnNonFinite(Callback):
@@ -50,11 +58,28 @@ class SignalCheckpoint(Callback):
     def _maybe_stop(self, trainer):
         # Every process must take the same decision at the same step, or the next collective hangs.
         if trainer.any_process(self.received is not None):
-            trainer.save_checkpoint()
-            trainer.request_stop("signal", resumable=True)
+            checkpoint_and_stop(trainer, "signal")
             self.received = None
 
     def on_train_end(self, trainer):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+
+
+class TimeLimit(Callback):
+    """Checkpoint and stop once `seconds` of wall time have passed in this fit() (checked after each
+    optimizer step), e.g. to end inside a cluster job's limit; `fit(resume="latest")` continues."""
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"TimeLimit: seconds must be > 0, got {seconds}")
+        self.seconds = seconds
+
+    def on_train_begin(self, trainer):
+        self.deadline = time.monotonic() + self.seconds
+
+    def on_batch_end(self, trainer, outputs):
+        # Processes read their own clocks: they agree on the step to stop at through any_process.
+        if outputs["optimizer_step"] and trainer.any_process(time.monotonic() >= self.deadline):
+            checkpoint_and_stop(trainer, f"time limit of {self.seconds:g} s")

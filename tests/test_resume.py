@@ -253,3 +253,18 @@ def test_resume_warns_about_callback_state_it_cannot_place(tmp_path, caplog):
         make_resume_trainer(tmp_path, max_epochs=2).fit(resume="latest")
     assert "holds state for callback EarlyStopping, which is not attached" in caplog.text
     assert "LambdaCallback" not in caplog.text  # stateless: nothing saved, nothing to warn about
+
+
+def test_time_limit_checkpoints_stops_and_resumes_exactly(tmp_path, tmp_path_factory, monkeypatch):
+    import callbacks.guards as guards
+    from callbacks import TimeLimit
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(guards.time, "monotonic", lambda: clock["now"])
+    tick = LambdaCallback(on_batch_end=lambda t, o: clock.update(now=clock["now"] + 1.0))  # 1 "second" a batch
+    state = make_resume_trainer(tmp_path, callbacks=[tick, TimeLimit(seconds=10)]).fit()
+    assert state.global_step == 10 and state.stop_reason == "time limit of 10 s"
+    assert ckpt.committed(tmp_path / "checkpoints")[0].name == "step-000010"
+    resumed = make_resume_trainer(tmp_path)
+    resumed.fit(resume="latest")
+    assert_same_run(resumed, straight(tmp_path_factory))
