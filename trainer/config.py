@@ -9,7 +9,6 @@ out-of-range value raises `ConfigError`, whose message names the key.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
@@ -89,7 +88,3 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
 
 def config_to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

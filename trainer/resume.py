@@ -159,9 +159,6 @@ class Checkpointing:
         """Was a checkpoint written (or loaded) at this very step and epoch?"""
         return self._checkpointed_at == (self.state.global_step, self.state.epoch)
 
-    def committed_checkpoints(self) -> list[Path]:
-        return ckpt.committed(self.checkpoint_dir)
-
     def remove_checkpoint(self, name: str) -> None:
         if self.is_main_process:
             ckpt.record_removal(self.checkpoint_dir, name)
