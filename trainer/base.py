@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, set_seed, send_to_device
+from accelerate.utils import set_seed, send_to_device
 
 from callbacks import Callback, EarlyStopping, ModelCheckpoint, SignalCheckpoint
 
 from .resume import Checkpointing
 from .config import ConfigError, TrainerConfig, config_to_yaml
 from .data import EpochSampler, check_dataset, eval_batches, fetch
+from .distributed import make_accelerator, prepare_optimizer
 from .state import TrainState
 
 log = logging.getLogger(__name__)
-
-PLAIN_OPTIMIZER = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 class BaseTrainer(Checkpointing, ABC):
@@ -294,11 +289,7 @@ class BaseTrainer(Checkpointing, ABC):
         set_seed(self.config.seed)
         optimizer = self.configure_optimizer()
         self.scheduler = self.configure_scheduler(optimizer)
-        # Accelerate's optimizer wrapper does nothing for one process, DDP or bf16, yet costs ~0.1 ms
-        # a step (it probes for an optional package in every step()); wrap only where it does work.
-        if self.accelerator.distributed_type not in PLAIN_OPTIMIZER:
-            optimizer = self.accelerator.prepare_optimizer(optimizer)
-        self.optimizer = optimizer
+        self.optimizer = prepare_optimizer(self.accelerator, optimizer)
         self.sampler = self._make_sampler()
         self._reset_epoch_accumulators()
         self._step_loss_sum, self._step_samples = None, 0
@@ -353,32 +344,6 @@ class BaseTrainer(Checkpointing, ABC):
 
     def all_processes(self, flag: bool) -> bool:
         return not self.any_process(not flag)
-
-
-def make_accelerator(precision: str) -> Accelerator:
-    mixed = {"32": "no", "bf16": "bf16"}[precision]
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
-        # Accelerate keeps one process-wide state and refuses a second precision; a process that
-        # builds trainers of both kinds (a sweep, the tests) resets it. The process group stays.
-        AcceleratorState._reset_state()
-    # Accelerate runs several processes on CPUs (gloo) only when told cpu=True; without a GPU, a
-    # torchrun/accelerate launch of several processes means exactly that.
-    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu_processes)
-    if accelerator.num_processes > 1:
-        # A process group left to interpreter teardown can abort the process ("terminate called
-        # without an active exception") after a run that succeeded; close it in order at exit.
-        atexit.unregister(_destroy_process_group)  # registered once, however many trainers
-        atexit.register(_destroy_process_group)
-    return accelerator
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_initialized():
-        # Wait for every process first: one that tears down while a peer still talks to it (gloo)
-        # makes the peer abort at exit.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def default_callbacks(config: TrainerConfig, attached) -> list[Callback]:
