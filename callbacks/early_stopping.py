@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .base import Callback
 
 
@@ -57,7 +55,4 @@ class EarlyStopping(Callback):
         return {"best": self.best, "wait": self.wait, "best_weights": self.best_weights}
 
     def load_state_dict(self, state):
-        self.best, self.wait = state["best"], state["wait"]
-        self.best_weights = state["best_weights"]
-        if self.best_weights is not None:
-            self.best_weights = {k: torch.as_tensor(v) for k, v in self.best_weights.items()}
+        self.best, self.wait, self.best_weights = state["best"], state["wait"], state["best_weights"]

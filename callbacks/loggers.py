@@ -18,7 +18,7 @@ def scalar(value) -> float:
 class _Throughput:
     """Samples per second between two log points."""
 
-    def reset(self):
+    def __init__(self):
         self.samples, self.since = 0, time.perf_counter()
 
     def take(self) -> float:
@@ -47,15 +47,15 @@ class TensorBoardLogger(Callback):
         self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
                                     purge_step=trainer.state.global_step or None)
         self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
+        self.val_every_steps = trainer.config.val_every_steps
         self.throughput = _Throughput()
-        self.throughput.reset()
 
     def on_batch_end(self, trainer, outputs):
         if self.writer is None or not outputs["optimizer_step"]:
             return
         self.throughput.samples += outputs["train/samples"]
         step = trainer.state.global_step
-        if any(k.startswith("val/") for k in outputs):  # a step validation ran
+        if self.val_every_steps and step % self.val_every_steps == 0:  # a step validation ran
             self._write({k: v for k, v in outputs.items() if k.startswith("val/")}, step)
         if step % self.every:
             return
@@ -102,7 +102,6 @@ class ProgressBar(Callback):
                         disable=self.disable, dynamic_ncols=True)
         self.postfix: dict = {}
         self.throughput = _Throughput()
-        self.throughput.reset()
 
     def on_batch_end(self, trainer, outputs):
         if self.bar is None or not outputs["optimizer_step"]:

@@ -1,5 +1,3 @@
-import logging
-
 import pytest
 import torch
 
@@ -11,9 +9,3 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs():
-    logging.getLogger("trainer").setLevel(logging.INFO)
-    yield

@@ -74,6 +74,9 @@ class BaseTrainer(Checkpointing, ABC):
         self.optimizer = self.scheduler = self.sampler = None
         self.error: BaseException | None = None  # set when fit() ends by an exception
         self._dispatching, self._pending_saves, self._pending_callback_states = False, [], None
+        # default_collate itself (not a bound method) lets fetch() index tensor datasets directly.
+        overridden = type(self).collate is not BaseTrainer.collate
+        self._collate = self.collate if overridden else torch.utils.data.default_collate
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
 
     # ---- what a subclass writes ---------------------------------------------------------------
@@ -304,8 +307,7 @@ class BaseTrainer(Checkpointing, ABC):
         self._epoch_samples = 0
 
     def _fetch(self, dataset, indices):
-        collate = torch.utils.data.default_collate if type(self).collate is BaseTrainer.collate else self.collate
-        batch = fetch(dataset, indices, collate)
+        batch = fetch(dataset, indices, self._collate)
         return batch if self.device.type == "cpu" else send_to_device(batch, self.device, non_blocking=True)
 
     def _autocast(self):
