@@ -146,6 +146,32 @@ def test_pickle_payloads_run_no_code(tmp_path, fix_manifest, writer):
     assert not marker.exists()
 
 
+def test_each_file_alone_replaced_by_a_pickle_runs_no_code(tmp_path):
+    """One file at a time, manifest rewritten to match: every reader meets the payload itself."""
+    import hashlib
+    import shutil
+
+    _finished_run(tmp_path / "run")
+    original = ckpt.committed(tmp_path / "run" / "checkpoints")[0]
+    marker = tmp_path / "pwned"
+    names = list(json.loads((original / ckpt.MANIFEST).read_text())["files"])
+    for name in names:
+        path = tmp_path / f"tampered-{name}"
+        shutil.copytree(original, path)
+        torch.save({"x": Payload(marker)}, path / name)
+        manifest = json.loads((path / ckpt.MANIFEST).read_text())
+        manifest["files"][name] = {"size": (path / name).stat().st_size,
+                                   "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+        (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+        trainer = make_resume_trainer(tmp_path / "run")
+        if name == "config.yaml":  # for people only: never read back
+            trainer.load_checkpoint(path)
+        else:
+            with pytest.raises(CheckpointError, match=f"^{path / name}"):
+                trainer.load_checkpoint(path)
+        assert not marker.exists(), name
+
+
 def test_early_stopping_counters_survive_a_resume(tmp_path):
     script = [5, 4, 4.5, 4.2, 4.1, 3.0]  # best at epoch 2; patience 3 stops at epoch 5
 
