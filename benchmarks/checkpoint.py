@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer import BaseTrainer, TrainerConfig  # noqa: E402
-from trainer.data import EpochSampler, fetch  # noqa: E402
+from paperloop import BaseTrainer, TrainerConfig
+from paperloop.data import EpochSampler, fetch
 
 
 class Regress(BaseTrainer):

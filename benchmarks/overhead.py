@@ -17,20 +17,16 @@ import argparse
 import contextlib
 import io
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from callbacks import ProgressBar, TensorBoardLogger  # noqa: E402
-from trainer import BaseTrainer, TrainerConfig  # noqa: E402
+from paperloop import BaseTrainer, TrainerConfig
+from paperloop.callbacks import ProgressBar, TensorBoardLogger
 
 WORKLOADS = {"tiny": dict(sizes=(32, 64, 10), batch=32, steps=3000),
              "compute": dict(sizes=(512, 2048, 512), batch=256, steps=300)}

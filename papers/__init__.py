@@ -21,7 +21,7 @@ def available() -> list[str]:
 def load(name: str) -> ModuleType:
     if name not in available():
         raise KeyError(f"unknown paper {name!r}; available: {', '.join(available())}")
-    return importlib.import_module(f"papers.{name}")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def config_path(name: str) -> Path:

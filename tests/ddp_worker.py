@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from callbacks import LambdaCallback
+from paperloop.callbacks import LambdaCallback
 from helpers import ScheduledRegression, make_data, make_model
-from trainer import TrainerConfig
+from paperloop import TrainerConfig
 
 
 def main():

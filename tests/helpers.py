@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from callbacks import Callback
-from trainer import BaseTrainer, TrainerConfig
+from paperloop.callbacks import Callback
+from paperloop import BaseTrainer, TrainerConfig
 
 
 class Regression(BaseTrainer):

@@ -8,7 +8,7 @@ import signal
 
 import torch
 
-import trainer.checkpoint as ckpt
+import paperloop.checkpoint as ckpt
 from helpers import KillAt, make_resume_trainer
 
 

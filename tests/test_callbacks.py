@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from callbacks import EarlyStopping, ProgressBar, TensorBoardLogger
+from paperloop.callbacks import EarlyStopping, ProgressBar, TensorBoardLogger
 from helpers import Regression, make_data, make_model, weights
-from trainer import TrainerConfig
+from paperloop import TrainerConfig
 
 
 class ScriptedVal(Regression):
@@ -93,8 +93,8 @@ def test_progress_bar_shows_loss_when_forced_on(tmp_path, capsys):
 
 
 def test_model_checkpoint_keeps_the_best_and_the_newest(tmp_path):
-    from callbacks import ModelCheckpoint
-    from trainer.checkpoint import committed
+    from paperloop.callbacks import ModelCheckpoint
+    from paperloop.checkpoint import committed
 
     # 2 optimizer steps an epoch, a checkpoint at each epoch's end; val/loss is best after epoch 2
     t, _ = run_scripted(tmp_path, [3, 1, 2, 4], [ModelCheckpoint(monitor="val/loss", save_top_k=1, keep_last=1)])

@@ -8,7 +8,7 @@ import pytest
 
 
 def paperloop(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "paperloop.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 

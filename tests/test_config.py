@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from trainer import ConfigError, TrainerConfig, load_config
+from paperloop import ConfigError, TrainerConfig, load_config
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ScheduledRegression, assert_bitwise_equal, make_data, make_model, weights
-from trainer import TrainerConfig
+from paperloop import TrainerConfig
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

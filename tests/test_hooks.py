@@ -2,9 +2,9 @@
 
 import pytest
 
-from callbacks import LambdaCallback
+from paperloop.callbacks import LambdaCallback
 from helpers import Recorder, Regression, make_data, make_model
-from trainer import TrainerConfig
+from paperloop import TrainerConfig
 
 
 def test_exact_hook_sequence_with_accumulation(tmp_path):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import build_classifier
-from papers import mnist1d
-from papers.mnist1d.data import datasets, generate, position_permutation
+from paperloop.models import build_classifier
+from paperloop.papers import mnist1d
+from paperloop.papers.mnist1d.data import datasets, generate, position_permutation
 
 
 def test_dataset_shapes_and_the_fixed_shuffle():

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.checkpoint as ckpt
-from callbacks import EarlyStopping, LambdaCallback
+import paperloop.checkpoint as ckpt
+from paperloop.callbacks import EarlyStopping, LambdaCallback
 from helpers import Recorder, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, weights
-from trainer import CheckpointError
+from paperloop import CheckpointError
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 _straight_cache = {}
@@ -224,7 +224,7 @@ def test_transformers_checkpoint_loads_with_from_pretrained(tmp_path):
     from torch.utils.data import TensorDataset
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from trainer import BaseTrainer, TrainerConfig
+    from paperloop import BaseTrainer, TrainerConfig
 
     class LM(BaseTrainer):
         def training_step(self, batch):
@@ -282,8 +282,8 @@ def test_resume_warns_about_callback_state_it_cannot_place(tmp_path, caplog):
 
 
 def test_time_limit_checkpoints_stops_and_resumes_exactly(tmp_path, tmp_path_factory, monkeypatch):
-    import callbacks.guards as guards
-    from callbacks import TimeLimit
+    import paperloop.callbacks.guards as guards
+    from paperloop.callbacks import TimeLimit
 
     clock = {"now": 0.0}
     monkeypatch.setattr(guards.time, "monotonic", lambda: clock["now"])

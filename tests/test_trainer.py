@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from callbacks import TerminateOnNonFinite
+from paperloop.callbacks import TerminateOnNonFinite
 from helpers import Regression, assert_bitwise_equal, make_data, make_model, weights
-from trainer import BaseTrainer, ConfigError, TrainerConfig
-from trainer.data import EpochSampler, epoch_permutation
+from paperloop import BaseTrainer, ConfigError, TrainerConfig
+from paperloop.data import EpochSampler, epoch_permutation
 
 
 def fit_weights(tmp_path, n=40, **cfg):
@@ -83,7 +83,7 @@ def test_gradient_clipping_is_applied(tmp_path):
         def configure_optimizer(self):
             return torch.optim.SGD(self.model.parameters(), lr=1.0)
 
-    from callbacks import LambdaCallback
+    from paperloop.callbacks import LambdaCallback
     spy = LambdaCallback(on_batch_end=lambda t, o: norms.append(float(o["optim/grad_norm"])))
     cfg = TrainerConfig(max_steps=1, batch_size=8, max_grad_norm=0.5, output_dir=str(tmp_path))
     t = SGDRegression(make_model(dropout=0.0), cfg, train_data=make_data(32), callbacks=[spy])

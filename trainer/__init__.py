@@ -1,4 +1,11 @@
-"""The paperloop engine: BaseTrainer, its config and state, checkpoint I/O and resumable data order."""
+"""paperloop: a training framework for reproducing ML papers.
+
+    from paperloop import BaseTrainer, TrainerConfig
+    from paperloop.callbacks import EarlyStopping, TensorBoardLogger
+
+This package is the `trainer/` folder; `paperloop.callbacks`, `paperloop.models` and `paperloop.papers`
+are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
+"""
 
 from .base import BaseTrainer
 from .checkpoint import CheckpointError

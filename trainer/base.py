@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed, send_to_device
 
-from callbacks import Callback, EarlyStopping, ModelCheckpoint, SignalCheckpoint
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint, SignalCheckpoint
 
 from .resume import Checkpointing
 from .config import ConfigError, TrainerConfig, config_to_yaml

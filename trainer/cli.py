@@ -14,7 +14,7 @@ from .config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    import papers
+    from . import papers
 
     parser = argparse.ArgumentParser(prog="paperloop", description="Reproduce ML papers with paperloop.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
-from callbacks import Callback
+from .callbacks import Callback
 
 from . import checkpoint as ckpt
 from .rng import rng_state, set_rng_state

@@ -20,10 +20,10 @@ from typing import Tuple
 
 import torch
 
-from callbacks import ProgressBar, TensorBoardLogger
-from models import BUILDERS, build_classifier
-from trainer import ConfigError, TrainerConfig
-from trainer.checkpoint import committed
+from paperloop.callbacks import ProgressBar, TensorBoardLogger
+from paperloop.models import BUILDERS, build_classifier
+from paperloop import ConfigError, TrainerConfig
+from paperloop.checkpoint import committed
 
 from .data import datasets, generate
 from .trainer import Classifier

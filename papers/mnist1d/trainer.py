@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from trainer import BaseTrainer
+from paperloop import BaseTrainer
 
 
 class Classifier(BaseTrainer):
