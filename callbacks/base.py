@@ -4,6 +4,11 @@ A callback reads `trainer.state`, `trainer.model` and `trainer.config`, asks the
 `trainer.request_stop(reason)` (never by raising), and exposes the counters it keeps through
 `state_dict()` / `load_state_dict()` so they survive a resume. Settings are constructor arguments;
 runtime counters are reset in `on_train_begin` (a resumed run loads them right after it).
+
+`on_batch_begin` / `on_batch_end` fire once per loop step (all of its micro-batches, and every optimizer
+update it makes). A checkpoint stores each stateful callback's state under its `state_key`: the class
+name unless the class or the instance sets another, so attaching a callback in front of the others
+does not misplace their states.
 """
 
 from __future__ import annotations
@@ -12,13 +17,23 @@ HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "
 
 
 class Callback:
+    state_key = "Callback"  # each subclass gets its own name (__init_subclass__); set one per instance at will
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "state_key" not in cls.__dict__:
+            cls.state_key = cls.__name__
+
     def on_train_begin(self, trainer) -> None: ...
 
     def on_epoch_begin(self, trainer) -> None: ...
 
-    def on_batch_begin(self, trainer, batch) -> None: ...
+    def on_batch_begin(self, trainer, step) -> None:
+        """`step`: the loop step's `Step` (this process's sample indices per micro-batch, and weights)."""
 
-    def on_batch_end(self, trainer, outputs: dict) -> None: ...
+    def on_batch_end(self, trainer, outputs: dict) -> None:
+        """`outputs`: the step's `train/loss`, `train/finite`, `optim/lr`, `optim/grad_norm`, `train/samples`,
+        `training_step`'s other values, and `val/*` when a step validation ran."""
 
     def on_epoch_end(self, trainer, logs: dict) -> None: ...
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from .base import Callback
+
+log = logging.getLogger(__name__)
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -16,11 +19,26 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def missing_monitor(monitor: str, metrics: dict) -> bool:
+    """Is `monitor` absent from metrics that hold others of its kind (a `val/` key when it is `val/...`)?
+    Then it is misspelt, not merely not computed this time."""
+    if monitor in metrics:
+        return False
+    prefix = monitor.split("/")[0] + "/" if "/" in monitor else ""
+    return any(k.startswith(prefix) for k in metrics if k != "epoch")
+
+
+def warn_missing_monitor(owner: str, monitor: str, metrics: dict) -> None:
+    keys = sorted(k for k in metrics if k != "epoch")
+    log.warning("%s: the monitored metric %r is not in the logs; they hold %s", owner, monitor, keys)
+
+
 class EarlyStopping(Callback):
     """An epoch improves when `monitor` in its logs beats the best so far (or `baseline`) by more than
     `min_delta`; after `patience` epochs in a row without improvement, training stops. Epochs whose
-    logs lack `monitor` (no validation that epoch) are not counted. With `restore_best`, the weights of
-    the best epoch are put back when it stops."""
+    logs lack `monitor` (no validation that epoch) are not counted; a monitor that is missing while
+    others of its kind are there (a typo) is warned about once. With `restore_best`, the weights of the
+    best epoch are put back when it stops. `best` is the best value so far (None before the first)."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  baseline: float | None = None, restore_best: bool = False):
@@ -30,17 +48,21 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping: patience must be >= 1, got {patience}")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.baseline, self.restore_best = abs(min_delta), baseline, restore_best
+        self.state_key = f"{self.state_key}[{monitor}]"  # two of them, on two metrics, keep apart
+        self.best = baseline
 
     def on_train_begin(self, trainer):
-        self.best, self.wait, self.best_weights = self.baseline, 0, None
+        self.best, self.wait, self.best_weights, self.warned = self.baseline, 0, None, False
 
     def on_epoch_end(self, trainer, logs):
         if self.monitor not in logs:
+            if not self.warned and missing_monitor(self.monitor, logs):
+                warn_missing_monitor("EarlyStopping", self.monitor, logs)
+                self.warned = True
             return
         value = float(logs[self.monitor])
         if improved(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0
-            trainer.state.best_metric = value
             if self.restore_best:
                 self.best_weights = {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
             return

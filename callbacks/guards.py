@@ -20,16 +20,17 @@ def checkpoint_and_stop(trainer, reason: str) -> None:
 
 
 class TerminateOnNonFinite(Callback):
-    """Stop at the first optimizer step whose loss is NaN or infinite. The trainer never applies such
-    a step, so the weights (and any checkpoint written after) are those of the last finite step."""
+    """Stop at the first step whose loss or gradient is NaN or infinite. The trainer never applies such
+    an update, so the weights (and any checkpoint written after) are those of the last finite one."""
 
     def on_batch_end(self, trainer, outputs):
-        if outputs["optimizer_step"] and not outputs["train/finite"]:
-            trainer.request_stop(f"non-finite loss at step {trainer.state.global_step}; the step was not applied")
+        if not outputs.get("train/finite", True):
+            trainer.request_stop(f"non-finite loss or gradient at step {trainer.state.global_step}; "
+                                 "it was not applied")
 
 
 class SignalCheckpoint(Callback):
-    """On SIGTERM or SIGINT (a preemption, a Ctrl-C): finish the current optimizer step, write a
+    """On SIGTERM or SIGINT (a preemption, a Ctrl-C): finish the current step, write a
     checkpoint, and stop with reason "signal"; `fit(resume="latest")` then continues exactly. A second
     signal of the same kind gets the default behaviour. The trainer attaches one unless you do."""
 
@@ -49,8 +50,7 @@ class SignalCheckpoint(Callback):
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one is not ignored
 
     def on_batch_end(self, trainer, outputs):
-        if outputs["optimizer_step"]:
-            self._maybe_stop(trainer)
+        self._maybe_stop(trainer)
 
     def on_epoch_end(self, trainer, logs):
         self._maybe_stop(trainer)
@@ -69,7 +69,7 @@ class SignalCheckpoint(Callback):
 
 class TimeLimit(Callback):
     """Checkpoint and stop once `seconds` of wall time have passed in this fit() (checked after each
-    optimizer step), e.g. to end inside a cluster job's limit; `fit(resume="latest")` continues."""
+    step), e.g. to end inside a cluster job's limit; `fit(resume="latest")` continues."""
 
     def __init__(self, seconds: float):
         if seconds <= 0:
@@ -81,5 +81,5 @@ class TimeLimit(Callback):
 
     def on_batch_end(self, trainer, outputs):
         # Processes read their own clocks: they agree on the step to stop at through any_process.
-        if outputs["optimizer_step"] and trainer.any_process(time.monotonic() >= self.deadline):
+        if trainer.any_process(time.monotonic() >= self.deadline):
             checkpoint_and_stop(trainer, f"time limit of {self.seconds:g} s")

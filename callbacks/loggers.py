@@ -1,5 +1,5 @@
 """TensorBoardLogger and ProgressBar. Both act on the main process only, and read tensors (a device
-sync each) only when a log is due, every `log_every_steps` optimizer steps."""
+sync each) only when a log is due (every `log_every_steps` steps, and at epoch and run ends)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ class _Throughput:
 
 
 class TensorBoardLogger(Callback):
-    """Event files under `log_dir` (default `<output_dir>/tensorboard`): `train/loss` and the other
-    training_step metrics, `optim/lr`, `optim/grad_norm` and `perf/samples_per_sec` every
-    `every_n_steps` (default `log_every_steps`); every epoch's logs and every validation; the resolved
-    config as text."""
+    """Event files under `log_dir` (default `<output_dir>/tensorboard`). Per step, at the first step,
+    every `every_n_steps` (default `log_every_steps`), and the last step of each epoch and of the run:
+    `train/loss`, `optim/lr`, `optim/grad_norm`, `perf/samples_per_sec` and every other numeric output
+    of the step (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as
+    `reward/mean`, as they are). `val/*` whenever a validation ran; each epoch's mean train loss as
+    `epoch/train_loss`; the resolved config as text."""
 
     def __init__(self, log_dir: str | None = None, every_n_steps: int | None = None):
         self.log_dir, self.every_n_steps = log_dir, every_n_steps
@@ -47,31 +49,43 @@ class TensorBoardLogger(Callback):
         self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
                                     purge_step=trainer.state.global_step or None)
         self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
-        self.val_every_steps = trainer.config.val_every_steps
         self.throughput = _Throughput()
+        self.last, self.logged_step, self.val_step = None, None, None
 
     def on_batch_end(self, trainer, outputs):
-        if self.writer is None or not outputs["optimizer_step"]:
+        if self.writer is None:
             return
-        self.throughput.samples += outputs["train/samples"]
+        self.throughput.samples += outputs.get("train/samples", 0)
         step = trainer.state.global_step
-        if self.val_every_steps and step % self.val_every_steps == 0:  # a step validation ran
-            self._write({k: v for k, v in outputs.items() if k.startswith("val/")}, step)
-        if step % self.every:
-            return
-        metrics = {"train/loss": outputs["train/loss"], "optim/lr": outputs["optim/lr"],
-                   "perf/samples_per_sec": self.throughput.take()}
-        if "optim/grad_norm" in outputs:
-            metrics["optim/grad_norm"] = outputs["optim/grad_norm"]
-        metrics.update({f"train/{k}": v for k, v in outputs.items() if "/" not in k and k not in ("loss", "optimizer_step")})
+        val = {k: v for k, v in outputs.items() if k.startswith("val/")}
+        if val:  # a step validation ran
+            self._write(val, step)
+            self.val_step = step
+        self.last = outputs  # written at the epoch's or the run's end when this step is not due
+        if step == 1 or step % self.every == 0:
+            self._write_step(outputs, step)
+
+    def _write_step(self, outputs: dict, step: int):
+        metrics = {"perf/samples_per_sec": self.throughput.take()}
+        for key, value in outputs.items():
+            if key in ("loss", "train/samples") or key.startswith("val/"):
+                continue  # "loss" is this process's; train/loss is the step's over every process
+            metrics[key if "/" in key else f"train/{key}"] = value
         self._write(metrics, step)
+        self.logged_step = step
 
     def on_epoch_end(self, trainer, logs):
-        if self.writer is not None:
-            # The epoch's mean train loss gets its own tag: train/loss holds the per-step values.
-            metrics = {k: v for k, v in logs.items() if k not in ("epoch", "train/loss", "optim/lr")}
-            self._write({"epoch/train_loss": logs["train/loss"], **metrics}, trainer.state.global_step)
-            self.writer.flush()
+        if self.writer is None:
+            return
+        step = trainer.state.global_step
+        if self.last is not None and self.logged_step != step:
+            self._write_step(self.last, step)
+        # The epoch's mean train loss gets its own tag: train/loss holds the per-step values.
+        metrics = {"epoch/train_loss": logs["train/loss"]}
+        if self.val_step != step:  # not already written by this step's validation
+            metrics.update({k: v for k, v in logs.items() if k.startswith("val/")})
+        self._write(metrics, step)
+        self.writer.flush()
 
     def _write(self, metrics: dict, step: int):
         for key, value in metrics.items():
@@ -80,12 +94,14 @@ class TensorBoardLogger(Callback):
 
     def on_train_end(self, trainer):
         if self.writer is not None:
+            if self.last is not None and self.logged_step != trainer.state.global_step:
+                self._write_step(self.last, trainer.state.global_step)
             self.writer.close()
             self.writer = None
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over optimizer steps with epoch, loss, lr and samples/s; silent when stderr is not a
+    """A tqdm bar over steps with epoch, loss, lr and samples/s; silent when stderr is not a
     terminal (tqdm's `disable=None`), so logs of batch jobs stay clean."""
 
     def __init__(self, every_n_steps: int | None = None, disable: bool | None = None):
@@ -104,13 +120,16 @@ class ProgressBar(Callback):
         self.throughput = _Throughput()
 
     def on_batch_end(self, trainer, outputs):
-        if self.bar is None or not outputs["optimizer_step"]:
+        if self.bar is None:
             return
         self.bar.update(1)
-        self.throughput.samples += outputs["train/samples"]
+        self.throughput.samples += outputs.get("train/samples", 0)
         if trainer.state.global_step % self.every == 0 and not self.bar.disable:
-            self.postfix.update(epoch=trainer.state.epoch, loss=f"{scalar(outputs['train/loss']):.4g}",
-                                lr=f"{outputs['optim/lr']:.3g}", samples_s=f"{self.throughput.take():.0f}")
+            self.postfix.update(epoch=trainer.state.epoch, samples_s=f"{self.throughput.take():.0f}")
+            if "train/loss" in outputs:
+                self.postfix["loss"] = f"{scalar(outputs['train/loss']):.4g}"
+            if "optim/lr" in outputs:
+                self.postfix["lr"] = f"{outputs['optim/lr']:.3g}"
             self.bar.set_postfix(self.postfix, refresh=False)
 
     def on_epoch_end(self, trainer, logs):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from .base import Callback
+from .early_stopping import missing_monitor, warn_missing_monitor
 
 
 class ModelCheckpoint(Callback):
-    """Write a checkpoint every `every_n_steps` optimizer steps and/or every `every_n_epochs` epochs,
-    and at the end of training (`save_last`). Keep the `keep_last` newest and, when `monitor` is set,
-    the `save_top_k` best by it (`mode`); remove the rest once a newer checkpoint is committed.
+    """Write a checkpoint every `every_n_steps` steps and/or every `every_n_epochs` epochs, and at the
+    end of training (`save_last`). Keep the `keep_last` newest and, when `monitor` is set, the
+    `save_top_k` best by it (`mode`); remove the rest once a newer checkpoint is committed.
 
-    Checkpoints go to `trainer.checkpoint_dir` as `step-000123`; `fit(resume="latest")` finds them
-    through the folder's index, never by parsing these names.
+    At most one checkpoint per step: when a step's checkpoint falls on the last step of an epoch whose
+    end (or the run's end) is checkpointed too, only that one is written (it holds the closed epoch). Checkpoints go to
+    `trainer.checkpoint_dir` as `step-000123`; `fit(resume="latest")` finds them through the folder's
+    index, never by parsing these names.
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, monitor: str | None = None,
@@ -26,18 +29,34 @@ class ModelCheckpoint(Callback):
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
         self.save_last, self.keep_last = save_last, keep_last
+        if monitor is not None:
+            self.state_key = f"{self.state_key}[{monitor}]"
 
     def on_train_begin(self, trainer):
         self.recent: list[str] = []  # newest last
         self.best: list[tuple[float, str]] = []  # best first
         self.saved: list[str] = []  # every checkpoint this callback wrote and has not removed
+        self.warned = False
 
     def on_batch_end(self, trainer, outputs):
-        if outputs["optimizer_step"] and self.every_n_steps and trainer.state.global_step % self.every_n_steps == 0:
+        step = trainer.state.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and not self._epoch_save_follows(trainer):
             self._save(trainer, outputs)
 
+    def _epoch_save_follows(self, trainer) -> bool:
+        """Is this the epoch's last step, with the epoch's end (or the run's, right after) about to be
+        checkpointed?"""
+        s, c = trainer.state, trainer.config
+        closes = s.step_in_epoch == trainer.plan.steps_per_epoch() and not s.should_stop \
+            and (c.max_steps is None or s.global_step < c.max_steps)
+        run_ends = s.epoch + 1 >= c.max_epochs
+        return closes and (self._epoch_due(s.epoch + 1) or (self.save_last and run_ends))
+
+    def _epoch_due(self, epoch: int) -> bool:
+        return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0
+
     def on_epoch_end(self, trainer, logs):
-        if self.every_n_epochs and trainer.state.epoch % self.every_n_epochs == 0:
+        if self._epoch_due(trainer.state.epoch):
             self._save(trainer, logs)
 
     def on_train_end(self, trainer):
@@ -54,6 +73,9 @@ class ModelCheckpoint(Callback):
             value = float(metrics[self.monitor])
             ranked = sorted(self.best + [(value, path.name)], key=lambda vp: vp[0], reverse=self.mode == "max")
             self.best = ranked[: self.save_top_k]
+        elif self.monitor and not self.warned and missing_monitor(self.monitor, metrics):
+            warn_missing_monitor("ModelCheckpoint", self.monitor, metrics)
+            self.warned = True
 
     def _prune(self, trainer):
         """Remove our checkpoints that are neither recent nor best; only after a newer one is committed."""

@@ -1,5 +1,5 @@
-"""Run under torchrun by test_ddp.py: train the regression on 2 CPU processes (gloo), optionally stop
-with a checkpoint at a step or resume, and write the final weights and state from rank 0."""
+"""Run under torchrun by test_ddp.py: train on 2 CPU processes (gloo), optionally stop with a checkpoint at
+a step or resume, and write the final weights, state and per-step losses from rank 0."""
 
 import argparse
 import json
@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from paperloop.callbacks import LambdaCallback
-from helpers import ScheduledRegression, make_data, make_model
+from helpers import ScheduledRegression, WeightedRegression, make_data, make_indexed_data, make_model
 from paperloop import TrainerConfig
+from paperloop.callbacks import LambdaCallback
 
 
 def main():
@@ -20,23 +20,32 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--stop-at", type=int)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--weighted", action="store_true", help="unequal sample weights and plain SGD")
     args = p.parse_args()
     torch.set_num_threads(1)
+    losses = []
 
-    def stop(trainer, outputs):
-        if outputs["optimizer_step"] and trainer.state.global_step == args.stop_at:
+    def record_and_stop(trainer, outputs):
+        losses.append(float(outputs["train/loss"]))
+        if trainer.state.global_step == args.stop_at:
             trainer.save_checkpoint()
             trainer.request_stop("test preemption", resumable=True)
 
-    cfg = TrainerConfig(max_epochs=3, batch_size=args.batch_size, lr=0.01, output_dir=args.out)
-    t = ScheduledRegression(make_model(dropout=0.0), cfg, train_data=make_data(48), val_data=make_data(20),
-                            callbacks=[LambdaCallback(on_batch_end=stop)])
+    if args.weighted:
+        cfg = TrainerConfig(max_epochs=2, batch_size=args.batch_size, lr=0.05, output_dir=args.out)
+        t = WeightedRegression(make_model(dropout=0.0), cfg, train_data=make_indexed_data(44),
+                               callbacks=[LambdaCallback(on_batch_end=record_and_stop)])
+    else:
+        cfg = TrainerConfig(max_epochs=3, batch_size=args.batch_size, lr=0.01, output_dir=args.out)
+        t = ScheduledRegression(make_model(dropout=0.0), cfg, train_data=make_data(48), val_data=make_data(20),
+                                callbacks=[LambdaCallback(on_batch_end=record_and_stop)])
     state = t.fit(resume="latest" if args.resume else None)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if t.is_main_process:
         save_file({k: v.contiguous() for k, v in t.unwrapped_model.state_dict().items()},
                   str(Path(args.out) / "final.safetensors"))
-        (Path(args.out) / "state.json").write_text(json.dumps({**state.to_dict(), "world_size": t.world_size}))
+        (Path(args.out) / "state.json").write_text(json.dumps({**state.to_dict(), "world_size": t.world_size,
+                                                               "step_losses": losses}))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""Shared test fixtures: a tiny regression trainer with dropout, Adam and an LR schedule, so data order,
-RNG, optimizer and scheduler state all matter to the final weights. Imported by the tests and by the
-worker scripts that the resume tests run (and kill) in subprocesses."""
+"""Shared test fixtures: a tiny regression trainer with dropout, noise from python's and numpy's RNGs, Adam
+and an LR schedule, so data order, every RNG, optimizer and scheduler state all matter to the final
+weights. Imported by the tests and by the worker scripts that the resume tests run (and kill) in
+subprocesses."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +34,50 @@ class Regression(BaseTrainer):
 
 
 class ScheduledRegression(Regression):
+    def training_step(self, batch):
+        x, y = batch
+        # A draw from python's and one from numpy's global RNG each micro-batch (torch's: dropout), so a
+        # resume that forgot either would end on other weights.
+        jitter = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
+        return F.mse_loss(self.model(x) * jitter, y)
+
     def configure_scheduler(self, optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.97 ** step)
+
+
+class ThreeUpdates(ScheduledRegression):
+    """A loop step that makes three optimizer updates, one per third of the step's samples: the shape of
+    an RL step (one batch in, several updates), written with the public primitives only."""
+
+    def train_step(self, step):
+        x, y = self.fetch(torch.cat(step.micro_batches))
+        updates = [self.update((x_m, y_m)) for x_m, y_m in zip(x.chunk(3), y.chunk(3))]
+        return {"train/loss": torch.stack([u["train/loss"] for u in updates]).mean(),
+                "train/finite": all(u["train/finite"] for u in updates), "optim/lr": updates[-1]["optim/lr"]}
+
+    def update(self, minibatch):
+        self.forward_backward(minibatch)  # share 1: this minibatch alone is the update
+        return self.optimizer_step()
+
+
+class WeightedRegression(Regression):
+    """Samples weigh 1, 2 or 3 (by index); the loss is the weighted mean over the micro-batch; plain SGD,
+    which (unlike Adam) shows any constant error in the gradient's scale."""
+
+    def sample_weights(self):
+        return sample_weight(torch.arange(len(self.train_data)))
+
+    def training_step(self, batch):
+        x, y, index = batch
+        w = sample_weight(index)
+        return (w * (self.model(x) - y).squeeze(1) ** 2).sum() / w.sum()
+
+    def configure_optimizer(self):
+        return torch.optim.SGD(self.model.parameters(), lr=self.config.lr)
+
+
+def sample_weight(index: torch.Tensor) -> torch.Tensor:
+    return 1.0 + (index % 3).float()
 
 
 def make_data(n: int = 48, seed: int = 0) -> TensorDataset:
@@ -36,6 +85,11 @@ def make_data(n: int = 48, seed: int = 0) -> TensorDataset:
     x = torch.randn(n, 4, generator=g)
     y = x @ torch.tensor([[1.0], [2.0], [-1.0], [0.5]]) + 0.1 * torch.randn(n, 1, generator=g)
     return TensorDataset(x, y)
+
+
+def make_indexed_data(n: int = 48, seed: int = 0) -> TensorDataset:
+    """make_data with each sample's index as a third tensor (for per-sample weights)."""
+    return TensorDataset(*make_data(n, seed).tensors, torch.arange(n))
 
 
 def make_model(seed: int = 0, dropout: float = 0.2) -> torch.nn.Module:
@@ -73,37 +127,41 @@ class Recorder(Callback):
 
     def on_train_begin(self, trainer): self._rec("on_train_begin", trainer)
     def on_epoch_begin(self, trainer): self._rec("on_epoch_begin", trainer)
-    def on_batch_begin(self, trainer, batch): self._rec("on_batch_begin", trainer)
+    def on_batch_begin(self, trainer, step): self._rec("on_batch_begin", trainer)
     def on_batch_end(self, trainer, outputs): self._rec("on_batch_end", trainer)
     def on_epoch_end(self, trainer, logs): self._rec("on_epoch_end", trainer)
     def on_train_end(self, trainer): self._rec("on_train_end", trainer)
 
 
 class KillAt(Callback):
-    """SIGKILLs this process (no cleanup at all, like a preempted node) at a chosen point."""
+    """Sends `sig` (default SIGKILL: no cleanup at all, like a preempted node) to this process in `hook`
+    when `global_step == step`."""
 
-    def __init__(self, step: int, hook: str = "on_batch_begin", micro_batch: int | None = None, sig=signal.SIGKILL):
-        self.step, self.hook, self.micro_batch, self.sig = step, hook, micro_batch, sig
-        self.seen_in_step = 0
+    def __init__(self, step: int, hook: str = "on_batch_begin", sig=signal.SIGKILL):
+        self.step, self.hook, self.sig = step, hook, sig
 
     def _maybe_kill(self, trainer, hook):
         if hook == self.hook and trainer.state.global_step == self.step:
-            if self.micro_batch is None or self.seen_in_step == self.micro_batch:
-                os.kill(os.getpid(), self.sig)
+            os.kill(os.getpid(), self.sig)
 
     def on_epoch_begin(self, trainer): self._maybe_kill(trainer, "on_epoch_begin")
-    def on_batch_begin(self, trainer, batch): self._maybe_kill(trainer, "on_batch_begin")
-
-    def on_batch_end(self, trainer, outputs):
-        self._maybe_kill(trainer, "on_batch_end")
-        self.seen_in_step = 0 if outputs["optimizer_step"] else self.seen_in_step + 1
+    def on_batch_begin(self, trainer, step): self._maybe_kill(trainer, "on_batch_begin")
+    def on_batch_end(self, trainer, outputs): self._maybe_kill(trainer, "on_batch_end")
 
 
-def make_resume_trainer(out, grad_accum_steps: int = 1, callbacks=(), **overrides) -> ScheduledRegression:
+def make_resume_trainer(out, grad_accum_steps: int = 1, callbacks=(), cls=ScheduledRegression,
+                        **overrides) -> ScheduledRegression:
     """Dropout, shuffled data, Adam and an LR schedule: a resume must restore RNG, data order,
     optimizer and scheduler to land on the same weights. 48 samples, 6 steps an epoch, 4 epochs."""
     cfg = dict(max_epochs=4, batch_size=8 // grad_accum_steps, grad_accum_steps=grad_accum_steps, lr=0.01,
                checkpoint_every_steps=3, output_dir=str(out))
     cfg.update(overrides)
-    return ScheduledRegression(make_model(), TrainerConfig(**cfg), train_data=make_data(48), val_data=make_data(16),
-                               callbacks=list(callbacks))
+    return cls(make_model(), TrainerConfig(**cfg), train_data=make_data(48), val_data=make_data(16),
+               callbacks=list(callbacks))
+
+
+def run_resume_worker(out, *args) -> subprocess.CompletedProcess:
+    """resume_worker.py in a subprocess (one thread, like the tests), e.g. to SIGKILL it mid-run."""
+    worker = Path(__file__).with_name("resume_worker.py")
+    return subprocess.run([sys.executable, str(worker), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -42,8 +42,8 @@ def test_early_stopping_stops_at_the_right_epoch(tmp_path, script, kwargs, stop_
 
 def test_config_patience_attaches_early_stopping(tmp_path):
     t, state = run_scripted(tmp_path, [3, 2, 2.5, 2.6, 1], early_stopping_patience=2)
-    assert any(isinstance(cb, EarlyStopping) for cb in t.callbacks)
-    assert state.epoch == 4 and state.best_metric == 2
+    (stopper,) = [cb for cb in t.callbacks if isinstance(cb, EarlyStopping)]
+    assert state.epoch == 4 and stopper.best == 2
 
 
 def test_restore_best_puts_back_the_best_epochs_weights(tmp_path):
@@ -68,14 +68,46 @@ def test_tensorboard_logger_writes_the_curves(tmp_path):
                    callbacks=[TensorBoardLogger()])
     t.fit()
     scalars, acc = _scalars(tmp_path / "tensorboard")
-    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
-    for tag in ("optim/lr", "optim/grad_norm", "perf/samples_per_sec"):
-        assert [s for s, _ in scalars[tag]] == [2, 4, 6, 8]
+    for tag in ("train/loss", "optim/lr", "optim/grad_norm", "perf/samples_per_sec"):
+        assert [s for s, _ in scalars[tag]] == [1, 2, 4, 6, 8]  # the first step, then every 2nd
     assert [s for s, _ in scalars["val/loss"]] == [4, 8]
     assert [v for _, v in scalars["val/loss"]] == pytest.approx([h["val/loss"] for h in t.state.val_history])
     assert [v for _, v in scalars["epoch/train_loss"]] == pytest.approx(t.state.train_loss_history)
     assert all(v > 0 for _, v in scalars["perf/samples_per_sec"])
     assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_a_run_shorter_than_the_log_interval_still_logs_its_steps_and_lr(tmp_path):
+    from paperloop.callbacks import LambdaCallback
+
+    seen = {}
+    spy = LambdaCallback(on_batch_end=lambda t, o: seen.update({t.state.global_step: float(o["train/loss"])}))
+    cfg = TrainerConfig(max_epochs=3, batch_size=8, lr=0.01, log_every_steps=50, output_dir=str(tmp_path))
+    Regression(make_model(), cfg, train_data=make_data(16), callbacks=[spy, TensorBoardLogger()]).fit()
+    scalars, _ = _scalars(tmp_path / "tensorboard")
+    # 2 steps an epoch: the first step, then each epoch's last (the run's last among them)
+    assert scalars["train/loss"] == [(s, pytest.approx(seen[s])) for s in (1, 2, 4, 6)]
+    assert scalars["optim/lr"] == [(s, pytest.approx(0.01)) for s in (1, 2, 4, 6)]
+    assert [s for s, _ in scalars["epoch/train_loss"]] == [2, 4, 6]
+
+
+def test_step_validation_on_an_epoch_end_runs_and_logs_once(tmp_path):
+    calls = []
+
+    class Counting(Regression):
+        def validation_step(self, batch):
+            calls.append(self.state.global_step)
+            return super().validation_step(batch)
+
+    # 4 steps an epoch, validation every 2 steps and every epoch: steps 4 and 8 are both
+    cfg = TrainerConfig(max_epochs=2, batch_size=8, val_every_steps=2, output_dir=str(tmp_path))
+    t = Counting(make_model(), cfg, train_data=make_data(32), val_data=make_data(8), callbacks=[TensorBoardLogger()])
+    t.fit()
+    assert calls == [2, 4, 6, 8]  # one batch of 8 validation samples each time
+    assert [h["step"] for h in t.state.val_history] == [2, 4, 6, 8]
+    scalars, _ = _scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["val/loss"]] == [2, 4, 6, 8]
+    assert [v for _, v in scalars["val/loss"]] == pytest.approx([h["val/loss"] for h in t.state.val_history])
 
 
 def test_progress_bar_is_quiet_without_a_terminal(tmp_path, capsys):

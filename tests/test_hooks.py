@@ -15,13 +15,29 @@ def test_exact_hook_sequence_with_accumulation(tmp_path):
     step = 0
     for epoch in range(2):
         expected.append(("on_epoch_begin", epoch, step))
-        for _ in range(2):  # 16 samples / (4 * 2) = 2 optimizer steps of 2 micro-batches each
-            expected += [("on_batch_begin", epoch, step), ("on_batch_end", epoch, step),
-                         ("on_batch_begin", epoch, step), ("on_batch_end", epoch, step + 1)]
+        for _ in range(2):  # 16 samples / (4 * 2) = 2 steps; their 2 micro-batches each fire no hooks
+            expected += [("on_batch_begin", epoch, step), ("on_batch_end", epoch, step + 1)]
             step += 1
         expected.append(("on_epoch_end", epoch + 1, step))
     expected.append(("on_train_end", 2, 4))
     assert rec.calls == expected
+
+
+def test_callbacks_run_in_list_order_in_every_hook(tmp_path):
+    order = []
+
+    class Tagged(Recorder):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def _rec(self, name, trainer):
+            order.append((name, self.tag))
+
+    cfg = TrainerConfig(max_epochs=1, batch_size=8, output_dir=str(tmp_path))
+    Regression(make_model(), cfg, train_data=make_data(8), callbacks=[Tagged("a"), Tagged("b"), Tagged("c")]).fit()
+    hooks = ["on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "on_epoch_end", "on_train_end"]
+    assert order == [(h, tag) for h in hooks for tag in "abc"]
 
 
 def test_epoch_logs_hold_train_val_and_lr(tmp_path):

@@ -5,26 +5,18 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
 from paperloop.callbacks import EarlyStopping, LambdaCallback
-from helpers import Recorder, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, weights
+from helpers import (Recorder, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, run_resume_worker,
+                     weights)
 from paperloop import CheckpointError
 
-WORKER = Path(__file__).with_name("resume_worker.py")
 _straight_cache = {}
-
-
-def run_worker(out, *args):
-    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return proc
+run_worker = run_resume_worker
 
 
 def straight(tmp_path_factory, accum=1):
@@ -60,7 +52,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, wh
 
 
 def test_sigkill_between_micro_batches_with_accumulation(tmp_path, tmp_path_factory):
-    proc = run_worker(tmp_path, "--accum", "2", "--hook", "on_batch_end", "--step", "10", "--micro-batch", "0")
+    # 2 micro-batches a step: call 21 is the second micro-batch of the 11th step, after the first's backward
+    proc = run_worker(tmp_path, "--accum", "2", "--kill-in-call", "21")
     assert proc.returncode == -9, proc.stderr[-2000:]
     resumed = make_resume_trainer(tmp_path, grad_accum_steps=2)
     resumed.fit(resume="latest")
@@ -72,7 +65,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.committed(folder)] == ["step-000006", "step-000003"]
-    assert len(list(folder.glob(".step-000006.1.tmp-*"))) == 1  # the torn epoch-end write, left aside
+    assert len(list(folder.glob(".step-000009.tmp-*"))) == 1  # the torn write, left aside
     resumed = make_resume_trainer(tmp_path)
     resumed.fit(resume="latest")
     assert_same_run(resumed, straight(tmp_path_factory))
@@ -213,10 +206,11 @@ def test_checkpoint_layout_and_pruning(tmp_path):
     _finished_run(tmp_path)
     folder = tmp_path / "checkpoints"
     kept = [p.name for p in ckpt.committed(folder)]
-    # every 3 steps and every epoch (6 steps), keep_last=3; the rest were removed after newer ones landed
-    assert kept == ["step-000024.1", "step-000024", "step-000021"]
+    # every 3 steps (checkpoint_every_steps), keep_last=3; the rest were removed after newer ones landed;
+    # the last one is the closed run, so save_last adds none
+    assert kept == ["step-000024", "step-000021", "step-000018"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(kept + [ckpt.INDEX])
-    files = {p.name for p in (folder / "step-000024.1").iterdir()}
+    files = {p.name for p in (folder / "step-000024").iterdir()}
     assert files == {ckpt.WEIGHTS, ckpt.STATE_JSON, ckpt.STATE_TENSORS, "config.yaml", ckpt.MANIFEST}
 
 
@@ -277,7 +271,7 @@ def test_resume_warns_about_callback_state_it_cannot_place(tmp_path, caplog):
     first.fit()
     with caplog.at_level(logging.WARNING):
         make_resume_trainer(tmp_path, max_epochs=2).fit(resume="latest")
-    assert "holds state for callback EarlyStopping, which is not attached" in caplog.text
+    assert "holds state for callback EarlyStopping[val/loss], which is not attached" in caplog.text
     assert "LambdaCallback" not in caplog.text  # stateless: nothing saved, nothing to warn about
 
 

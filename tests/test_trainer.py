@@ -35,18 +35,55 @@ def test_validate_averages_over_all_samples_not_batches(tmp_path):
     assert t.model.training
 
 
+def epoch_of(plan: EpochSampler) -> list:
+    steps = []
+    for step in plan.steps():
+        steps.append(step)
+        plan.advance()
+    return steps
+
+
 def test_data_order_is_seeded_and_independent_of_batch_size():
     perm = epoch_permutation(50, seed=3, epoch=1)
     assert torch.equal(perm, epoch_permutation(50, seed=3, epoch=1))
     assert not torch.equal(perm, epoch_permutation(50, seed=3, epoch=2))
     assert sorted(perm.tolist()) == list(range(50))
-    big = [torch.cat(mb) for mb, _ in EpochSampler(50, 8, seed=3).steps()]
-    small = [torch.cat(mb) for mb, _ in EpochSampler(50, 2, grad_accum_steps=4, seed=3).steps()]
+    big = [torch.cat(s.micro_batches) for s in epoch_of(EpochSampler(50, 8, seed=3))]
+    small = [torch.cat(s.micro_batches) for s in epoch_of(EpochSampler(50, 2, grad_accum_steps=4, seed=3))]
     assert all(torch.equal(a, b) for a, b in zip(big, small)) and len(big) == len(small) == 7
-    two_ranks = [EpochSampler(50, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
-    for (mb0, n0), (mb1, n1), whole in zip(two_ranks[0].steps(), two_ranks[1].steps(), big):
-        assert n0 == n1 == len(whole)
-        assert torch.equal(torch.cat(mb0 + mb1), whole)
+    two_ranks = [epoch_of(EpochSampler(50, 4, world_size=2, rank=r, seed=3)) for r in (0, 1)]
+    for s0, s1, whole in zip(*two_ranks, big):
+        assert s0.samples == s1.samples == len(whole)
+        assert torch.equal(torch.cat(s0.micro_batches + s1.micro_batches), whole)
+
+
+def test_a_plan_resumes_at_its_offset_and_refuses_another_shape():
+    plan = EpochSampler(50, 8, seed=3)
+    straight = epoch_of(EpochSampler(50, 8, seed=3))
+    for _ in range(3):
+        next(plan.steps())
+        plan.advance()
+    resumed = EpochSampler(50, 8, seed=3)
+    resumed.load_state_dict(plan.state_dict())
+    rest = epoch_of(resumed)
+    assert len(rest) == 4 and all(torch.equal(a.micro_batches[0], b.micro_batches[0]) for a, b in zip(rest, straight[3:]))
+    with pytest.raises(ValueError, match="seed 3, this run seed 4"):
+        EpochSampler(50, 8, seed=4).load_state_dict(plan.state_dict())
+    with pytest.raises(ValueError, match="7 steps, this run's 4"):
+        EpochSampler(50, 16, seed=3).load_state_dict(plan.state_dict())
+
+
+def test_step_weights_are_known_on_every_rank_without_communication():
+    w = torch.arange(12, dtype=torch.float64)
+    ranks = [EpochSampler(12, 2, grad_accum_steps=2, world_size=2, rank=r, shuffle=False, weights=w) for r in (0, 1)]
+    (s0, *_), (s1, *_) = epoch_of(ranks[0]), epoch_of(ranks[1])
+    assert s0.weight == s1.weight == 0 + 1 + 2 + 3 + 4 + 5 + 6 + 7  # samples 0..7, over both ranks
+    assert s0.micro_weights == (1.0, 5.0) and s1.micro_weights == (9.0, 13.0)
+    assert sum(s0.shares()) + sum(s1.shares()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape"):
+        EpochSampler(12, 2, weights=torch.ones(11))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        EpochSampler(12, 2, weights=torch.full((12,), float("nan")))
 
 
 def test_grad_accumulation_matches_the_large_batch(tmp_path):

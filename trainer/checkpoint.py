@@ -127,7 +127,8 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
         save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_weights expects
 
 
-def load_weights(model: torch.nn.Module, directory: Path) -> None:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights in `directory` (one safetensors file, or the shards its index names), by name."""
     index = directory / WEIGHTS_INDEX
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
     loaded: dict[str, torch.Tensor] = {}
@@ -136,17 +137,21 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
             loaded.update(load_file(str(directory / name)))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{directory / name}: not a valid safetensors file ({e})") from None
+    return loaded
+
+
+def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load `tensors` into `model`, or raise ValueError saying what does not fit. Tied weights are
+    stored once, so a missing key is fine when it shares memory with a loaded one."""
     try:
-        missing, unexpected = model.load_state_dict(loaded, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{directory / files[0]}: weights do not fit the model ({e})") from None
-    # Tied weights are stored once; a missing key is fine when it shares memory with a loaded one.
+        raise ValueError(f"weights do not fit the model ({e})") from None
     own = model.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in loaded if k in own}
+    loaded_ptrs = {own[k].data_ptr() for k in tensors if k in own}
     missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
     if missing or unexpected:
-        raise CheckpointError(f"{directory / files[0]}: weights do not fit the model "
-                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(f"weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,3 +273,31 @@ def find_latest(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
         except CheckpointError as e:
             skipped.append((path, str(e)))
     return None, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# A trainer's state dict <-> a checkpoint folder
+
+
+def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict) -> None:
+    """Write `state` (a trainer's `state_dict()`) as the checkpoint `path`, atomically.
+
+    The "model" component is written from `model` itself, so a `transformers` model goes through
+    `save_pretrained` and the folder loads with `from_pretrained`; everything else goes through the
+    JSON + safetensors codec. `record` is added to the folder's index entry."""
+    if path.exists():
+        raise FileExistsError(f"{path}: a checkpoint there exists already")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_dir(path)
+    save_weights(model, tmp)
+    save_state(tmp, {k: v for k, v in state.items() if k != "model"})
+    (tmp / "config.yaml").write_text(config_yaml)  # for people: never read back
+    commit(tmp, path, record)
+
+
+def read(path: Path) -> dict:
+    """The state dict a checkpoint holds, "model" included, after verifying every file."""
+    verify(path)
+    state = load_state(path)
+    state["model"] = read_weights(path)
+    return state

@@ -1,20 +1,44 @@
-"""Data order: which samples each optimizer step takes, as a pure function of (seed, epoch, position).
+"""Data plans: which samples each loop step takes, as a pure function of (seed, epoch, position).
 
-The epoch's order is a seeded permutation of sample indices that does not depend on the batch size,
-cut into optimizer steps of `batch_size * grad_accum_steps * world_size` samples; each step is split
-into one contiguous block per rank, and each block into micro-batches of `batch_size`. So
-`batch_size=8` and `batch_size=2, grad_accum_steps=4` (or two processes of 4) see the same samples
-in every optimizer step. Resuming at a position recomputes the permutation and starts at the saved
-offset: nothing before it is loaded or skipped, so the cost does not depend on the position.
+The default plan, `EpochSampler`, orders each epoch by a seeded permutation of sample indices that does
+not depend on the batch size, and cuts it into steps of `batch_size * grad_accum_steps * world_size`
+samples; each step is split into one contiguous block per rank, and each block into micro-batches of
+`batch_size`. So `batch_size=8` and `batch_size=2, grad_accum_steps=4` (or two processes of 4) see the
+same samples in every step.
+
+A sample may carry a weight known before its step runs (default 1; SFT: its trained tokens). A step
+tells each rank the weight of each of its micro-batches and the whole step's weight over every rank:
+every rank computes the same numbers from the same indices, so weighting the loss costs no
+communication. A plan's state is (seed, epoch, offset in steps): resuming recomputes the epoch's cut
+and starts at the offset, loading and skipping nothing before it.
+
+A new plan (e.g. steps filled by a token budget from known lengths) subclasses `EpochSampler` and
+overrides `epoch_steps` (how an epoch is cut into steps) and, if it must, `split` (how a step is cut
+into this rank's micro-batches).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
+
+
+@dataclass(frozen=True)
+class Step:
+    """One loop step, as this process sees it."""
+
+    micro_batches: tuple[torch.Tensor, ...]  # this process's sample indices, one (b,) tensor per micro-batch
+    micro_weights: tuple[float, ...]  # summed sample weight of each micro-batch
+    weight: float  # summed sample weight of the whole step, over every process
+    samples: int  # samples in the whole step, over every process
+
+    def shares(self) -> list[float]:
+        """Each micro-batch's part of the step's weight: the factor its mean loss is scaled by."""
+        return [w / self.weight for w in self.micro_weights]
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -28,7 +52,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = T
 
 
 def split_step(step_indices: torch.Tensor, batch_size: int, world_size: int, rank: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of one optimizer step: its contiguous block, cut into `batch_size`."""
+    """This rank's micro-batches of one step: its contiguous block, cut into `batch_size`."""
     block = torch.tensor_split(step_indices, world_size)[rank]
     return list(torch.split(block, batch_size))
 
@@ -36,40 +60,82 @@ def split_step(step_indices: torch.Tensor, batch_size: int, world_size: int, ran
 class EpochSampler:
     """The resumable data position (seed, epoch, offset) and the steps that remain in the epoch.
 
-    `offset` counts samples of the epoch already consumed by all ranks together; it advances as each
-    step is handed out, so a checkpoint written after the step resumes at the next one.
+    `offset` counts the epoch's steps already taken; the trainer advances it as soon as a step's update is
+    done, so a checkpoint written after the step resumes at the next one. `weights` is an optional (N,) tensor of
+    per-sample weights (default: every sample weighs 1).
     """
 
     def __init__(self, num_samples: int, batch_size: int, grad_accum_steps: int = 1, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: bool = True):
+                 rank: int = 0, seed: int = 0, shuffle: bool = True, weights: torch.Tensor | None = None):
         if num_samples < world_size:
             raise ValueError(f"train_data has {num_samples} samples, fewer than the {world_size} processes")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
+            if weights.shape != (num_samples,):
+                raise ValueError(f"sample weights: expected shape ({num_samples},), got {tuple(weights.shape)}")
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise ValueError("sample weights: every weight must be finite and >= 0")
         self.num_samples, self.world_size, self.rank = num_samples, world_size, rank
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.batch_size, self.seed, self.shuffle, self.weights = batch_size, seed, shuffle, weights
         self.samples_per_step = batch_size * grad_accum_steps * world_size
         self.epoch, self.offset = 0, 0
+        self._cut: tuple[int, list[torch.Tensor]] | None = None  # (epoch, its steps): computed once per epoch
+
+    def epoch_steps(self, epoch: int) -> list[torch.Tensor]:
+        """Every step of `epoch` as its sample indices over all ranks. A tail too small to give every
+        rank a sample is dropped."""
+        order = epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle)
+        steps = list(torch.split(order, self.samples_per_step))
+        return steps if len(steps[-1]) >= self.world_size else steps[:-1]
+
+    def split(self, step_indices: torch.Tensor) -> list[torch.Tensor]:
+        return split_step(step_indices, self.batch_size, self.world_size, self.rank)
 
     def steps_per_epoch(self) -> int:
         full, rest = divmod(self.num_samples, self.samples_per_step)
-        return full + (rest >= self.world_size)  # a tail too small to give every rank a sample is dropped
+        return full + (rest >= self.world_size)
 
-    def steps(self) -> Iterator[tuple[list[torch.Tensor], int]]:
-        """Yield (this rank's micro-batch index tensors, samples in the step over all ranks)."""
-        order = epoch_permutation(self.num_samples, self.seed, self.epoch, self.shuffle)
-        while self.num_samples - self.offset >= self.world_size:
-            step = order[self.offset: self.offset + self.samples_per_step]
-            self.offset += len(step)
-            yield split_step(step, self.batch_size, self.world_size, self.rank), len(step)
+    def _steps_of(self, epoch: int) -> list[torch.Tensor]:
+        if self._cut is None or self._cut[0] != epoch:
+            self._cut = (epoch, self.epoch_steps(epoch))
+        return self._cut[1]
+
+    def steps(self) -> Iterator[Step]:
+        """The steps that remain in the current epoch. The consumer calls `advance()` once it has taken a
+        step: a step abandoned before that (an exception) is handed out again."""
+        all_steps = self._steps_of(self.epoch)
+        while self.offset < len(all_steps):
+            yield self.make_step(all_steps[self.offset])
+
+    def advance(self) -> None:
+        self.offset += 1
+
+    def make_step(self, step_indices: torch.Tensor) -> Step:
+        micro_batches = tuple(self.split(step_indices))
+        if self.weights is None:
+            return Step(micro_batches, tuple(float(len(mb)) for mb in micro_batches), float(len(step_indices)),
+                        len(step_indices))
+        weight = float(self.weights[step_indices].sum())
+        if weight <= 0:
+            raise ValueError(f"a step of samples {step_indices.tolist()[:8]}... has total weight 0: nothing to train")
+        return Step(micro_batches, tuple(float(self.weights[mb].sum()) for mb in micro_batches), weight,
+                    len(step_indices))
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.offset = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset}
+        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset,
+                "steps_per_epoch": self.steps_per_epoch()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint data order used seed {state['seed']}, this run seed {self.seed}")
+            raise ValueError(f"data plan: the checkpoint's data order used seed {state['seed']}, this run "
+                             f"seed {self.seed}; resume with the same seed")
+        if state["steps_per_epoch"] != self.steps_per_epoch():
+            raise ValueError(f"data plan: the checkpoint's epochs have {state['steps_per_epoch']} steps, this "
+                             f"run's {self.steps_per_epoch()} (a changed dataset, batch size, accumulation or "
+                             "process count); resume with the same ones")
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 

@@ -7,23 +7,25 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
 # Where Accelerate's optimizer wrapper does nothing that the trainer needs.
 PLAIN_OPTIMIZER = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    mixed = {"32": "no", "bf16": "bf16"}[precision]
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
-        # Accelerate keeps one process-wide state and refuses a second precision; a process that
-        # builds trainers of both kinds (a sweep, the tests) resets it. The process group stays.
-        AcceleratorState._reset_state()
+def make_accelerator() -> Accelerator:
+    """The Accelerator for a trainer: devices, DDP (gloo on CPUs, NCCL on GPUs), process groups.
+
+    Mixed precision is not Accelerate's here: the trainer runs `torch.autocast` itself around the
+    forward. Accelerate keeps one process-wide state that refuses a second precision, so a process
+    that builds trainers of both kinds (a sweep, the tests) could otherwise only go on by resetting
+    Accelerate's private state; and an `accelerate launch --mixed_precision` must not silently
+    override the config's `precision`.
+    """
     # Accelerate runs several processes on CPUs (gloo) only when told cpu=True; without a GPU, a
     # torchrun/accelerate launch of several processes means exactly that.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu_processes)
+    accelerator = Accelerator(mixed_precision="no", cpu=cpu_processes)
     if accelerator.num_processes > 1:
         # A process group left to interpreter teardown can abort the process ("terminate called
         # without an active exception") after a run that succeeded; close it in order at exit.
@@ -41,8 +43,8 @@ def _destroy_process_group() -> None:
 
 
 def prepare_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer):
-    """The optimizer as the trainer should step it. Accelerate's wrapper does nothing for one process,
-    DDP or bf16, yet costs ~0.1 ms a step (it probes for an optional package in every step()): wrap
+    """The optimizer as the trainer should step it. Accelerate's wrapper does nothing for one process
+    or DDP, yet costs ~0.1 ms a step (it probes for an optional package in every step()): wrap
     only where it does work (DeepSpeed, FSDP, XLA)."""
     if accelerator.distributed_type in PLAIN_OPTIMIZER:
         return optimizer

@@ -1,4 +1,5 @@
-"""Capture and restore every random number generator a run draws from (python, numpy, torch CPU/CUDA)."""
+"""Capture and restore every random number generator a run draws from: python, numpy, torch CPU/CUDA, and
+any `torch.Generator` a trainer owns (e.g. the one its sampling draws from)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ import numpy as np
 import torch
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["generators"]
+    for name, generator in (generators or {}).items():
+        if name not in saved:
+            raise ValueError(f"rng: the checkpoint holds no state for the generator {name!r} "
+                             f"(it holds {sorted(saved)})")
+        generator.set_state(saved[name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,16 +11,21 @@ from typing import Optional
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs; also the index of the epoch in progress
-    global_step: int = 0  # optimizer steps taken
-    step_in_epoch: int = 0  # optimizer steps taken in the epoch in progress
+    global_step: int = 0  # loop steps taken: one hook cycle each, and the checkpoint boundary
+    step_in_epoch: int = 0  # loop steps taken in the epoch in progress
+    # Optimizer updates applied (a skipped non-finite update does not count). Supervised training makes one
+    # per step; a trainer that makes several per step (RL: a pass over minibatches) counts each here.
+    updates: int = 0
     train_loss_history: list[float] = field(default_factory=list)  # mean train loss per completed epoch
     val_history: list[dict] = field(default_factory=list)  # one dict per validation, with epoch and step
-    best_metric: Optional[float] = None  # the early-stopping monitor's best value so far
     should_stop: bool = False
     stop_reason: Optional[str] = None
     # A stop that a resume should undo (a signal, a time limit), as opposed to one that ends the run
     # (early stopping, a non-finite loss).
     stop_resumable: bool = False
+    # Names this run (a fresh fit draws one; a resume keeps the checkpoint's), so the run can tell the
+    # checkpoints it wrote from another run's in the same folder.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
