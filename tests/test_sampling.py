@@ -4,6 +4,8 @@ Checked against transformers' own greedy `generate`, a full no-grad forward (log
 probabilities (empirical token frequencies), and by hand (EOS stopping, padding, grouping).
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,10 +65,15 @@ def test_rows_are_grouped_by_prompt(model):
     assert grouped == [c for c in alone for _ in range(3)]
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.6)])
-def test_sampling_logprobs_match_a_full_forward(model, temperature, top_p):
+def test_sampling_logprobs_match_a_full_forward(model, temperature, top_p, dtype, tolerance):
     # log softmax(logits / T) of the chosen tokens, before top-p truncation, from one unpadded forward per row.
+    # In float64 the loop is exact (measured 0); in float32 the left-padded, batched, cached computation differs
+    # from one unpadded forward in the last bits (measured 2e-6 to 3e-6 here, up to 3e-5 on larger models).
+    model = copy.deepcopy(model).to(dtype)
     samples = _sample(model, num_samples=3, temperature=temperature, top_p=top_p, eos_token_id=[3, 4])
+    assert samples.logprobs_N_L.dtype == dtype
     worst = 0.0
     for row, completion in enumerate(samples.completions()):
         prompt = PROMPTS[row // 3]
@@ -74,8 +81,7 @@ def test_sampling_logprobs_match_a_full_forward(model, temperature, top_p):
             logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
         expected = torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(completion)[:, None])
         worst = max(worst, (expected[:, 0] - samples.logprobs_N_L[row, :len(completion)]).abs().max().item())
-    # measured: 0 to ~5e-7 (float32; the left-padded batched prefill vs one unpadded row)
-    assert worst < 1e-5
+    assert worst <= tolerance
 
 
 def test_eos_stops_rows_and_pads_after(model):
@@ -184,9 +190,10 @@ def test_model_mode_restored_and_results_usable_in_autograd(model):
     seen = []
     handle = model.register_forward_hook(lambda module, *_: seen.append(module.training))
     model.train()
+    model.model.layers[0].eval()  # a frozen part stays frozen
     try:
         samples = _sample(model)
-        assert model.training and all(m.training for m in model.modules())
+        assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     finally:
         model.eval()
         handle.remove()

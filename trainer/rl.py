@@ -31,6 +31,7 @@ weighted step, with w_b as each sample's weight.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -127,7 +128,7 @@ def _grouped(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"rewards_B must be a non-empty 1-D tensor, got shape {tuple(rewards_B.shape)}")
     if rewards_B.is_complex() or rewards_B.dtype == torch.bool:
         raise ValueError(f"rewards_B must be real numbers, got dtype {rewards_B.dtype}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
+    if not _is_int(group_size) or group_size < 2:
         raise ValueError(f"group_size must be an int >= 2 (a group of one has no baseline), got {group_size!r}")
     if rewards_B.numel() % group_size:
         raise ValueError(f"group_size={group_size} does not divide the batch of {rewards_B.numel()} rewards")
@@ -161,7 +162,7 @@ def _token_mean(mask_B_T: torch.Tensor, max_tokens: int | None) -> tuple[torch.T
 def _constant(mask_B_T: torch.Tensor, max_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dr. GRPO (Liu et al. 2025, §3.1): Σ_i Σ_t ℓ_it / (B · max_tokens) — a fixed normalizer independent of the
     lengths sampled, which removes GRPO's length bias (the paper divides by the generation budget)."""
-    if max_tokens is None or isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+    if not _is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int for aggregation='constant', got {max_tokens!r}")
     ones_B = torch.ones(mask_B_T.shape[0], dtype=mask_B_T.dtype, device=mask_B_T.device)
     return ones_B, ones_B * max_tokens
@@ -271,14 +272,22 @@ def _check_loss_inputs(logprobs_B_T, old_logprobs_B_T, advantages_B, mask_B_T, c
     if not isinstance(advantages_B, torch.Tensor) or tuple(advantages_B.shape) != shape[:1]:
         raise ValueError(f"advantages_B must have shape ({shape[0]},), got "
                          f"{getattr(advantages_B, 'shape', type(advantages_B))}")
-    if not (isinstance(clip_low, (int, float)) and 0 <= clip_low < 1):
+    if not (_is_real(clip_low) and 0 <= clip_low < 1):
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    if not (isinstance(clip_high, (int, float)) and clip_high >= 0 and math.isfinite(clip_high)):
+    if not (_is_real(clip_high) and 0 <= clip_high < math.inf):
         raise ValueError(f"clip_high must be a finite number >= 0, got {clip_high!r}")
-    if not (isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta)):
+    if not (_is_real(beta) and 0 <= beta < math.inf):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if beta > 0 and ref_logprobs_B_T is None:
         raise ValueError(f"beta={beta} needs ref_logprobs_B_T (the reference model's log-probs)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _lookup(registry: dict, name: str, argument: str):
