@@ -253,6 +253,28 @@ def test_micro_batches_recombined_by_weights_equal_the_full_batch(aggregation):
     torch.testing.assert_close(leaf.grad, full_grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("aggregation", AGGREGATION_NAMES)
+def test_garbage_on_untrained_positions_changes_nothing(aggregation):
+    # Padding may carry -inf log-probs (masked logits) or stale values; the loss, gradient and metrics ignore them.
+    logp, old, adv, mask, ref = _random_batch(seed=8)
+    entropy = torch.rand_like(logp)
+    dirty = [t.clone() for t in (logp, old, ref, entropy)]
+    for t, junk in zip(dirty, (-math.inf, math.inf, float("nan"), float("nan"))):
+        t[mask == 0] = junk
+    results = []
+    for lp, o, r, e in ((logp, old, ref, entropy), dirty):
+        leaf = lp.clone().requires_grad_(True)
+        loss, metrics = policy_loss(leaf, o, adv, mask, aggregation=aggregation, max_tokens=9,
+                                    ref_logprobs_B_T=r, beta=0.1, entropy_B_T=e)
+        loss.backward()
+        results.append((loss, leaf.grad * mask, metrics))
+    (clean_loss, clean_grad, clean_metrics), (loss, grad, metrics) = results
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(clean_loss.item(), rel=1e-12)
+    assert torch.equal(torch.isfinite(grad), torch.ones_like(grad, dtype=torch.bool))
+    torch.testing.assert_close(grad, clean_grad)
+    assert {k: v.item() for k, v in metrics.items()} == pytest.approx({k: v.item() for k, v in clean_metrics.items()})
+
+
 def test_aggregation_weights_hand_case():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
     assert aggregation_weights(mask, "sequence_mean").tolist() == [1, 1, 1]

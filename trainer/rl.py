@@ -192,7 +192,10 @@ def aggregation_weights(mask_B_T: torch.Tensor, aggregation: str = "sequence_mea
 def k3_kl(ref_logprobs_B_T: torch.Tensor, logprobs_B_T: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(π_θ || π_ref) per token, as in GRPO (Shao et al. 2024, eq. 4) and TRL:
     exp(ref - logp) - (ref - logp) - 1. Non-negative, unbiased for samples from π_θ, low variance."""
-    log_ratio_B_T = ref_logprobs_B_T - logprobs_B_T
+    return _k3(ref_logprobs_B_T - logprobs_B_T)
+
+
+def _k3(log_ratio_B_T: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio_B_T) - log_ratio_B_T - 1
 
 
@@ -219,13 +222,16 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
     aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
     mask_B_T = _as_mask(mask_B_T).to(logprobs_B_T.dtype)
 
+    # Untrained positions (prompt, padding) may hold anything, -inf included: they are replaced by a log-ratio of 0
+    # *before* exp, so that neither the loss (inf * 0) nor the gradient (0 * inf through exp) turns into NaN.
+    trained_B_T = mask_B_T != 0
     advantages_B_1 = advantages_B.detach().to(logprobs_B_T.dtype)[:, None]
-    ratio_B_T = torch.exp(logprobs_B_T - old_logprobs_B_T.detach())
+    ratio_B_T = torch.exp(torch.where(trained_B_T, logprobs_B_T - old_logprobs_B_T.detach(), 0.0))
     clipped_B_T = torch.clamp(ratio_B_T, 1 - clip_low, 1 + clip_high)
     loss_B_T = -torch.minimum(ratio_B_T * advantages_B_1, clipped_B_T * advantages_B_1)
     kl_B_T = None
     if ref_logprobs_B_T is not None:
-        kl_B_T = k3_kl(ref_logprobs_B_T.detach(), logprobs_B_T)
+        kl_B_T = _k3(torch.where(trained_B_T, ref_logprobs_B_T.detach() - logprobs_B_T, 0.0))
         if beta > 0:  # with beta = 0 the KL is only reported; 0 * inf would poison the loss with NaN
             loss_B_T = loss_B_T + beta * kl_B_T
 
@@ -248,7 +254,8 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
 
 
 def _masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    return (values_B_T.detach().to(mask_B_T.dtype) * mask_B_T).sum() / _nonzero(mask_B_T.sum())
+    values_B_T = torch.where(mask_B_T != 0, values_B_T.detach().to(mask_B_T.dtype), 0.0)
+    return (values_B_T * mask_B_T).sum() / _nonzero(mask_B_T.sum())
 
 
 def _as_mask(mask_B_T: torch.Tensor) -> torch.Tensor:
