@@ -253,14 +253,18 @@ def test_micro_batches_recombined_by_weights_equal_the_full_batch(aggregation):
     torch.testing.assert_close(leaf.grad, full_grad, rtol=1e-12, atol=1e-15)
 
 
+NAN, INF = float("nan"), math.inf
+
+
 @pytest.mark.parametrize("aggregation", AGGREGATION_NAMES)
-def test_garbage_on_untrained_positions_changes_nothing(aggregation):
+@pytest.mark.parametrize("junk", [(-INF, INF, NAN, NAN), (0.0, -INF, INF, INF), (NAN, -INF, -INF, NAN)])
+def test_garbage_on_untrained_positions_changes_nothing(aggregation, junk):
     # Padding may carry -inf log-probs (masked logits) or stale values; the loss, gradient and metrics ignore them.
     logp, old, adv, mask, ref = _random_batch(seed=8)
     entropy = torch.rand_like(logp)
     dirty = [t.clone() for t in (logp, old, ref, entropy)]
-    for t, junk in zip(dirty, (-math.inf, math.inf, float("nan"), float("nan"))):
-        t[mask == 0] = junk
+    for t, value in zip(dirty, junk):  # logprobs, old, ref, entropy
+        t[mask == 0] = value
     results = []
     for lp, o, r, e in ((logp, old, ref, entropy), dirty):
         leaf = lp.clone().requires_grad_(True)
