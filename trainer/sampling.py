@@ -146,8 +146,9 @@ class GrowingLayer(DynamicLayer):
     `DynamicLayer.update` copies all cached keys and values at each step (O(T²) copying over a generation, ~10% of
     the sampling time of a tiny model here). This layer keeps storage with room to spare, doubling it when full,
     and exposes the filled prefix as `keys`/`values` views, so every other cache method works unchanged. Methods
-    that replace `keys` (`batch_repeat_interleave`, `crop`, `reorder_cache`, ...) are noticed at the next update,
-    which then copies the new tensors into fresh storage.
+    that replace `keys` with new tensors (`batch_repeat_interleave`, `batch_select_indices`, `reorder_cache`) are
+    noticed at the next update, which copies them into fresh storage; `crop` leaves a shorter view of the same
+    storage, and the next update writes after it.
     """
 
     def __init__(self, **kwargs):
