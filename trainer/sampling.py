@@ -1,0 +1,260 @@
+"""Sample completions from a causal LM with a KV cache, drawing only from a `torch.Generator` the caller owns.
+
+    from paperloop.sampling import sample
+
+    generator = torch.Generator().manual_seed(0)          # the trainer owns it and checkpoints its state
+    samples = sample(model, [[5, 6, 7], [8, 9]], num_samples=4, max_new_tokens=16, generator=generator,
+                     temperature=1.0, top_p=1.0, eos_token_id=2, pad_token_id=0)
+    samples.tokens_N_L, samples.logprobs_N_L, samples.lengths_N   # rows grouped: prompt i is rows i*G .. i*G+G-1
+
+Why not `model.generate`: it samples from the global torch RNG and takes no generator, so a run resumed from a
+checkpoint could not draw the same completions as the uninterrupted run. Here every random number comes from
+`generator`, the global RNG is never touched, and the same generator state gives the same samples.
+
+The loop: left-pad the prompts (attention mask and explicit position ids), prefill each prompt once, repeat its
+KV cache G times (cheaper than prefilling G copies; see `benchmarks/sampling.py`), then one token per step for
+all rows until every row has emitted EOS or `max_new_tokens` is reached. Rows that have finished keep running
+with padding (dropping them would reallocate the cache for little gain at RL lengths) and are masked out.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["Samples", "sample", "draw", "top_p_filter", "left_pad", "GrowingLayer", "growing_cache"]
+
+# How often (in tokens) the loop asks whether every row has finished: on an accelerator the check is a host sync.
+FINISHED_CHECK_EVERY = 4
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Completions for N = len(prompts) * group_size rows; prompt i's samples are rows i*G .. i*G+G-1.
+
+    tokens_N_L: completion ids through and including EOS where a row stopped there, right-padded with the pad id.
+    logprobs_N_L: log-prob of each chosen token under the temperature-scaled distribution, log softmax(logits / T),
+        taken before top-p truncation (see `sample`); 0 on padding.
+    lengths_N: number of completion tokens per row (EOS included).
+    stopped_N: True where the row ended with EOS, False where it ran out of `max_new_tokens`.
+    """
+
+    tokens_N_L: torch.Tensor
+    logprobs_N_L: torch.Tensor
+    lengths_N: torch.Tensor
+    stopped_N: torch.Tensor
+    group_size: int
+
+    def __len__(self) -> int:
+        return self.tokens_N_L.shape[0]
+
+    @property
+    def mask_N_L(self) -> torch.Tensor:
+        """(N, L) bool: True on completion tokens, False on padding."""
+        return torch.arange(self.tokens_N_L.shape[1], device=self.lengths_N.device) < self.lengths_N[:, None]
+
+    def completions(self) -> list[list[int]]:
+        """Each row's completion ids as a python list (one host transfer for the whole batch)."""
+        return [row[:n] for row, n in zip(self.tokens_N_L.tolist(), self.lengths_N.tolist())]
+
+
+def sample(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *, generator: torch.Generator,
+           temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | Sequence[int],
+           pad_token_id: int) -> Samples:
+    """Draw `num_samples` completions for each prompt (lists of token ids) from `model`, a transformers causal LM.
+
+    temperature > 0 samples from softmax(logits / temperature), truncated to the smallest set of tokens whose
+    probability reaches `top_p` (nucleus sampling) when top_p < 1; temperature == 0 is greedy (argmax).
+
+    The log-probs returned are those of the chosen tokens under log softmax(logits / temperature) — the
+    temperature-scaled distribution *before* top-p truncation. That is the distribution a training forward
+    computes (it scales by the temperature and truncates nothing), so these numbers are the behaviour policy's
+    log-probs in the same terms as the policy being optimized; the truncated distribution would differ from it by
+    the log of the kept mass on every token and is not differentiable in which tokens are kept. Greedy decoding
+    has no sampling distribution (the limit is log 1 = 0), so it returns log softmax(logits), the untempered
+    model's log-probs, useful for scoring evaluations.
+
+    Runs under inference mode with the model in eval mode (each module's training flag is restored afterwards)
+    and a fresh KV cache, whatever `model.config.use_cache` says. Only `generator` is drawn from; it must live on
+    the model's device. Pass the unwrapped model (not a DDP wrapper): sampling needs no gradient synchronization.
+    """
+    eos_ids = _check_sample_args(prompts, num_samples, max_new_tokens, temperature, top_p, eos_token_id,
+                                 pad_token_id)
+    device = next(model.parameters()).device
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the model on {device}: they must match")
+    # eval() walks every module: skip it (and the restore) for a model already in eval mode
+    modes = {module: module.training for module in model.modules()} if model.training else {}
+    model.eval()
+    try:
+        # inference_mode skips autograd's bookkeeping (~7% faster than no_grad here); the results are copied out
+        # of it so that callers may use them in autograd graphs.
+        with torch.inference_mode():
+            raw = _sample_loop(model, prompts, num_samples, max_new_tokens, generator, temperature, top_p,
+                               torch.tensor(eos_ids, device=device), pad_token_id, device)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=num_samples)
+
+
+def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperature, top_p, eos_E, pad_id,
+                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_ids_P_S, attention_P_S = left_pad(prompts, pad_id, device)
+    positions_P_S = (attention_P_S.cumsum(dim=1) - 1).clamp(min=0)
+    cache = growing_cache(model.config)
+    logits_P_V = model(input_ids=input_ids_P_S, attention_mask=attention_P_S, position_ids=positions_P_S,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    # Each prompt's G samples share its prefill: repeat the cache, the last logits and the mask per row.
+    cache.batch_repeat_interleave(group_size)
+    logits_N_V = logits_P_V.repeat_interleave(group_size, dim=0)
+    n_rows, prompt_len = logits_N_V.shape[0], input_ids_P_S.shape[1]
+    # The mask for the whole run, allocated once; step t attends to its first prompt_len + t + 1 columns.
+    attention_N_S = torch.ones(n_rows, prompt_len + max_new_tokens, dtype=attention_P_S.dtype, device=device)
+    attention_N_S[:, :prompt_len] = attention_P_S.repeat_interleave(group_size, dim=0)
+    next_position_N_1 = positions_P_S[:, -1:].repeat_interleave(group_size, dim=0) + 1
+
+    tokens_N_L = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    # log-probs in float32 at least (bf16 logits are upcast), float64 for a float64 model
+    logprobs_N_L = torch.zeros(n_rows, max_new_tokens, dtype=_score_dtype(logits_N_V), device=device)
+    lengths_N = torch.zeros(n_rows, dtype=torch.long, device=device)
+    finished_N = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token_N, logprob_N = draw(logits_N_V, generator, temperature, top_p)
+        tokens_N_L[:, t] = token_N.masked_fill(finished_N, pad_id)
+        logprobs_N_L[:, t] = logprob_N.masked_fill(finished_N, 0.0)
+        lengths_N += ~finished_N
+        finished_N |= torch.isin(token_N, eos_E)
+        if t + 1 == max_new_tokens or ((t + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished_N.all())):
+            break
+        logits_N_V = model(input_ids=tokens_N_L[:, t:t + 1], attention_mask=attention_N_S[:, :prompt_len + t + 1],
+                           position_ids=next_position_N_1 + t, past_key_values=cache, use_cache=True).logits[:, -1]
+    width = int(lengths_N.max())  # columns after the last row stopped are all padding
+    return tokens_N_L[:, :width], logprobs_N_L[:, :width], lengths_N, finished_N
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into spare capacity instead of `torch.cat`-ing the whole cache every token.
+
+    `DynamicLayer.update` copies all cached keys and values at each step (O(T²) copying over a generation, ~10% of
+    the sampling time of a tiny model here). This layer keeps storage with room to spare, doubling it when full,
+    and exposes the filled prefix as `keys`/`values` views, so every other cache method works unchanged. Methods
+    that replace `keys` with new tensors (`batch_repeat_interleave`, `batch_select_indices`, `reorder_cache`) are
+    noticed at the next update, which copies them into fresh storage; `crop` leaves a shorter view of the same
+    storage, and the next update writes after it.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._storage = None  # (keys, values) with room along the sequence dimension, or None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.get_seq_length() == 0:
+            self._storage = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        stale = self._storage is None or self.keys.data_ptr() != self._storage[0].data_ptr() \
+            or self.keys.shape[:-2] != self._storage[0].shape[:-2]
+        if stale or length + new > self._storage[0].shape[-2]:
+            self._storage = tuple(self._reserve(cached, 2 * (length + new)) for cached in (self.keys, self.values))
+        keys, values = self._storage
+        keys[..., length:length + new, :] = key_states
+        values[..., length:length + new, :] = value_states
+        self.keys, self.values = keys[..., :length + new, :], values[..., :length + new, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _reserve(cached: torch.Tensor, capacity: int) -> torch.Tensor:
+        storage = cached.new_empty(*cached.shape[:-2], capacity, cached.shape[-1])
+        storage[..., :cached.shape[-2], :] = cached
+        return storage
+
+
+def growing_cache(config) -> DynamicCache:
+    """`DynamicCache(config=config)` with its plain full-attention layers replaced by `GrowingLayer`s; sliding-window
+    and other special layers are kept as transformers builds them."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if cache.layer_class_to_replicate is DynamicLayer:  # layers created lazily
+        cache.layer_class_to_replicate = GrowingLayer
+    return cache
+
+
+def draw(logits_N_V: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
+         top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from logits (N, V): (token_N, logprob_N), with the log-probs described in `sample`."""
+    if temperature == 0:
+        logprobs_N_V = torch.log_softmax(logits_N_V.to(_score_dtype(logits_N_V)), dim=-1)
+        token_N = logprobs_N_V.argmax(dim=-1)
+    else:
+        logprobs_N_V = torch.log_softmax(logits_N_V.to(_score_dtype(logits_N_V)) / temperature, dim=-1)
+        probs_N_V = logprobs_N_V.exp()
+        if top_p < 1.0:
+            probs_N_V = top_p_filter(probs_N_V, top_p)
+        token_N = torch.multinomial(probs_N_V, 1, generator=generator).squeeze(1)
+    return token_N, logprobs_N_V.gather(1, token_N[:, None]).squeeze(1)
+
+
+def _score_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def top_p_filter(probs_N_V: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest most-probable set whose mass reaches `top_p` (Holtzman et al. 2020).
+
+    The most probable token is always kept. The result is unnormalized; `torch.multinomial` normalizes.
+    """
+    sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
+    mass_before_N_V = sorted_N_V.cumsum(dim=-1) - sorted_N_V  # mass of the strictly more probable tokens
+    sorted_N_V = sorted_N_V.masked_fill(mass_before_N_V >= top_p, 0.0)
+    return torch.zeros_like(probs_N_V).scatter_(-1, order_N_V, sorted_N_V)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as (P, S) ids and a (P, S) attention mask, padded on the left so that every
+    row's next token goes in the same column."""
+    width = max(len(p) for p in prompts)
+    ids_P_S = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_P_S = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids_P_S[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_P_S[i, width - len(prompt):] = 1
+    return ids_P_S.to(device), attention_P_S.to(device)
+
+
+def _check_sample_args(prompts, num_samples, max_new_tokens, temperature, top_p, eos_token_id,
+                       pad_token_id) -> list[int]:
+    def is_int(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    def is_real(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0 \
+                or not all(is_int(tok) and tok >= 0 for tok in prompt):
+            raise ValueError(f"prompts[{i}] must be a non-empty list of non-negative token ids, got {prompt!r:.80}")
+    if not is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not is_real(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    eos_ids = [eos_token_id] if is_int(eos_token_id) else eos_token_id
+    if not isinstance(eos_ids, Sequence) or isinstance(eos_ids, (str, bytes)) or not eos_ids \
+            or not all(is_int(tok) and tok >= 0 for tok in eos_ids):
+        raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
+    if not is_int(pad_token_id) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id must be a non-negative token id, got {pad_token_id!r}")
+    return [int(tok) for tok in eos_ids]
