@@ -1,0 +1,139 @@
+"""Per-token log-probs and the SFT loss (paperloop.losses) against naive references, and the packing proof:
+each example's loss is the same packed and padded with a model's default config (`use_cache=True`)."""
+
+import pytest
+import torch
+
+import paperloop.losses as losses
+from paperloop.lm_data import pack_batch, pad_batch, tokenize_examples
+from paperloop.losses import cross_entropy, forward_logprobs, token_logprobs
+from paperloop.models import tiny_causal_lm, word_level_tokenizer
+
+
+def naive_logprobs(logits_B_T_V, target_tokens_B_T):
+    return torch.log_softmax(logits_B_T_V.double(), dim=-1).gather(-1, target_tokens_B_T[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 7])  # one chunk; one row (V = 7) at a time
+def test_token_logprobs_and_gradient_match_log_softmax(monkeypatch, chunk_elements):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 7, generator=g)).requires_grad_()
+    targets = torch.randint(0, 7, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g)
+    ours = token_logprobs(logits, targets)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), naive_logprobs(logits, targets), rtol=0, atol=1e-6)
+    (grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    (expected,) = torch.autograd.grad((naive_logprobs(logits, targets) * upstream).sum(), logits)
+    torch.testing.assert_close(grad.double(), expected.double(), rtol=0, atol=1e-6)
+
+
+def test_token_logprobs_gradcheck_in_float64(monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 5, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, targets), (logits,))
+
+
+def test_token_logprobs_of_bfloat16_logits_are_float32():
+    logits = (4 * torch.randn(2, 6, 50)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 50, (2, 6))
+    ours = token_logprobs(logits, targets)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), naive_logprobs(logits.float(), targets), rtol=0, atol=1e-5)
+    ours.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+
+
+def test_cross_entropy_is_the_weighted_mean_of_a_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    logprobs = -torch.rand(3, 4, generator=g)
+    weights = torch.tensor([[0, 1, 1, 0], [2, 0.5, 0, 0], [0, 0, 0, 0]])
+    total, weight = 0.0, 0.0
+    for b in range(3):
+        for t in range(4):
+            total += -logprobs[b, t].item() * weights[b, t].item()
+            weight += weights[b, t].item()
+    assert cross_entropy(logprobs, {"weights": weights}).item() == pytest.approx(total / weight, rel=1e-6)
+    empty = cross_entropy(logprobs, {"weights": torch.zeros(3, 4)})
+    assert empty.item() == 0.0
+
+
+def test_micro_batch_means_scaled_by_weight_share_give_the_step_mean():
+    """The engine's weighted step: Σ over micro-batches of mean_k * W_k / W equals the mean over the step."""
+    g = torch.Generator().manual_seed(2)
+    logprobs = -torch.rand(6, 5, generator=g)
+    weights = (torch.rand(6, 5, generator=g) > 0.4).float()
+    step = cross_entropy(logprobs, {"weights": weights})
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    scaled = sum(cross_entropy(logprobs[p], {"weights": weights[p]}) * weights[p].sum() / weights.sum()
+                 for p in parts)
+    torch.testing.assert_close(scaled, step)
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+@pytest.fixture(scope="module")
+def packing_setup():
+    tok = word_level_tokenizer(list("abcdefgh+=0123456789"))
+    g = torch.Generator().manual_seed(3)
+    words = list("abcdefgh+=0123456789")
+    examples = []
+    for i in range(7):
+        n = int(torch.randint(3, 14, (1,), generator=g))
+        text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=g))
+        examples.append({"prompt": text, "completion": " " + words[i]} if i % 2 else {"text": text})
+    kept, _ = tokenize_examples(examples, tok, max_length=32)
+    return tok, kept
+
+
+def per_example_losses(logprobs_B_T, batch):
+    """Each example's mean loss, found by walking the rows: a new example starts where position_ids is 0."""
+    out = []
+    for row in range(batch["position_ids"].shape[0]):
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+        for a, b in zip(starts, starts[1:]):
+            if batch["weights"][row, a:b].sum() > 0:  # a padded tail is its own block with weight 0
+                out.append(cross_entropy(logprobs_B_T[row:row + 1, a:b],
+                                         {"weights": batch["weights"][row:row + 1, a:b]}))
+    return torch.stack(out)
+
+
+def _in_packed_order(examples, row_len):
+    from paperloop.lm_data import pack_rows
+    return [examples[i] for row in pack_rows([len(e) for e in examples], row_len) for i in row]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_each_example_has_the_same_loss_packed_and_padded_with_the_default_config(packing_setup, attn):
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2, attn_implementation=attn)
+    assert model.config.use_cache  # the default that makes transformers skip the packed-sequence mask
+    packed = pack_batch(examples, row_len=40, pad_id=tok.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(examples)  # rows really hold several examples
+    padded = pad_batch(_in_packed_order(examples, 40), pad_id=tok.pad_token_id)
+    loss_packed = per_example_losses(forward_logprobs(model, packed), packed)
+    loss_padded = per_example_losses(forward_logprobs(model, padded), padded)
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    (grad_packed,) = torch.autograd.grad(loss_packed.sum(), model.model.embed_tokens.weight)
+    (grad_padded,) = torch.autograd.grad(loss_padded.sum(), model.model.embed_tokens.weight)
+    torch.testing.assert_close(grad_packed, grad_padded, rtol=0, atol=1e-5)
+
+
+def test_the_same_comparison_catches_the_leak_when_use_cache_is_left_to_the_config(packing_setup):
+    """What `forward_logprobs` guards against: with the config's use_cache=True and no explicit False,
+    transformers ignores the example boundaries in position_ids and packed examples attend to each other."""
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
+
+    def leaky_logprobs(batch):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        return token_logprobs(logits, batch["target_tokens"])
+
+    packed = pack_batch(examples, row_len=40, pad_id=tok.pad_token_id)
+    padded = pad_batch(_in_packed_order(examples, 40), pad_id=tok.pad_token_id)
+    gap = (per_example_losses(leaky_logprobs(packed), packed)
+           - per_example_losses(leaky_logprobs(padded), padded)).abs()
+    assert gap.max() > 1e-3  # the packed-vs-padded check above would fail
+    assert gap[0] < 1e-5  # a row's first example sees nothing before it: only later ones leak

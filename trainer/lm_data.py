@@ -1,0 +1,327 @@
+"""Language-model data: examples -> tokens with a loss mask -> padded or packed batches. Pure functions.
+
+Three example shapes (other keys, e.g. an "id" or an "answer" for `eval_fn`, are carried along unread):
+
+    {"prompt": "2 + 2 =", "completion": " 4"}     text = prompt + completion exactly (put the space yourself);
+                                                   the completion and an appended EOS are trained
+    {"messages": [{"role": ..., "content": ...}]}  rendered with the tokenizer's chat template; each assistant
+                                                   turn's content and its end-of-turn marker are trained
+    {"text": "..."}                                 everything after the first token, and an appended EOS
+
+A token sequence s with per-token mask m (L tokens) becomes one `TokenizedExample` of L - 1 positions:
+input s[:-1], target s[1:], weights m[1:]. Batches have DESIGN's shape, shared with the RL trainer:
+
+    input_ids      (B, T) long   tokens the model reads
+    target_tokens  (B, T) long   the token each position predicts (padding: pad_id)
+    weights        (B, T) float  per-token loss weight (0 on prompts and padding)
+    position_ids   (B, T) long   0, 1, ... restarting at each example of a packed row
+
+The loss mask comes from character spans mapped to tokens with the tokenizer's offsets: a token that overlaps
+a trained span is trained, so a token straddling the prompt/completion boundary is trained (the model must
+produce it to produce the completion). A BOS that the tokenizer adds is position 0 and never a target.
+
+    examples = load_examples("train.jsonl")
+    tokenized, skipped = tokenize_examples(examples, tokenizer, max_length=64)
+    print(show_mask(tokenized[0], tokenizer))          # <bos>2 + 2 =[[ 4<eos>]]
+    batch = pack_batch(tokenized[:16], row_len=256, pad_id=tokenizer.pad_token_id)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SHAPES = {"prompt_completion": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example as model positions: `input_ids[i]` predicts `target_tokens[i]` with weight `weights[i]`."""
+
+    index: int                   # position in the source: names the example in skips and errors
+    input_ids: torch.Tensor      # (L,) long
+    target_tokens: torch.Tensor  # (L,) long: input shifted left by one
+    weights: torch.Tensor        # (L,) float32
+    truncated: int = 0           # tokens cut from the end to fit max_length
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> float:
+        """The example's weight in a step: the sum of its token weights (its trained tokens for 0/1 masks)."""
+        return float(self.weights.sum())
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_examples(source) -> Sequence[Mapping]:
+    """A list of example dicts, any map-style sequence of them (`len` and indexing: a `datasets.Dataset`, a
+    torch map-style dataset), or a path to a JSONL file with one JSON object per line (blank lines skipped)."""
+    if isinstance(source, (str, os.PathLike)):
+        return _read_jsonl(Path(source))
+    if isinstance(source, Mapping) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise TypeError(f"examples: expected a list of dicts, a map-style dataset or a JSONL path, "
+                        f"got {type(source).__name__}")
+    return source
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(example, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(example).__name__}")
+            examples.append(example)
+    return examples
+
+
+# ----------------------------------------------------------------------------------------- tokenization
+
+def tokenize_examples(examples, tokenizer, max_length: int, train_prompt: bool = False
+                      ) -> tuple[list[TokenizedExample], list[tuple[int, str]]]:
+    """Tokenize and mask every example; returns (kept examples, skipped as (index, reason)).
+
+    `examples`: anything `load_examples` takes. `max_length`: the most positions (tokens the model reads) one
+    example keeps; a longer one keeps its start and counts the cut in `truncated`. An example left with no
+    trained token is skipped, never kept as a zero-weight row. A malformed example raises `ValueError`
+    naming its index. `train_prompt=True` trains prompt tokens of prompt/completion examples too.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: the loss mask needs its offsets")
+    examples = load_examples(examples)
+    kept, skipped = [], []
+    for index in range(len(examples)):
+        example = tokenize_example(examples[index], tokenizer, max_length, train_prompt, index)
+        if example.num_trained > 0:
+            kept.append(example)
+        else:
+            cut = f" after truncation to max_length={max_length} (cut {example.truncated} tokens)"
+            skipped.append((index, "no trained tokens" + (cut if example.truncated else "")))
+    return kept, skipped
+
+
+def tokenize_example(example, tokenizer, max_length: int, train_prompt: bool = False,
+                     index: int = 0) -> TokenizedExample:
+    """One example -> a `TokenizedExample` (possibly with no trained token: `tokenize_examples` skips those)."""
+    shape = example_shape(example, index)
+    if shape == "chat":
+        text, spans = chat_spans(example["messages"], tokenizer, index)
+        ids, mask = _encode(tokenizer, text, spans, add_special_tokens=False)
+    else:
+        text = example["prompt"] + example["completion"] if shape == "prompt_completion" else example["text"]
+        start = len(example["prompt"]) if shape == "prompt_completion" and not train_prompt else 0
+        ids, mask = _encode(tokenizer, text, [(start, len(text))], add_special_tokens=True)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"example {index}: the tokenizer has no eos_token to end the {shape} with")
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids, mask = ids + [tokenizer.eos_token_id], mask + [True]
+        mask[-1] = True  # EOS is trained, also when the post-processor or the text itself put it there
+    truncated = max(0, len(ids) - (max_length + 1))
+    ids, mask = ids[:max_length + 1], mask[:max_length + 1]
+    ids_L1 = torch.tensor(ids, dtype=torch.long)  # (L + 1,)
+    return TokenizedExample(index, ids_L1[:-1], ids_L1[1:], torch.tensor(mask[1:], dtype=torch.float32),
+                            truncated)
+
+
+def example_shape(example, index: int) -> str:
+    """Which of the three shapes `example` is ("prompt_completion", "chat", "text"); ValueError if none."""
+    if not isinstance(example, Mapping):
+        raise ValueError(f"example {index}: expected a dict, got {type(example).__name__}")
+    present = [name for name, keys in SHAPES.items() if any(k in example for k in keys)]
+    if not present:
+        raise ValueError(f"example {index}: needs 'prompt' and 'completion', 'messages', or 'text'; "
+                         f"it has {sorted(example)}")
+    if len(present) > 1:
+        keys = sorted(k for name in present for k in SHAPES[name] if k in example)
+        raise ValueError(f"example {index}: mixes shapes (keys {keys}); give exactly one of them")
+    shape = present[0]
+    for key in SHAPES[shape]:
+        if key not in example:
+            raise ValueError(f"example {index}: has {', '.join(repr(k) for k in SHAPES[shape] if k != key)} "
+                             f"but no {key!r}")
+    if shape == "chat":
+        _check_messages(example["messages"], index)
+        return shape
+    for key in SHAPES[shape]:
+        if not isinstance(example[key], str):
+            raise ValueError(f"example {index}: {key!r} must be a string, got {type(example[key]).__name__}")
+    last = SHAPES[shape][-1]
+    if not example[last]:
+        raise ValueError(f"example {index}: empty {last!r}: nothing to train on")
+    return shape
+
+
+def _check_messages(messages, index: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"example {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
+    for turn, message in enumerate(messages):
+        where = f"example {index}, message {turn}"
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {message!r:.80}")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: unknown role {message['role']!r} (expected one of {ROLES})")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"{where}: 'content' must be a string, got {type(message['content']).__name__}")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"example {index}: a chat with no assistant turn has nothing to train on")
+
+
+def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The chat rendered as text, and each assistant turn's trained character span in it.
+
+    A turn's span runs from where its content starts (the end of the conversation before it rendered with
+    `add_generation_prompt=True`) to the end of the conversation up to and including it, so the template's
+    end-of-turn marker is trained. transformers' `return_assistant_tokens_mask` is not used: it needs
+    `{% generation %}` tags in the template and silently returns all zeros without them.
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError(f"example {index}: a chat example needs a tokenizer with a chat_template")
+    full = _render(tokenizer, messages, False, index)
+    spans = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:turn], True, index)
+        through = _render(tokenizer, messages[:turn + 1], False, index)
+        for prefix in (before, through):
+            if not full.startswith(prefix):
+                raise ValueError(
+                    f"example {index}: the chat template does not render the conversation up to message "
+                    f"{turn} as a prefix of the whole (it rewrites earlier turns), so assistant spans cannot "
+                    f"be located; prefix ends {prefix[-60:]!r}")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, index: int) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template's raise_exception (e.g. roles must alternate) or a Jinja error
+        raise ValueError(f"example {index}: the chat template failed: {e}") from e
+
+
+def _encode(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool
+            ) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and whether each token overlaps a span; tokens the post-processor added (BOS)
+    are never trained."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    mask = [source is not None and any(_overlaps(start, end, a, b) for a, b in spans)
+            for source, (start, end) in zip(enc.sequence_ids(), enc["offset_mapping"])]
+    return list(enc["input_ids"]), mask
+
+
+def _overlaps(start: int, end: int, a: int, b: int) -> bool:
+    # A token with an empty offset range (some tokenizers trim a space-only token to nothing) counts as
+    # lying at its start.
+    return start < b and (end > a or start == end >= a)
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+def pad_batch(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One example per row, right-padded to the longest: padding has weight 0 and, being after every real
+    token, is never attended to by one under the causal mask (no attention mask needed)."""
+    if not examples:
+        raise ValueError("pad_batch needs at least one example")
+    T = max(len(example) for example in examples)
+    batch = _empty_batch(len(examples), T, pad_id)
+    for row, example in enumerate(examples):
+        _place(batch, row, 0, example)
+    batch["position_ids"][:] = torch.arange(T)
+    return batch
+
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Which examples share each row: first fit in the given order (each example, whole, goes into the
+    first row with room; a new row when none has). Rows in order of creation, examples in given order."""
+    rows, free = [], []
+    for i, length in enumerate(lengths):
+        if length > row_len:
+            raise ValueError(f"example {i} has {length} positions, more than row_len={row_len}")
+        row = next((r for r, room in enumerate(free) if room >= length), None)
+        if row is None:
+            row = len(rows)
+            rows.append([])
+            free.append(row_len)
+        rows[row].append(i)
+        free[row] -= length
+    return rows
+
+
+def pack_batch(examples: Sequence[TokenizedExample], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Several examples per row of exactly `row_len` positions, `position_ids` restarting at 0 for each.
+
+    Targets never cross examples (each example brings its own). Attention stays inside an example only if
+    the model builds a block-diagonal mask from `position_ids`: see `losses.forward_logprobs`. A row's
+    padded tail is its own block (positions 0, 1, ...) with weight 0.
+    """
+    for example in examples:
+        if len(example) > row_len:
+            raise ValueError(f"example {example.index} has {len(example)} positions, more than "
+                             f"row_len={row_len}: raise row_len or lower max_length")
+    rows = pack_rows([len(example) for example in examples], row_len)
+    batch = _empty_batch(len(rows), row_len, pad_id)
+    for row, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            _place(batch, row, offset, examples[i])
+            offset += len(examples[i])
+        batch["position_ids"][row, offset:] = torch.arange(row_len - offset)
+    return batch
+
+
+def _empty_batch(B: int, T: int, pad_id: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+            "target_tokens": torch.full((B, T), pad_id, dtype=torch.long),
+            "weights": torch.zeros(B, T, dtype=torch.float32),
+            "position_ids": torch.zeros(B, T, dtype=torch.long)}
+
+
+def _place(batch: dict[str, torch.Tensor], row: int, offset: int, example: TokenizedExample) -> None:
+    span = slice(offset, offset + len(example))
+    batch["input_ids"][row, span] = example.input_ids
+    batch["target_tokens"][row, span] = example.target_tokens
+    batch["weights"][row, span] = example.weights
+    batch["position_ids"][row, span] = torch.arange(len(example))
+
+
+def padding_fraction(lengths: Sequence[int], batch: dict[str, torch.Tensor]) -> float:
+    """Padding positions / all positions of a batch built from examples of these lengths (0: no waste)."""
+    return 1.0 - sum(lengths) / batch["input_ids"].numel()
+
+
+# ------------------------------------------------------------------------------------------- display
+
+def show_mask(example: TokenizedExample, tokenizer) -> str:
+    """The example's tokens decoded, trained ones inside `[[...]]`: `<bos>2 + 2 =[[ 4<eos>]]`."""
+    ids = [*example.input_ids.tolist(), int(example.target_tokens[-1])] if len(example) else []
+    trained = [False, *(example.weights > 0).tolist()]  # token 0 is never a target
+    pieces, previous = [], ""
+    for j in range(len(ids)):
+        # Decode growing prefixes so each piece keeps the spacing the decoder puts between tokens.
+        text = tokenizer.decode(ids[:j + 1], skip_special_tokens=False)
+        pieces.append(text[len(previous):] if text.startswith(previous) else
+                      tokenizer.decode(ids[j:j + 1], skip_special_tokens=False))
+        previous = text
+    out, inside = [], False
+    for piece, train in zip(pieces, trained):
+        if train != inside:
+            out.append("[[" if train else "]]")
+            inside = train
+        out.append(piece)
+    return "".join(out) + ("]]" if inside else "")

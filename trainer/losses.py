@@ -1,0 +1,89 @@
+"""Per-token log-probabilities and the losses built on them: pure functions of (logprobs, batch).
+
+    logprobs_B_T = forward_logprobs(model, batch)       # batch: lm_data's input_ids/target_tokens/weights/position_ids
+    loss = cross_entropy(logprobs_B_T, batch)           # mean over the batch's trained tokens
+
+Losses are chosen by name from `LOSSES`; the RL trainer adds its policy losses there with the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# Rows of logits turned into float32 at a time: bounds the temporary float32 copy to CHUNK_ELEMENTS values
+# (64 MiB) however large B * T * V is.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def token_logprobs(logits_B_T_V: torch.Tensor, target_tokens_B_T: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position, in float32 for half-precision logits. (B, T)
+
+    Memory: for backward it keeps only the logits themselves and a (B, T) log-normalizer, recomputing the
+    softmax there, and it converts at most CHUNK_ELEMENTS logits to float32 at a time. A plain
+    `log_softmax(logits.float())` keeps a (B, T, V) float32 result for backward beside the logits, and for
+    half-precision logits makes a second float32 copy while converting.
+    """
+    return _TokenLogprobs.apply(logits_B_T_V, target_tokens_B_T)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_B_T_V, target_tokens_B_T):
+        V = logits_B_T_V.shape[-1]
+        logits_N_V, targets_N = logits_B_T_V.reshape(-1, V), target_tokens_B_T.reshape(-1)
+        dtype = torch.promote_types(logits_B_T_V.dtype, torch.float32)  # float64 stays float64
+        logprobs_N = torch.empty(targets_N.shape, dtype=dtype, device=logits_B_T_V.device)
+        lse_N = torch.empty_like(logprobs_N)
+        for rows in _chunks(len(targets_N), V):
+            x_n_V = logits_N_V[rows].to(dtype)
+            lse_N[rows] = torch.logsumexp(x_n_V, dim=-1)
+            logprobs_N[rows] = x_n_V.gather(1, targets_N[rows, None]).squeeze(1) - lse_N[rows]
+        ctx.save_for_backward(logits_B_T_V, target_tokens_B_T, lse_N)
+        return logprobs_N.view(target_tokens_B_T.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_B_T):
+        logits_B_T_V, target_tokens_B_T, lse_N = ctx.saved_tensors
+        V = logits_B_T_V.shape[-1]
+        logits_N_V, targets_N = logits_B_T_V.reshape(-1, V), target_tokens_B_T.reshape(-1)
+        grad_N = grad_B_T.reshape(-1).to(lse_N.dtype)
+        grad_N_V = torch.empty_like(logits_N_V)
+        for rows in _chunks(len(targets_N), V):
+            # d logprob / d logits = onehot(target) - softmax(logits), scaled by the incoming gradient
+            g_n_V = (logits_N_V[rows].to(lse_N.dtype) - lse_N[rows, None]).exp_().mul_(-grad_N[rows, None])
+            g_n_V.scatter_add_(1, targets_N[rows, None], grad_N[rows, None])
+            grad_N_V[rows] = g_n_V
+        return grad_N_V.view(logits_B_T_V.shape), None
+
+
+def _chunks(N: int, V: int) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // V)
+    return [slice(start, start + rows) for start in range(0, N, rows)]
+
+
+def cross_entropy(logprobs_B_T: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ -logprob · weight / Σ weight over the batch: the weighted mean negative log-likelihood per token.
+
+    The engine scales each micro-batch's mean by its share of the whole step's weight (Σ weights), so the
+    step's gradient is the per-token mean over every trained token of the step. A batch with no weight has
+    loss 0 (not NaN).
+    """
+    weights_B_T = batch["weights"].to(logprobs_B_T.dtype)
+    return -(logprobs_B_T * weights_B_T).sum() / weights_B_T.sum().clamp_min(torch.finfo(weights_B_T.dtype).tiny)
+
+
+LOSSES = {"cross_entropy": cross_entropy}
+
+
+def forward_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each target token's log-probability under a transformers causal LM. (B, T) float32
+
+    `use_cache=False` is what keeps packed examples apart: without a cache, transformers reads example
+    boundaries from `position_ids` (restarting at 0) and builds a block-diagonal causal mask; with the
+    config's default `use_cache=True` it makes a cache, skips that, and packed examples attend to each other.
+    No attention mask is passed: padding is only ever at the end of a row or of its own block.
+    """
+    logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return token_logprobs(logits_B_T_V, batch["target_tokens"])
