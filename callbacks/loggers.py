@@ -33,7 +33,7 @@ class TensorBoardLogger(Callback):
     every `every_n_steps` (default `log_every_steps`), and the last step of each epoch and of the run:
     `train/loss`, `optim/lr`, `optim/grad_norm`, `perf/samples_per_sec` and every other numeric output
     of the step (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as
-    `reward/mean`, as they are). `val/*` whenever a validation ran; each epoch's mean train loss as
+    `reward/mean`, as they are; strings, such as `text/samples`, as text). `val/*` whenever a validation ran; each epoch's mean train loss as
     `epoch/train_loss`; the resolved config as text."""
 
     def __init__(self, log_dir: str | None = None, every_n_steps: int | None = None):
@@ -89,7 +89,9 @@ class TensorBoardLogger(Callback):
 
     def _write(self, metrics: dict, step: int):
         for key, value in metrics.items():
-            if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+            if isinstance(value, str):  # e.g. a trainer's sampled completions, as "text/samples"
+                self.writer.add_text(key, value, step)
+            elif isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, scalar(value), step)
 
     def on_train_end(self, trainer):
