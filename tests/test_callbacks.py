@@ -133,3 +133,51 @@ def test_model_checkpoint_keeps_the_best_and_the_newest(tmp_path):
     assert [p.name for p in committed(tmp_path / "checkpoints")] == ["step-000008", "step-000004"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoints.jsonl", "step-000004",
                                                                             "step-000008"]
+
+
+def test_a_misspelt_monitor_is_warned_about_once_naming_the_keys(tmp_path, caplog):
+    import logging
+
+    from paperloop.callbacks import ModelCheckpoint
+
+    with caplog.at_level(logging.WARNING):
+        run_scripted(tmp_path / "a", [3, 2, 1], [EarlyStopping(monitor="val/los"),
+                                                 ModelCheckpoint(monitor="val/los", every_n_epochs=1)])
+    for owner in ("EarlyStopping", "ModelCheckpoint"):
+        lines = [r.message for r in caplog.records if r.message.startswith(owner)]
+        assert lines == [f"{owner}: the monitored metric 'val/los' is not in the logs; they hold "
+                         "['optim/lr', 'train/loss', 'val/loss']"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # validation every 2nd epoch: absent on the others, not misspelt
+        run_scripted(tmp_path / "b", [3, 2, 1, 0], [EarlyStopping(monitor="val/loss")], val_every=2)
+    assert "monitored metric" not in caplog.text
+
+
+def test_checkpoint_every_steps_means_steps_only_and_one_checkpoint_a_step(tmp_path):
+    from paperloop.checkpoint import INDEX, committed
+
+    # 4 steps an epoch, 3 epochs; every 4 steps falls on each epoch's end
+    cfg = TrainerConfig(max_epochs=3, batch_size=8, checkpoint_every_steps=4, output_dir=str(tmp_path))
+    Regression(make_model(), cfg, train_data=make_data(32)).fit()
+    names = [p.name for p in committed(tmp_path / "checkpoints")]
+    assert names == ["step-000012", "step-000008", "step-000004"]
+    index = [__import__("json").loads(line) for line in (tmp_path / "checkpoints" / INDEX).read_text().splitlines()]
+    assert [e["path"] for e in index if e["event"] == "saved"] == ["step-000004", "step-000008", "step-000012"]
+
+    cfg = TrainerConfig(max_epochs=2, batch_size=8, checkpoint_every_steps=3, output_dir=str(tmp_path / "b"))
+    Regression(make_model(), cfg, train_data=make_data(32)).fit()  # every 3 steps, and the finished run
+    assert [p.name for p in committed(tmp_path / "b" / "checkpoints")] == ["step-000008", "step-000006",
+                                                                           "step-000003"]
+
+
+def test_tensorboard_writes_string_outputs_as_text(tmp_path):
+    class Noting(Regression):
+        def training_step(self, batch):
+            return {"loss": super().training_step(batch), "text/note": f"epoch {self.state.epoch}"}
+
+    cfg = TrainerConfig(max_epochs=2, batch_size=8, log_every_steps=2, output_dir=str(tmp_path))
+    Noting(make_model(), cfg, train_data=make_data(16), callbacks=[TensorBoardLogger()]).fit()
+    _, acc = _scalars(tmp_path / "tensorboard")
+    events = acc.Tensors("text/note/text_summary")
+    assert [e.step for e in events] == [1, 2, 4]
+    assert [e.tensor_proto.string_val[0].decode() for e in events] == ["epoch 0", "epoch 0", "epoch 1"]

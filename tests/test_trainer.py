@@ -7,7 +7,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from paperloop.callbacks import TerminateOnNonFinite
 from helpers import Regression, assert_bitwise_equal, make_data, make_model, weights
-from paperloop import BaseTrainer, ConfigError, TrainerConfig
+from paperloop import BaseTrainer, CheckpointError, ConfigError, TrainerConfig
 from paperloop.data import EpochSampler, epoch_permutation
 
 
@@ -191,3 +191,53 @@ def test_user_errors_are_clear(tmp_path):
 
     with pytest.raises(ValueError, match="reduce it to a scalar"):
         ReturnsVector(make_model(), cfg, train_data=make_data()).fit()
+
+
+def test_evaluation_and_data_mistakes_get_errors_naming_what_to_fix(tmp_path):
+    cfg = TrainerConfig(batch_size=4, output_dir=str(tmp_path))
+
+    class PerSample(Regression):
+        def validation_step(self, batch):
+            x, y = batch
+            return {"err": (self.model(x) - y).abs().squeeze(1)}  # (B,): not reduced
+
+    with pytest.raises(ValueError, match=r"PerSample.validation_step returned 'err' of shape \(4,\)"):
+        PerSample(make_model(), cfg, train_data=make_data(8), val_data=make_data(8)).validate()
+
+    class Named(Regression):
+        def validation_step(self, batch):
+            return {"loss": torch.tensor(1.0), "split": "val"}
+
+    with pytest.raises(TypeError, match="Named.validation_step returned 'split' as a str"):
+        Named(make_model(), cfg, train_data=make_data(8), val_data=make_data(8)).validate()
+
+    class Ragged(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.zeros(1 + i % 3), torch.zeros(1)
+
+    with pytest.raises(ValueError, match="different shapes.*write a `collate"):
+        Regression(make_model(), cfg, train_data=Ragged()).fit()
+
+    class Frozen(Regression):
+        def training_step(self, batch):
+            with torch.no_grad():
+                return super().training_step(batch)
+
+    with pytest.raises(RuntimeError, match="the loss does not require grad"):
+        Frozen(make_model(), cfg, train_data=make_data(8)).fit()
+
+
+def test_a_changed_seed_on_resume_is_refused_before_anything_is_loaded(tmp_path):
+    first = Regression(make_model(), TrainerConfig(max_epochs=1, batch_size=8, output_dir=str(tmp_path)),
+                       train_data=make_data(16))
+    first.fit()
+    path = first.save_checkpoint()
+    other = Regression(make_model(seed=1), TrainerConfig(batch_size=8, seed=5, output_dir=str(tmp_path)),
+                       train_data=make_data(16))
+    before = weights(other.model)
+    with pytest.raises(CheckpointError, match=f"^{path / 'trainer_state.json'}: data plan: .*seed 0, this run seed 5"):
+        other.load_checkpoint(path)
+    assert_bitwise_equal(weights(other.model), before)

@@ -306,7 +306,7 @@ class BaseTrainer(Checkpointing, ABC):
         try:
             for indices in eval_batches(len(dataset), self.config.batch_size, self.world_size, self.rank):
                 with self._autocast():
-                    metrics = as_metrics(step_fn(self.fetch(indices, dataset)), type(self).__name__)
+                    metrics = as_metrics(step_fn(self.fetch(indices, dataset)), f"{type(self).__name__}.{step_fn.__name__}")
                 for key, value in metrics.items():  # sample-weighted, so a short last batch counts right
                     value = torch.as_tensor(value, device=self.device).float() * len(indices)
                     sums[key] = sums[key] + value if key in sums else value
@@ -509,11 +509,19 @@ def as_outputs(result, owner: str) -> dict:
 
 
 def as_metrics(result, owner: str) -> dict:
+    """An evaluation step's result as {name: scalar}, or an error naming the method and the metric."""
     if isinstance(result, torch.Tensor):
         result = {"loss": result}
     if not isinstance(result, dict):
-        raise TypeError(f"{owner}.validation_step must return a dict of scalar metrics or a loss tensor; "
-                        f"got {type(result).__name__}")
+        raise TypeError(f"{owner} must return a dict of scalar metrics or a loss tensor; got {type(result).__name__}")
+    for key, value in result.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{owner} returned {key!r} of shape {tuple(value.shape)}: return one number per "
+                                 "batch (its mean over the batch's samples), e.g. .mean()")
+        elif not isinstance(value, (int, float)):
+            raise TypeError(f"{owner} returned {key!r} as a {type(value).__name__}: metrics must be numbers or "
+                            "scalar tensors")
     return result
 
 

@@ -150,7 +150,17 @@ def fetch(dataset, indices: torch.Tensor, collate=default_collate):
     __getitem__ and collate cost more than the step itself for small models."""
     if isinstance(dataset, TensorDataset) and collate is default_collate:
         return tuple(t[indices] for t in dataset.tensors)
-    return collate([dataset[i] for i in indices.tolist()])
+    samples = [dataset[i] for i in indices.tolist()]
+    if collate is not default_collate:
+        return collate(samples)
+    try:
+        return collate(samples)
+    except RuntimeError as e:
+        if "equal size" not in str(e) and "stack expects" not in str(e):
+            raise
+        raise ValueError(f"samples {indices.tolist()[:8]} have different shapes, so default_collate cannot stack "
+                         f"them ({str(e).splitlines()[0]}); write a `collate(self, samples)` method on the "
+                         "trainer that pads them into a batch") from None
 
 
 def check_dataset(name: str, dataset) -> int:
