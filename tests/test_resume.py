@@ -288,3 +288,20 @@ def test_time_limit_checkpoints_stops_and_resumes_exactly(tmp_path, tmp_path_fac
     resumed = make_resume_trainer(tmp_path)
     resumed.fit(resume="latest")
     assert_same_run(resumed, straight(tmp_path_factory))
+
+
+def test_artifacts_are_sealed_into_each_checkpoint_and_never_read_back(tmp_path):
+    from helpers import ScheduledRegression
+
+    class WithNotes(ScheduledRegression):
+        def write_artifacts(self, directory):
+            (directory / "notes.txt").write_text(f"step {self.state.global_step}")
+
+    t = make_resume_trainer(tmp_path, cls=WithNotes, max_epochs=1)
+    t.fit()
+    path = ckpt.committed(tmp_path / "checkpoints")[0]
+    assert (path / "notes.txt").read_text() == "step 6"
+    assert "notes.txt" in json.loads((path / ckpt.MANIFEST).read_text())["files"]
+    (path / "notes.txt").write_text("edited")  # sealed: an edit is caught like any other file's
+    with pytest.raises(CheckpointError, match=f"^{path / 'notes.txt'}: size"):
+        make_resume_trainer(tmp_path, cls=WithNotes).load_checkpoint(path)

@@ -16,6 +16,7 @@ from .config import ConfigError, TrainerConfig, config_to_yaml
 from .data import EpochSampler, Step, check_dataset, eval_batches, fetch
 from .distributed import backward_fn, make_accelerator, prepare_optimizer
 from .resume import Checkpointing
+from .schedules import as_schedule, config_scheduler
 from .rng import rng_state, set_rng_state
 from .state import TrainState
 
@@ -29,7 +30,7 @@ class BaseTrainer(Checkpointing, ABC):
             setup: seed, configure_optimizer, configure_scheduler, data plan
             if resume: load_state_dict(checkpoint)    # weights, optimizer, schedule, TrainState, plan, RNG
             on_train_begin(trainer)                   # then a resume puts back the callbacks' states
-            while not (should_stop or epoch == max_epochs or global_step == max_steps):
+            while not (should_stop or epoch == max_epochs or global_step == max_steps):  # either may be unset
                 on_epoch_begin(trainer)
                 for step in the plan's remaining steps of the epoch:  # a resume starts mid-epoch
                     on_batch_begin(trainer, step)     # step: this process's sample indices and weights
@@ -37,7 +38,7 @@ class BaseTrainer(Checkpointing, ABC):
                     global_step += 1; validate when val_every_steps is due
                     on_batch_end(trainer, outputs)    # checkpoints, logging, stop requests
                     break out if a callback asked to stop, or max_steps is reached
-                if the epoch ran to its end:
+                if every step of the epoch ran:
                     on_epoch_end(trainer, {"epoch", "train/loss", "optim/lr", "val/*" when due})
             on_train_end(trainer)                     # always: it runs in a finally
 
@@ -48,8 +49,8 @@ class BaseTrainer(Checkpointing, ABC):
     schedule steps once per update; `state.updates` counts updates, `state.global_step` loop steps.
 
     Write `training_step`; usually `validation_step`; optionally `configure_optimizer`,
-    `configure_scheduler`, `collate`, `sample_weights`, and `extra_state`/`load_extra_state` for
-    state of your own that must survive a resume.
+    `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`, and
+    `extra_state`/`load_extra_state` for state of your own that must survive a resume.
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainerConfig, train_data=None, val_data=None,
@@ -111,8 +112,10 @@ class BaseTrainer(Checkpointing, ABC):
         return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def configure_scheduler(self, optimizer):
-        """An LR scheduler stepped once per optimizer update, or None."""
-        return None
+        """An LR scheduler stepped once per optimizer update; or {"scheduler": s, "interval": "epoch"} to
+        step it when an epoch closes, with "monitor": "val/loss" for a ReduceLROnPlateau; or None. The
+        default is the config's `lr_scheduler` and warmup (transformers.get_scheduler)."""
+        return config_scheduler(optimizer, self.config, self.total_updates())
 
     def collate(self, samples: list):
         return torch.utils.data.default_collate(samples)
@@ -122,6 +125,10 @@ class BaseTrainer(Checkpointing, ABC):
         A step's gradient and `train/loss` are the weighted mean over the whole step, across micro-batches
         and processes (SFT: a sample's weight is its number of trained tokens)."""
         return None
+
+    def write_artifacts(self, directory: Path) -> None:
+        """Write files for people and tools into a checkpoint folder before it is sealed (e.g. the
+        tokenizer, so the folder loads with `from_pretrained`). Never read back on resume."""
 
     def extra_state(self) -> dict:
         """State of a subclass that must survive a resume (tensors, numbers, strings, containers)."""
@@ -158,7 +165,8 @@ class BaseTrainer(Checkpointing, ABC):
         return self.state
 
     def _run_epoch(self) -> bool:
-        """The epoch's remaining steps; False when it stopped before the epoch's end."""
+        """The epoch's remaining steps; True when every step of the epoch has run (it is then closed,
+        whatever stops the run after it)."""
         for step in self.plan.steps():
             self._call("on_batch_begin", step)
             outputs = self.train_step(step)
@@ -166,8 +174,8 @@ class BaseTrainer(Checkpointing, ABC):
             outputs = self._end_step(step, outputs)
             self._call("on_batch_end", outputs)
             if self.state.should_stop or self._max_steps_reached():
-                return False
-        return True
+                break
+        return self.plan.epoch_done()
 
     def train_step(self, step: Step) -> dict:
         """One loop step: `forward_backward` of each micro-batch with its share of the step's weight,
@@ -226,7 +234,7 @@ class BaseTrainer(Checkpointing, ABC):
         out["train/finite"] = finite = self._finite_check(loss)
         if finite:
             self.optimizer.step()
-            if self.scheduler is not None:
+            if self._schedule.interval == "step" and self.scheduler is not None:
                 self.scheduler.step()
             self.state.updates += 1
         else:
@@ -267,18 +275,40 @@ class BaseTrainer(Checkpointing, ABC):
                 logs.update({k: v for k, v in last.items() if k.startswith("val/")})
             else:
                 logs.update(self._validate_and_record())
+        if self._schedule.interval == "epoch":
+            self._step_schedule_per_epoch(logs)
         return logs
 
+    def _step_schedule_per_epoch(self, logs: dict) -> None:
+        monitor = self._schedule.monitor
+        if monitor is None:
+            self.scheduler.step()
+        elif monitor in logs:
+            self.scheduler.step(float(logs[monitor]))
+        else:  # no validation this epoch, or a misspelt key: the plateau waits, and says so
+            log.warning("epoch %d: the LR scheduler monitors %r, which this epoch's logs do not hold (%s)",
+                        self.state.epoch, monitor, sorted(k for k in logs if k != "epoch"))
+
     def _finished(self) -> bool:
-        return self.state.should_stop or self.state.epoch >= self.config.max_epochs or self._max_steps_reached()
+        epochs = self.config.epoch_limit()
+        return self.state.should_stop or (epochs is not None and self.state.epoch >= epochs) \
+            or self._max_steps_reached()
 
     def _max_steps_reached(self) -> bool:
         return self.config.max_steps is not None and self.state.global_step >= self.config.max_steps
 
     def total_steps(self) -> int:
         """Loop steps the whole run takes if nothing stops it early."""
-        by_epochs = self.config.max_epochs * (self.plan or self.make_plan()).steps_per_epoch()
-        return by_epochs if self.config.max_steps is None else min(by_epochs, self.config.max_steps)
+        epochs, max_steps = self.config.epoch_limit(), self.config.max_steps
+        if epochs is None:
+            return max_steps
+        by_epochs = epochs * (self.plan or self.make_plan()).steps_per_epoch()
+        return by_epochs if max_steps is None else min(by_epochs, max_steps)
+
+    def total_updates(self) -> int:
+        """Optimizer updates the whole run makes if nothing stops it early: what a schedule spans.
+        One per step here; a trainer that makes several per step says how many."""
+        return self.total_steps()
 
     # ---- callbacks and stopping ---------------------------------------------------------------
 
@@ -415,9 +445,10 @@ class BaseTrainer(Checkpointing, ABC):
             raise ValueError("fit() needs train_data")
         set_seed(self.config.seed)
         optimizer = self.configure_optimizer()
-        self.scheduler = self.configure_scheduler(optimizer)
+        self.plan = self.make_plan()  # before the schedule, which may need the run's length
+        self._schedule = as_schedule(self.configure_scheduler(optimizer), type(self).__name__)
+        self.scheduler = self._schedule.scheduler
         self.optimizer = prepare_optimizer(self.accelerator, optimizer)
-        self.plan = self.make_plan()
         self._reset_epoch_loss()
 
     def make_plan(self) -> EpochSampler:

@@ -68,7 +68,8 @@ class Checkpointing:
         state = self.state_dict()  # every process: it gathers their RNG states
         if self.is_main_process:
             ckpt.write(path, state, self.unwrapped_model, self.config_yaml(),
-                       {"global_step": self.state.global_step, "epoch": self.state.epoch, "run": self.state.run_id})
+                       {"global_step": self.state.global_step, "epoch": self.state.epoch, "run": self.state.run_id},
+                       artifacts=self.write_artifacts)
             log.info("checkpoint written: %s", path)
         self.accelerator.wait_for_everyone()
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
