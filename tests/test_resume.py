@@ -303,5 +303,5 @@ def test_artifacts_are_sealed_into_each_checkpoint_and_never_read_back(tmp_path)
     assert (path / "notes.txt").read_text() == "step 6"
     assert "notes.txt" in json.loads((path / ckpt.MANIFEST).read_text())["files"]
     (path / "notes.txt").write_text("edited")  # sealed: an edit is caught like any other file's
-    with pytest.raises(CheckpointError, match=f"^{path / 'notes.txt'}: size"):
+    with pytest.raises(CheckpointError, match=f"^{path / 'notes.txt'}: sha256 differs"):
         make_resume_trainer(tmp_path, cls=WithNotes).load_checkpoint(path)
