@@ -1,6 +1,7 @@
 """paperloop: a training framework for reproducing ML papers.
 
     from paperloop import BaseTrainer, TrainerConfig
+    from paperloop import SFTTrainer, SFTConfig          # supervised fine-tuning of causal LMs
     from paperloop.callbacks import EarlyStopping, TensorBoardLogger
 
 This package is the `trainer/` folder; `paperloop.callbacks`, `paperloop.models` and `paperloop.papers`
@@ -10,6 +11,9 @@ are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml)
 from .base import BaseTrainer
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainerConfig, load_config
+from .lora import LoraSettings
+from .sft import SFTConfig, SFTTrainer
 from .state import TrainState
 
-__all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError"]
+__all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError",
+           "SFTTrainer", "SFTConfig", "LoraSettings"]

@@ -42,6 +42,7 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_tensors.safetensors"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a peft (LoRA) model's checkpoint: the adapter only
 
 
 class CheckpointError(RuntimeError):
@@ -121,16 +122,23 @@ def load_state(directory: Path) -> dict:
 
 def save_weights(model: torch.nn.Module, directory: Path) -> None:
     transformers = sys.modules.get("transformers")  # a PreTrainedModel means it is already imported
-    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+    if _is_peft(model):  # the trained adapter only: the frozen base is rebuilt, not saved
+        model.save_pretrained(directory)
+    elif transformers is not None and isinstance(model, transformers.PreTrainedModel):
         model.save_pretrained(directory)
     else:
         save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_weights expects
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The weights in `directory` (one safetensors file, or the shards its index names), by name."""
+    """The weights in `directory` (one safetensors file, the shards its index names, or a LoRA adapter), by name."""
     index = directory / WEIGHTS_INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / ADAPTER_WEIGHTS).is_file() and not (directory / WEIGHTS).exists():
+        files = [ADAPTER_WEIGHTS]
+    else:
+        files = [WEIGHTS]
     loaded: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -142,7 +150,10 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load `tensors` into `model`, or raise ValueError saying what does not fit. Tied weights are
-    stored once, so a missing key is fine when it shares memory with a loaded one."""
+    stored once, so a missing key is fine when it shares memory with a loaded one. A peft model takes
+    either its whole state or its adapter alone (what its checkpoints hold)."""
+    if _is_peft(model) and not set(tensors) <= set(model.state_dict()):
+        return _load_adapter(model, tensors)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -152,6 +163,24 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
     missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
     if missing or unexpected:
         raise ValueError(f"weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _load_adapter(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model)
+    if set(tensors) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"adapter weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"adapter weights do not fit the model ({key}: {tuple(value.shape)} vs "
+                             f"{tuple(expected[key].shape)})")
+    set_peft_model_state_dict(model, tensors)
 
 
 # ---------------------------------------------------------------------------------------------

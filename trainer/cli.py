@@ -2,6 +2,7 @@
 
     paperloop list                              the reproduced papers
     paperloop run PAPER [key=value ...]         run one with its config.yaml and overrides
+    paperloop merge CHECKPOINT OUT [--base B]   merge a LoRA checkpoint into a plain transformers folder
 """
 
 from __future__ import annotations
@@ -23,8 +24,24 @@ def main(argv: list[str] | None = None) -> int:
                          description="Run PAPER with papers/PAPER/config.yaml, then key=value overrides.")
     run.add_argument("paper", help="a name from `paperloop list`")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=500")
+    merge = sub.add_parser("merge", help="merge a LoRA checkpoint into a plain transformers model folder",
+                           description="Merge CHECKPOINT's LoRA adapter into its base model; write the model "
+                                       "(and the checkpoint's tokenizer) to OUT.")
+    merge.add_argument("checkpoint")
+    merge.add_argument("out")
+    merge.add_argument("--base", help="the base model folder (default: the one adapter_config.json names)")
     args = parser.parse_args(argv)
 
+    if args.command == "merge":
+        from .checkpoint import CheckpointError
+        from .lora import merge_checkpoint
+
+        try:
+            print(f"paperloop: merged model written to {merge_checkpoint(args.checkpoint, args.out, args.base)}")
+        except (CheckpointError, ImportError) as e:
+            print(f"paperloop: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "list":
         for name in papers.available():
             print(f"{name:12s} {(papers.load(name).__doc__ or '').strip().splitlines()[0]}")

@@ -1,0 +1,293 @@
+"""SFTTrainer: supervised fine-tuning of any `transformers` causal LM on prompt/completion, chat or text examples.
+
+    from paperloop import SFTTrainer, SFTConfig
+    trainer = SFTTrainer(model, SFTConfig(max_length=512, packing=True, batch_size=16, max_epochs=3,
+                                          output_dir="runs/sft"),
+                         tokenizer=tok, train_data="train.jsonl", val_data=val_examples)
+    trainer.fit()                         # or trainer.fit(resume="latest") after a crash
+
+Examples are tokenized and masked once, up front (`lm_data.tokenize_examples`): completion-only for
+prompt/completion, assistant turns for chat, everything for text, EOS trained. A malformed example is an
+error naming it; one left with nothing to train after truncation is skipped, counted in `trainer.skipped`
+and logged. Each example weighs its trained tokens, so a step's loss is the mean over every trained token of
+the step, however it is split into micro-batches and processes (the engine's weighted step).
+
+Batches (`lm_data`): padded, one example per row (optionally steps bucketed by length: `bucket_window`), or
+packed (`packing=True`) into rows of `pack_length` (default 2 x max_length) with `position_ids` restarting per
+example; the forward passes `use_cache=False`, which makes transformers keep packed examples apart.
+
+Metrics per step: `train/loss`, `train/tokens_per_s` (trained tokens, all processes), `train/padding_fraction`
+(this process), `optim/lr`, `optim/grad_norm`; `perf/compile_s` on steps that compiled (`compile=True`), which
+are left out of tokens_per_s. Validation: `val/loss` (per trained token), `val/perplexity`, `val/exact_match`
+(the fraction of examples whose every trained token is the model's argmax: what greedy decoding of the
+completion would reproduce), and `val/score`, the mean of `eval_fn(example, generated_text)` over greedy
+generations when an `eval_fn` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate.utils import send_to_device
+
+from .base import BaseTrainer
+from .config import ConfigError, TrainerConfig
+from .data import EpochSampler, eval_batches
+from .lm_data import TokenizedExample, load_examples, pack_batch, pad_batch, tokenize_examples
+from .lm_plans import BucketedSampler, PackedSampler, layout_positions
+from .lora import LoraSettings, apply_lora
+from .losses import cross_entropy, token_logprobs
+
+log = logging.getLogger(__name__)
+
+COMPILE_BACKEND = "inductor"  # tests set "aot_eager": the same graphs, without minutes of code generation
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainerConfig):
+    max_length: int = 1024  # positions one example keeps; a longer one keeps its start (counted as truncated)
+    packing: bool = False  # several examples per row, attention kept inside each
+    pack_length: Optional[int] = None  # positions per packed row; None: 2 x max_length (see lm_plans.py)
+    bucket_window: int = 0  # padded: sort steps by length within windows of this many steps (8 measured); 0 off
+    train_prompt: bool = False  # prompt/completion: train the prompt's tokens too
+    compile: bool = False  # torch.compile the model's forward (dynamic shapes); compile time is logged apart
+    eval_max_new_tokens: int = 64  # greedy generation length for eval_fn
+    lora: Optional[LoraSettings] = None  # LoRA adapters through peft (the `lora` extra); None: full fine-tuning
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
+            object.__setattr__(self, "lora", LoraSettings(**self.lora))
+        if self.max_length < 1 or self.eval_max_new_tokens < 1:
+            key = "max_length" if self.max_length < 1 else "eval_max_new_tokens"
+            raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ConfigError(f"pack_length: {self.pack_length} is shorter than max_length={self.max_length}, so "
+                              "a full-length example would fit no row")
+        if self.bucket_window < 0:
+            raise ConfigError(f"bucket_window: must be >= 0 (0 turns bucketing off), got {self.bucket_window}")
+        if self.packing and self.bucket_window:
+            raise ConfigError("bucket_window: bucketing is for padded batches; packing=True leaves no padding to save")
+
+    @property
+    def row_length(self) -> Optional[int]:
+        """Positions per packed row, or None when batches are padded."""
+        return (self.pack_length or 2 * self.max_length) if self.packing else None
+
+
+class SFTTrainer(BaseTrainer):
+    """Fine-tunes `model` (a `transformers` causal LM) on `train_data` with the loss on trained tokens only.
+
+    `train_data`/`val_data`: a list of example dicts, a map-style dataset of them, or a JSONL path.
+    `eval_fn(example, generated_text) -> float`: scored on greedy generations from each validation example's
+    prompt (prompt/completion: the prompt; chat: the conversation before its last assistant turn).
+    A checkpoint folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+    (a LoRA one holds the adapter: `paperloop merge` writes a plain model folder from it).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: SFTConfig, tokenizer, train_data, val_data=None,
+                 eval_fn: Callable[[dict, str], float] | None = None, callbacks=()):
+        if not isinstance(config, SFTConfig):
+            raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+        if train_data is None:
+            raise ValueError("SFTTrainer needs train_data")
+        self.tokenizer, self.eval_fn = tokenizer, eval_fn
+        self.skipped: dict[str, list[tuple[int, str]]] = {}
+        train = self._tokenize("train_data", train_data, config)
+        self.val_source = load_examples(val_data) if val_data is not None else None
+        val = self._tokenize("val_data", self.val_source, config) if val_data is not None else None
+        if eval_fn is not None:
+            if val is None:
+                raise ValueError("eval_fn: scores generations on val_data, but no val_data was given")
+            self._prompts = [generation_prompt(self.val_source[e.index], tokenizer) for e in val]
+        if config.lora is not None:
+            from accelerate import PartialState
+
+            model = apply_lora(model, config.lora, config.output_dir, write=PartialState().is_main_process)
+        super().__init__(model, config, train_data=train, val_data=val, callbacks=callbacks)
+        self.lengths = [len(example) for example in train]
+        self.compile_seconds = 0.0
+        self._logits = self._make_logits_fn()
+
+    def _tokenize(self, name: str, source, config: SFTConfig) -> list[TokenizedExample]:
+        kept, skipped = tokenize_examples(source, self.tokenizer, config.max_length, config.train_prompt)
+        self.skipped[name] = skipped
+        if skipped:
+            log.warning("%s: skipped %d of %d examples with nothing to train (first: example %d, %s)", name,
+                        len(skipped), len(kept) + len(skipped), *skipped[0])
+        truncated = sum(1 for example in kept if example.truncated)
+        if truncated:
+            log.info("%s: %d examples truncated to max_length=%d", name, truncated, config.max_length)
+        if not kept:
+            raise ValueError(f"{name}: none of its {len(skipped)} examples has a token to train")
+        return kept
+
+    def _make_logits_fn(self):
+        def logits(input_ids, position_ids):
+            # use_cache=False: with a cache transformers ignores position_ids' restarts, and packed examples
+            # attend to each other (DESIGN: the default config's leak).
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+        if not self.config.compile:
+            return logits
+        # dynamic=True: padded lengths and packed row counts vary per step; marking them dynamic up front
+        # compiles once instead of once per shape. The model itself stays uncompiled for generation.
+        return torch.compile(logits, dynamic=True, backend=COMPILE_BACKEND)
+
+    # ---- the engine's named steps ------------------------------------------------------------------
+
+    def sample_weights(self) -> torch.Tensor:
+        return torch.tensor([example.num_trained for example in self.train_data], dtype=torch.float64)
+
+    def make_plan(self) -> EpochSampler:
+        c, weights = self.config, self.sample_weights()
+        common = dict(world_size=self.world_size, rank=self.rank, seed=c.seed, shuffle=c.shuffle, weights=weights)
+        if c.packing:
+            # The micro-batch's token budget: batch_size full-length examples' worth of positions.
+            rows = max(1, math.ceil(c.batch_size * c.max_length / c.row_length))
+            return PackedSampler(self.lengths, c.row_length, rows, c.grad_accum_steps, **common)
+        if c.bucket_window:
+            return BucketedSampler(self.lengths, c.bucket_window, c.batch_size, c.grad_accum_steps, **common)
+        return EpochSampler(len(self.train_data), c.batch_size, c.grad_accum_steps, **common)
+
+    def total_steps(self) -> int:
+        epochs = self.config.epoch_limit()
+        plan = self.plan or self.make_plan()
+        if epochs is None or not isinstance(plan, PackedSampler):
+            return super().total_steps()
+        by_epochs = plan.total_steps(epochs)  # packed epochs differ a little in length: count each
+        return by_epochs if self.config.max_steps is None else min(by_epochs, self.config.max_steps)
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
+        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def collate(self, samples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        row_len = self.config.row_length
+        if row_len is None:
+            return pad_batch(samples, self.tokenizer.pad_token_id)
+        return pack_batch(samples, row_len, self.tokenizer.pad_token_id)
+
+    def training_step(self, batch):
+        logprobs_B_T = token_logprobs(self._logits(batch["input_ids"], batch["position_ids"]), batch["target_tokens"])
+        return cross_entropy(logprobs_B_T, batch)  # mean over the micro-batch's trained tokens
+
+    def train_step(self, step) -> dict:
+        graphs = compiled_graphs() if self.config.compile else 0
+        start = time.perf_counter()
+        outputs = super().train_step(step)
+        seconds = time.perf_counter() - start
+        lengths = [[self.lengths[i] for i in indices.tolist()] for indices in step.micro_batches]
+        positions = sum(layout_positions(ls, self.config.row_length) for ls in lengths)
+        outputs["train/padding_fraction"] = 1.0 - sum(map(sum, lengths)) / positions
+        if self.config.compile and compiled_graphs() != graphs:  # this step compiled: keep it out of the rate
+            self.compile_seconds += seconds
+            outputs["perf/compile_s"] = self.compile_seconds
+            log.info("step %d compiled the model in %.1f s (%.1f s in all)", self.state.global_step + 1, seconds,
+                     self.compile_seconds)
+        else:
+            outputs["train/tokens_per_s"] = step.weight / seconds
+        return outputs
+
+    def write_artifacts(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
+
+    # ---- validation ---------------------------------------------------------------------------------
+
+    def validate(self) -> dict:
+        metrics = self.evaluate(self.val_data, "val")
+        if self.eval_fn is not None:
+            metrics["val/score"] = self.score_generations()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[TokenizedExample], prefix: str = "val") -> dict:
+        """`{prefix}/loss` (mean NLL per trained token), `/perplexity` (its exp) and `/exact_match` (fraction
+        of examples whose every trained token is the argmax) over `examples`, split across processes."""
+        was_training = self.model.training
+        self.model.eval()
+        sums_3 = torch.zeros(3, dtype=torch.float64, device=self.device)  # nll, trained tokens, exact examples
+        try:
+            for indices in eval_batches(len(examples), self.config.batch_size, self.world_size, self.rank):
+                batch = self._on_device(pad_batch([examples[i] for i in indices.tolist()], self.tokenizer.pad_token_id))
+                with self._autocast():
+                    logits_B_T_V = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                              use_cache=False).logits
+                weights_B_T = batch["weights"]
+                nll = -(token_logprobs(logits_B_T_V, batch["target_tokens"]) * weights_B_T).sum()
+                right_B_T = (logits_B_T_V.argmax(-1) == batch["target_tokens"]) | (weights_B_T == 0)
+                sums_3 += torch.stack([nll.double(), weights_B_T.sum().double(), right_B_T.all(1).sum().double()])
+        finally:
+            self.model.train(was_training)
+        nll, tokens, exact = self.reduce_sum(sums_3).tolist()
+        loss = nll / tokens
+        return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(min(loss, 700.0)),
+                f"{prefix}/exact_match": exact / len(examples)}
+
+    def score_generations(self) -> float:
+        """Mean `eval_fn(example, text)` over greedy generations from every validation prompt."""
+        from .sampling import sample
+
+        generator = torch.Generator(device=self.device)  # greedy decoding draws nothing from it
+        stop = stop_token_ids(self.tokenizer, self.unwrapped_model)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for indices in eval_batches(len(self.val_data), self.config.batch_size, self.world_size, self.rank):
+            indices = indices.tolist()
+            samples = sample(self.unwrapped_model, [self._prompts[i] for i in indices], 1,
+                             self.config.eval_max_new_tokens, generator=generator, temperature=0.0,
+                             eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id)
+            for i, completion in zip(indices, samples.completions()):
+                text = self.tokenizer.decode(completion, skip_special_tokens=True)
+                total += float(self.eval_fn(self.val_source[self.val_data[i].index], text))
+        return float(self.reduce_sum(total)) / len(self.val_data)
+
+    def _on_device(self, batch: dict) -> dict:
+        return batch if self.device.type == "cpu" else send_to_device(batch, self.device, non_blocking=True)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (it grows on every (re)compilation)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def generation_prompt(example: dict, tokenizer) -> list[int]:
+    """The token ids a model continues from to answer `example`: a prompt/completion's prompt (with the
+    tokenizer's BOS), or a chat rendered up to its last assistant turn with the generation prompt."""
+    if "prompt" in example:
+        return tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+    if "messages" in example:
+        messages = example["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    raise ValueError("eval_fn: a plain-text example has no prompt to generate from; give prompt/completion or "
+                     "chat examples as val_data")
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Generation stops at EOS (the tokenizer's and the model's generation config's) and, for a chat template,
+    at the token it writes right after an assistant's content (the end-of-turn marker, e.g. `<|end|>`)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.chat_template is not None:
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        try:
+            before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # a template that needs other roles or fields: EOS alone then
+            before = through = ""
+        if through.startswith(before + "a") and len(through) > len(before) + 1:
+            marker = tokenizer(through[len(before) + 1:], add_special_tokens=False)["input_ids"]
+            ids.update(marker[:1])
+    return sorted(i for i in ids if i is not None)
