@@ -1,0 +1,287 @@
+"""SFTTrainer: the loss over the whole step's trained tokens however the step is split, packing that changes
+no example's loss (with the model's default config), token-budget and length-bucketed plans, skips, metrics,
+validation, checkpoints that load with from_pretrained, and bitwise resume after SIGKILL."""
+
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_bitwise_equal, optimizer_tensors, weights
+from paperloop import ConfigError, SFTConfig, SFTTrainer, load_config
+from paperloop.callbacks import LambdaCallback
+from paperloop.data import epoch_permutation
+from paperloop.lm_data import pack_rows, pad_batch
+from paperloop.lm_plans import BucketedSampler, PackedSampler, fill_micro_batches, layout_positions
+from paperloop.losses import forward_logprobs
+from paperloop.sft import stop_token_ids
+from sft_helpers import make_trainer, model, sorting_examples, tokenizer
+
+WORKER = Path(__file__).with_name("sft_worker.py")
+
+
+class SGDTrainer(SFTTrainer):
+    """Plain SGD shows any error in the gradient's scale (Adam would normalize most of it away)."""
+
+    def configure_optimizer(self):
+        return torch.optim.SGD(self.model.parameters(), lr=self.config.lr)
+
+
+def fit_recording(trainer):
+    outputs = []
+    trainer.callbacks.append(LambdaCallback(on_batch_end=lambda t, o: outputs.append(dict(o))))
+    trainer.fit()
+    return outputs
+
+
+def naive_step_loss(model, examples) -> float:
+    """Σ -log p over every trained token of the examples / their trained tokens, one example at a time, unpadded."""
+    nll, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for e in examples:
+            logits = model(input_ids=e.input_ids[None]).logits[0].double()
+            logprobs = torch.log_softmax(logits, -1).gather(-1, e.target_tokens[:, None])[:, 0]
+            nll -= float((logprobs * e.weights).sum())
+            tokens += float(e.weights.sum())
+    return nll / tokens
+
+
+# ---- the weighted step ----------------------------------------------------------------------------
+
+
+def test_batch_8_equals_2_by_4_accumulation_and_the_loss_is_the_steps_token_mean(tmp_path):
+    runs, initial = {}, model()
+    for batch_size, accum in ((8, 1), (2, 4)):
+        t = SGDTrainer(model(), SFTConfig(max_length=24, batch_size=batch_size, grad_accum_steps=accum, lr=0.1,
+                                          max_epochs=2, output_dir=str(tmp_path / str(accum))),
+                       tokenizer=tokenizer(), train_data=sorting_examples(44))
+        runs[accum] = (t, fit_recording(t))
+    (big, big_out), (small, small_out) = runs[1], runs[4]
+    for k, v in weights(big.model).items():
+        torch.testing.assert_close(weights(small.model)[k], v, rtol=0, atol=1e-6)
+    assert [float(o["train/loss"]) for o in small_out] == pytest.approx([float(o["train/loss"]) for o in big_out], rel=1e-6)
+    # The first step's loss is the mean over its examples' trained tokens (not the mean of per-example means).
+    first = [big.train_data[i] for i in epoch_permutation(len(big.train_data), 0, 0)[:8].tolist()]
+    assert float(big_out[0]["train/loss"]) == pytest.approx(naive_step_loss(initial, first), rel=1e-5)
+    per_example = sum(naive_step_loss(initial, [e]) for e in first) / 8
+    assert naive_step_loss(initial, first) != pytest.approx(per_example, rel=1e-3)  # the weighting matters here
+
+
+def test_each_example_weighs_its_trained_tokens(tmp_path):
+    t = make_trainer(tmp_path)
+    expected = [float(e.weights.sum()) for e in t.train_data]
+    assert t.sample_weights().tolist() == expected
+    assert len(set(expected)) > 3  # varied lengths: unweighted means would differ
+
+
+# ---- packing ---------------------------------------------------------------------------------------
+
+
+def test_packed_rows_keep_every_examples_loss_with_the_default_config(tmp_path):
+    t = make_trainer(tmp_path, packing=True, pack_length=48)
+    assert t.unwrapped_model.config.use_cache is True  # the default that leaks across packed examples
+    examples = t.train_data[:12]
+    batch = t.collate(examples)
+    assert batch["input_ids"].shape[1] == 48 and batch["input_ids"].shape[0] < 12  # several examples a row
+    packed_B_T = token_logprobs_of(t, batch)
+    for row, members in enumerate(pack_rows([len(e) for e in examples], 48)):
+        start = 0
+        for i in members:
+            alone = token_logprobs_of(t, pad_batch([examples[i]], 0))[0]
+            torch.testing.assert_close(packed_B_T[row, start:start + len(examples[i])], alone, rtol=0, atol=1e-5)
+            start += len(examples[i])
+    # and the trainer's loss on the packed batch is the token mean over all of them
+    assert float(t.training_step(batch).detach()) == pytest.approx(naive_step_loss(t.unwrapped_model, examples), rel=1e-5)
+
+
+def token_logprobs_of(trainer, batch):
+    with torch.no_grad():
+        return forward_logprobs(trainer.model, batch)
+
+
+def test_fill_micro_batches_by_a_token_budget_hand_computed():
+    order = torch.arange(5)
+    lengths = [5, 3, 4, 2, 6]
+    # rows of 8, one row a micro-batch: 5+3 | 4+2 (6 does not fit the 2 left) | 6
+    assert [m.tolist() for m in fill_micro_batches(order, lengths, 8, 1)] == [[0, 1], [2, 3], [4]]
+    # two rows: 5+3 | 4+2, then 6 finds no room in either and starts the next micro-batch
+    assert [m.tolist() for m in fill_micro_batches(order, lengths, 8, 2)] == [[0, 1, 2, 3], [4]]
+    # no look-ahead: 5 does not fit beside 6, so it starts the next micro-batch, which 2 then joins
+    assert [m.tolist() for m in fill_micro_batches(torch.tensor([4, 0, 3]), lengths, 8, 1)] == [[4], [0, 3]]
+    assert layout_positions([5, 3, 4, 2], 8) == 16 and layout_positions([5, 3, 4], None) == 15
+
+
+def test_packed_plan_covers_the_epoch_once_within_budget_and_splits_over_ranks():
+    lengths = [(7 * i) % 23 + 2 for i in range(100)]
+    plans = [PackedSampler(lengths, 32, 2, grad_accum_steps=2, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    steps = plans[0].epoch_steps(0)
+    assert sorted(torch.cat(steps).tolist()) == list(range(100))
+    for step in steps[:-1]:
+        mine = [plan.make_step(step) for plan in plans]
+        micro = [mb for s in mine for mb in s.micro_batches]
+        assert len(micro) == 4 and torch.equal(torch.cat(micro), step)  # rank 0: micro 0, 1; rank 1: 2, 3
+        for mb in micro:
+            assert layout_positions([lengths[i] for i in mb.tolist()], 32) <= 2 * 32
+        assert mine[0].weight == mine[1].weight == len(step)
+    other_epoch = plans[0].epoch_steps(1)
+    assert not torch.equal(torch.cat(other_epoch), torch.cat(steps))  # reshuffled each epoch
+
+
+def test_packing_drives_padding_toward_zero_and_is_reported(tmp_path):
+    padded = fit_recording(make_trainer(tmp_path / "padded", max_epochs=1))
+    packed_trainer = make_trainer(tmp_path / "packed", max_epochs=1, packing=True)
+    packed = fit_recording(packed_trainer)
+    mean = lambda outs: sum(o["train/padding_fraction"] for o in outs[:-1]) / (len(outs) - 1)  # noqa: E731
+    assert mean(padded) > 0.3 and mean(packed) < 0.1
+    # the first packed step's fraction, by hand: its examples' positions over its rows
+    step = next(iter(PackedSampler(packed_trainer.lengths, 48, 4, seed=0).epoch_steps(0)))
+    batch = packed_trainer.collate([packed_trainer.train_data[i] for i in step.tolist()])
+    real = sum(packed_trainer.lengths[i] for i in step.tolist())
+    assert packed[0]["train/padding_fraction"] == pytest.approx(1 - real / batch["input_ids"].numel())
+    assert all(o["train/tokens_per_s"] > 0 for o in packed) and "optim/grad_norm" in packed[0]
+
+
+def test_packed_epochs_are_counted_exactly_for_the_schedule(tmp_path):
+    t = make_trainer(tmp_path, max_epochs=3, packing=True, lr_scheduler="linear")
+    t.fit()
+    assert t.state.global_step == t.total_steps() == sum(len(t.plan.epoch_steps(e)) for e in range(3))
+    assert t.optimizer.param_groups[0]["lr"] == 0.0  # the linear schedule ended exactly at the last step
+
+
+# ---- bucketing -----------------------------------------------------------------------------------
+
+
+def test_bucketed_steps_sort_by_length_within_windows_and_cover_the_epoch():
+    lengths = [(11 * i) % 29 + 1 for i in range(90)]
+    plan = BucketedSampler(lengths, window=4, batch_size=8, seed=1)
+    steps = plan.epoch_steps(0)
+    assert sorted(torch.cat(steps).tolist()) == list(range(90)) and len(steps) == plan.steps_per_epoch() == 12
+    for step in steps:
+        ls = [lengths[i] for i in step.tolist()]
+        assert ls == sorted(ls, reverse=True)
+    accumulated = BucketedSampler(lengths, window=4, batch_size=2, grad_accum_steps=4, seed=1).epoch_steps(0)
+    assert all(torch.equal(a, b) for a, b in zip(steps, accumulated))  # the same examples in every step
+    padded = sum(layout_positions([lengths[i] for i in s.tolist()], None) for s in steps)
+    plain = sum(layout_positions([lengths[i] for i in s.tolist()], None)
+                for s in torch.split(epoch_permutation(90, 1, 0), 8))
+    assert padded < 0.8 * plain
+
+
+# ---- data checks -----------------------------------------------------------------------------------
+
+
+def test_examples_with_nothing_to_train_are_skipped_counted_and_logged(tmp_path, caplog):
+    data = sorting_examples(20)
+    data[3] = {"prompt": "sort " + " ".join(["1"] * 40) + " =", "completion": " 1"}  # prompt alone exceeds max_length
+    with caplog.at_level(logging.WARNING):
+        t = SFTTrainer(model(), SFTConfig(max_length=24, output_dir=str(tmp_path)), tokenizer=tokenizer(),
+                       train_data=data)
+    assert len(t.train_data) == 19 and [i for i, _ in t.skipped["train_data"]] == [3]
+    assert "skipped 1 of 20" in caplog.text and "example 3" in caplog.text
+    with pytest.raises(ValueError, match="example 2: empty 'completion'"):
+        SFTTrainer(model(), SFTConfig(output_dir=str(tmp_path)), tokenizer=tokenizer(),
+                   train_data=[*data[:2], {"prompt": "sort 1 =", "completion": ""}])
+    with pytest.raises(ValueError, match="example 0: a chat with no assistant turn"):
+        SFTTrainer(model(), SFTConfig(output_dir=str(tmp_path)), tokenizer=tokenizer(),
+                   train_data=[{"messages": [{"role": "user", "content": "1"}]}])
+
+
+def test_jsonl_and_chat_examples_train_assistant_turns_only(tmp_path):
+    import json
+
+    path = tmp_path / "train.jsonl"
+    chats = [{"messages": [{"role": "user", "content": "sort 2 1 ="}, {"role": "assistant", "content": "1 2"}]}] * 4
+    path.write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    t = SFTTrainer(model(), SFTConfig(max_length=24, batch_size=2, output_dir=str(tmp_path)), tokenizer=tokenizer(),
+                   train_data=str(path))
+    tok = tokenizer()
+    e = t.train_data[0]
+    trained = e.target_tokens[e.weights > 0].tolist()
+    assert tok.convert_ids_to_tokens(trained) == ["1", "2", "<|end|>"]
+    assert tok.convert_tokens_to_ids("<|end|>") in stop_token_ids(tok, t.unwrapped_model)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="pack_length"):
+        SFTConfig(max_length=64, packing=True, pack_length=32)
+    with pytest.raises(ConfigError, match="bucket_window"):
+        SFTConfig(packing=True, bucket_window=8)
+    with pytest.raises(ConfigError, match="max_length"):
+        load_config(SFTConfig, None, ["max_length=0"])
+    assert load_config(SFTConfig, None, ["lora.r=4"]).lora.r == 4
+    assert SFTConfig(lora={"r": 2}).lora.r == 2
+    assert SFTConfig(max_length=64, packing=True).row_length == 128
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+
+def test_validation_is_the_token_mean_and_exact_match_is_what_greedy_generation_reproduces(tmp_path):
+    scored = []
+
+    def exact(example, text):
+        scored.append(text)
+        return float(text.split() == example["completion"].split())
+
+    val = sorting_examples(24, seed=5, max_digits=3)
+    t = SFTTrainer(model(), SFTConfig(max_length=24, batch_size=16, max_epochs=8, lr=1e-2, output_dir=str(tmp_path)),
+                   tokenizer=tokenizer(), train_data=sorting_examples(200, max_digits=3), val_data=val, eval_fn=exact)
+    t.fit()
+    metrics = t.validate()
+    assert metrics["val/loss"] == pytest.approx(naive_step_loss(t.unwrapped_model, t.val_data), rel=1e-5)
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]))
+    assert 0 < metrics["val/exact_match"] < 1  # partly learned: the comparison below means something
+    assert metrics["val/score"] == pytest.approx(metrics["val/exact_match"])
+    assert len(scored) == 24 * (8 + 1)
+
+
+# ---- checkpoints and resume -----------------------------------------------------------------------
+
+
+def test_checkpoint_loads_with_auto_classes(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = make_trainer(tmp_path, max_epochs=1)
+    t.fit()
+    path = t.save_checkpoint()
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok("sort 3 1 =")["input_ids"]])
+    assert ids.tolist() == [tokenizer()("sort 3 1 =")["input_ids"]]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, t.unwrapped_model(ids).logits, rtol=0, atol=0)
+
+
+def run_worker(out, *args):
+    return subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# Killed at the start of a step; the last checkpoint (every 2 steps) is mid-epoch 1 (packed: 3 steps an
+# epoch, from step 4; bucketed: 4 steps an epoch, from step 6), so the resume replays a step in the middle.
+@pytest.mark.parametrize("packing,kill_at", [(True, 5), (False, 7)], ids=["packed", "bucketed"])
+def test_sigkill_mid_epoch_with_accumulation_resumes_bitwise(tmp_path, packing, kill_at):
+    flags = ["--packing"] if packing else ["--bucket-window", "3"]
+    proc = run_worker(tmp_path / "killed", *flags, "--kill-at", str(kill_at))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = sft_worker_trainer(tmp_path / "killed", packing)
+    resumed.fit(resume="latest")
+    assert resumed.state.global_step == 2 * resumed.plan.steps_per_epoch()
+    straight = sft_worker_trainer(tmp_path / "straight", packing)
+    straight.fit()
+    assert_bitwise_equal(weights(resumed.model), weights(straight.model))
+    assert_bitwise_equal(optimizer_tensors(resumed), optimizer_tensors(straight))
+    assert resumed.state.train_loss_history == straight.state.train_loss_history
+    assert resumed.state.global_step == straight.state.global_step
+
+
+def sft_worker_trainer(out, packing):
+    sys.path.insert(0, str(WORKER.parent))
+    from sft_worker import build
+
+    return build(out, packing=packing, bucket_window=0 if packing else 3)
