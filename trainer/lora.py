@@ -69,9 +69,11 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, output_dir: str |
             save_base_model(model, base_path)
     targets = "all-linear" if tuple(settings.target_modules) == ("all-linear",) else list(settings.target_modules)
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                             target_modules=targets, task_type="CAUSAL_LM",
-                             base_model_name_or_path=str(Path(base_path).resolve()))
-    return peft.get_peft_model(model, config)
+                             target_modules=targets, task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(model, config)
+    # Set after wrapping: get_peft_model replaces it with the model's own name_or_path ("" when built in memory).
+    wrapped.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    return wrapped
 
 
 def _local_folder(model) -> str | None:

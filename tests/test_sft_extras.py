@@ -1,0 +1,137 @@
+"""SFT beyond the default path: LoRA adapters (peft) with adapter-only checkpoints that resume exactly and merge
+into a plain transformers folder; torch.compile with its compile time kept out of throughput; two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_bitwise_equal, optimizer_tensors, weights
+from paperloop import SFTConfig, SFTTrainer
+from paperloop.callbacks import LambdaCallback
+from paperloop.cli import main as cli
+from sft_helpers import make_trainer, model, sorting_examples, tokenizer
+
+# ---- LoRA ----------------------------------------------------------------------------------------------
+
+
+def lora_trainer(out, callbacks=(), **cfg):
+    pytest.importorskip("peft")
+    settings = dict(lora={"r": 4, "alpha": 8, "dropout": 0.1}, lr=1e-2, max_epochs=2, checkpoint_every_steps=3)
+    settings.update(cfg)
+    return make_trainer(out, n=48, callbacks=callbacks, **settings)
+
+
+def test_lora_trains_adapters_only_and_checkpoints_hold_only_them(tmp_path):
+    t = lora_trainer(tmp_path)
+    before = {k: v.clone() for k, v in model().state_dict().items()}
+    t.fit()
+    trained = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    base = t.unwrapped_model.get_base_model()
+    for name, value in base.state_dict().items():  # every frozen weight is as it was built
+        if "lora_" not in name:
+            assert torch.equal(value, before[name.replace(".base_layer", "")]), name
+    files = {p.name for p in (tmp_path / "checkpoints" / "step-000006").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    assert (tmp_path / "base_model" / "config.json").is_file()  # the in-memory base, written once for merging
+
+
+def test_lora_resumes_bitwise_from_an_adapter_checkpoint(tmp_path):
+    def stop_at_4(trainer, outputs):
+        if trainer.state.global_step == 4:
+            trainer.save_checkpoint()
+            trainer.request_stop("preempted", resumable=True)
+
+    lora_trainer(tmp_path / "stopped", callbacks=[LambdaCallback(on_batch_end=stop_at_4)]).fit()
+    resumed = lora_trainer(tmp_path / "stopped")
+    resumed.fit(resume="latest")
+    straight = lora_trainer(tmp_path / "straight")
+    straight.fit()
+    assert_bitwise_equal(weights(resumed.model), weights(straight.model))
+    assert_bitwise_equal(optimizer_tensors(resumed), optimizer_tensors(straight))
+    assert resumed.state.train_loss_history == straight.state.train_loss_history
+
+
+def test_a_changed_base_is_refused_on_resume(tmp_path):
+    lora_trainer(tmp_path, max_epochs=1).fit()
+    with pytest.raises(ValueError, match="another base model"):
+        SFTTrainer(model(seed=1), SFTConfig(max_length=24, lora={"r": 4}, output_dir=str(tmp_path)),
+                   tokenizer=tokenizer(), train_data=sorting_examples(8))
+
+
+def test_merge_writes_a_plain_model_that_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = lora_trainer(tmp_path / "run", max_epochs=1)
+    t.fit()
+    checkpoint = t.save_checkpoint()
+    assert cli(["merge", str(checkpoint), str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "merged")("sort 3 1 =")["input_ids"]])
+    t.unwrapped_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, t.unwrapped_model(ids).logits, rtol=0, atol=1e-5)
+    assert cli(["merge", str(make_full_checkpoint(tmp_path / "full")), str(tmp_path / "x")]) == 2  # not LoRA
+
+
+def make_full_checkpoint(out):
+    t = make_trainer(out, n=16, max_epochs=1)
+    t.fit()
+    return t.save_checkpoint()
+
+
+# ---- compile ------------------------------------------------------------------------------------------
+
+
+def test_compile_matches_eager_and_keeps_compile_time_out_of_throughput(tmp_path, monkeypatch):
+    import paperloop.sft as sft
+
+    # The same dynamo graphs without inductor's code generation (minutes on this CPU).
+    monkeypatch.setattr(sft, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        outputs = []
+        t = make_trainer(tmp_path / str(compiled), n=32, max_epochs=1, compile=compiled,
+                         callbacks=[LambdaCallback(on_batch_end=lambda tr, o: outputs.append(o))])
+        t.fit()
+        runs[compiled] = (t, outputs)
+    (eager, eager_out), (comp, comp_out) = runs[False], runs[True]
+    assert [float(o["train/loss"]) for o in comp_out] == pytest.approx([float(o["train/loss"]) for o in eager_out],
+                                                                         rel=1e-5)
+    assert "perf/compile_s" in comp_out[0] and "train/tokens_per_s" not in comp_out[0]
+    assert all("train/tokens_per_s" in o for o in comp_out[1:])  # dynamic shapes: no recompile per length
+    assert comp.compile_seconds > 0 and list(comp.unwrapped_model.state_dict()) == list(eager.unwrapped_model.state_dict())
+
+
+# ---- two processes -----------------------------------------------------------------------------------
+
+WORKER = Path(__file__).with_name("sft_ddp_worker.py")
+
+
+def test_two_processes_match_one_process_padded_and_packed(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sys.path.insert(0, str(WORKER.parent))
+    from sft_ddp_worker import build
+    from safetensors.torch import load_file
+
+    for name, single_cfg in (("padded", dict(batch_size=8)), ("packed", dict(packing=True, grad_accum_steps=2))):
+        # 2 processes of batch 4 = 1 of batch 8; packed: 2 processes x 1 micro-batch = 1 process x 2
+        losses = []
+        single = build(tmp_path / f"single-{name}", callbacks=[LambdaCallback(
+            on_batch_end=lambda t, o: losses.append(float(o["train/loss"])))], **single_cfg)
+        single.fit()
+        ddp = load_file(str(tmp_path / f"{name}.safetensors"))
+        for k, v in weights(single.model).items():
+            torch.testing.assert_close(ddp[k], v, rtol=0, atol=1e-6)
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == pytest.approx(losses, rel=1e-6)
