@@ -99,11 +99,11 @@ class SFTTrainer(BaseTrainer):
             raise ValueError("the tokenizer has no pad_token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
         if train_data is None:
             raise ValueError("SFTTrainer needs train_data")
-        self.tokenizer, self.eval_fn = tokenizer, eval_fn
+        self.config, self.tokenizer, self.eval_fn = config, tokenizer, eval_fn
         self.skipped: dict[str, list[tuple[int, str]]] = {}
-        train = self._tokenize("train_data", train_data, config)
+        train = self.tokenize(train_data, "train_data")
         self.val_source = load_examples(val_data) if val_data is not None else None
-        val = self._tokenize("val_data", self.val_source, config) if val_data is not None else None
+        val = self.tokenize(self.val_source, "val_data") if val_data is not None else None
         if eval_fn is not None:
             if val is None:
                 raise ValueError("eval_fn: scores generations on val_data, but no val_data was given")
@@ -117,8 +117,11 @@ class SFTTrainer(BaseTrainer):
         self.compile_seconds = 0.0
         self._logits = self._make_logits_fn()
 
-    def _tokenize(self, name: str, source, config: SFTConfig) -> list[TokenizedExample]:
-        kept, skipped = tokenize_examples(source, self.tokenizer, config.max_length, config.train_prompt)
+    def tokenize(self, examples, name: str) -> list[TokenizedExample]:
+        """`examples` (train_data or val_data, as `name` says) as masked token sequences; skips are counted in
+        `self.skipped[name]` and logged. Override to change the mask of a paper's examples."""
+        config = self.config
+        kept, skipped = tokenize_examples(examples, self.tokenizer, config.max_length, config.train_prompt)
         self.skipped[name] = skipped
         if skipped:
             log.warning("%s: skipped %d of %d examples with nothing to train (first: example %d, %s)", name,

@@ -1,11 +1,25 @@
-"""The Grokking trainer: SFTTrainer with the paper's AdamW betas, and accuracy on both splits at each validation."""
+"""The Grokking trainer: SFTTrainer with the paper's AdamW betas, the loss on the answer token, and accuracy on
+both splits at each validation."""
 
 import torch
 
 from paperloop import SFTTrainer
+from paperloop.lm_data import TokenizedExample
+
+
+def without_eos(example: TokenizedExample) -> TokenizedExample:
+    """The example without its last position, the one that predicts the appended EOS: `<bos> a + b =` -> `c`."""
+    return TokenizedExample(example.index, example.input_ids[:-1], example.target_tokens[:-1], example.weights[:-1],
+                            example.truncated)
 
 
 class GrokkingTrainer(SFTTrainer):
+    def tokenize(self, examples, name):
+        # The answer alone is trained and scored. Trained beside it, the EOS target (which the paper's code also
+        # trains) stalls this Llama-style model on a plateau where it predicts every number alike: measured
+        # here, 1.6% train accuracy after 240 steps with it, 100% after 120 without (README, "Deviations").
+        return [without_eos(example) for example in super().tokenize(examples, name)]
+
     def configure_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, betas=tuple(self.config.betas),
                                  weight_decay=self.config.weight_decay)
