@@ -13,7 +13,8 @@ Modes, each its own model built from the same seed:
                                 with torch.compile(model, dynamic=True)
     ours padded / packed        SFTTrainer's real loop (fit's train(), callbacks and all), padded batches of 16 or
                                 packing=True (micro-batches of 16 x 64 positions in rows of 128)
-    ours ... compiled           the same with compile=True
+    ours ... compiled           the same with compile=True (a second trainer of the same architecture reuses
+                                the first one's compiled graph: compile time 0)
     TRL padded / padding-free / packed   trl.SFTTrainer with per_device_train_batch_size 16, max_length 64
                                 (padding-free: one row of 16 examples with position_ids; packed: BFD rows of 64)
 
@@ -154,7 +155,7 @@ class TRL:
                          weight_decay=0.0, max_steps=10**6, max_length=None if mode == "padding-free" else MAX_LENGTH,
                          padding_free=mode == "padding-free", packing=mode == "packed", report_to="none",
                          save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=0,
-                         dataloader_num_workers=0)
+                         dataloader_num_workers=0, bf16=False, fp16=False)  # float32 like every other mode
         self.trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(examples),
                                 processing_class=tokenizer, callbacks=[Pause()])
         self.go, self.chunk_done = threading.Event(), threading.Event()
@@ -216,7 +217,7 @@ def table(size: str, results: dict) -> str:
              f"{'vs TRL best':>11s} {'compile s':>9s}"]
     for name, r in results.items():
         vs_trl = f"{r['tokens_per_s'] / max(trl):.2f}x" if trl else "-"
-        compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] else ""
+        compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
         lines.append(f"{'':5s} {name:22s} {r['ms_per_step']:8.1f} {r['tokens_per_step']:11.0f} {r['tokens_per_s']:9.0f} "
                      f"{r['tokens_per_s'] / hand:12.2f}x {vs_trl:>11s} {compile_s:>9s}")
     return "\n".join(lines)
