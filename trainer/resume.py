@@ -66,11 +66,13 @@ class Checkpointing:
             if path.exists():
                 raise FileExistsError(f"{path}: a checkpoint there exists already")
             path.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_leftovers(path.parent, self.state.run_id)
             tmp = ckpt.temporary_dir(path)
             ckpt.save_weights(self.unwrapped_model, tmp)
             ckpt.save_state(tmp, state)
             (tmp / "config.yaml").write_text(self.config_yaml())
-            ckpt.commit(tmp, path, {"global_step": self.state.global_step, "epoch": self.state.epoch})
+            ckpt.commit(tmp, path, {"global_step": self.state.global_step, "epoch": self.state.epoch},
+                        run_id=self.state.run_id)
             log.info("checkpoint written: %s", path)
         self.accelerator.wait_for_everyone()
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
@@ -161,4 +163,4 @@ class Checkpointing:
 
     def remove_checkpoint(self, name: str) -> None:
         if self.is_main_process:
-            ckpt.record_removal(self.checkpoint_dir, name)
+            ckpt.record_removal(self.checkpoint_dir, name, run_id=self.state.run_id)

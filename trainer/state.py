@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +21,7 @@ class TrainState:
     # A stop that a resume should undo (a signal, a time limit), as opposed to one that ends the run
     # (early stopping, a non-finite loss).
     stop_resumable: bool = False
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # new per fresh run, kept by a resume
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
