@@ -16,6 +16,7 @@ from .resume import Checkpointing
 from .config import ConfigError, TrainerConfig, config_to_yaml
 from .data import EpochSampler, check_dataset, eval_batches, fetch
 from .distributed import make_accelerator, prepare_optimizer
+from .lock import OutputLock
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,10 @@ class BaseTrainer(Checkpointing, ABC):
         """Train to the end; `resume` is a checkpoint directory or "latest" (the newest in
         `output_dir/checkpoints` that verifies). Returns the TrainState."""
         self._setup()
-        if resume is not None:
-            self.load_checkpoint(self._resolve_resume(resume))
-        return self.train()
+        with OutputLock(self.config.output_dir, enabled=self.is_main_process):
+            if resume is not None:
+                self.load_checkpoint(self._resolve_resume(resume))
+            return self.train()
 
     def train(self) -> TrainState:
         self._setup()
