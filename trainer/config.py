@@ -4,11 +4,19 @@
 
 A paper extends `TrainerConfig` by subclassing it (a frozen dataclass too), so one flat set of keys
 holds both the engine's and the paper's settings. An unknown key, a value of the wrong type or an
-out-of-range value raises `ConfigError`, whose message names the key.
+out-of-range value raises `ConfigError`, whose message starts with the key: types are checked
+against the dataclass annotations (`check_types`), for a config built from YAML and overrides and
+for one constructed directly alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
@@ -45,6 +53,7 @@ class TrainerConfig:
     early_stopping_mode: str = "min"
 
     def __post_init__(self):
+        check_types(self)
         _check_range(self, positive=("max_epochs", "batch_size", "grad_accum_steps", "log_every_steps"),
                      positive_or_none=("max_steps", "val_every_steps", "checkpoint_every_steps",
                                        "early_stopping_patience", "max_grad_norm"),
@@ -55,6 +64,92 @@ class TrainerConfig:
             raise ConfigError(f"precision: must be '32' or 'bf16', got {self.precision!r}")
         if self.early_stopping_mode not in ("min", "max"):
             raise ConfigError(f"early_stopping_mode: must be 'min' or 'max', got {self.early_stopping_mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Types: the dataclass annotations are the schema. One checker for every field of every config
+# class (a paper's subclass included), so a key added later is checked without code of its own.
+
+
+def check_types(cfg) -> None:
+    """Check every field of the dataclass `cfg` against its annotation; raise ConfigError starting
+    with the first key that does not fit. An int where a float is expected becomes a float and a
+    list where a tuple is expected a tuple (what OmegaConf does for YAML and overrides)."""
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), _hints(type(cfg))[f.name]
+        if not _fits(value, hint):
+            raise ConfigError(f"{f.name}: must be {describe_type(hint)}, got {value!r} ({type(value).__name__})")
+        object.__setattr__(cfg, f.name, _normalized(value, hint))
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:  # True/False only: 0, 1 or "no" for a flag is a mistake, not a choice
+        return isinstance(value, bool)
+    if hint is int:  # and a bool is not an int here, whatever Python says
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:  # no NaN or inf: no engine setting means anything by them
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:  # Tuple[int, str]: fixed length
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        key, val = args or (typing.Any, typing.Any)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, val) for k, v in value.items())
+    return isinstance(value, origin or hint)
+
+
+def _normalized(value, hint):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return next((_normalized(value, arm) for arm in args if _fits(value, arm)), value)
+    if hint is float or hint is int:
+        return hint(value)  # numpy scalars and ints-for-floats become plain Python numbers
+    if (origin is tuple or hint is tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def describe_type(hint) -> str:
+    """The annotation in words, as an error message or `--help` says it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arm) for arm in args)
+    if hint is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    if hint in words:
+        return words[hint]
+    if origin in (tuple, list) or hint in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return "a list of " + ", ".join(describe_type(a) for a in args)
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _plural(hint) -> str:
+    plural = {bool: "true/false values", int: "integers", float: "finite numbers", str: "strings"}
+    return plural.get(hint, describe_type(hint))
 
 
 def _check_range(cfg, positive=(), positive_or_none=(), non_negative=()):
@@ -75,15 +170,26 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value")
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(cls),
-            OmegaConf.load(path) if path is not None else {},
-            OmegaConf.from_dotlist(list(overrides)),
-        )
-        return OmegaConf.to_object(merged)
+        sources = [OmegaConf.load(path) if path is not None else OmegaConf.create(),
+                   OmegaConf.from_dotlist(list(overrides))]
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *sources))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        if getattr(e, "full_key", None):
+            raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(_unnamed_error(cls, sources, e)) from None
+
+
+def _unnamed_error(cls, sources, error: Exception) -> str:
+    """OmegaConf names no key for a bad list item (`widths=[8,2.5]`): find it by merging one key
+    at a time, and say what it must be."""
+    for source in sources:
+        for key in source:
+            try:
+                OmegaConf.merge(OmegaConf.structured(cls), {key: source[key]})
+            except OmegaConfBaseException:
+                value = OmegaConf.to_container(source)[key]
+                return f"{key}: must be {describe_type(_hints(cls)[key])}, got {value!r}"
+    return f"config: {str(error).splitlines()[0]}"
 
 
 def config_to_yaml(cfg) -> str:
