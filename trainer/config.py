@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import io
 import math
 import numbers
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -33,24 +38,24 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    max_epochs: int = 1
+    max_epochs: int = 1  # passes over train_data
     max_steps: Optional[int] = None  # optimizer steps; stops mid-epoch when reached first
     batch_size: int = 32  # per process and per micro-batch
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    output_dir: str = "runs/default"
-    grad_accum_steps: int = 1
-    max_grad_norm: Optional[float] = None
+    lr: float = 1e-3  # learning rate of the default AdamW
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    seed: int = 0  # seeds python, numpy, torch and the data order
+    output_dir: str = "runs/default"  # checkpoints, logs and results; one run at a time (locked)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: Optional[float] = None  # clip the gradient's total norm to this; null: no clipping
     precision: str = "32"  # "32" or "bf16"
-    shuffle: bool = True
+    shuffle: bool = True  # a new seeded order of train_data every epoch
     val_every: Optional[int] = None  # epochs; None: every epoch when val_data is given; 0: never
     val_every_steps: Optional[int] = None  # optimizer steps, in addition to val_every
-    log_every_steps: int = 50
+    log_every_steps: int = 50  # optimizer steps between logged training metrics
     checkpoint_every_steps: Optional[int] = None  # installs a ModelCheckpoint when none is attached
     early_stopping_patience: Optional[int] = None  # installs an EarlyStopping when none is attached
-    early_stopping_monitor: str = "val/loss"
-    early_stopping_mode: str = "min"
+    early_stopping_monitor: str = "val/loss"  # the metric early_stopping_patience watches
+    early_stopping_mode: str = "min"  # "min" or "max": which way is better
 
     def __post_init__(self):
         check_types(self)
@@ -190,6 +195,42 @@ def _unnamed_error(cls, sources, error: Exception) -> str:
                 value = OmegaConf.to_container(source)[key]
                 return f"{key}: must be {describe_type(_hints(cls)[key])}, got {value!r}"
     return f"config: {str(error).splitlines()[0]}"
+
+
+def describe_keys(cls, path: str | Path | None = None) -> list[tuple[str, str, object, str]]:
+    """(key, type in words, value, comment) for every key of `cls`, in field order: the value the YAML
+    file at `path` gives it (else its default), and the comment beside it in that file (else the one
+    beside the field in the class's source)."""
+    cfg = load_config(cls, path)
+    comments = _source_comments(cls)
+    if path is not None:
+        comments.update(_yaml_comments(Path(path).read_text()))
+    return [(f.name, describe_type(_hints(cls)[f.name]), getattr(cfg, f.name), comments.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+
+
+def _source_comments(cls) -> dict[str, str]:
+    """Field -> the comment ending its line in the class source; Python's tokenizer finds the
+    comments, so a '#' inside a string default is not taken for one."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined in a REPL: no source to read
+            continue
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        by_line = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+        for number, line in enumerate(source.splitlines(), 1):
+            if (match := re.match(r"\s+(\w+)\s*:", line)) and number in by_line:
+                comments[match[1]] = by_line[number]
+    return comments
+
+
+def _yaml_comments(text: str) -> dict[str, str]:
+    """Top-level key -> the `# comment` ending its line in a YAML file."""
+    return {m[1]: m[2].strip() for m in re.finditer(r"^(\w+)\s*:[^\n]*? #([^\n]*)$", text, re.MULTILINE)}
 
 
 def config_to_yaml(cfg) -> str:
