@@ -1,6 +1,6 @@
 """MNIST-1D benchmark table (Greydanus, "Scaling Down Deep Learning", 2020).
 
-    paperloop run mnist1d output_dir=runs/mnist1d            # all 8 rows, about 6 minutes on 2 CPU cores
+    paperloop run mnist1d output_dir=runs/mnist1d            # all 8 rows, about 5 minutes on 2 CPU cores
     paperloop run mnist1d models=[cnn] shuffled=[false]       # one row, merged into the folder's table
     paperloop run mnist1d --help                              # every config key, its default and meaning
 
