@@ -115,7 +115,11 @@ def test_an_interrupted_row_finishes_once_and_its_time_sums_both_invocations(tmp
     interrupted = json.loads((tmp_path / "mlp" / "row.json").read_text())
     assert interrupted["result"] is None and interrupted["seconds"] >= 0.6
 
-    monkeypatch.setattr(mnist1d.Classifier, "training_step", step)
+    def slow(self, batch):  # the 30 remaining steps take at least 0.3 s: more than the rounding of seconds
+        time.sleep(0.01)
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", slow)
     capsys.readouterr()
     start = time.perf_counter()
     mnist1d.run(small(tmp_path))

@@ -175,7 +175,7 @@ class Checkpointing:
         state = ckpt.read(path)
         try:
             self.load_state_dict(state)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             where = path / (ckpt.WEIGHTS if str(e).startswith("model:") else ckpt.STATE_JSON)
             raise ckpt.CheckpointError(f"{where}: {e if not isinstance(e, KeyError) else f'no entry {e}'}") from None
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
