@@ -15,8 +15,23 @@ from paperloop.papers import mnist1d
 from paperloop.papers.mnist1d.data import datasets, generate, position_permutation
 
 
+_generated: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _generate_once(monkeypatch):
+    """The paper's runs in these tests take the dataset generated once per session (generating it takes
+    most of a second); test_generation_is_seeded_and_leaves_numpy_alone calls the real generate()."""
+    def cached(data_seed=42):
+        if data_seed not in _generated:
+            _generated[data_seed] = generate(data_seed)
+        return _generated[data_seed]
+
+    monkeypatch.setattr(mnist1d, "generate", cached)
+
+
 def test_dataset_shapes_and_the_fixed_shuffle():
-    raw = generate(42)
+    raw = mnist1d.generate(42)
     train, test = datasets(raw, shuffled=False, permutation_seed=0)
     assert train.tensors[0].shape == (4000, 40) and test.tensors[0].shape == (1000, 40)
     assert sorted(train.tensors[1].unique().tolist()) == list(range(10))
