@@ -93,16 +93,22 @@ class PackedSampler(EpochSampler):
     def total_steps(self, epochs: int) -> int:
         return sum(len(self.epoch_steps(epoch)) for epoch in range(epochs))
 
+    def shape(self) -> dict:
+        # The step count of an epoch depends on the epoch's order, so it is checked for the checkpoint's epoch.
+        return {"num_samples": self.num_samples, "row_len": self.row_len, "rows": self.rows,
+                "micro_batches_per_step": self.micro_per_step}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epoch_steps": len(self._steps_of(self.epoch))}
+
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"data plan: the checkpoint's data order used seed {state['seed']}, this run "
-                             f"seed {self.seed}; resume with the same seed")
+        before = self.epoch, self.offset
+        super().load_state_dict({k: v for k, v in state.items() if k != "epoch_steps"})  # seed and shape
         count = len(self.epoch_steps(state["epoch"]))
-        if state["steps_per_epoch"] != count:
-            raise ValueError(f"data plan: the checkpoint's epoch {state['epoch']} has {state['steps_per_epoch']} "
-                             f"packed steps, this run's {count} (changed data, max_length, batch size, "
-                             "accumulation or process count); resume with the same ones")
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        if state["epoch_steps"] != count:
+            self.epoch, self.offset = before  # nothing loaded on error
+            raise ValueError(f"data plan: the checkpoint's epoch {state['epoch']} has {state['epoch_steps']} packed "
+                             f"steps, this run's {count} (changed data or max_length); resume with the same ones")
 
 
 class BucketedSampler(EpochSampler):
@@ -118,6 +124,9 @@ class BucketedSampler(EpochSampler):
         super().__init__(len(lengths), batch_size, grad_accum_steps, world_size, rank, seed, shuffle, weights)
         self.lengths_N = torch.as_tensor(list(lengths))
         self.window = window
+
+    def shape(self) -> dict:
+        return {**super().shape(), "bucket_window": self.window}
 
     def epoch_steps(self, epoch: int) -> list[torch.Tensor]:
         order = epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle)

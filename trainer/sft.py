@@ -61,9 +61,9 @@ class SFTConfig(TrainerConfig):
     lora: Optional[LoraSettings] = None  # LoRA adapters through peft (the `lora` extra); None: full fine-tuning
 
     def __post_init__(self):
-        super().__post_init__()
         if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
             object.__setattr__(self, "lora", LoraSettings(**self.lora))
+        super().__post_init__()
         if self.max_length < 1 or self.eval_max_new_tokens < 1:
             key = "max_length" if self.max_length < 1 else "eval_max_new_tokens"
             raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -221,7 +221,7 @@ class SFTTrainer(BaseTrainer):
         try:
             for indices in eval_batches(len(examples), self.config.batch_size, self.world_size, self.rank):
                 batch = self._on_device(pad_batch([examples[i] for i in indices.tolist()], self.tokenizer.pad_token_id))
-                with self._autocast():
+                with self.autocast():
                     logits_B_T_V = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                               use_cache=False).logits
                 weights_B_T = batch["weights"]
