@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from paperloop import RLConfig, RLTrainer
+from paperloop.sampling import Samples, sample
 from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
 
 DIGITS = list("0123456789+=")
@@ -62,6 +64,30 @@ RESUME_RUNS = {
     "mu1": dict(prompts=16, checkpoint_every_steps=2),
     "mu2": dict(prompts=16, checkpoint_every_steps=2, inner_epochs=2, minibatch_size=2, beta=0.04),
 }
+
+
+# The DDP test's run (batch_size is the global one: each of 2 processes takes half): the token-mean normalizer and
+# the batch-std advantages both need every process's rollouts; two updates a step, 4 steps.
+DDP_RUN = dict(batch_size=4, prompts=16, max_epochs=1, aggregation="token_mean", advantage="batch_std",
+               inner_epochs=2, micro_batch_size=3, lr=0.2)
+
+
+class LayoutFreeSampling(SGDRLTrainer):
+    """Each prompt's completions come from a generator seeded by (step, prompt), the same whichever process holds
+    the prompt: a 2-process run then sees exactly the rollouts of a 1-process run of the same global batch."""
+
+    def generate(self, prompt_ids_P, num_samples, temperature):
+        def seeded(prompt):
+            return torch.Generator().manual_seed(1000 * self.state.global_step + sum(i * t for i, t in enumerate(prompt)))
+
+        parts = [sample(self.unwrapped_model, [prompt], num_samples, self.config.max_new_tokens, generator=seeded(prompt),
+                        temperature=temperature, eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id)
+                 for prompt in prompt_ids_P]
+        width = max(part.tokens_N_L.shape[1] for part in parts)
+        return Samples(torch.cat([F.pad(p.tokens_N_L, (0, width - p.tokens_N_L.shape[1]), value=self.pad_id)
+                                  for p in parts]),
+                       torch.cat([F.pad(p.logprobs_N_L, (0, width - p.logprobs_N_L.shape[1])) for p in parts]),
+                       torch.cat([p.lengths_N for p in parts]), torch.cat([p.stopped_N for p in parts]), num_samples)
 
 
 def run_rl_worker(out, *args) -> subprocess.CompletedProcess:

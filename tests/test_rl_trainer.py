@@ -3,10 +3,15 @@ completion, plain SGD), the batch it builds, the reference model, reward-functio
 metrics, and exact resume after SIGKILL (between rollout batches, during generation, between updates)."""
 
 import copy
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from paperloop import CheckpointError, RLConfig, RLTrainer
 from paperloop.callbacks import LambdaCallback
@@ -15,7 +20,7 @@ from paperloop.data import epoch_permutation
 from paperloop.rl_trainer import rollout_batch, split_rows, token_entropy
 from paperloop.sampling import Samples, sample
 from paperloop.checkpoint import committed
-from rl_helpers import RESUME_RUNS, digit_reward, make_lm, make_prompts, make_rl_trainer, make_tokenizer, run_rl_worker
+from rl_helpers import DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer, make_tokenizer, run_rl_worker
 
 # ---- the update against a naive loop ----------------------------------------------------------------------
 
@@ -286,3 +291,27 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, tmp_path_fa
     resumed = make_rl_trainer(tmp_path, **RESUME_RUNS[run])
     resumed.fit(resume="latest")
     assert_same_run(resumed, straight_run(run, tmp_path_factory))
+
+
+# ---- two processes -----------------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(tmp_path):
+    """token_mean's normalizer (all-reduced) and batch_std's advantages (gathered) both span the processes: 2 x 2
+    prompts end where 1 x 4 prompts end. A DDP run stopped with a checkpoint resumes bitwise (each process's own
+    sampling stream restored)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("rl_ddp_worker.py")), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = load_file(str(tmp_path / "layout_free.safetensors"))
+    single = make_rl_trainer(tmp_path / "single", cls=LayoutFreeSampling, **DDP_RUN)
+    single.fit()
+    moved = 0.0
+    for name, value in single.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5)
+        moved = max(moved, (value - make_lm(make_tokenizer()).state_dict()[name]).abs().max().item())
+    assert moved > 1e-3
+    straight, resumed = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("straight", "resumed"))
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
