@@ -14,7 +14,7 @@ from .callbacks import Callback, EarlyStopping, ModelCheckpoint, SignalCheckpoin
 from .checkpoint import load_model_state
 from .config import ConfigError, TrainerConfig, config_to_yaml
 from .data import EpochSampler, Step, check_dataset, eval_batches, fetch
-from .distributed import make_accelerator, prepare_optimizer
+from .distributed import backward_fn, make_accelerator, prepare_optimizer
 from .resume import Checkpointing
 from .rng import rng_state, set_rng_state
 from .state import TrainState
@@ -71,7 +71,15 @@ class BaseTrainer(Checkpointing, ABC):
         self.config = config
         self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
         self.accelerator = make_accelerator()
+        # Read once: Accelerate's properties cost microseconds each, and the loop asks every step.
+        self.device: torch.device = self.accelerator.device
+        self.world_size: int = self.accelerator.num_processes
+        self.rank: int = self.accelerator.process_index
+        self.is_main_process: bool = self.accelerator.is_main_process
         self.model = self.accelerator.prepare_model(model)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._finite_check = FiniteCheck(self._params, self.device)
+        self._backward = backward_fn(self.accelerator)
         self.callbacks: list[Callback] = list(callbacks) + default_callbacks(config, callbacks)
         check_state_keys(self.callbacks)
         self.state = TrainState()
@@ -191,8 +199,8 @@ class BaseTrainer(Checkpointing, ABC):
                                    "trained (was it computed under torch.no_grad(), detached, or from frozen "
                                    "parameters only?)")
             scale = share * self.world_size  # DDP averages gradients over processes: undo its 1/world
-            self.accelerator.backward(loss if scale == 1 else loss * scale)
-        weighted = loss.detach().float() * share
+            self._backward(loss if scale == 1 else loss * scale)
+        weighted = loss.detach().float() if share == 1 else loss.detach().float() * share
         self._pending_loss = weighted if self._pending_loss is None else self._pending_loss + weighted
         return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
@@ -202,19 +210,20 @@ class BaseTrainer(Checkpointing, ABC):
 
         A non-finite loss or gradient is never applied: the gradients are zeroed and the run goes on
         (`TerminateOnNonFinite` stops it). Returns `train/loss` (the update's weighted mean loss over
-        every process), `train/finite`, `optim/grad_norm` (before clipping) and `optim/lr`.
+        every process), `train/finite`, `optim/lr`, and `optim/grad_norm` (before clipping) when
+        clipping or when a log may be due (the first and every `log_every_steps`-th step).
         """
         if self._pending_loss is None:
             raise RuntimeError("optimizer_step() without a forward_backward() since the last update")
         loss = self.reduce_sum(self._pending_loss)
         self._pending_loss = None
+        out = {"train/loss": loss, "optim/lr": self.optimizer.param_groups[0]["lr"]}
         if self.config.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        else:
-            norm = grad_norm(self.model.parameters())
+            out["optim/grad_norm"] = self.accelerator.clip_grad_norm_(self._params, self.config.max_grad_norm)
+        elif (self.state.global_step + 1) % self.config.log_every_steps in (0, 1):  # a log may be due
+            out["optim/grad_norm"] = grad_norm(self._params)
         # The one host sync per update: a NaN/inf loss or gradient must never reach the weights.
-        finite = bool(torch.isfinite(loss + norm))
-        lr = self.optimizer.param_groups[0]["lr"]
+        out["train/finite"] = finite = self._finite_check(loss)
         if finite:
             self.optimizer.step()
             if self.scheduler is not None:
@@ -224,7 +233,7 @@ class BaseTrainer(Checkpointing, ABC):
             log.warning("step %d: the loss or gradient is not finite; the update was skipped",
                         self.state.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"train/loss": loss, "train/finite": finite, "optim/grad_norm": norm, "optim/lr": lr}
+        return out
 
     def _end_step(self, step: Step, outputs: dict) -> dict:
         """Count the step, add it to the epoch's loss, validate when due."""
@@ -235,7 +244,7 @@ class BaseTrainer(Checkpointing, ABC):
         self.state.step_in_epoch += 1
         outputs.setdefault("train/samples", step.samples)
         if outputs.get("train/finite", True) and "train/loss" in outputs:
-            self._epoch_loss_sum = self._epoch_loss_sum + outputs["train/loss"] * step.weight
+            self._epoch_loss_sum = torch.add(self._epoch_loss_sum, outputs["train/loss"], alpha=step.weight)
             self._epoch_weight += step.weight
         every = self.config.val_every_steps
         if every and self.state.global_step % every == 0:
@@ -274,9 +283,14 @@ class BaseTrainer(Checkpointing, ABC):
     # ---- callbacks and stopping ---------------------------------------------------------------
 
     def _call(self, hook: str, *args) -> None:
-        with self.deferring_checkpoints():  # a checkpoint asked for in a hook waits for every callback
+        self.in_hook = True  # a checkpoint asked for now waits until every callback has seen the hook
+        try:
             for callback in self.callbacks:
                 getattr(callback, hook)(self, *args)
+        except BaseException:
+            self.end_hook(write=False)
+            raise
+        self.end_hook(write=True)
 
     def request_stop(self, reason: str, resumable: bool = False) -> None:
         """Ask the loop to stop after the current step (or epoch). A `resumable` stop (a signal, a time
@@ -440,22 +454,6 @@ class BaseTrainer(Checkpointing, ABC):
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def world_size(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
-
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, "sum") if self.world_size > 1 else tensor
 
@@ -535,6 +533,40 @@ def weighted_mean(parts: list[dict], shares: list[float]) -> dict:
     return out
 
 
-def grad_norm(parameters) -> torch.Tensor:
+class FiniteCheck:
+    """`check(loss)`: are the loss and every gradient finite? Runs every update, so it is lean: one fused
+    kernel per dtype of the parameters (the check torch's GradScaler runs, here at scale 1, which leaves
+    the values bitwise as they are; a fraction of a norm's cost) and one host sync. Parameters spread
+    over several devices fall back to a gradient norm."""
+
+    def __init__(self, params: list[torch.Tensor], device: torch.device):
+        self.by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            self.by_dtype.setdefault(p.dtype, []).append(p)
+        self.params, self.one_device = params, all(p.device == device for p in params)
+        self.found, self.one = torch.zeros(1, device=device), torch.ones(1, device=device)
+
+    def __call__(self, loss: torch.Tensor) -> bool:
+        if not self.one_device:
+            return bool(torch.isfinite(loss + grad_norm(self.params)))
+        self.found.zero_()
+        for dtype, params in self.by_dtype.items():
+            tensors = [p.grad for p in params if p.grad is not None]
+            if dtype == loss.dtype:
+                tensors.append(loss.reshape(1))
+            if tensors:
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.found, self.one)
+        if loss.dtype not in self.by_dtype:
+            torch._amp_foreach_non_finite_check_and_unscale_([loss.reshape(1)], self.found, self.one)
+        return not bool(self.found)
+
+
+def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' total L2 norm. torch's get_total_norm groups tensors by device and dtype first,
+    which costs more than the norm itself for small models; one device is the common case."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if not grads:
+        return torch.zeros(())
+    if len({(g.device, g.dtype) for g in grads}) > 1:
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

@@ -111,7 +111,10 @@ class EpochSampler:
         self.offset += 1
 
     def make_step(self, step_indices: torch.Tensor) -> Step:
-        micro_batches = tuple(self.split(step_indices))
+        if self.world_size == 1 and len(step_indices) <= self.batch_size:  # the common case, kept cheap
+            micro_batches = (step_indices,)
+        else:
+            micro_batches = tuple(self.split(step_indices))
         if self.weights is None:
             return Step(micro_batches, tuple(float(len(mb)) for mb in micro_batches), float(len(step_indices)),
                         len(step_indices))

@@ -49,3 +49,11 @@ def prepare_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer
     if accelerator.distributed_type in PLAIN_OPTIMIZER:
         return optimizer
     return accelerator.prepare_optimizer(optimizer)
+
+
+def backward_fn(accelerator: Accelerator):
+    """How the trainer runs backward. Accelerate's `backward` matters only for DeepSpeed, Megatron and a
+    grad scaler; elsewhere it divides every loss by 1 and calls `loss.backward()`: call that directly."""
+    if accelerator.distributed_type in PLAIN_OPTIMIZER and accelerator.scaler is None:
+        return torch.Tensor.backward
+    return accelerator.backward

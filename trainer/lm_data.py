@@ -40,7 +40,7 @@ SHAPES = {"prompt_completion": ("prompt", "completion"), "chat": ("messages",), 
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: `==` on tensor fields would raise; examples compare by identity
 class TokenizedExample:
     """One example as model positions: `input_ids[i]` predicts `target_tokens[i]` with weight `weights[i]`."""
 

@@ -7,7 +7,6 @@ trainer's public API (`state_dict`, `load_state_dict`, `config`, `state`, `accel
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ log = logging.getLogger(__name__)
 
 class Checkpointing:
     def __init__(self):
-        self._deferring = False  # inside a hook: a checkpoint waits until every callback has seen it
+        self.in_hook = False  # set by the trainer while callbacks handle a hook
         self._pending_saves: list[tuple[Path, object]] = []
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
 
@@ -33,7 +32,7 @@ class Checkpointing:
         checkpoint holds their updated state; `on_commit(path)` runs once it is committed.
         """
         path = Path(path) if path is not None else self._next_checkpoint_path()
-        if self._deferring:
+        if self.in_hook:
             self._pending_saves.append((path, on_commit))
             return path
         self._write_checkpoint(path)
@@ -41,16 +40,14 @@ class Checkpointing:
             on_commit(path)
         return path
 
-    @contextlib.contextmanager
-    def deferring_checkpoints(self):
-        """Checkpoints asked for inside the block are written when it ends, once each."""
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
+    def end_hook(self, write: bool) -> None:
+        """The hook is over: write the checkpoints asked for inside it, once each, in order (or drop
+        them, when a callback raised: the state they would hold is not one the run reached)."""
+        self.in_hook = False
         pending, self._pending_saves = self._pending_saves, []
-        for path in dict.fromkeys(p for p, _ in pending):  # one write per path, in order
+        if not write or not pending:
+            return
+        for path in dict.fromkeys(p for p, _ in pending):
             self._write_checkpoint(path)
         for path, on_commit in pending:
             if on_commit is not None:
