@@ -362,7 +362,6 @@ class RLTrainer(BaseTrainer):
         outputs = {
             "train/loss": loss, "policy/loss": loss,
             "train/finite": all(o["train/finite"] for o in optimizer_outputs),
-            "optim/grad_norm": torch.stack([torch.as_tensor(o["optim/grad_norm"]) for o in optimizer_outputs]).mean(),
             "optim/lr": optimizer_outputs[-1]["optim/lr"],
             "reward/mean": rewards_N.mean(), "reward/std": rewards_N.std(),
             **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)},
@@ -372,6 +371,8 @@ class RLTrainer(BaseTrainer):
             "time/generate_s": rollouts.generate_s, "time/reward_s": rollouts.score_s, "time/train_s": train_s,
             "perf/completions_per_s": len(rewards_N) / step_s,
         }
+        if "optim/grad_norm" in optimizer_outputs[0]:  # when clipping, or when a log may be due
+            outputs["optim/grad_norm"] = torch.stack([o["optim/grad_norm"] for o in optimizer_outputs]).mean()
         if c.log_completions:
             outputs["text/samples"] = completions_text(rollouts, c.log_completions)
         return outputs
