@@ -315,3 +315,19 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
     straight, resumed = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("straight", "resumed"))
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_path):
+    trainer = make_rl_trainer(tmp_path, max_steps=1)
+    tok = trainer.tokenizer
+    ids = trainer.prompt_ids({"messages": [{"role": "user", "content": "1+2="}]}, "example 0")
+    assert tok.decode(ids) == "<bos><|user|>1+2=<|end|><|assistant|>"
+    assert trainer.prompt_ids({"prompt": "1+2="}, "example 0") == tok("1+2=")["input_ids"]
+    assert trainer.stop_token_ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    chats = [{"messages": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in make_prompts()]
+    seen = []
+    chat_trainer = RLTrainer(make_lm(tok), RLConfig(batch_size=4, num_generations=4, max_new_tokens=5, max_steps=1,
+                                                   output_dir=str(tmp_path / "chat")), tokenizer=tok, train_data=chats,
+                             reward_fns=[lambda prompt, completion, example: seen.append(prompt) or 0.0])
+    chat_trainer.fit()
+    assert seen[0] == chats[int(epoch_permutation(24, 0, 0)[0])]["messages"]  # reward functions get the messages

@@ -1,0 +1,38 @@
+"""papers/rlvr: the task split and reward, the coverage count, the results files, and a tiny end-to-end run of
+`paperloop run rlvr` (SFT, GRPO, Dr. GRPO, pass@k) that continues after an interruption and skips done stages."""
+
+import json
+
+import pytest
+
+from paperloop.papers.rlvr.evaluate import coverage, write_results
+from paperloop.papers.rlvr.task import correct, rl_prompts, sft_examples, split_problems
+
+
+def test_held_out_pairs_are_disjoint_from_training_pairs_and_fixed_by_the_seed():
+    train, held_out = split_problems(200, seed=0)
+    assert len(train) == 7900 and len(held_out) == 200 and not set(train) & set(held_out)
+    assert split_problems(200, seed=0) == (train, held_out) and split_problems(200, seed=1)[1] != held_out
+    assert sft_examples([(12, 7)]) == [{"prompt": "12+7=", "completion": "19"}]
+    assert rl_prompts([(99, 99)]) == [{"prompt": "99+99=", "answer": "198"}]
+    assert correct("12+7=", "19", {"answer": "19"}) == 1.0
+    assert correct("12+7=", "190", {"answer": "19"}) == 0.0 and correct("12+7=", "", {"answer": "19"}) == 0.0
+
+
+def test_coverage_counts_pairs_solved_by_one_model_and_not_the_other():
+    rows = [{"method": "sft", "solved": [True, True, False, False, True]},
+            {"method": "grpo", "solved": [True, False, True, False, True]}]
+    assert coverage(rows) == {"grpo": {"only_rl": 1, "only_sft": 1, "both": 2, "pairs": 5}}
+
+
+def test_results_files(tmp_path):
+    rows = [{"method": m, "pass_at": {"1": p1, "2": 0.5, "4": 0.75}, "greedy_acc": p1, "mean_completion_len": 3.5,
+             "train_seconds": 10.0, "solved": [True, False]} for m, p1 in (("sft", 0.25), ("grpo", 0.5))]
+    write_results(tmp_path, "paper", rows, {"held_out": 2, "eval_samples": 4, "eval_temperature": 1.0,
+                                             "seconds": {"total": 20.0}})
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["sft", "grpo"] and "solved" not in result["rows"][0]
+    assert result["rows"][1]["pass_at"] == {"1": 0.5, "2": 0.5, "4": 0.75}
+    table = (tmp_path / "results.md").read_text()
+    assert "| grpo | 50.0% | 50.0% | 75.0% | 3.50 | 10 |" in table
+    assert (tmp_path / "results.png").stat().st_size > 10_000
