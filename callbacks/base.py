@@ -55,3 +55,18 @@ class LambdaCallback(Callback):
             raise TypeError(f"LambdaCallback: unknown hook(s) {sorted(unknown)}; hooks are {', '.join(HOOKS)}")
         for name, fn in hooks.items():
             setattr(self, name, fn)
+
+
+def is_stateful(callback: Callback) -> bool:
+    return type(callback).state_dict is not Callback.state_dict
+
+
+def check_state_keys(callbacks: list[Callback]) -> None:
+    """Stateful callbacks need distinct state keys, or one's checkpointed state would land in another."""
+    seen: dict[str, Callback] = {}
+    for cb in filter(is_stateful, callbacks):
+        if cb.state_key in seen:
+            raise ValueError(f"callbacks: two attached callbacks ({type(seen[cb.state_key]).__name__} and "
+                             f"{type(cb).__name__}) have the state_key {cb.state_key!r}; give one its own "
+                             "(callback.state_key = '...') so each finds its state on resume")
+        seen[cb.state_key] = cb

@@ -37,17 +37,20 @@ class EarlyStopping(Callback):
     """An epoch improves when `monitor` in its logs beats the best so far (or `baseline`) by more than
     `min_delta`; after `patience` epochs in a row without improvement, training stops. Epochs whose
     logs lack `monitor` (no validation that epoch) are not counted; a monitor that is missing while
-    others of its kind are there (a typo) is warned about once. With `restore_best`, the weights of the
-    best epoch are put back when it stops. `best` is the best value so far (None before the first)."""
+    others of its kind are there (a typo) is warned about once. With `stopping_threshold`, training stops
+    as soon as `monitor` reaches it (>= in mode "max", <= in "min"), e.g. validation accuracy 99%. With
+    `restore_best`, the weights of the best epoch are put back when it stops. `best` is the best value
+    so far (None before the first)."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
-                 baseline: float | None = None, restore_best: bool = False):
+                 baseline: float | None = None, restore_best: bool = False, stopping_threshold: float | None = None):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         if patience < 1:
             raise ValueError(f"EarlyStopping: patience must be >= 1, got {patience}")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.baseline, self.restore_best = abs(min_delta), baseline, restore_best
+        self.stopping_threshold = stopping_threshold
         self.state_key = f"{self.state_key}[{monitor}]"  # two of them, on two metrics, keep apart
         self.best = baseline
 
@@ -61,6 +64,11 @@ class EarlyStopping(Callback):
                 self.warned = True
             return
         value = float(logs[self.monitor])
+        if self.stopping_threshold is not None and not math.isnan(value) and (
+                value >= self.stopping_threshold if self.mode == "max" else value <= self.stopping_threshold):
+            trainer.request_stop(f"early stopping: {self.monitor} reached {value:g} (threshold "
+                                 f"{self.stopping_threshold:g}) at epoch {trainer.state.epoch}")
+            return
         if improved(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0
             if self.restore_best:

@@ -47,9 +47,9 @@ class ModelCheckpoint(Callback):
         """Is this the epoch's last step, with the epoch's end (or the run's, right after) about to be
         checkpointed?"""
         s, c = trainer.state, trainer.config
-        closes = s.step_in_epoch == trainer.plan.steps_per_epoch() and not s.should_stop \
-            and (c.max_steps is None or s.global_step < c.max_steps)
-        run_ends = s.epoch + 1 >= c.max_epochs
+        closes = s.step_in_epoch == trainer.plan.steps_per_epoch()
+        run_ends = s.should_stop or (c.max_steps is not None and s.global_step >= c.max_steps) \
+            or (c.epoch_limit() is not None and s.epoch + 1 >= c.epoch_limit())
         return closes and (self._epoch_due(s.epoch + 1) or (self.save_last and run_ends))
 
     def _epoch_due(self, epoch: int) -> bool:

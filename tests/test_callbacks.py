@@ -181,3 +181,11 @@ def test_tensorboard_writes_string_outputs_as_text(tmp_path):
     events = acc.Tensors("text/note/text_summary")
     assert [e.step for e in events] == [1, 2, 4]
     assert [e.tensor_proto.string_val[0].decode() for e in events] == ["epoch 0", "epoch 0", "epoch 1"]
+
+
+def test_early_stopping_threshold_stops_as_soon_as_it_is_reached(tmp_path):
+    _, state = run_scripted(tmp_path / "max", [50, 90, 99.2, 99.9], [EarlyStopping("val/loss", mode="max",
+                                                                                  stopping_threshold=99.0)])
+    assert state.epoch == 3 and state.stop_reason == "early stopping: val/loss reached 99.2 (threshold 99) at epoch 3"
+    _, state = run_scripted(tmp_path / "min", [3, 0.5, 0.09, 0.01], [EarlyStopping(stopping_threshold=0.1)])
+    assert state.epoch == 3

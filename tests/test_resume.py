@@ -288,3 +288,35 @@ def test_time_limit_checkpoints_stops_and_resumes_exactly(tmp_path, tmp_path_fac
     resumed = make_resume_trainer(tmp_path)
     resumed.fit(resume="latest")
     assert_same_run(resumed, straight(tmp_path_factory))
+
+
+def test_artifacts_are_sealed_into_each_checkpoint_and_never_read_back(tmp_path):
+    from helpers import ScheduledRegression
+
+    class WithNotes(ScheduledRegression):
+        def write_artifacts(self, directory):
+            (directory / "notes.txt").write_text(f"step {self.state.global_step}")
+
+    t = make_resume_trainer(tmp_path, cls=WithNotes, max_epochs=1)
+    t.fit()
+    path = ckpt.committed(tmp_path / "checkpoints")[0]
+    assert (path / "notes.txt").read_text() == "step 6"
+    assert "notes.txt" in json.loads((path / ckpt.MANIFEST).read_text())["files"]
+    (path / "notes.txt").write_text("edited")  # sealed: an edit is caught like any other file's
+    with pytest.raises(CheckpointError, match=f"^{path / 'notes.txt'}: sha256 differs"):
+        make_resume_trainer(tmp_path, cls=WithNotes).load_checkpoint(path)
+
+
+def test_a_changed_lr_on_resume_keeps_the_checkpoints_and_says_so_everywhere(tmp_path, tmp_path_factory, caplog):
+    from paperloop.callbacks import TensorBoardLogger
+
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 9 and t.request_stop("x", resumable=True))
+    make_resume_trainer(tmp_path, callbacks=[stop]).fit()  # lr 0.01, weight decay 0
+    with caplog.at_level(logging.WARNING):
+        resumed = make_resume_trainer(tmp_path, lr=0.5, weight_decay=0.1, callbacks=[TensorBoardLogger()])
+        resumed.fit(resume="latest")
+    assert "lr is 0.5 in this run's config but 0.01 in the checkpoint; the run goes on with the checkpoint's 0.01" \
+        in caplog.text and "weight_decay is 0.1" in caplog.text
+    assert (resumed.config.lr, resumed.config.weight_decay) == (0.01, 0.0)  # what is recorded is what is used
+    assert "lr: 0.01" in (ckpt.committed(tmp_path / "checkpoints")[0] / "config.yaml").read_text()
+    assert_same_run(resumed, straight(tmp_path_factory))

@@ -147,7 +147,7 @@ def test_primitives_refuse_a_gradient_that_would_leak_across_steps(tmp_path):
     with pytest.raises(RuntimeError, match="after its last optimizer_step"):
         Leaky(make_model(), cfg, train_data=make_data(16)).fit()
     t = Regression(make_model(), cfg, train_data=make_data(16))
-    t._setup()
+    t.setup()
     with pytest.raises(RuntimeError, match="without a forward_backward"):
         t.optimizer_step()
 
@@ -232,7 +232,7 @@ def test_state_dict_round_trip_in_memory_continues_exactly(tmp_path):
     first = make_resume_trainer(tmp_path / "a", checkpoint_every_steps=None, callbacks=[stop])
     first.fit()
     state = first.state_dict()
-    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "train_state", "data", "epoch_loss",
+    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "train_state", "config", "data", "epoch_loss",
                           "callbacks", "extra", "processes"}
     second = make_resume_trainer(tmp_path / "b", checkpoint_every_steps=None)
     second.load_state_dict(state)

@@ -241,3 +241,71 @@ def test_a_changed_seed_on_resume_is_refused_before_anything_is_loaded(tmp_path)
     with pytest.raises(CheckpointError, match=f"^{path / 'trainer_state.json'}: data plan: .*seed 0, this run seed 5"):
         other.load_checkpoint(path)
     assert_bitwise_equal(weights(other.model), before)
+
+
+def lrs_seen(tmp_path, cls=Regression, val_data=None, **cfg):
+    from paperloop.callbacks import LambdaCallback
+
+    seen = []
+    spy = LambdaCallback(on_batch_end=lambda t, o: seen.append((t.state.epoch, o["optim/lr"])))
+    config = TrainerConfig(**{"batch_size": 8, "lr": 0.1, "output_dir": str(tmp_path), **cfg})
+    t = cls(make_model(), config, train_data=make_data(32), val_data=val_data, callbacks=[spy])
+    t.fit()
+    return seen, t
+
+
+def test_config_schedules_warm_up_then_follow_transformers(tmp_path):
+    import math
+
+    seen, t = lrs_seen(tmp_path / "cos", max_steps=12, lr_scheduler="cosine", warmup_steps=4)
+    lrs = [lr for _, lr in seen]  # the lr each update used: 4 steps an epoch, 3 epochs
+    expected = [0.1 * u / 4 for u in range(4)] + [0.1 * 0.5 * (1 + math.cos(math.pi * (u - 4) / 8)) for u in range(4, 12)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert t.state.epoch == 3  # max_steps alone decides the length
+    seen, _ = lrs_seen(tmp_path / "lin", max_steps=10, lr_scheduler="linear", warmup_ratio=0.2)
+    assert [lr for _, lr in seen] == pytest.approx([0, 0.05] + [0.1 * (10 - u) / 8 for u in range(2, 10)], abs=1e-12)
+    seen, _ = lrs_seen(tmp_path / "min", max_steps=9, lr_scheduler="cosine_with_min_lr", min_lr_ratio=0.1)
+    assert seen[-1][1] == pytest.approx(0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
+    with pytest.raises(ConfigError, match="^lr_scheduler: must be one of"):
+        TrainerConfig(lr_scheduler="cosine_annealing")
+    with pytest.raises(ConfigError, match="^warmup_ratio: .* set one of them"):
+        TrainerConfig(warmup_steps=5, warmup_ratio=0.1)
+    with pytest.raises(ConfigError, match="^warmup_steps: 12 warmup updates leave none"):
+        lrs_seen(tmp_path / "w", max_steps=12, lr_scheduler="linear", warmup_steps=12)
+
+
+def test_per_epoch_and_plateau_schedulers(tmp_path):
+    class PerEpoch(Regression):
+        def configure_scheduler(self, optimizer):
+            return {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5), "interval": "epoch"}
+
+    seen, _ = lrs_seen(tmp_path / "e", PerEpoch, max_epochs=3)
+    assert seen == [(e, pytest.approx(0.1 * 0.5 ** e)) for e in range(3) for _ in range(4)]
+
+    class Plateau(Regression):
+        def validation_step(self, batch):
+            return {"loss": torch.tensor([3.0, 2.0, 2.0, 2.0, 2.0][self.state.epoch - 1])}
+
+        def configure_scheduler(self, optimizer):
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
+            return {"scheduler": plateau, "interval": "epoch", "monitor": "val/loss"}
+
+    seen, _ = lrs_seen(tmp_path / "p", Plateau, val_data=make_data(8), max_epochs=5)
+    # val/loss 3, 2 (better), 2 (1 bad epoch: within patience), 2 (2 bad epochs: halve): epoch 5 runs at half
+    assert [lr for e, lr in seen[::4]] == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05])
+
+    class BarePlateau(Regression):
+        def configure_scheduler(self, optimizer):
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+
+    with pytest.raises(ValueError, match="ReduceLROnPlateau steps on a metric once an epoch closes"):
+        lrs_seen(tmp_path / "b", BarePlateau)
+
+
+def test_max_steps_alone_decides_the_length_and_with_max_epochs_the_first_wins(tmp_path):
+    _, t = fit_weights(tmp_path / "a", n=40, batch_size=8, max_epochs=None, max_steps=13)
+    assert (t.state.global_step, t.state.epoch) == (13, 2)
+    _, t = fit_weights(tmp_path / "b", n=40, batch_size=8, max_epochs=2, max_steps=13)
+    assert (t.state.global_step, t.state.epoch) == (10, 2)
+    _, t = fit_weights(tmp_path / "c", n=40, batch_size=8, max_epochs=None)
+    assert (t.state.global_step, t.state.epoch) == (5, 1)  # neither: one epoch

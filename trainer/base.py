@@ -8,16 +8,19 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, send_to_device, set_seed
+from accelerate.utils import send_to_device, set_seed
 
-from .callbacks import Callback, EarlyStopping, ModelCheckpoint, SignalCheckpoint
-from .checkpoint import load_model_state
+from .callbacks import Callback
+from .callbacks.base import check_state_keys
+from .callbacks.defaults import default_callbacks
 from .config import ConfigError, TrainerConfig, config_to_yaml
-from .data import EpochSampler, Step, check_dataset, eval_batches, fetch
+from .data import EpochSampler, Step, check_dataset, fetch
 from .distributed import backward_fn, make_accelerator, prepare_optimizer
+from .evaluation import evaluate
 from .resume import Checkpointing
-from .rng import rng_state, set_rng_state
+from .schedules import as_schedule, config_scheduler
 from .state import TrainState
+from .steps import EpochLoss, FiniteCheck, as_outputs, grad_norm, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ class BaseTrainer(Checkpointing, ABC):
             setup: seed, configure_optimizer, configure_scheduler, data plan
             if resume: load_state_dict(checkpoint)    # weights, optimizer, schedule, TrainState, plan, RNG
             on_train_begin(trainer)                   # then a resume puts back the callbacks' states
-            while not (should_stop or epoch == max_epochs or global_step == max_steps):
+            while not (should_stop or epoch == max_epochs or global_step == max_steps):  # either may be unset
                 on_epoch_begin(trainer)
                 for step in the plan's remaining steps of the epoch:  # a resume starts mid-epoch
                     on_batch_begin(trainer, step)     # step: this process's sample indices and weights
@@ -37,7 +40,7 @@ class BaseTrainer(Checkpointing, ABC):
                     global_step += 1; validate when val_every_steps is due
                     on_batch_end(trainer, outputs)    # checkpoints, logging, stop requests
                     break out if a callback asked to stop, or max_steps is reached
-                if the epoch ran to its end:
+                if every step of the epoch ran:
                     on_epoch_end(trainer, {"epoch", "train/loss", "optim/lr", "val/*" when due})
             on_train_end(trainer)                     # always: it runs in a finally
 
@@ -48,8 +51,8 @@ class BaseTrainer(Checkpointing, ABC):
     schedule steps once per update; `state.updates` counts updates, `state.global_step` loop steps.
 
     Write `training_step`; usually `validation_step`; optionally `configure_optimizer`,
-    `configure_scheduler`, `collate`, `sample_weights`, and `extra_state`/`load_extra_state` for
-    state of your own that must survive a resume.
+    `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`, and
+    `extra_state`/`load_extra_state` for state of your own that must survive a resume.
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainerConfig, train_data=None, val_data=None,
@@ -90,7 +93,7 @@ class BaseTrainer(Checkpointing, ABC):
         overridden = type(self).collate is not BaseTrainer.collate
         self._collate = self.collate if overridden else torch.utils.data.default_collate
         self._pending_loss = None  # forward_backward's weighted loss sum since the last optimizer_step
-        self._pending_callback_states = None
+        self.epoch_loss = EpochLoss(self.device)
         super().__init__()
 
     # ---- what a subclass writes ---------------------------------------------------------------
@@ -111,8 +114,10 @@ class BaseTrainer(Checkpointing, ABC):
         return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def configure_scheduler(self, optimizer):
-        """An LR scheduler stepped once per optimizer update, or None."""
-        return None
+        """An LR scheduler stepped once per optimizer update; or {"scheduler": s, "interval": "epoch"} to
+        step it when an epoch closes, with "monitor": "val/loss" for a ReduceLROnPlateau; or None. The
+        default is the config's `lr_scheduler` and warmup (transformers.get_scheduler)."""
+        return config_scheduler(optimizer, self.config, self.total_updates())
 
     def collate(self, samples: list):
         return torch.utils.data.default_collate(samples)
@@ -122,6 +127,10 @@ class BaseTrainer(Checkpointing, ABC):
         A step's gradient and `train/loss` are the weighted mean over the whole step, across micro-batches
         and processes (SFT: a sample's weight is its number of trained tokens)."""
         return None
+
+    def write_artifacts(self, directory: Path) -> None:
+        """Write files for people and tools into a checkpoint folder before it is sealed (e.g. the
+        tokenizer, so the folder loads with `from_pretrained`). Never read back on resume."""
 
     def extra_state(self) -> dict:
         """State of a subclass that must survive a resume (tensors, numbers, strings, containers)."""
@@ -135,13 +144,13 @@ class BaseTrainer(Checkpointing, ABC):
     def fit(self, resume: str | Path | None = None) -> TrainState:
         """Train to the end; `resume` is a checkpoint directory or "latest" (the newest in
         `output_dir/checkpoints` that verifies). Returns the TrainState."""
-        self._setup()
+        self.setup()
         if resume is not None:
             self.load_checkpoint(self.resolve_resume(resume))
         return self.train()
 
     def train(self) -> TrainState:
-        self._setup()
+        self.setup()
         try:
             self._call("on_train_begin")
             self._load_callback_states()
@@ -158,7 +167,8 @@ class BaseTrainer(Checkpointing, ABC):
         return self.state
 
     def _run_epoch(self) -> bool:
-        """The epoch's remaining steps; False when it stopped before the epoch's end."""
+        """The epoch's remaining steps; True when every step of the epoch has run (it is then closed,
+        whatever stops the run after it)."""
         for step in self.plan.steps():
             self._call("on_batch_begin", step)
             outputs = self.train_step(step)
@@ -166,8 +176,8 @@ class BaseTrainer(Checkpointing, ABC):
             outputs = self._end_step(step, outputs)
             self._call("on_batch_end", outputs)
             if self.state.should_stop or self._max_steps_reached():
-                return False
-        return True
+                break
+        return self.plan.epoch_done()
 
     def train_step(self, step: Step) -> dict:
         """One loop step: `forward_backward` of each micro-batch with its share of the step's weight,
@@ -191,7 +201,7 @@ class BaseTrainer(Checkpointing, ABC):
         """
         loss_fn = loss_fn or self.training_step
         with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-            with self._autocast():  # the forward only: PyTorch's AMP guidance keeps backward outside
+            with self.autocast():  # the forward only: PyTorch's AMP guidance keeps backward outside
                 outputs = as_outputs(loss_fn(batch), type(self).__name__)
             loss = outputs["loss"]
             if not loss.requires_grad and torch.is_grad_enabled():
@@ -226,7 +236,7 @@ class BaseTrainer(Checkpointing, ABC):
         out["train/finite"] = finite = self._finite_check(loss)
         if finite:
             self.optimizer.step()
-            if self.scheduler is not None:
+            if self._schedule.interval == "step" and self.scheduler is not None:
                 self.scheduler.step()
             self.state.updates += 1
         else:
@@ -244,20 +254,18 @@ class BaseTrainer(Checkpointing, ABC):
         self.state.step_in_epoch += 1
         outputs.setdefault("train/samples", step.samples)
         if outputs.get("train/finite", True) and "train/loss" in outputs:
-            self._epoch_loss_sum = torch.add(self._epoch_loss_sum, outputs["train/loss"], alpha=step.weight)
-            self._epoch_weight += step.weight
+            self.epoch_loss.add(outputs["train/loss"], step.weight)
         every = self.config.val_every_steps
         if every and self.state.global_step % every == 0:
             outputs.update(self._validate_and_record())
         return outputs
 
     def _close_epoch(self) -> dict:
-        w = self._epoch_weight
-        self.state.train_loss_history.append(float(self._epoch_loss_sum) / w if w else float("nan"))
+        self.state.train_loss_history.append(self.epoch_loss.mean())
+        self.epoch_loss.reset()
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         self.plan.start_epoch(self.state.epoch)
-        self._reset_epoch_loss()
         logs = {"epoch": self.state.epoch, "train/loss": self.state.train_loss_history[-1],
                 "optim/lr": self.optimizer.param_groups[0]["lr"]}
         every = 1 if self.config.val_every is None else self.config.val_every
@@ -267,18 +275,40 @@ class BaseTrainer(Checkpointing, ABC):
                 logs.update({k: v for k, v in last.items() if k.startswith("val/")})
             else:
                 logs.update(self._validate_and_record())
+        if self._schedule.interval == "epoch":
+            self._step_schedule_per_epoch(logs)
         return logs
 
+    def _step_schedule_per_epoch(self, logs: dict) -> None:
+        monitor = self._schedule.monitor
+        if monitor is None:
+            self.scheduler.step()
+        elif monitor in logs:
+            self.scheduler.step(float(logs[monitor]))
+        else:  # no validation this epoch, or a misspelt key: the plateau waits, and says so
+            log.warning("epoch %d: the LR scheduler monitors %r, which this epoch's logs do not hold (%s)",
+                        self.state.epoch, monitor, sorted(k for k in logs if k != "epoch"))
+
     def _finished(self) -> bool:
-        return self.state.should_stop or self.state.epoch >= self.config.max_epochs or self._max_steps_reached()
+        epochs = self.config.epoch_limit()
+        return self.state.should_stop or (epochs is not None and self.state.epoch >= epochs) \
+            or self._max_steps_reached()
 
     def _max_steps_reached(self) -> bool:
         return self.config.max_steps is not None and self.state.global_step >= self.config.max_steps
 
     def total_steps(self) -> int:
         """Loop steps the whole run takes if nothing stops it early."""
-        by_epochs = self.config.max_epochs * (self.plan or self.make_plan()).steps_per_epoch()
-        return by_epochs if self.config.max_steps is None else min(by_epochs, self.config.max_steps)
+        epochs, max_steps = self.config.epoch_limit(), self.config.max_steps
+        if epochs is None:
+            return max_steps
+        by_epochs = epochs * (self.plan or self.make_plan()).steps_per_epoch()
+        return by_epochs if max_steps is None else min(by_epochs, max_steps)
+
+    def total_updates(self) -> int:
+        """Optimizer updates the whole run makes if nothing stops it early: what a schedule spans.
+        One per step here; a trainer that makes several per step says how many."""
+        return self.total_steps()
 
     # ---- callbacks and stopping ---------------------------------------------------------------
 
@@ -303,128 +333,43 @@ class BaseTrainer(Checkpointing, ABC):
 
     def validate(self) -> dict:
         """`validation_step` metrics over all of val_data, as {"val/<name>": mean over samples}."""
-        return self._evaluate(self.val_data, "val", self.validation_step)
+        return evaluate(self, self.val_data, "val", self.validation_step)
 
     def test(self) -> dict:
         """`test_step` (by default `validation_step`) metrics over all of test_data, as {"test/<name>"}."""
-        return self._evaluate(self.test_data, "test", self.test_step)
-
-    @torch.no_grad()
-    def _evaluate(self, dataset, prefix: str, step_fn) -> dict:
-        if dataset is None:
-            raise ValueError(f"{prefix}: no {prefix}_data was given to the trainer")
-        was_training = self.model.training
-        self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        try:
-            for indices in eval_batches(len(dataset), self.config.batch_size, self.world_size, self.rank):
-                with self._autocast():
-                    metrics = as_metrics(step_fn(self.fetch(indices, dataset)), f"{type(self).__name__}.{step_fn.__name__}")
-                for key, value in metrics.items():  # sample-weighted, so a short last batch counts right
-                    value = torch.as_tensor(value, device=self.device).float() * len(indices)
-                    sums[key] = sums[key] + value if key in sums else value
-                count += len(indices)
-        finally:
-            self.model.train(was_training)
-        keys = sorted(sums)
-        totals = self.reduce_sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=self.device)]))
-        *values, n = totals.tolist()
-        return {f"{prefix}/{k}": v / n for k, v in zip(keys, values)}
+        return evaluate(self, self.test_data, "test", self.test_step)
 
     def _validate_and_record(self) -> dict:
         metrics = self.validate()
         self.state.val_history.append({"epoch": self.state.epoch, "step": self.state.global_step, **metrics})
         return metrics
 
-    # ---- state: everything a resume needs, as one dict of named components ---------------------
-
-    def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
-        """Checkpoint `generator` (e.g. the one sampling draws from) with the RNG state of each process."""
-        self.generators[name] = generator
-        return generator
-
-    def state_dict(self) -> dict:
-        """model, optimizer, scheduler, scaler, train_state, data (the plan's position), epoch_loss (the
-        open epoch's sums), callbacks (by state_key), extra (`extra_state()`), and processes: each
-        process's RNG streams (python, numpy, torch, CUDA, registered generators). Collective in DDP."""
-        self._setup()
-        if self._pending_loss is not None:
-            raise RuntimeError("the state can only be taken between steps, not between forward_backward() and "
-                               "optimizer_step()")
-        rng = rng_state(self.generators)
-        return {
-            "model": self.unwrapped_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "train_state": self.state.to_dict(),
-            "data": self.plan.state_dict(),
-            "epoch_loss": {"sum": self._epoch_loss_sum, "weight": self._epoch_weight},
-            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if is_stateful(cb)},
-            "extra": self.extra_state(),
-            "processes": gather_object([rng]) if self.world_size > 1 else [rng],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
-        loads them right after `on_train_begin` (where callbacks reset their counters)."""
-        self._setup()
-        if len(state["processes"]) != self.world_size:
-            raise ValueError(f"processes: written by {len(state['processes'])} process(es), this run has "
-                             f"{self.world_size}")
-        self.plan.load_state_dict(state["data"])  # checks seed and shape first: nothing loaded yet on error
-        try:
-            load_model_state(self.unwrapped_model, state["model"])
-        except ValueError as e:
-            raise ValueError(f"model: {e}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.accelerator.scaler is not None and state["scaler"] is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState.from_dict(state["train_state"])
-        if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
-            self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
-        self._epoch_loss_sum = state["epoch_loss"]["sum"].to(self.device)
-        self._epoch_weight = state["epoch_loss"]["weight"]
-        set_rng_state(state["processes"][self.rank], self.generators)
-        self.load_extra_state(state["extra"])
-        self._pending_callback_states = state["callbacks"]
-
-    def _load_callback_states(self) -> None:
-        saved, self._pending_callback_states = self._pending_callback_states, None
-        if saved is None:
-            return
-        mine = {cb.state_key: cb for cb in self.callbacks if is_stateful(cb)}
-        for key, callback in mine.items():
-            if key in saved:
-                callback.load_state_dict(saved[key])
-            else:
-                log.warning("resume: the checkpoint holds no state for callback %s; it starts fresh", key)
-        for key in saved.keys() - mine.keys():
-            log.warning("resume: the checkpoint holds state for callback %s, which is not attached", key)
-
     # ---- setup and helpers --------------------------------------------------------------------
 
-    def _setup(self) -> None:
-        """Seed, optimizer, scheduler and data plan: once, before the first fit/save/load."""
+    def setup(self) -> None:
+        """Seed, optimizer, schedule and data plan: once, before the first fit/save/load (later calls
+        do nothing)."""
         if self.optimizer is not None:
             return
         if self.train_data is None:
             raise ValueError("fit() needs train_data")
         set_seed(self.config.seed)
         optimizer = self.configure_optimizer()
-        self.scheduler = self.configure_scheduler(optimizer)
+        self.plan = self.make_plan()  # before the schedule, which may need the run's length
+        self._schedule = as_schedule(self.configure_scheduler(optimizer), type(self).__name__)
+        self.scheduler = self._schedule.scheduler
         self.optimizer = prepare_optimizer(self.accelerator, optimizer)
-        self.plan = self.make_plan()
-        self._reset_epoch_loss()
 
     def make_plan(self) -> EpochSampler:
         """The data plan: which samples each step takes. Override for another plan."""
         c = self.config
         return EpochSampler(len(self.train_data), c.batch_size, c.grad_accum_steps, self.world_size, self.rank,
                             c.seed, c.shuffle, weights=self.sample_weights())
+
+    @property
+    def update_pending(self) -> bool:
+        """Has forward_backward() accumulated a gradient that no optimizer_step() has applied yet?"""
+        return self._pending_loss is not None
 
     def _abandon_step(self) -> None:
         """An exception left a step half done: drop its gradient so a later fit() starts clean (the plan
@@ -433,16 +378,13 @@ class BaseTrainer(Checkpointing, ABC):
             self.optimizer.zero_grad(set_to_none=True)
         self._pending_loss = None
 
-    def _reset_epoch_loss(self) -> None:
-        self._epoch_loss_sum = torch.zeros((), device=self.device)
-        self._epoch_weight = 0.0
-
     def fetch(self, indices: torch.Tensor, dataset=None):
         """The batch of `dataset` (default: train_data) at `indices`, collated, on the device."""
         batch = fetch(self.train_data if dataset is None else dataset, indices, self._collate)
         return batch if self.device.type == "cpu" else send_to_device(batch, self.device, non_blocking=True)
 
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast when `precision` asks for it, else nothing: wraps forwards, never backwards."""
         if self.config.precision == "32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -464,109 +406,3 @@ class BaseTrainer(Checkpointing, ABC):
 
     def all_processes(self, flag: bool) -> bool:
         return not self.any_process(not flag)
-
-
-def default_callbacks(config: TrainerConfig, attached) -> list[Callback]:
-    """The callbacks the config asks for, where the user has not attached one of that kind."""
-    has = lambda kind: any(isinstance(cb, kind) for cb in attached)  # noqa: E731
-    extra: list[Callback] = []
-    if config.early_stopping_patience and not has(EarlyStopping):
-        extra.append(EarlyStopping(config.early_stopping_monitor, config.early_stopping_mode,
-                                   config.early_stopping_patience))
-    if config.checkpoint_every_steps and not has(ModelCheckpoint):
-        extra.append(ModelCheckpoint(every_n_steps=config.checkpoint_every_steps, every_n_epochs=None))
-    if not has(SignalCheckpoint):
-        extra.append(SignalCheckpoint())
-    return extra
-
-
-def is_stateful(callback: Callback) -> bool:
-    return type(callback).state_dict is not Callback.state_dict
-
-
-def check_state_keys(callbacks: list[Callback]) -> None:
-    """Stateful callbacks need distinct state keys, or one's checkpointed state would land in another."""
-    seen: dict[str, Callback] = {}
-    for cb in filter(is_stateful, callbacks):
-        if cb.state_key in seen:
-            raise ValueError(f"callbacks: two attached callbacks ({type(seen[cb.state_key]).__name__} and "
-                             f"{type(cb).__name__}) have the state_key {cb.state_key!r}; give one its own "
-                             "(callback.state_key = '...') so each finds its state on resume")
-        seen[cb.state_key] = cb
-
-
-def as_outputs(result, owner: str) -> dict:
-    """training_step's result as a dict with a scalar "loss" tensor, or a clear error."""
-    loss = result.get("loss") if isinstance(result, dict) else result
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{owner}.training_step must return a loss tensor or a dict with a 'loss' tensor; "
-                        f"got {type(result).__name__}" + (f" with keys {sorted(result)}" if isinstance(result, dict) else ""))
-    if loss.ndim != 0:
-        raise ValueError(f"{owner}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to a scalar")
-    return result if isinstance(result, dict) else {"loss": result}
-
-
-def as_metrics(result, owner: str) -> dict:
-    """An evaluation step's result as {name: scalar}, or an error naming the method and the metric."""
-    if isinstance(result, torch.Tensor):
-        result = {"loss": result}
-    if not isinstance(result, dict):
-        raise TypeError(f"{owner} must return a dict of scalar metrics or a loss tensor; got {type(result).__name__}")
-    for key, value in result.items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"{owner} returned {key!r} of shape {tuple(value.shape)}: return one number per "
-                                 "batch (its mean over the batch's samples), e.g. .mean()")
-        elif not isinstance(value, (int, float)):
-            raise TypeError(f"{owner} returned {key!r} as a {type(value).__name__}: metrics must be numbers or "
-                            "scalar tensors")
-    return result
-
-
-def weighted_mean(parts: list[dict], shares: list[float]) -> dict:
-    """Per-key weighted mean of micro-batches' outputs (numbers and scalar tensors; others: the last)."""
-    total = sum(shares)
-    out = dict(parts[-1])
-    for key, value in out.items():
-        if isinstance(value, (torch.Tensor, float, int)) and not isinstance(value, bool):
-            out[key] = sum(p[key] * s for p, s in zip(parts, shares)) / total
-    return out
-
-
-class FiniteCheck:
-    """`check(loss)`: are the loss and every gradient finite? Runs every update, so it is lean: one fused
-    kernel per dtype of the parameters (the check torch's GradScaler runs, here at scale 1, which leaves
-    the values bitwise as they are; a fraction of a norm's cost) and one host sync. Parameters spread
-    over several devices fall back to a gradient norm."""
-
-    def __init__(self, params: list[torch.Tensor], device: torch.device):
-        self.by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            self.by_dtype.setdefault(p.dtype, []).append(p)
-        self.params, self.one_device = params, all(p.device == device for p in params)
-        self.found, self.one = torch.zeros(1, device=device), torch.ones(1, device=device)
-
-    def __call__(self, loss: torch.Tensor) -> bool:
-        if not self.one_device:
-            return bool(torch.isfinite(loss + grad_norm(self.params)))
-        self.found.zero_()
-        for dtype, params in self.by_dtype.items():
-            tensors = [p.grad for p in params if p.grad is not None]
-            if dtype == loss.dtype:
-                tensors.append(loss.reshape(1))
-            if tensors:
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.found, self.one)
-        if loss.dtype not in self.by_dtype:
-            torch._amp_foreach_non_finite_check_and_unscale_([loss.reshape(1)], self.found, self.one)
-        return not bool(self.found)
-
-
-def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
-    """The gradients' total L2 norm. torch's get_total_norm groups tensors by device and dtype first,
-    which costs more than the norm itself for small models; one device is the common case."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if len({(g.device, g.dtype) for g in grads}) > 1:
-        return torch.nn.utils.get_total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

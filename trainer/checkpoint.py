@@ -279,12 +279,14 @@ def find_latest(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 # A trainer's state dict <-> a checkpoint folder
 
 
-def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict) -> None:
+def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, artifacts=None) -> None:
     """Write `state` (a trainer's `state_dict()`) as the checkpoint `path`, atomically.
 
     The "model" component is written from `model` itself, so a `transformers` model goes through
     `save_pretrained` and the folder loads with `from_pretrained`; everything else goes through the
-    JSON + safetensors codec. `record` is added to the folder's index entry."""
+    JSON + safetensors codec. `artifacts(folder)` may add files for people and tools (a tokenizer);
+    they are sealed in the manifest like the rest and never read back. `record` is added to the
+    folder's index entry."""
     if path.exists():
         raise FileExistsError(f"{path}: a checkpoint there exists already")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +294,8 @@ def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, rec
     save_weights(model, tmp)
     save_state(tmp, {k: v for k, v in state.items() if k != "model"})
     (tmp / "config.yaml").write_text(config_yaml)  # for people: never read back
+    if artifacts is not None:
+        artifacts(tmp)
     commit(tmp, path, record)
 
 

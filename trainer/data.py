@@ -110,6 +110,9 @@ class EpochSampler:
     def advance(self) -> None:
         self.offset += 1
 
+    def epoch_done(self) -> bool:
+        return self.offset >= len(self._steps_of(self.epoch))
+
     def make_step(self, step_indices: torch.Tensor) -> Step:
         if self.world_size == 1 and len(step_indices) <= self.batch_size:  # the common case, kept cheap
             micro_batches = (step_indices,)

@@ -1,25 +1,120 @@
-"""The checkpoint half of BaseTrainer: when a checkpoint is written, where, and how a run resumes.
+"""The resume half of BaseTrainer: the state a resume needs, as one dict of named components, and when
+and where checkpoints of it are written.
 
-What a checkpoint holds is `trainer.state_dict()`; `checkpoint.py` writes and reads that dict (files,
-crash safety, verification) and nothing else. This mixin only decides when and where, through the
-trainer's public API (`state_dict`, `load_state_dict`, `config`, `state`, `accelerator`).
+`trainer.state_dict()` is everything a resume needs; `load_state_dict()` puts it back; `checkpoint.py`
+writes and reads that dict (files, crash safety, verification) and nothing else. This mixin reaches
+the trainer only through its public attributes (model, optimizer, scheduler, plan, state,
+epoch_loss, callbacks, generators, config, accelerator).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+from accelerate.utils import gather_object
+
 from . import checkpoint as ckpt
+from .callbacks.base import is_stateful
+from .checkpoint import load_model_state
+from .rng import rng_state, set_rng_state
+from .state import TrainState
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointing:
+    # Config keys a resume takes from the checkpoint: the restored optimizer and schedule state carry
+    # them on, so a changed value here could only be recorded, never used. A resume reports each change
+    # and keeps the checkpoint's value, in `config` too (TensorBoard's config text, the next
+    # checkpoints' config.yaml). A subclass adds keys of its own (betas, ...).
+    resume_keeps = ("lr", "weight_decay", "lr_scheduler", "warmup_steps", "warmup_ratio", "min_lr_ratio")
+
     def __init__(self):
         self.in_hook = False  # set by the trainer while callbacks handle a hook
         self._pending_saves: list[tuple[Path, object]] = []
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
+        self._pending_callback_states: dict | None = None  # loaded, waiting for on_train_begin
+
+    def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
+        """Checkpoint `generator` (e.g. the one sampling draws from) with the RNG state of each process."""
+        self.generators[name] = generator
+        return generator
+
+    def state_dict(self) -> dict:
+        """model, optimizer, scheduler, scaler, train_state, data (the plan's position), epoch_loss (the
+        open epoch's sums), callbacks (by state_key), extra (`extra_state()`), and processes: each
+        process's RNG streams (python, numpy, torch, CUDA, registered generators). Collective in DDP."""
+        self.setup()
+        if self.update_pending:
+            raise RuntimeError("the state can only be taken between steps, not between forward_backward() and "
+                               "optimizer_step()")
+        rng = rng_state(self.generators)
+        return {
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+            "train_state": self.state.to_dict(),
+            "config": dataclasses.asdict(self.config),
+            "data": self.plan.state_dict(),
+            "epoch_loss": self.epoch_loss.state_dict(),
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if is_stateful(cb)},
+            "extra": self.extra_state(),
+            "processes": gather_object([rng]) if self.world_size > 1 else [rng],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
+        loads them right after `on_train_begin` (where callbacks reset their counters)."""
+        self._keep_checkpoint_config(state["config"])
+        self.setup()
+        if len(state["processes"]) != self.world_size:
+            raise ValueError(f"processes: written by {len(state['processes'])} process(es), this run has "
+                             f"{self.world_size}")
+        self.plan.load_state_dict(state["data"])  # checks seed and shape first: nothing loaded yet on error
+        try:
+            load_model_state(self.unwrapped_model, state["model"])
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState.from_dict(state["train_state"])
+        if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
+            self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
+        self.epoch_loss.load_state_dict(state["epoch_loss"])
+        set_rng_state(state["processes"][self.rank], self.generators)
+        self.load_extra_state(state["extra"])
+        self._pending_callback_states = state["callbacks"]
+
+    def _keep_checkpoint_config(self, saved: dict) -> None:
+        changed = {k: saved[k] for k in self.resume_keeps if k in saved and saved[k] != getattr(self.config, k)}
+        if not changed:
+            return
+        for key, value in changed.items():
+            log.warning("resume: %s is %r in this run's config but %r in the checkpoint; the run goes on with "
+                        "the checkpoint's %r, which its optimizer and schedule state hold (to change it, start "
+                        "a new run from the checkpoint's weights)", key, getattr(self.config, key), value, value)
+        self.config = dataclasses.replace(self.config, **changed)
+        self.optimizer = None  # set up again from the checkpoint's values (state_dict's optimizer is loaded next)
+
+    def _load_callback_states(self) -> None:
+        saved, self._pending_callback_states = self._pending_callback_states, None
+        if saved is None:
+            return
+        mine = {cb.state_key: cb for cb in self.callbacks if is_stateful(cb)}
+        for key, callback in mine.items():
+            if key in saved:
+                callback.load_state_dict(saved[key])
+            else:
+                log.warning("resume: the checkpoint holds no state for callback %s; it starts fresh", key)
+        for key in saved.keys() - mine.keys():
+            log.warning("resume: the checkpoint holds state for callback %s, which is not attached", key)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -68,7 +163,8 @@ class Checkpointing:
         state = self.state_dict()  # every process: it gathers their RNG states
         if self.is_main_process:
             ckpt.write(path, state, self.unwrapped_model, self.config_yaml(),
-                       {"global_step": self.state.global_step, "epoch": self.state.epoch, "run": self.state.run_id})
+                       {"global_step": self.state.global_step, "epoch": self.state.epoch, "run": self.state.run_id},
+                       artifacts=self.write_artifacts)
             log.info("checkpoint written: %s", path)
         self.accelerator.wait_for_everyone()
         self._checkpointed_at = (self.state.global_step, self.state.epoch)

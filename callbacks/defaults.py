@@ -1,0 +1,23 @@
+"""The callbacks a config asks for (`early_stopping_patience`, `checkpoint_every_steps`) and the ones every
+run gets (`SignalCheckpoint`), where the user has not attached one of that kind."""
+
+from __future__ import annotations
+
+from .base import Callback
+from .early_stopping import EarlyStopping
+from .guards import SignalCheckpoint
+from .model_checkpoint import ModelCheckpoint
+
+
+def default_callbacks(config, attached) -> list[Callback]:
+    """The callbacks the config asks for, where the user has not attached one of that kind."""
+    has = lambda kind: any(isinstance(cb, kind) for cb in attached)  # noqa: E731
+    extra: list[Callback] = []
+    if config.early_stopping_patience and not has(EarlyStopping):
+        extra.append(EarlyStopping(config.early_stopping_monitor, config.early_stopping_mode,
+                                   config.early_stopping_patience))
+    if config.checkpoint_every_steps and not has(ModelCheckpoint):
+        extra.append(ModelCheckpoint(every_n_steps=config.checkpoint_every_steps, every_n_epochs=None))
+    if not has(SignalCheckpoint):
+        extra.append(SignalCheckpoint())
+    return extra
