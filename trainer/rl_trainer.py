@@ -340,7 +340,7 @@ class RLTrainer(BaseTrainer):
     def forward_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs (B, T) of the targets, logits (B, T, V)) under softmax(logits / temperature), the
         distribution the completions were sampled from. `use_cache=False`: see `losses.forward_logprobs`."""
-        with self._autocast():
+        with self.autocast():
             logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                  use_cache=False).logits
         if self.config.temperature != 1.0:

@@ -115,7 +115,7 @@ def sft_trainer(cfg: Config, tokenizer, pairs, folder: Path):
     from paperloop import SFTConfig, SFTTrainer
 
     config = SFTConfig(max_length=16, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, max_steps=cfg.sft_steps,
-                       max_epochs=1000, seed=cfg.seed, output_dir=str(folder), log_every_steps=cfg.log_every_steps,
+                       seed=cfg.seed, output_dir=str(folder), log_every_steps=cfg.log_every_steps,
                        checkpoint_every_steps=cfg.checkpoint_every_steps)
     model = tiny_causal_lm(len(tokenizer), cfg.hidden_size, cfg.num_layers, seed=cfg.seed)
     return SFTTrainer(model, config, tokenizer=tokenizer, train_data=sft_examples(pairs),
