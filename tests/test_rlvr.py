@@ -36,3 +36,18 @@ def test_results_files(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| grpo | 50.0% | 50.0% | 75.0% | 3.50 | 10 |" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_the_shipped_config_loads_and_the_paper_is_listed(capsys):
+    from paperloop import ConfigError, load_config
+    from paperloop.cli import main
+    from paperloop.papers import config_path, load
+
+    module = load("rlvr")
+    cfg = load_config(module.Config, config_path("rlvr"))
+    assert (cfg.methods, cfg.eval_samples, cfg.max_steps, cfg.sft_steps) == (("grpo", "dr_grpo"), 256, 600, 300)
+    with pytest.raises(ConfigError, match="^methods"):
+        load_config(module.Config, config_path("rlvr"), ["methods=[ppo]"])
+    with pytest.raises(ConfigError, match="^eval_samples"):
+        load_config(module.Config, config_path("rlvr"), ["eval_samples=100"])
+    assert main(["list"]) == 0 and "rlvr" in capsys.readouterr().out

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
+import torch
+
 from paperloop import ConfigError, RLConfig, RLTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
 from paperloop.checkpoint import committed
@@ -51,6 +53,7 @@ class Config(RLConfig):
     sft_lr: float = 1e-3
     eval_samples: int = 256  # n per held-out prompt; pass@k for k = 1, 2, 4, ..., n
     eval_temperature: float = 1.0
+    num_threads: int = 1  # torch intra-op threads; 0: torch's default
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +72,8 @@ class Config(RLConfig):
 def run(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     tokenizer = make_tokenizer()
     train, held_out = split_problems(cfg.held_out, cfg.data_seed)
     start = time.perf_counter()
