@@ -215,10 +215,11 @@ def test_outputs_hold_every_metric_and_sampled_completions_as_text(tmp_path):
     (o,) = outputs
     for key in ("train/loss", "policy/loss", "reward/mean", "reward/std", "reward/digit_reward",
                 "rollout/zero_std_frac", "rollout/completion_len", "rollout/stopped_frac", "policy/clip_frac",
-                "policy/kl", "policy/entropy", "policy/ratio_mean", "time/generate_s", "time/train_s",
+                "policy/kl", "policy/entropy", "policy/ratio_mean", "policy/sampler_logprob_gap", "time/generate_s", "time/train_s",
                 "perf/completions_per_s", "optim/lr", "optim/grad_norm"):
         assert key in o and torch.isfinite(torch.as_tensor(o[key])), key
     assert float(o["policy/ratio_mean"]) == 1.0 and float(o["policy/kl"]) == 0.0  # one update: on-policy, ref = policy
+    assert 0 <= float(o["policy/sampler_logprob_gap"]) < 1e-5  # sampler and trainer agree to float32 noise
     assert 1 <= float(o["rollout/completion_len"]) <= 5
     lines = o["text/samples"].splitlines()
     assert lines[0] == "| prompt | completion | reward |" and len(lines) == 4  # log_completions=2

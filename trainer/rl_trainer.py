@@ -335,6 +335,11 @@ class RLTrainer(BaseTrainer):
         loss, metrics = policy_loss(logprobs_B_T, old_B_T, batch["advantages"], batch["weights"], c.clip_low,
                                     c.clip_high, c.aggregation, c.max_new_tokens, batch.get("ref_logprobs"),
                                     c.beta, entropy_B_T=token_entropy(logits_B_T_V))
+        # How far the sampler's log-probs (KV-cached, batched differently) are from the trainer's: numerical noise
+        # (~1e-7 in float32); a large value means sampling and training disagree on the policy.
+        mask_B_T = batch["weights"] != 0
+        gap_B_T = torch.where(mask_B_T, old_B_T - batch["sampling_logprobs"], 0.0).abs()
+        metrics["policy/sampler_logprob_gap"] = gap_B_T.sum() / mask_B_T.sum().clamp_min(1)
         return {"loss": loss, **metrics}
 
     def forward_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
