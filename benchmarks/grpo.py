@@ -140,8 +140,9 @@ def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
                         loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
                         report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
                         use_cpu=True, seed=0, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
-                          args=config, train_dataset=Dataset.from_dict({"prompt": prompts}),
+    trainer = GRPOTrainer(model=model_dir, args=config,
+                          reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
+                          train_dataset=Dataset.from_dict({"prompt": prompts}),
                           processing_class=make_tokenizer(), callbacks=[_StepClock(steps)])
     trainer.remove_callback(PrinterCallback)  # it prints the run's summary dict
     trainer.model.generate = generate.timing(trainer.model.generate)

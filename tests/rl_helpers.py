@@ -78,10 +78,12 @@ class LayoutFreeSampling(SGDRLTrainer):
 
     def generate(self, prompt_ids_P, num_samples, temperature):
         def seeded(prompt):
-            return torch.Generator().manual_seed(1000 * self.state.global_step + sum(i * t for i, t in enumerate(prompt)))
+            seed = 1000 * self.state.global_step + sum(i * t for i, t in enumerate(prompt))
+            return torch.Generator().manual_seed(seed)
 
-        parts = [sample(self.unwrapped_model, [prompt], num_samples, self.config.max_new_tokens, generator=seeded(prompt),
-                        temperature=temperature, eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id)
+        parts = [sample(self.unwrapped_model, [prompt], num_samples, self.config.max_new_tokens,
+                        generator=seeded(prompt), temperature=temperature, eos_token_id=self.stop_token_ids,
+                        pad_token_id=self.pad_id)
                  for prompt in prompt_ids_P]
         width = max(part.tokens_N_L.shape[1] for part in parts)
         return Samples(torch.cat([F.pad(p.tokens_N_L, (0, width - p.tokens_N_L.shape[1]), value=self.pad_id)

@@ -20,7 +20,8 @@ from paperloop.data import epoch_permutation
 from paperloop.rl_trainer import rollout_batch, split_rows, token_entropy
 from paperloop.sampling import Samples, sample
 from paperloop.checkpoint import committed
-from rl_helpers import DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer, make_tokenizer, run_rl_worker
+from rl_helpers import (DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer,
+                        make_tokenizer, run_rl_worker)
 
 # ---- the update against a naive loop ----------------------------------------------------------------------
 
@@ -215,7 +216,8 @@ def test_outputs_hold_every_metric_and_sampled_completions_as_text(tmp_path):
     (o,) = outputs
     for key in ("train/loss", "policy/loss", "reward/mean", "reward/std", "reward/digit_reward",
                 "rollout/zero_std_frac", "rollout/completion_len", "rollout/stopped_frac", "policy/clip_frac",
-                "policy/kl", "policy/entropy", "policy/ratio_mean", "policy/sampler_logprob_gap", "time/generate_s", "time/train_s",
+                "policy/kl", "policy/entropy", "policy/ratio_mean", "policy/sampler_logprob_gap", "time/generate_s",
+                "time/train_s",
                 "perf/completions_per_s", "optim/lr", "optim/grad_norm"):
         assert key in o and torch.isfinite(torch.as_tensor(o[key])), key
     assert float(o["policy/ratio_mean"]) == 1.0 and float(o["policy/kl"]) == 0.0  # one update: on-policy, ref = policy

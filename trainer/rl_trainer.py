@@ -267,12 +267,13 @@ class RLTrainer(BaseTrainer):
     def rollout(self, indices: torch.Tensor) -> Rollouts:
         """Sample G completions for each train prompt at `indices` (this process's), decode and score them."""
         examples = self.fetch(indices)
-        prompt_ids_P = [self.prompt_ids(example, f"train example {i}") for example, i in zip(examples, indices.tolist())]
+        names = [f"train example {i}" for i in indices.tolist()]
+        prompt_ids_P = [self.prompt_ids(example, name) for example, name in zip(examples, names)]
         start = time.perf_counter()
         samples = self.generate(prompt_ids_P, self.config.num_generations, self.config.temperature)
         generated = time.perf_counter()
         completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
-        rewards_N_F = self.score(examples, completions_N, [f"train example {i}" for i in indices.tolist()])
+        rewards_N_F = self.score(examples, completions_N, names)
         return Rollouts(indices, examples, prompt_ids_P, samples, completions_N, rewards_N_F,
                         rewards_N_F @ self.reward_weights_F, self.pad_id, generated - start,
                         time.perf_counter() - generated)
@@ -396,7 +397,8 @@ class RLTrainer(BaseTrainer):
         samples = self.generate(prompt_ids_P, 1, temperature=0.0)  # greedy: draws nothing from the generator
         completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
         rewards_N_F = self.score(batch, completions_N, [f"validation example {p!r:.60}" for p in prompt_ids_P])
-        return {"reward": (rewards_N_F @ self.reward_weights_F).mean(), "completion_len": samples.lengths_N.float().mean(),
+        return {"reward": (rewards_N_F @ self.reward_weights_F).mean(),
+                "completion_len": samples.lengths_N.float().mean(),
                 **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)}}
 
     # ---- engine hooks -------------------------------------------------------------------------

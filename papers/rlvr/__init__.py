@@ -84,11 +84,11 @@ def run(cfg: Config) -> Path:
             out / method, lambda folder: rl_trainer(cfg, tokenizer, train, method, folder, out / "sft" / "model"))
     rows = []
     for name, model in models.items():
-        rows.append({"method": name, **evaluate(model, tokenizer, held_out, cfg.eval_samples, cfg.eval_temperature,
-                                                cfg.max_new_tokens, cfg.seed), "train_seconds": round(seconds[name], 1)})
-        print(f"{name:8s} greedy {100 * rows[-1]['greedy_acc']:5.1f}%  "
-              + "  ".join(f"pass@{k} {100 * v:5.1f}%" for k, v in rows[-1]["pass_at"].items() if k in ("1", "16", "256")),
-              flush=True)
+        scores = evaluate(model, tokenizer, held_out, cfg.eval_samples, cfg.eval_temperature, cfg.max_new_tokens,
+                          cfg.seed)
+        rows.append({"method": name, **scores, "train_seconds": round(seconds[name], 1)})
+        shown = "  ".join(f"pass@{k} {100 * v:5.1f}%" for k, v in scores["pass_at"].items() if k in ("1", "16", "256"))
+        print(f"{name:8s} greedy {100 * scores['greedy_acc']:5.1f}%  {shown}", flush=True)
     seconds["total"] = round(time.perf_counter() - start, 1)
     write_results(out, PAPER, rows, {"held_out": cfg.held_out, "eval_samples": cfg.eval_samples,
                                      "eval_temperature": cfg.eval_temperature, "seconds": seconds})
