@@ -107,16 +107,15 @@ def main(repeats: int = 5):
     big = TensorDataset(torch.randn(n, 8), torch.randn(n, 1))
 
     def first_batch_at(offset):
-        sampler = EpochSampler(n, batch_size=32, seed=0)
-        sampler.load_state_dict({"seed": 0, "epoch": 3, "offset": offset})
-        micro_batches, _ = next(sampler.steps())
-        return fetch(big, micro_batches[0])
+        plan = EpochSampler(n, batch_size=32, seed=0)
+        plan.load_state_dict({"seed": 0, "epoch": 3, "offset": offset, **plan.shape()})
+        return fetch(big, next(plan.steps()).micro_batches[0])
 
-    print(f"\nresume: saved data position -> first batch, {n:,}-sample dataset, median of {repeats}")
-    print("| offset | seconds |")
-    print("|--------|---------|")
-    for offset in (10, 100_000):
-        print(f"| {offset:>6,} | {median_time(lambda: first_batch_at(offset), repeats):7.4f} |")
+    print(f"\nresume: saved data position -> first batch, {n:,}-sample dataset, batches of 32, median of {repeats}")
+    print("| offset (steps) | seconds |")
+    print("|----------------|---------|")
+    for offset in (1, 3_125, 31_000):
+        print(f"| {offset:>14,} | {median_time(lambda: first_batch_at(offset), repeats):7.4f} |")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,14 @@ def test_help_works_for_each_command():
 
 
 def test_mnist1d_row_writes_results(tmp_path):
-    proc = paperloop("run", "mnist1d", f"output_dir={tmp_path}", "models=[mlp]", "shuffled=[false,true]",
-                     "max_steps=200", "val_every_steps=100")
+    command = ("run", "mnist1d", f"output_dir={tmp_path}", "models=[mlp]", "shuffled=[false,true]", "max_steps=200",
+               "val_every_steps=100", "log_every_steps=100")
+    proc = paperloop(*command)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # stderr is a pipe here, as in a batch job: plain lines instead of a progress bar
+    for row in ("mlp", "mlp-shuffled"):
+        assert f"{row}: training 200 steps\n{row}: step 100/200 (50%), loss " in proc.stderr
+        assert f"{row}: step 200/200 (100%)" in proc.stderr
     assert f"wrote its results to {tmp_path}" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["paper"].startswith("Greydanus")
@@ -53,3 +58,38 @@ def test_mnist1d_row_writes_results(tmp_path):
     assert "| mlp | original | 68% |" in table and "| mlp | shuffled | 68% |" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "mlp" / "tensorboard").glob("events.out.tfevents.*"))
+
+    again = paperloop(*command)  # the same command: both rows reused, nothing trained
+    assert again.returncode == 0 and again.stdout.count("(finished earlier: reused)") == 2
+    assert "training" not in again.stderr and json.loads((tmp_path / "results.json").read_text()) == results
+    other = paperloop(*command, "lr=0.02")
+    assert other.returncode == 2 and other.stderr.startswith("paperloop: error: output_dir: ")
+    assert "(lr: 0.01 there, 0.02 now)" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_paper_help_lists_every_config_key_with_its_default_and_comment():
+    import dataclasses
+
+    from paperloop.papers import mnist1d
+
+    proc = paperloop("run", "mnist1d", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: paperloop run mnist1d [key=value ...]")
+    keys = [line.split("=")[0].strip() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" in line
+            and not line.lstrip().startswith("paperloop")]
+    assert keys == [f.name for f in dataclasses.fields(mnist1d.Config)]
+    lines = {line.split("=")[0].strip(): line for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert lines["lr"].split() == ["lr=0.01", "Adam", "(a", "finite", "number)"]  # config.yaml's value and comment
+    assert lines["threads"].startswith("  threads=1 ") and "intra-op threads" in lines["threads"]
+    assert lines["models"].startswith("  models=[logistic,mlp,cnn,gru] ")
+    assert "micro-batches per optimizer step" in lines["grad_accum_steps"]  # from TrainerConfig's source
+
+
+def test_a_busy_output_dir_is_a_one_line_error(tmp_path):
+    from paperloop.lock import OutputLock
+
+    with OutputLock(tmp_path):
+        proc = paperloop("run", "mnist1d", f"output_dir={tmp_path}", "models=[mlp]", "shuffled=[false]", "max_steps=5")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"paperloop: error: {tmp_path}: another run is writing into this output folder")
+    assert len(proc.stderr.strip().splitlines()) == 1

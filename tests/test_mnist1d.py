@@ -3,18 +3,35 @@
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from paperloop import ConfigError
 from paperloop.models import build_classifier
 from paperloop.papers import mnist1d
 from paperloop.papers.mnist1d.data import datasets, generate, position_permutation
 
 
+_generated: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _generate_once(monkeypatch):
+    """The paper's runs in these tests take the dataset generated once per session (generating it takes
+    most of a second); test_generation_is_seeded_and_leaves_numpy_alone calls the real generate()."""
+    def cached(data_seed=42):
+        if data_seed not in _generated:
+            _generated[data_seed] = generate(data_seed)
+        return _generated[data_seed]
+
+    monkeypatch.setattr(mnist1d, "generate", cached)
+
+
 def test_dataset_shapes_and_the_fixed_shuffle():
-    raw = generate(42)
+    raw = mnist1d.generate(42)
     train, test = datasets(raw, shuffled=False, permutation_seed=0)
     assert train.tensors[0].shape == (4000, 40) and test.tensors[0].shape == (1000, 40)
     assert sorted(train.tensors[1].unique().tolist()) == list(range(10))
@@ -64,3 +81,133 @@ def test_an_interrupted_paper_run_continues_where_it_stopped(tmp_path, monkeypat
     mnist1d.run(cfg)
     row = json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"][0]
     assert (row["test_acc"], row["best_test_acc"], row["steps"]) == (straight["test_acc"], straight["best_test_acc"], 120)
+
+
+# ---- the command: rows recorded and reused, time summed, results merged, progress in plain logs ----
+
+
+def small(tmp_path, **overrides):
+    values = dict(models=("mlp",), shuffled=(False,), max_steps=60, val_every_steps=30, log_every_steps=30,
+                  output_dir=str(tmp_path))
+    return mnist1d.Config(**{**values, **overrides})
+
+
+def forbid_training(monkeypatch):
+    def no(self, batch):
+        raise AssertionError("a finished row was trained again")
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", no)
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_a_finished_row_is_recorded_and_reused(tmp_path, monkeypatch, capsys):
+    mnist1d.run(small(tmp_path))
+    first = results(tmp_path)
+    record = json.loads((tmp_path / "mlp" / "row.json").read_text())
+    assert record["result"] == first["rows"][0] and record["seconds"] == first["rows"][0]["seconds"] > 0
+    capsys.readouterr()
+    forbid_training(monkeypatch)
+    mnist1d.run(small(tmp_path))
+    assert "(finished earlier: reused)" in capsys.readouterr().out
+    assert results(tmp_path) == first
+
+
+def test_an_interrupted_row_finishes_once_and_its_time_sums_both_invocations(tmp_path, monkeypatch, capsys):
+    step = mnist1d.Classifier.training_step
+
+    def slow_then_sigterm_at_step_30(self, batch):
+        time.sleep(0.02)  # this invocation takes at least 0.6 s of training
+        if self.state.global_step == 30 and not getattr(self, "signalled", False):
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", slow_then_sigterm_at_step_30)
+    with pytest.raises(KeyboardInterrupt):
+        mnist1d.run(small(tmp_path))
+    interrupted = json.loads((tmp_path / "mlp" / "row.json").read_text())
+    assert interrupted["result"] is None and interrupted["seconds"] >= 0.6
+
+    def slow(self, batch):  # the 30 remaining steps take at least 0.3 s: more than the rounding of seconds
+        time.sleep(0.01)
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", slow)
+    capsys.readouterr()
+    start = time.perf_counter()
+    mnist1d.run(small(tmp_path))
+    second = time.perf_counter() - start
+    assert "mlp: resumed at step 31 of 60" in capsys.readouterr().err
+    row = results(tmp_path)["rows"][0]
+    assert interrupted["seconds"] < row["seconds"] <= interrupted["seconds"] + second + 0.1
+    forbid_training(monkeypatch)  # finished: never resumed from its old checkpoint again
+    mnist1d.run(small(tmp_path))
+    assert results(tmp_path)["rows"] == [row]
+
+
+def test_max_steps_below_val_every_steps(tmp_path):
+    row = mnist1d.run_row(small(tmp_path, max_steps=20, val_every_steps=250), mnist1d.generate(42), "mlp", False)
+    assert row["steps"] == 20 and row["best_test_acc"] == row["test_acc"]  # the final test is the one evaluation
+
+
+def test_a_subset_merges_into_the_folders_results_and_other_settings_are_refused(tmp_path, capsys):
+    mnist1d.run(small(tmp_path, models=("mlp",), shuffled=(True,)))
+    mnist1d.run(small(tmp_path, models=("logistic",), shuffled=(False, True)))
+    out = capsys.readouterr().out
+    assert f"this command's 2 row(s) merged with 1 row(s) from earlier commands in {tmp_path / 'results.json'}" in out
+    merged = results(tmp_path)
+    assert [(r["model"], r["shuffled"]) for r in merged["rows"]] == [("logistic", False), ("logistic", True),
+                                                                     ("mlp", True)]  # the paper's order
+    table = (tmp_path / "results.md").read_text()
+    assert "| logistic | original |" in table and "| mlp | shuffled |" in table
+
+    with pytest.raises(ConfigError, match=r"^output_dir: .*results.json holds rows run with other settings "
+                                          r"\(max_steps: 60 there, 61 now\)"):
+        mnist1d.run(small(tmp_path, models=("cnn",), max_steps=61))
+    assert not (tmp_path / "cnn").exists() and results(tmp_path) == merged
+
+
+def sigterm_at_first_step(monkeypatch):
+    step = mnist1d.Classifier.training_step
+
+    def preempted(self, batch):
+        if not getattr(self, "signalled", False):
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", preempted)
+
+
+def test_a_row_folder_with_other_settings_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    sigterm_at_first_step(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        mnist1d.run(small(tmp_path))  # interrupted at its first step: a row record, no results.json yet
+    forbid_training(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^output_dir: .*mlp ran with other settings \(lr: 0.001 there, 0.02 now\)"):
+        mnist1d.run(small(tmp_path, lr=0.02))
+
+
+def test_the_paper_runs_with_its_pinned_thread_count(tmp_path, monkeypatch):
+    seen = set()
+    step = mnist1d.Classifier.training_step
+
+    def recording(self, batch):
+        seen.add(torch.get_num_threads())
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", recording)
+    assert torch.get_num_threads() == 1
+    mnist1d.run(small(tmp_path, threads=2, max_steps=5))
+    assert seen == {2} and torch.get_num_threads() == 1  # applied while training, then put back
+    assert results(tmp_path)["settings"]["threads"] == 2
+    assert "2 intra-op thread(s)" in (tmp_path / "results.md").read_text()
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    mnist1d.run(small(tmp_path))
+    err = capsys.readouterr().err
+    assert "mlp: training 60 steps" in err
+    assert [line.split(" (")[0] for line in err.splitlines() if ": step " in line] == ["mlp: step 30/60", "mlp: step 60/60"]

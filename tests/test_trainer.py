@@ -69,8 +69,12 @@ def test_a_plan_resumes_at_its_offset_and_refuses_another_shape():
     assert len(rest) == 4 and all(torch.equal(a.micro_batches[0], b.micro_batches[0]) for a, b in zip(rest, straight[3:]))
     with pytest.raises(ValueError, match="seed 3, this run seed 4"):
         EpochSampler(50, 8, seed=4).load_state_dict(plan.state_dict())
-    with pytest.raises(ValueError, match="7 steps, this run's 4"):
+    with pytest.raises(ValueError, match="samples_per_step is 8, this run's 16"):
         EpochSampler(50, 16, seed=3).load_state_dict(plan.state_dict())
+    with pytest.raises(ValueError, match="samples_per_step is 8, this run's 9"):  # 7 steps an epoch either way
+        EpochSampler(50, 9, seed=3).load_state_dict(plan.state_dict())
+    with pytest.raises(ValueError, match="num_samples is 50, this run's 51"):
+        EpochSampler(51, 8, seed=3).load_state_dict(plan.state_dict())
 
 
 def test_step_weights_are_known_on_every_rank_without_communication():

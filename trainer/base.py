@@ -17,6 +17,7 @@ from .config import ConfigError, TrainerConfig, config_to_yaml
 from .data import EpochSampler, Step, check_dataset, fetch
 from .distributed import backward_fn, make_accelerator, prepare_optimizer
 from .evaluation import evaluate
+from .lock import OutputLock
 from .resume import Checkpointing
 from .schedules import as_schedule, config_scheduler
 from .state import TrainState
@@ -145,9 +146,10 @@ class BaseTrainer(Checkpointing, ABC):
         """Train to the end; `resume` is a checkpoint directory or "latest" (the newest in
         `output_dir/checkpoints` that verifies). Returns the TrainState."""
         self.setup()
-        if resume is not None:
-            self.load_checkpoint(self.resolve_resume(resume))
-        return self.train()
+        with OutputLock(self.config.output_dir, enabled=self.is_main_process):  # one run writes into a folder
+            if resume is not None:
+                self.load_checkpoint(self.resolve_resume(resume))
+            return self.train()
 
     def train(self) -> TrainState:
         self.setup()

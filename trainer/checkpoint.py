@@ -14,6 +14,12 @@ It is written under a temporary name beside its final one, every file fsynced, t
 last, then renamed into place, and only then appended to `checkpoints.jsonl` in the same folder:
 a crash at any instant leaves every earlier checkpoint whole. Loading reads only JSON and
 safetensors, so a file replaced by a crafted pickle fails to parse and runs nothing.
+
+What a checkpoint says is data. The manifest and every index line are checked against their schema
+before use (a garbled one is skipped by `find_latest`, or a CheckpointError naming the file); a name
+read from checkpoint data must be a plain entry of the checkpoint folder; each index entry carries
+the id of the run that wrote it, and `record_removal` deletes only checkpoints of the calling run.
+The next save cleans up what interrupted writes left (`remove_leftovers`).
 """
 
 from __future__ import annotations
@@ -22,16 +28,19 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
+
+from .lock import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,8 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_tensors.safetensors"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")  # temporary_dir's names
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(RuntimeError):
@@ -127,12 +138,24 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
         save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_weights expects
 
 
+def _weight_files(directory: Path) -> list[str]:
+    """The safetensors files holding the weights: one, or those a sharded save's index names."""
+    index = directory / WEIGHTS_INDEX
+    if not index.exists():
+        return [WEIGHTS]
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and not _outside(f) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid index of weight files (a 'weight_map' of names in the checkpoint)")
+    return sorted(set(weight_map.values()))
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The weights in `directory` (one safetensors file, or the shards its index names), by name."""
-    index = directory / WEIGHTS_INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
     loaded: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in _weight_files(directory):
         try:
             loaded.update(load_file(str(directory / name)))
         except (SafetensorError, OSError, ValueError) as e:
@@ -194,46 +217,233 @@ def temporary_dir(final: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, final: Path, record: dict) -> None:
-    """Seal `tmp` with a manifest, rename it to `final`, and append it to the folder's index."""
+def commit(tmp: Path, final: Path, record: dict, *, run_id: str) -> None:
+    """Seal `tmp` with a manifest, rename it to `final`, and append it to the folder's index as
+    written by `run_id` (only that run may remove it)."""
     paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor() as pool:  # hashing (CPU) overlaps the fsyncs (disk)
         digests = list(pool.map(_sha256, paths))
         for p in paths:
             _fsync(p)
     files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
-    _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1))
+    # The run id is in the manifest too: a folder renamed into place whose index line never made it
+    # (a kill in between) is still known to be this run's, so this run may clean it up.
+    _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "run_id": run_id, "files": files}, indent=1))
     _fsync_dir(tmp)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
-    entry = {"event": "saved", "path": final.name, "time": time.time(), **record}
-    _write_durably(final.parent / INDEX, json.dumps(entry) + "\n", mode="a")
+    _append_index(final.parent, {"event": "saved", "path": final.name, "time": time.time(), **record, "run_id": run_id})
 
 
-def record_removal(folder: Path, name: str) -> None:
+def _append_index(folder: Path, entry: dict) -> None:
+    """One line at the end of the index; on a line of its own even after a torn append."""
+    with open(folder / INDEX, "a+b") as f:  # appends go to the end whatever the read position
+        end = f.seek(0, os.SEEK_END)
+        torn = False
+        if end:
+            f.seek(end - 1)
+            torn = f.read(1) != b"\n"
+        f.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# What checkpoint data may name. A name read from an index line or from a callback's state is data:
+# it may only ever mean a plain entry of the checkpoint folder it was read for, and a run removes
+# only what its own index entries say it wrote.
+
+
+def name_problem(name) -> str | None:
+    """Why `name` is not a plain entry of a checkpoint folder, or None when it is one."""
+    if not isinstance(name, str) or not name:
+        return f"not a non-empty string but {name!r}"
+    if any(sep in name for sep in ("/", "\\", "\0")):
+        return "contains a path separator (an absolute path, or a path into another folder)"
+    if name.startswith("."):
+        return "starts with '.' ('.', '..', or a hidden or temporary name)"
+    return None
+
+
+def record_removal(folder: Path, name: str, *, run_id: str) -> bool:
+    """Remove checkpoint `name` from `folder` and record it in the index, if `run_id` wrote it;
+    otherwise leave everything as it is and log why. True when it is gone."""
+    latest = index_events(folder, warn=False).get(name) if name_problem(name) is None else None
+    if latest is not None and latest["event"] == "removed" and latest.get("run_id") == run_id:
+        return True  # this run removed it already (a resumed run's list predates that removal)
+    why = _removal_refusal(folder, name, run_id, latest)
+    if why is not None:
+        log.warning("not removing checkpoint %r from %s: %s", name, folder, why)
+        return False
     shutil.rmtree(folder / name, ignore_errors=True)
-    _write_durably(folder / INDEX, json.dumps({"event": "removed", "path": name, "time": time.time()}) + "\n",
-                   mode="a")
+    _append_index(folder, {"event": "removed", "path": name, "time": time.time(), "run_id": run_id})
+    return True
+
+
+def _removal_refusal(folder: Path, name, run_id: str, latest: dict | None) -> str | None:
+    if (why := name_problem(name)) is not None:
+        return why
+    if (folder / name).is_symlink():
+        return "it is a symbolic link"
+    if latest is None or latest["event"] != "saved":
+        return f"{folder / INDEX} holds no saved checkpoint of that name"
+    if latest.get("run_id") != run_id:
+        return f"it was written by another run (run id {latest.get('run_id')}, this run is {run_id})"
+    return None
+
+
+def remove_leftovers(folder: Path, run_id: str) -> list[str]:
+    """Remove what interrupted writes left in `folder`, log each, and return their names:
+    - `.NAME.tmp-PID` folders whose writer is not running (or is this process: nothing of ours is in
+      flight when a save begins, and in a container a restarted run may get its predecessor's pid);
+    - orphans: checkpoints renamed into place whose index line was never appended (a kill in
+      between), told apart from any other folder by this run's id in their manifest. An orphan of
+      another run, or an unknown folder, is left alone: a run deletes only what it wrote.
+    """
+    if not folder.is_dir():
+        return []
+    saved = read_index(folder, warn=False)
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if match := TEMPORARY.fullmatch(entry.name):
+            pid = int(match["pid"])
+            if pid != os.getpid() and pid_alive(pid):
+                continue
+            why = f"an unfinished checkpoint write by pid {pid}, which is no longer writing"
+        elif entry.name not in saved and _manifest_run_id(entry) == run_id:
+            why = "a checkpoint of this run renamed into place but never indexed (killed in between)"
+        else:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning("removed %s: %s", entry, why)
+        removed.append(entry.name)
+    return removed
+
+
+def _manifest_run_id(directory: Path) -> str | None:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return manifest.get("run_id") if isinstance(manifest, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: the index, manifests, and the newest good checkpoint. Everything read is checked against
+# its schema first, so a garbled file is a reason to skip (or a CheckpointError naming it), never a
+# KeyError from deep inside.
+
+
+def read_index(folder: Path, warn: bool = True) -> dict[str, dict]:
+    """The checkpoints `folder`'s index holds as saved (and not removed since): name -> its "saved"
+    entry, oldest first."""
+    return {name: e for name, e in index_events(folder, warn).items() if e["event"] == "saved"}
+
+
+def index_events(folder: Path, warn: bool = True) -> dict[str, dict]:
+    """Each name's latest index entry ("saved" or "removed"), ordered by when that entry was made.
+    A line that is not an entry is skipped, with a warning naming it when `warn`. One pass,
+    constant work per line."""
+    latest: dict[str, dict] = {}
+    problems: list[str] = []
+    try:
+        f = open(folder / INDEX, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return latest
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry, why = None, "not JSON (a torn append?)"
+            else:
+                why = _index_entry_problem(entry)
+            if why is not None:
+                problems.append(f"line {number}: {why}")
+                continue
+            latest.pop(entry["path"], None)  # its newest event moves it to the end
+            latest[entry["path"]] = entry
+    if warn and problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        log.warning("%s: skipped %d line(s) that are not index entries: %s%s", folder / INDEX, len(problems),
+                    "; ".join(problems[:5]), more)
+    return latest
+
+
+def _index_entry_problem(entry) -> str | None:
+    if not isinstance(entry, dict):
+        return f"{json.dumps(entry)[:40]} is not an object"
+    if entry.get("event") not in ("saved", "removed"):
+        return f"event {entry.get('event')!r} is neither 'saved' nor 'removed'"
+    if "path" not in entry:
+        return "it has no path"
+    if (why := name_problem(entry["path"])) is not None:
+        return f"path {entry['path']!r} {why}"
+    if not isinstance(entry.get("run_id", ""), str):
+        return "its run_id is not a string"
+    return None
+
+
+def committed(folder: Path) -> list[Path]:
+    """Committed checkpoints in `folder`, newest first, from its append-only index."""
+    return [folder / name for name in reversed(read_index(folder))]
+
+
+def read_manifest(directory: Path) -> dict[str, dict]:
+    """The manifest's {file name: {"size", "sha256"}}, or a CheckpointError naming it and why."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing, so the checkpoint was never committed") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON") from None
+    if (why := _manifest_problem(manifest)) is not None:
+        raise CheckpointError(f"{path}: not a valid {FORMAT} manifest: {why}")
+    return manifest["files"]
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"it is a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("format") != FORMAT:
+        return f"format is {manifest.get('format')!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"'files' is a JSON {type(files).__name__}, not an object"
+    if STATE_JSON not in files:
+        return f"'files' lists no {STATE_JSON}"
+    if not isinstance(manifest.get("run_id", ""), str):
+        return "'run_id' is not a string"
+    for name, entry in files.items():
+        if _outside(name):
+            return f"{name!r} names a file outside the checkpoint"
+        if not isinstance(entry, dict):
+            return f"the entry for {name} is a JSON {type(entry).__name__}, not an object"
+        if type(entry.get("size")) is not int or entry["size"] < 0:
+            return f"the entry for {name} has no 'size' (a byte count)"
+        if not isinstance(entry.get("sha256"), str) or not SHA256.fullmatch(entry["sha256"]):
+            return f"the entry for {name} has no 'sha256' (64 hex digits)"
+    return None
+
+
+def _outside(name: str) -> bool:
+    """Does a file name from a checkpoint's own metadata point outside its folder (or at nothing)?"""
+    parts = PurePosixPath(name).parts
+    return not parts or name.startswith("/") or "\\" in name or ".." in parts or parts == (".",)
 
 
 def verify(directory: Path) -> None:
     """Raise CheckpointError naming the first file that is missing or differs from the manifest."""
-    manifest_path = directory / MANIFEST
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{manifest_path}: missing, so the checkpoint was never committed") from None
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{manifest_path}: not a valid manifest") from None
-    if manifest.get("format") != FORMAT or STATE_JSON not in files:
-        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
+    files = read_manifest(directory)
     for name, expected in files.items():
         path = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"{manifest_path}: names a file outside the checkpoint ({name})")
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         if path.stat().st_size != expected["size"]:
@@ -243,24 +453,6 @@ def verify(directory: Path) -> None:
         for (name, expected), digest in zip(files.items(), digests):
             if digest != expected["sha256"]:
                 raise CheckpointError(f"{directory / name}: sha256 differs from the manifest (corrupted or modified)")
-
-
-def committed(folder: Path) -> list[Path]:
-    """Committed checkpoints in `folder`, newest first, from its append-only index."""
-    index = folder / INDEX
-    if not index.exists():
-        return []
-    order: list[str] = []
-    for line in index.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a torn last line from a crash while appending
-            continue
-        if entry.get("path") in order:
-            order.remove(entry["path"])
-        if entry.get("event") == "saved":
-            order.append(entry["path"])
-    return [folder / name for name in reversed(order)]
 
 
 def find_latest(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -279,8 +471,10 @@ def find_latest(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 # A trainer's state dict <-> a checkpoint folder
 
 
-def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, artifacts=None) -> None:
-    """Write `state` (a trainer's `state_dict()`) as the checkpoint `path`, atomically.
+def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
+          artifacts=None) -> None:
+    """Write `state` (a trainer's `state_dict()`) as the checkpoint `path`, atomically, for the run
+    `run_id` (only that run may remove it); first clear what dead writers left in the folder.
 
     The "model" component is written from `model` itself, so a `transformers` model goes through
     `save_pretrained` and the folder loads with `from_pretrained`; everything else goes through the
@@ -290,13 +484,14 @@ def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, rec
     if path.exists():
         raise FileExistsError(f"{path}: a checkpoint there exists already")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent, run_id)
     tmp = temporary_dir(path)
     save_weights(model, tmp)
     save_state(tmp, {k: v for k, v in state.items() if k != "model"})
     (tmp / "config.yaml").write_text(config_yaml)  # for people: never read back
     if artifacts is not None:
         artifacts(tmp)
-    commit(tmp, path, record)
+    commit(tmp, path, record, run_id=run_id)
 
 
 def read(path: Path) -> dict:

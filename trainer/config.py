@@ -4,11 +4,24 @@
 
 A paper extends `TrainerConfig` by subclassing it (a frozen dataclass too), so one flat set of keys
 holds both the engine's and the paper's settings. An unknown key, a value of the wrong type or an
-out-of-range value raises `ConfigError`, whose message names the key.
+out-of-range value raises `ConfigError`, whose message starts with the key: types are checked
+against the dataclass annotations (`check_types`), for a config built from YAML and overrides and
+for one constructed directly alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import io
+import math
+import numbers
+import re
+import textwrap
+import tokenize
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
@@ -28,30 +41,31 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    max_epochs: Optional[int] = None  # None: 1, or as many as max_steps needs when that is set
+    max_epochs: Optional[int] = None  # passes over train_data; None: 1, or as many as max_steps needs when set
     max_steps: Optional[int] = None  # loop steps; with max_epochs set too, whichever comes first
     batch_size: int = 32  # per process and per micro-batch
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    output_dir: str = "runs/default"
-    grad_accum_steps: int = 1
-    max_grad_norm: Optional[float] = None
+    lr: float = 1e-3  # learning rate of the default AdamW
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    seed: int = 0  # seeds python, numpy, torch and the data order
+    output_dir: str = "runs/default"  # checkpoints, logs and results; one run at a time (locked)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: Optional[float] = None  # clip the gradient's total norm to this; null: no clipping
     precision: str = "32"  # "32" or "bf16"
-    shuffle: bool = True
+    shuffle: bool = True  # a new seeded order of train_data every epoch
     val_every: Optional[int] = None  # epochs; None: every epoch when val_data is given; 0: never
     val_every_steps: Optional[int] = None  # optimizer steps, in addition to val_every
-    log_every_steps: int = 50
+    log_every_steps: int = 50  # optimizer steps between logged training metrics
     checkpoint_every_steps: Optional[int] = None  # installs a ModelCheckpoint when none is attached
     early_stopping_patience: Optional[int] = None  # installs an EarlyStopping when none is attached
-    early_stopping_monitor: str = "val/loss"
-    early_stopping_mode: str = "min"
+    early_stopping_monitor: str = "val/loss"  # the metric early_stopping_patience watches
+    early_stopping_mode: str = "min"  # "min" or "max": which way is better
     lr_scheduler: str = "constant"  # constant | linear | cosine | cosine_with_min_lr (transformers.get_scheduler)
     warmup_steps: int = 0  # optimizer updates of linear warmup from 0 to lr
     warmup_ratio: float = 0.0  # or warmup as a fraction of all updates (not both)
     min_lr_ratio: float = 0.0  # cosine_with_min_lr: the floor, as a fraction of lr
 
     def __post_init__(self):
+        check_types(self)
         _check_range(self, positive=("batch_size", "grad_accum_steps", "log_every_steps"),
                      positive_or_none=("max_epochs", "max_steps", "val_every_steps", "checkpoint_every_steps",
                                        "early_stopping_patience", "max_grad_norm"),
@@ -71,12 +85,97 @@ class TrainerConfig:
         if self.early_stopping_mode not in ("min", "max"):
             raise ConfigError(f"early_stopping_mode: must be 'min' or 'max', got {self.early_stopping_mode!r}")
 
-
     def epoch_limit(self) -> Optional[int]:
         """The epochs the run may take: max_epochs, else 1 unless max_steps alone decides (None)."""
         if self.max_epochs is not None:
             return self.max_epochs
         return None if self.max_steps is not None else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Types: the dataclass annotations are the schema. One checker for every field of every config
+# class (a paper's subclass included), so a key added later is checked without code of its own.
+
+
+def check_types(cfg) -> None:
+    """Check every field of the dataclass `cfg` against its annotation; raise ConfigError starting
+    with the first key that does not fit. An int where a float is expected becomes a float and a
+    list where a tuple is expected a tuple (what OmegaConf does for YAML and overrides)."""
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), _hints(type(cfg))[f.name]
+        if not _fits(value, hint):
+            raise ConfigError(f"{f.name}: must be {describe_type(hint)}, got {value!r} ({type(value).__name__})")
+        object.__setattr__(cfg, f.name, _normalized(value, hint))
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:  # True/False only: 0, 1 or "no" for a flag is a mistake, not a choice
+        return isinstance(value, bool)
+    if hint is int:  # and a bool is not an int here, whatever Python says
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:  # no NaN or inf: no engine setting means anything by them
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:  # Tuple[int, str]: fixed length
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        key, val = args or (typing.Any, typing.Any)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, val) for k, v in value.items())
+    return isinstance(value, origin or hint)
+
+
+def _normalized(value, hint):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return next((_normalized(value, arm) for arm in args if _fits(value, arm)), value)
+    if hint is float or hint is int:
+        return hint(value)  # numpy scalars and ints-for-floats become plain Python numbers
+    if (origin is tuple or hint is tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def describe_type(hint) -> str:
+    """The annotation in words, as an error message or `--help` says it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arm) for arm in args)
+    if hint is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    if hint in words:
+        return words[hint]
+    if origin in (tuple, list) or hint in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return "a list of " + ", ".join(describe_type(a) for a in args)
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _plural(hint) -> str:
+    plural = {bool: "true/false values", int: "integers", float: "finite numbers", str: "strings"}
+    return plural.get(hint, describe_type(hint))
 
 
 def _check_range(cfg, positive=(), positive_or_none=(), non_negative=()):
@@ -97,15 +196,62 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value")
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(cls),
-            OmegaConf.load(path) if path is not None else {},
-            OmegaConf.from_dotlist(list(overrides)),
-        )
-        return OmegaConf.to_object(merged)
+        sources = [OmegaConf.load(path) if path is not None else OmegaConf.create(),
+                   OmegaConf.from_dotlist(list(overrides))]
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *sources))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        if getattr(e, "full_key", None):
+            raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(_unnamed_error(cls, sources, e)) from None
+
+
+def _unnamed_error(cls, sources, error: Exception) -> str:
+    """OmegaConf names no key for a bad list item (`widths=[8,2.5]`): find it by merging one key
+    at a time, and say what it must be."""
+    for source in sources:
+        for key in source:
+            try:
+                OmegaConf.merge(OmegaConf.structured(cls), {key: source[key]})
+            except OmegaConfBaseException:
+                value = OmegaConf.to_container(source)[key]
+                return f"{key}: must be {describe_type(_hints(cls)[key])}, got {value!r}"
+    return f"config: {str(error).splitlines()[0]}"
+
+
+def describe_keys(cls, path: str | Path | None = None) -> list[tuple[str, str, object, str]]:
+    """(key, type in words, value, comment) for every key of `cls`, in field order: the value the YAML
+    file at `path` gives it (else its default), and the comment beside it in that file (else the one
+    beside the field in the class's source)."""
+    cfg = load_config(cls, path)
+    comments = _source_comments(cls)
+    if path is not None:
+        comments.update(_yaml_comments(Path(path).read_text()))
+    return [(f.name, describe_type(_hints(cls)[f.name]), getattr(cfg, f.name), comments.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+
+
+def _source_comments(cls) -> dict[str, str]:
+    """Field -> the comment ending its line in the class source; Python's tokenizer finds the
+    comments, so a '#' inside a string default is not taken for one."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined in a REPL: no source to read
+            continue
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        by_line = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+        for number, line in enumerate(source.splitlines(), 1):
+            if (match := re.match(r"\s+(\w+)\s*:", line)) and number in by_line:
+                comments[match[1]] = by_line[number]
+    return comments
+
+
+def _yaml_comments(text: str) -> dict[str, str]:
+    """Top-level key -> the `# comment` ending its line in a YAML file."""
+    return {m[1]: m[2].strip() for m in re.finditer(r"^(\w+)\s*:[^\n]*? #([^\n]*)$", text, re.MULTILINE)}
 
 
 def config_to_yaml(cfg) -> str:

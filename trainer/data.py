@@ -130,18 +130,23 @@ class EpochSampler:
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.offset = epoch, 0
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset,
+    def shape(self) -> dict:
+        """What the position means: a checkpoint's offset fits only a plan of the same shape."""
+        return {"num_samples": self.num_samples, "samples_per_step": self.samples_per_step,
                 "steps_per_epoch": self.steps_per_epoch()}
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, **self.shape()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"data plan: the checkpoint's data order used seed {state['seed']}, this run "
                              f"seed {self.seed}; resume with the same seed")
-        if state["steps_per_epoch"] != self.steps_per_epoch():
-            raise ValueError(f"data plan: the checkpoint's epochs have {state['steps_per_epoch']} steps, this "
-                             f"run's {self.steps_per_epoch()} (a changed dataset, batch size, accumulation or "
-                             "process count); resume with the same ones")
+        for key, value in self.shape().items():
+            if state[key] != value:
+                raise ValueError(f"data plan: the checkpoint's {key} is {state[key]}, this run's {value} (a "
+                                 "changed dataset, batch size, accumulation or process count); resume with the "
+                                 "same ones")
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 

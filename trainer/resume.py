@@ -163,8 +163,8 @@ class Checkpointing:
         state = self.state_dict()  # every process: it gathers their RNG states
         if self.is_main_process:
             ckpt.write(path, state, self.unwrapped_model, self.config_yaml(),
-                       {"global_step": self.state.global_step, "epoch": self.state.epoch, "run": self.state.run_id},
-                       artifacts=self.write_artifacts)
+                       {"global_step": self.state.global_step, "epoch": self.state.epoch},
+                       run_id=self.state.run_id, artifacts=self.write_artifacts)
             log.info("checkpoint written: %s", path)
         self.accelerator.wait_for_everyone()
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
@@ -175,7 +175,7 @@ class Checkpointing:
         state = ckpt.read(path)
         try:
             self.load_state_dict(state)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             where = path / (ckpt.WEIGHTS if str(e).startswith("model:") else ckpt.STATE_JSON)
             raise ckpt.CheckpointError(f"{where}: {e if not isinstance(e, KeyError) else f'no entry {e}'}") from None
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
@@ -198,4 +198,4 @@ class Checkpointing:
 
     def remove_checkpoint(self, name: str) -> None:
         if self.is_main_process:
-            ckpt.record_removal(self.checkpoint_dir, name)
+            ckpt.record_removal(self.checkpoint_dir, name, run_id=self.state.run_id)

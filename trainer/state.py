@@ -25,7 +25,7 @@ class TrainState:
     stop_resumable: bool = False
     # Names this run (a fresh fit draws one; a resume keeps the checkpoint's), so the run can tell the
     # checkpoints it wrote from another run's in the same folder.
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
