@@ -334,3 +334,33 @@ def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_p
                              reward_fns=[lambda prompt, completion, example: seen.append(prompt) or 0.0])
     chat_trainer.fit()
     assert seen[0] == chats[int(epoch_permutation(24, 0, 0)[0])]["messages"]  # reward functions get the messages
+
+
+def test_validation_scores_greedy_completions_of_the_validation_prompts(tmp_path):
+    trainer = make_rl_trainer(tmp_path)
+    trainer.val_data = make_prompts(10, seed=3)
+    metrics = trainer.validate()
+    tok, model = trainer.tokenizer, trainer.unwrapped_model
+    expected, lengths = [], []
+    for example in trainer.val_data:  # greedy, one prompt at a time, by hand
+        ids = tok(example["prompt"], return_tensors="pt")["input_ids"]
+        out = model.generate(ids, do_sample=False, max_new_tokens=5, eos_token_id=trainer.stop_token_ids,
+                             pad_token_id=0)[0, ids.shape[1]:].tolist()
+        out = out[:next((i + 1 for i, t in enumerate(out) if t in trainer.stop_token_ids), len(out))]
+        expected.append(digit_reward(None, tok.decode(out, skip_special_tokens=True), example))
+        lengths.append(len(out))
+    assert metrics["val/reward"] == pytest.approx(sum(expected) / 10, abs=1e-6)
+    assert metrics["val/reward/digit_reward"] == pytest.approx(sum(expected) / 10, abs=1e-6)
+    assert metrics["val/completion_len"] == pytest.approx(sum(lengths) / 10)
+
+
+def test_bf16_autocast_trains_with_finite_outputs(tmp_path):
+    outputs = []
+    trainer = make_rl_trainer(tmp_path, max_steps=2, precision="bf16", inner_epochs=2, beta=0.1,
+                              callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    trainer.fit()
+    assert trainer.state.updates == 4 and all(o["train/finite"] for o in outputs)
+    for key in ("train/loss", "policy/entropy", "policy/kl", "policy/sampler_logprob_gap"):
+        assert all(torch.isfinite(torch.as_tensor(o[key])) for o in outputs), key
+    # the sampler runs in float32, the training forward in bfloat16: the gap shows bf16's precision, not 1e-7
+    assert 1e-5 < float(outputs[0]["policy/sampler_logprob_gap"]) < 0.1
