@@ -1,10 +1,11 @@
 """papers/rlvr: the task split and reward, the coverage count, the results files, and a tiny end-to-end run of
-`paperloop run rlvr` (SFT, GRPO, Dr. GRPO, pass@k) that continues after an interruption and skips done stages."""
+`paperloop run rlvr` (SFT, GRPO, Dr. GRPO, pass@k) whose second run reuses the stages already done."""
 
 import json
 
 import pytest
 
+import paperloop
 from paperloop.papers.rlvr.evaluate import coverage, write_results
 from paperloop.papers.rlvr.task import correct, rl_prompts, sft_examples, split_problems
 
@@ -51,3 +52,32 @@ def test_the_shipped_config_loads_and_the_paper_is_listed(capsys):
     with pytest.raises(ConfigError, match="^eval_samples"):
         load_config(module.Config, config_path("rlvr"), ["eval_samples=100"])
     assert main(["list"]) == 0 and "rlvr" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(paperloop, "SFTTrainer"), reason="the SFT stage needs SFTTrainer (branch sft)")
+def test_tiny_end_to_end_run_writes_results_and_a_second_run_reuses_the_stages(tmp_path):
+    from paperloop import load_config
+    from paperloop.papers import config_path, load
+
+    module = load("rlvr")
+    overrides = [f"output_dir={tmp_path}", "hidden_size=32", "num_layers=1", "held_out=16", "sft_steps=15",
+                 "sft_batch_size=32", "max_steps=3", "batch_size=4", "num_generations=4", "eval_samples=8",
+                 "checkpoint_every_steps=2", "log_every_steps=1"]
+    cfg = load_config(module.Config, config_path("rlvr"), overrides)
+    module.run(cfg)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["sft", "grpo", "dr_grpo"]
+    for row in result["rows"]:
+        assert list(row["pass_at"]) == ["1", "2", "4", "8"]
+        values = list(row["pass_at"].values())
+        assert values == sorted(values) and 0 <= values[0] and values[-1] <= 1  # pass@k grows with k
+        assert 1 <= row["mean_completion_len"] <= cfg.max_new_tokens
+    assert set(result["coverage"]) == {"grpo", "dr_grpo"} and result["coverage"]["grpo"]["pairs"] == 16
+    for stage in ("sft", "grpo", "dr_grpo"):
+        assert (tmp_path / stage / "model" / "config.json").exists()
+    assert (tmp_path / "results.png").exists() and "| grpo |" in (tmp_path / "results.md").read_text()
+    weights = tmp_path / "grpo" / "model" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    module.run(cfg)  # every stage is done: loaded, not trained again; the same evaluation
+    assert weights.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
