@@ -65,7 +65,7 @@ class RLConfig(TrainerConfig):
     num_generations: int = 8  # G: completions sampled per prompt, one group
     max_new_tokens: int = 64
     temperature: float = 1.0  # sampling and training both use softmax(logits / temperature)
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: the most probable tokens holding this much mass (1: off)
     beta: float = 0.0  # weight of the k3 KL to the frozen initial policy; 0 builds no reference model
     clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2  # DAPO's clip-higher: 0.28
