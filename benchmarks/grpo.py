@@ -1,0 +1,207 @@
+"""GRPO steps per second: paperloop's RLTrainer against TRL's GRPOTrainer (the `bench` extra), same model, same work.
+
+    python benchmarks/grpo.py                      # 8 prompts x 4 completions, 16 new tokens, beta 0 and 0.04
+    python benchmarks/grpo.py --repeats 7 --steps 10
+
+One intra-op thread, one process, a tiny Llama (hidden 128, 4 layers, MLP 256, vocab 100) saved to a temporary
+folder that both load (TRL rebuilds its reference model from that path when beta > 0). The tokenizer's EOS is
+id 100, outside the model's vocabulary, so no completion stops early: both decode the full budget (equal work).
+Equal settings: group-std advantages with the per-sequence mean (TRL `loss_type="grpo"`), one update per rollout
+batch, AdamW at lr 1e-6, gradient clipping at 1.0, temperature 1, no top-k/top-p, fp32, no completion logging.
+
+Each round builds a fresh trainer of each kind for each beta, in turn (interleaved, so machine noise hits all
+alike), runs `--warmup` steps, then times `--steps` steps: each step between the loop's hooks, and generation
+around `RLTrainer.generate` (ours) or `model.generate` (TRL), in wall seconds and in the thread's CPU seconds
+(robust to other processes on a shared machine). The table gives medians over rounds of each round's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from paperloop import RLConfig, RLTrainer
+from paperloop.callbacks import LambdaCallback
+
+VOCAB = 100
+EOS = VOCAB  # in the tokenizer, outside the model: never sampled
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    words = {"<pad>": 0, "<bos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}, "<eos>": EOS}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<pad>")
+
+
+def save_model(folder: Path) -> str:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def make_prompts(n: int) -> list[str]:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(8, 25, (n,), generator=g).tolist()
+    return [" ".join(f"w{t}" for t in torch.randint(2, VOCAB, (length - 1,), generator=g).tolist())
+            for length in lengths]
+
+
+def reward_count(text: str) -> float:
+    return float(text.split().count("w7") + text.split().count("w42"))  # any cheap score that varies in a group
+
+
+def fresh_accelerate_state() -> None:
+    """transformers' Trainer leaves Accelerate's process-wide state set with its own precision flag, which a later
+    Accelerator refuses to change; each contender starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class Clock:
+    """Wall and thread CPU seconds of each interval. On a shared machine the wall time includes waiting for a
+    core; with one intra-op thread, all compute runs on the calling thread, so its CPU time is the work alone."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    def start(self) -> None:
+        self.wall.append(-time.perf_counter())
+        self.cpu.append(-time.thread_time())
+
+    def stop(self) -> None:
+        self.wall.append(self.wall.pop() + time.perf_counter())
+        self.cpu.append(self.cpu.pop() + time.thread_time())
+
+    def timing(self, fn):
+        def timed(*args, **kwargs):
+            self.start()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stop()
+        return timed
+
+
+def run_ours(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    fresh_accelerate_state()
+    steps, generate = Clock(), Clock()
+    config = RLConfig(batch_size=args.prompts, num_generations=args.generations, max_new_tokens=args.new_tokens,
+                      beta=beta, lr=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps, output_dir=out,
+                      log_completions=0, seed=0)
+    trainer = RLTrainer(LlamaForCausalLM.from_pretrained(model_dir), config, tokenizer=make_tokenizer(),
+                        train_data=[{"prompt": p} for p in prompts],
+                        reward_fns=[lambda prompt, completion, example: reward_count(completion)],
+                        callbacks=[LambdaCallback(on_batch_begin=lambda t, s: steps.start(),
+                                                  on_batch_end=lambda t, o: steps.stop())])
+    trainer.generate = generate.timing(trainer.generate)
+    trainer.fit()
+    return steps, generate
+
+
+class _StepClock(TrainerCallback):
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.clock.stop()
+
+
+def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    fresh_accelerate_state()
+    steps, generate = Clock(), Clock()
+    config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.generations,
+                        num_generations=args.generations, max_completion_length=args.new_tokens, beta=beta,
+                        learning_rate=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps,
+                        loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
+                        report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
+                        use_cpu=True, seed=0, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model_dir, args=config,
+                          reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
+                          train_dataset=Dataset.from_dict({"prompt": prompts}),
+                          processing_class=make_tokenizer(), callbacks=[_StepClock(steps)])
+    trainer.remove_callback(PrinterCallback)  # it prints the run's summary dict
+    trainer.model.generate = generate.timing(trainer.model.generate)
+    trainer.train()
+    return steps, generate
+
+
+CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    prompts = make_prompts(args.prompts * (args.warmup + args.steps))
+    results: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_model(Path(tmp) / "model")
+        for round_ in range(args.repeats):
+            for beta in args.betas:
+                for name, run in CONTENDERS.items():
+                    steps, generate = run(model_dir, prompts, args, beta, str(Path(tmp) / f"run-{round_}-{name}"))
+                    skip = slice(args.warmup, None)
+                    results.setdefault((name, beta), []).append(
+                        {key: statistics.median(values[skip]) for key, values in (
+                            ("step", steps.wall), ("step_cpu", steps.cpu), ("generate", generate.wall),
+                            ("generate_cpu", generate.cpu))})
+            print(f"round {round_ + 1}/{args.repeats} done", flush=True)
+    print_table(results, args)
+
+
+def print_table(results, args) -> None:
+    completions = args.prompts * args.generations
+    print(f"\n{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new tokens, one thread, "
+          f"median of {args.repeats} rounds x {args.steps} steps (wall seconds; CPU: the thread's CPU seconds)\n")
+    print("| beta | trainer | completions/s | s/step | generation s | training s | completions/CPU-s | vs TRL "
+          "(wall) | vs TRL (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    median = lambda name, beta, key: statistics.median(r[key] for r in results[(name, beta)])  # noqa: E731
+    for beta in args.betas:
+        for name in CONTENDERS:
+            step, cpu = median(name, beta, "step"), median(name, beta, "step_cpu")
+            generate = median(name, beta, "generate")
+            print(f"| {beta:g} | {name} | {completions / step:.0f} | {step:.3f} | {generate:.3f} | "
+                  f"{step - generate:.3f} | {completions / cpu:.0f} | "
+                  f"{median('TRL GRPOTrainer', beta, 'step') / step:.2f}x | "
+                  f"{median('TRL GRPOTrainer', beta, 'step_cpu') / cpu:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""RL with verifiable rewards vs pass@k (Yue et al. 2025, "Does Reinforcement Learning Really Incentivize Reasoning
+Capacity in LLMs Beyond the Base Model?"), on two-digit addition.
+
+    paperloop run rlvr output_dir=runs/rlvr            # SFT, then GRPO and Dr. GRPO from it, pass@1..256
+    paperloop run rlvr methods=[grpo] max_steps=300     # one RL method, shorter
+
+A tiny Llama (width 128, 4 layers) is first trained with SFTTrainer to partial competence on `a+b=` -> `c` (one
+token per character), then trained from that same SFT checkpoint by RLTrainer with GRPO and with Dr. GRPO on a
+0/1 correctness reward. Each model is scored on held-out pairs that neither stage saw: n samples per prompt,
+pass@k by the unbiased estimator for k = 1, 2, 4, ..., n. Writes results.json, results.md and results.png (the
+pass@k curves) under output_dir, with each stage's run (checkpoints, TensorBoard) in its own folder. A stage
+interrupted by a signal checkpoints and the command stops; the same command again continues it, and skips
+stages already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
+from paperloop.callbacks import ProgressBar, TensorBoardLogger
+from paperloop.checkpoint import committed
+from paperloop.models.lm import tiny_causal_lm
+
+from .evaluate import evaluate, write_results
+from .task import correct, make_tokenizer, rl_prompts, sft_examples, split_problems
+
+PAPER = ('Yue et al. 2025, "Does Reinforcement Learning Really Incentivize Reasoning Capacity in LLMs Beyond the '
+         'Base Model?" (pass@k of RLVR vs its starting model), on two-digit addition')
+# Each RL method is a choice of paperloop.rl's advantage normalization and loss aggregation.
+METHODS = {"grpo": dict(advantage="group_std", aggregation="sequence_mean"),  # Shao et al. 2024
+           "dr_grpo": dict(advantage="none", aggregation="constant")}  # Liu et al. 2025
+
+
+@dataclass(frozen=True)
+class Config(RLConfig):
+    """RLConfig's keys configure both RL runs (their advantage and aggregation come from `methods`)."""
+
+    methods: Tuple[str, ...] = ("grpo", "dr_grpo")
+    hidden_size: int = 128
+    num_layers: int = 4
+    held_out: int = 200  # pairs kept out of SFT and RL, for pass@k
+    data_seed: int = 0
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    eval_samples: int = 256  # n per held-out prompt; pass@k for k = 1, 2, 4, ..., n
+    eval_temperature: float = 1.0
+    num_threads: int = 1  # torch intra-op threads; 0: torch's default
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"methods: a non-empty list from {sorted(METHODS)}, got {list(self.methods)}")
+        if self.eval_samples < 1 or self.eval_samples & (self.eval_samples - 1):
+            raise ConfigError(f"eval_samples: must be a power of 2, got {self.eval_samples}")
+        if not 1 <= self.held_out < 8100:
+            raise ConfigError(f"held_out: must be in [1, 8100), got {self.held_out}")
+        for key in ("sft_steps", "sft_batch_size", "hidden_size", "num_layers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+
+
+def run(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    tokenizer = make_tokenizer()
+    train, held_out = split_problems(cfg.held_out, cfg.data_seed)
+    start = time.perf_counter()
+    models, seconds = {}, {}
+    models["sft"], seconds["sft"] = stage(out / "sft", lambda folder: sft_trainer(cfg, tokenizer, train, folder))
+    for method in cfg.methods:
+        models[method], seconds[method] = stage(
+            out / method, lambda folder: rl_trainer(cfg, tokenizer, train, method, folder, out / "sft" / "model"))
+    rows = []
+    for name, model in models.items():
+        scores = evaluate(model, tokenizer, held_out, cfg.eval_samples, cfg.eval_temperature, cfg.max_new_tokens,
+                          cfg.seed)
+        rows.append({"method": name, **scores, "train_seconds": round(seconds[name], 1)})
+        shown = "  ".join(f"pass@{k} {100 * v:5.1f}%" for k, v in scores["pass_at"].items() if k in ("1", "16", "256"))
+        print(f"{name:8s} greedy {100 * scores['greedy_acc']:5.1f}%  {shown}", flush=True)
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    write_results(out, PAPER, rows, {"held_out": cfg.held_out, "eval_samples": cfg.eval_samples,
+                                     "eval_temperature": cfg.eval_temperature, "seconds": seconds})
+    return out
+
+
+def stage(folder: Path, build) -> tuple[object, float]:
+    """Train one stage in `folder` (continuing its checkpoints if a signal stopped it), save its final model to
+    `folder/model`; a stage whose model is already there is loaded instead. Returns (model, training seconds)."""
+    from transformers import AutoModelForCausalLM
+
+    done = folder / "model"
+    if (done / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(done).eval(), json.loads((folder / "seconds.json").read_text())
+    trainer = build(folder)
+    start = time.perf_counter()
+    state = trainer.fit(resume="latest" if committed(trainer.checkpoint_dir) else None)
+    if state.stop_reason == "signal":
+        raise KeyboardInterrupt(f"{folder.name} was interrupted at step {state.global_step} and checkpointed; run the "
+                                "same command again to continue")
+    seconds = time.perf_counter() - start
+    trainer.unwrapped_model.save_pretrained(done)
+    (folder / "seconds.json").write_text(json.dumps(seconds))
+    return trainer.unwrapped_model.eval(), seconds
+
+
+def sft_trainer(cfg: Config, tokenizer, pairs, folder: Path):
+    """SFT to partial competence: completion-only cross-entropy on `a+b=` -> `c` + EOS."""
+    config = SFTConfig(max_length=16, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, max_steps=cfg.sft_steps,
+                       seed=cfg.seed, output_dir=str(folder), log_every_steps=cfg.log_every_steps,
+                       checkpoint_every_steps=cfg.checkpoint_every_steps)
+    model = tiny_causal_lm(len(tokenizer), cfg.hidden_size, cfg.num_layers, seed=cfg.seed)
+    return SFTTrainer(model, config, tokenizer=tokenizer, train_data=sft_examples(pairs),
+                      callbacks=[TensorBoardLogger(), ProgressBar()])
+
+
+def rl_trainer(cfg: Config, tokenizer, pairs, method: str, folder: Path, sft_model: Path) -> RLTrainer:
+    """RL from the SFT checkpoint with the 0/1 correctness reward, the method's advantage and aggregation."""
+    from transformers import AutoModelForCausalLM
+
+    config = dataclasses.replace(cfg, output_dir=str(folder), **METHODS[method])
+    return RLTrainer(AutoModelForCausalLM.from_pretrained(sft_model), config, tokenizer=tokenizer,
+                     train_data=rl_prompts(pairs), reward_fns=[correct], callbacks=[TensorBoardLogger(), ProgressBar()])

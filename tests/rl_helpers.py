@@ -1,0 +1,99 @@
+"""Shared RL fixtures: a per-character tokenizer, single-digit addition prompts, a tiny Llama, a partial-credit
+reward, and an RLTrainer with plain SGD (which, unlike Adam, shows any error in the gradient's scale). Imported
+by test_rl_trainer.py and by the worker scripts it runs (and kills) in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from paperloop import RLConfig, RLTrainer
+from paperloop.sampling import Samples, sample
+from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
+
+DIGITS = list("0123456789+=")
+
+
+def make_tokenizer():
+    return word_level_tokenizer(DIGITS, per_character=True)
+
+
+def make_prompts(n: int = 24, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randint(0, 10, (n, 2), generator=g).tolist()
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
+
+
+def make_lm(tokenizer, seed: int = 0):
+    # initializer_range 0.2: peaked next-token distributions, so EOS comes early in some rows and late in others
+    return tiny_causal_lm(len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, seed=seed,
+                          initializer_range=0.2)
+
+
+def digit_reward(prompt, completion, example) -> float:
+    """1 for the right answer; otherwise a little credit per correct leading digit (so groups rarely tie)."""
+    answer = example["answer"]
+    if completion == answer:
+        return 1.0
+    return 0.1 * sum(a == b for a, b in zip(completion, answer)) - 0.01 * len(completion)
+
+
+class SGDRLTrainer(RLTrainer):
+    def configure_optimizer(self):
+        return torch.optim.SGD(self.model.parameters(), lr=self.config.lr)
+
+
+def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=(digit_reward,), model=None,
+                    **overrides) -> RLTrainer:
+    tok = make_tokenizer()
+    cfg = dict(batch_size=4, num_generations=4, max_new_tokens=5, lr=0.05, max_epochs=2, seed=0,
+               output_dir=str(out), log_completions=2)
+    cfg.update(overrides)
+    return cls(model or make_lm(tok), RLConfig(**cfg), tokenizer=tok, train_data=make_prompts(prompts),
+               reward_fns=reward_fns, callbacks=list(callbacks))
+
+
+# The resume tests' runs: 16 prompts, 4 a step, 2 epochs = 8 steps, a checkpoint every 2. "mu2": two passes over
+# two minibatches = 4 updates a step, with a KL to the (rebuilt) reference.
+RESUME_RUNS = {
+    "mu1": dict(prompts=16, checkpoint_every_steps=2),
+    "mu2": dict(prompts=16, checkpoint_every_steps=2, inner_epochs=2, minibatch_size=2, beta=0.04),
+}
+
+
+# The DDP test's run (batch_size is the global one: each of 2 processes takes half): the token-mean normalizer and
+# the batch-std advantages both need every process's rollouts; two updates a step, 4 steps.
+DDP_RUN = dict(batch_size=4, prompts=16, max_epochs=1, aggregation="token_mean", advantage="batch_std",
+               inner_epochs=2, micro_batch_size=3, lr=0.2)
+
+
+class LayoutFreeSampling(SGDRLTrainer):
+    """Each prompt's completions come from a generator seeded by (step, prompt), the same whichever process holds
+    the prompt: a 2-process run then sees exactly the rollouts of a 1-process run of the same global batch."""
+
+    def generate(self, prompt_ids_P, num_samples, temperature):
+        def seeded(prompt):
+            seed = 1000 * self.state.global_step + sum(i * t for i, t in enumerate(prompt))
+            return torch.Generator().manual_seed(seed)
+
+        parts = [sample(self.unwrapped_model, [prompt], num_samples, self.config.max_new_tokens,
+                        generator=seeded(prompt), temperature=temperature, eos_token_id=self.stop_token_ids,
+                        pad_token_id=self.pad_id)
+                 for prompt in prompt_ids_P]
+        width = max(part.tokens_N_L.shape[1] for part in parts)
+        return Samples(torch.cat([F.pad(p.tokens_N_L, (0, width - p.tokens_N_L.shape[1]), value=self.pad_id)
+                                  for p in parts]),
+                       torch.cat([F.pad(p.logprobs_N_L, (0, width - p.logprobs_N_L.shape[1])) for p in parts]),
+                       torch.cat([p.lengths_N for p in parts]), torch.cat([p.stopped_N for p in parts]), num_samples)
+
+
+def run_rl_worker(out, *args) -> subprocess.CompletedProcess:
+    """rl_worker.py in a subprocess (one thread, like the tests), to SIGKILL it mid-run."""
+    worker = Path(__file__).with_name("rl_worker.py")
+    return subprocess.run([sys.executable, str(worker), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,0 +1,366 @@
+"""RLTrainer: its updates against a naive GRPO loop written from the papers' formulas (one unpadded forward per
+completion, plain SGD), the batch it builds, the reference model, reward-function errors, zero-std groups, its
+metrics, and exact resume after SIGKILL (between rollout batches, during generation, between updates)."""
+
+import copy
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from paperloop import CheckpointError, RLConfig, RLTrainer
+from paperloop.callbacks import LambdaCallback
+from paperloop.config import ConfigError
+from paperloop.data import epoch_permutation
+from paperloop.rl_trainer import rollout_batch, split_rows, token_entropy
+from paperloop.sampling import Samples, sample
+from paperloop.checkpoint import committed
+from rl_helpers import (DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer,
+                        make_tokenizer, run_rl_worker)
+
+# ---- the update against a naive loop ----------------------------------------------------------------------
+
+
+def naive_advantages(rewards, G, normalize):
+    out, batch_std = [], statistics.stdev(rewards)
+    for g in range(0, len(rewards), G):
+        group = rewards[g:g + G]
+        mean = sum(group) / G
+        if max(group) == min(group):
+            out += [0.0] * G
+            continue
+        scale = {"group_std": statistics.stdev(group) + 1e-4, "batch_std": batch_std + 1e-4, "none": 1.0}[normalize]
+        out += [(r - mean) / scale for r in group]
+    return out
+
+
+def row_logprobs(model, prompt, completion, temperature):
+    """log softmax(logits / T) of each completion token, from one unpadded forward of prompt + completion."""
+    logits = model(torch.tensor([prompt + completion]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def naive_grpo(cfg: RLConfig, sampler_state: torch.Tensor, steps: int):
+    """GRPO/DAPO/Dr. GRPO by the formulas, one completion at a time: per token -min(ρA, clip(ρ)A) + β·k3, ρ against
+    the log-probs before the step's first update, aggregated per minibatch as the papers write it."""
+    tok, data = make_tokenizer(), make_prompts()
+    policy, reference = make_lm(tok), make_lm(tok)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(sampler_state)
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    order = epoch_permutation(len(data), cfg.seed, 0)
+    B, G, T = cfg.batch_size, cfg.num_generations, cfg.temperature
+    for s in range(steps):
+        examples = [data[i] for i in order[s * B:(s + 1) * B].tolist()]
+        prompts = [tok(e["prompt"])["input_ids"] for e in examples]
+        completions = sample(policy, prompts, G, cfg.max_new_tokens, generator=generator, temperature=T,
+                             top_p=cfg.top_p, eos_token_id=stop, pad_token_id=0).completions()
+        rewards = [digit_reward(None, tok.decode(c, skip_special_tokens=True), examples[n // G])
+                   for n, c in enumerate(completions)]
+        advantages = naive_advantages(rewards, G, cfg.advantage)
+        rows = [(prompts[n // G], c) for n, c in enumerate(completions)]
+        with torch.no_grad():
+            old = [row_logprobs(policy, p, c, T) for p, c in rows]
+            ref = [row_logprobs(reference, p, c, T) for p, c in rows]
+        per_update = (cfg.minibatch_size or B) * G
+        for _ in range(cfg.inner_epochs):
+            for start in range(0, len(rows), per_update):
+                optimizer.zero_grad()
+                sums, lengths = [], []
+                for n in range(start, start + per_update):
+                    logp = row_logprobs(policy, *rows[n], T)
+                    ratio = torch.exp(logp - old[n])
+                    a = advantages[n]
+                    token_loss = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)
+                    token_loss = token_loss + cfg.beta * (torch.exp(ref[n] - logp) - (ref[n] - logp) - 1)
+                    sums.append(token_loss.sum())
+                    lengths.append(len(logp))
+                if cfg.aggregation == "sequence_mean":  # GRPO: (1/G) Σ_i (1/|o_i|) Σ_t
+                    loss = sum(s / n for s, n in zip(sums, lengths)) / len(sums)
+                elif cfg.aggregation == "token_mean":  # DAPO: Σ_i Σ_t / Σ_i |o_i|
+                    loss = sum(sums) / sum(lengths)
+                else:  # Dr. GRPO: Σ_i Σ_t / (batch × max_new_tokens)
+                    loss = sum(sums) / (len(sums) * cfg.max_new_tokens)
+                loss.backward()
+                optimizer.step()
+    return policy
+
+
+RECIPES = {
+    "grpo": dict(),
+    "grpo-micro-batches-temperature": dict(micro_batch_size=3, temperature=0.7, top_p=0.9),
+    "dapo-mu2-minibatches-kl": dict(aggregation="token_mean", clip_high=0.28, inner_epochs=2, minibatch_size=2,
+                                    micro_batch_size=5, beta=0.04),
+    "dr-grpo-mu2": dict(advantage="none", aggregation="constant", inner_epochs=2, micro_batch_size=6),
+    "batch-std": dict(advantage="batch_std", minibatch_size=1),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_updates_match_a_naive_loop_from_the_formulas(tmp_path, recipe):
+    trainer = make_rl_trainer(tmp_path, max_steps=3, lr=0.2, **RECIPES[recipe])
+    sampler_state = trainer.sampler.get_state()
+    clip = []
+    trainer.callbacks.append(LambdaCallback(on_batch_end=lambda t, o: clip.append(float(o["policy/clip_frac"]))))
+    trainer.fit()
+    expected = naive_grpo(trainer.config, sampler_state, steps=3)
+    moved = 0.0
+    for name, value in expected.state_dict().items():
+        got = trainer.unwrapped_model.state_dict()[name]
+        torch.testing.assert_close(got, value, rtol=0, atol=1e-5, msg=lambda m: name + m)
+        moved = max(moved, (value - make_lm(make_tokenizer()).state_dict()[name]).abs().max().item())
+    assert moved > 1e-3  # the updates did something that a wrong scale would show
+    if trainer.config.updates_per_step > 1:
+        assert max(clip) > 0  # later updates of a step are off-policy: clipping is exercised
+
+
+# ---- the batch ----------------------------------------------------------------------------------------------
+
+
+def test_rollout_batch_aligns_completions_weights_and_sampling_logprobs_by_hand():
+    # two prompts of different lengths, G = 2; completions of 2, 1, 3 and 2 tokens (padding 0 after each)
+    samples = Samples(tokens_N_L=torch.tensor([[7, 2, 0], [2, 0, 0], [8, 9, 2], [9, 9, 0]]),
+                      logprobs_N_L=torch.tensor([[-.1, -.2, 0], [-.3, 0, 0], [-.4, -.5, -.6], [-.7, -.8, 0]]),
+                      lengths_N=torch.tensor([2, 1, 3, 2]), stopped_N=torch.tensor([True, True, True, False]),
+                      group_size=2)
+    batch = rollout_batch([[1, 5, 6], [1, 4]], samples, torch.tensor([1.0, -1.0, 0.5, -0.5]), pad_id=0)
+    # row 0: tokens 1 5 6 | 7 2  -> input 1 5 6 7, targets 5 6 7 2, trained: the targets 7 and 2
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 5, 6, 0], [1, 4, 8, 9], [1, 4, 9, 0]]
+    assert batch["target_tokens"].tolist() == [[5, 6, 7, 2], [5, 6, 2, 0], [4, 8, 9, 2], [4, 9, 9, 0]]
+    assert batch["weights"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [0, 1, 1, 1], [0, 1, 1, 0]]
+    torch.testing.assert_close(batch["sampling_logprobs"], torch.tensor(
+        [[0, 0, -.1, -.2], [0, 0, -.3, 0], [0, -.4, -.5, -.6], [0, -.7, -.8, 0]]))
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 4
+    assert batch["advantages"].tolist() == [1.0, -1.0, 0.5, -0.5]
+    # micro-batches of 2 rows, each cut to its own longest trained row
+    first, second = split_rows(batch, 2)
+    assert first["input_ids"].shape == (2, 4) and second["input_ids"].shape == (2, 4)
+    short = split_rows({k: v[1:2] for k, v in batch.items()}, 1)[0]
+    assert short["input_ids"].tolist() == [[1, 5, 6]] and short["advantages"].tolist() == [-1.0]
+
+
+def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(token_entropy(logits), expected)
+    monkeypatch.setattr("paperloop.rl_trainer.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
+    torch.testing.assert_close(token_entropy(logits.bfloat16()), torch.distributions.Categorical(
+        logits=logits.bfloat16().float()).entropy())
+
+
+# ---- configuration and inputs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(grad_accum_steps=2), "grad_accum_steps"), (dict(num_generations=1), "num_generations"),
+    (dict(minibatch_size=3), "minibatch_size"), (dict(advantage="grpo"), "advantage"),
+    (dict(aggregation="mean"), "aggregation"), (dict(temperature=0.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(clip_low=1.0), "clip_low"), (dict(inner_epochs=0), "inner_epochs"),
+    (dict(beta=-0.1), "beta"), (dict(micro_batch_size=0), "micro_batch_size"),
+])
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        RLConfig(batch_size=4, **overrides)
+
+
+def test_reward_function_errors_name_the_function_and_the_example(tmp_path):
+    def flaky(prompt, completion, example):
+        if example["answer"] == "9":
+            raise KeyError("no such key")
+        return 0.0
+
+    def nan_reward(prompt, completion, example):
+        return float("nan")
+
+    for fn, error, words in ((flaky, RuntimeError, ["'flaky' raised KeyError", "train example"]),
+                             (nan_reward, ValueError, ["'nan_reward' returned nan", "finite number"]),
+                             (lambda p, c, e: None, ValueError, ["'<lambda>' returned None"])):
+        trainer = make_rl_trainer(tmp_path, max_steps=6, reward_fns=[fn])
+        with pytest.raises(error) as info:
+            trainer.fit()
+        for word in words:
+            assert word in str(info.value)
+    index = int(str(info.value).split("train example ")[1].split()[0])
+    assert make_prompts()[index]["prompt"] in str(info.value)  # names the very example
+    with pytest.raises(ValueError, match="reward_weights"):
+        RLTrainer(make_lm(make_tokenizer()), RLConfig(), tokenizer=make_tokenizer(), train_data=make_prompts(),
+                  reward_fns=[digit_reward], reward_weights=[1.0, 2.0])
+    trainer = make_rl_trainer(tmp_path)
+    trainer.train_data[5] = {"question": "1+1="}
+    with pytest.raises(ValueError, match=r"train example 5: an RL prompt .* got \['question'\]"):
+        trainer.fit()
+
+
+def test_groups_with_equal_rewards_contribute_nothing(tmp_path):
+    outputs = []
+    trainer = make_rl_trainer(tmp_path, max_steps=2, reward_fns=[lambda prompt, completion, example: 0.5],
+                              callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    before = copy.deepcopy(trainer.unwrapped_model.state_dict())
+    trainer.fit()
+    assert [float(o["rollout/zero_std_frac"]) for o in outputs] == [1.0, 1.0]
+    for name, value in trainer.unwrapped_model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # SGD, no KL: a zero gradient leaves the weights alone
+
+
+def test_outputs_hold_every_metric_and_sampled_completions_as_text(tmp_path):
+    outputs = []
+    trainer = make_rl_trainer(tmp_path, max_steps=1, beta=0.1, callbacks=[LambdaCallback(
+        on_batch_end=lambda t, o: outputs.append(o))])
+    trainer.fit()
+    (o,) = outputs
+    for key in ("train/loss", "policy/loss", "reward/mean", "reward/std", "reward/digit_reward",
+                "rollout/zero_std_frac", "rollout/completion_len", "rollout/stopped_frac", "policy/clip_frac",
+                "policy/kl", "policy/entropy", "policy/ratio_mean", "policy/sampler_logprob_gap", "time/generate_s",
+                "time/train_s",
+                "perf/completions_per_s", "optim/lr", "optim/grad_norm"):
+        assert key in o and torch.isfinite(torch.as_tensor(o[key])), key
+    assert float(o["policy/ratio_mean"]) == 1.0 and float(o["policy/kl"]) == 0.0  # one update: on-policy, ref = policy
+    assert 0 <= float(o["policy/sampler_logprob_gap"]) < 1e-5  # sampler and trainer agree to float32 noise
+    assert 1 <= float(o["rollout/completion_len"]) <= 5
+    lines = o["text/samples"].splitlines()
+    assert lines[0] == "| prompt | completion | reward |" and len(lines) == 4  # log_completions=2
+    prompt = lines[2].split(" | ")[0].removeprefix("| ")
+    assert any(p["prompt"] == prompt for p in make_prompts())
+
+
+def test_training_forwards_run_without_a_kv_cache(tmp_path):
+    calls = []
+    trainer = make_rl_trainer(tmp_path, max_steps=1, inner_epochs=2, beta=0.1)
+    hook = lambda module, args, kwargs: calls.append((torch.is_inference_mode_enabled(), kwargs.get("use_cache")))
+    trainer.unwrapped_model.register_forward_pre_hook(hook, with_kwargs=True)
+    trainer.reference.register_forward_pre_hook(hook, with_kwargs=True)
+    trainer.fit()
+    scoring = [use_cache for sampling, use_cache in calls if not sampling]
+    assert len(scoring) == 1 + 1 + 2  # old log-probs, reference, two updates: one micro-batch each
+    assert scoring == [False] * 4
+    assert all(use_cache for sampling, use_cache in calls if sampling)  # generation does use its cache
+
+
+def test_reference_is_the_frozen_initial_policy_and_not_checkpointed(tmp_path):
+    assert make_rl_trainer(tmp_path / "none", beta=0.0).reference is None
+    trainer = make_rl_trainer(tmp_path / "kl", beta=0.1, max_steps=3, checkpoint_every_steps=3)
+    initial = make_lm(make_tokenizer()).state_dict()
+    trainer.fit()
+    assert all(not p.requires_grad for p in trainer.reference.parameters())
+    for name, value in trainer.reference.state_dict().items():
+        assert torch.equal(value, initial[name])
+    state = trainer.state_dict()
+    assert all(not key.startswith("reference") for key in state["model"])
+    # resumed with trained weights as "the initial model", the reference would silently move: refused
+    wrong = make_rl_trainer(tmp_path / "kl", beta=0.1, max_steps=6, model=copy.deepcopy(trainer.unwrapped_model))
+    with pytest.raises(CheckpointError, match="reference model"):
+        wrong.fit(resume="latest")
+    make_rl_trainer(tmp_path / "kl", beta=0.1, max_steps=6).fit(resume="latest")  # the right one resumes
+
+
+# ---- exact resume ------------------------------------------------------------------------------------------
+
+_straight = {}
+
+
+def straight_run(run, tmp_path_factory):
+    if run not in _straight:
+        trainer = make_rl_trainer(tmp_path_factory.mktemp(run), **RESUME_RUNS[run])
+        trainer.fit()
+        _straight[run] = trainer
+    return _straight[run]
+
+
+def assert_same_run(resumed, reference):
+    assert (resumed.state.global_step, resumed.state.updates) == (reference.state.global_step,
+                                                                  reference.state.updates)
+    for name, value in reference.unwrapped_model.state_dict().items():
+        assert torch.equal(resumed.unwrapped_model.state_dict()[name], value), name
+    assert torch.equal(resumed.sampler.get_state(), reference.sampler.get_state())
+    assert resumed.state.train_loss_history == reference.state.train_loss_history
+
+
+@pytest.mark.parametrize("run, kill, checkpoint", [
+    ("mu1", ["--kill-at-step", "5"], "step-000004"),        # between rollout batches
+    ("mu1", ["--kill-in-generate", "7"], "step-000006"),    # in the middle of sampling step 8's completions
+    ("mu2", ["--kill-in-generate", "3"], "step-000002"),    # in the middle of sampling step 4's completions
+    ("mu2", ["--kill-after-update", "14"], "step-000002"),  # after update 2 of step 4's 4
+])
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, run, kill, checkpoint):
+    proc = run_rl_worker(tmp_path, "--run", run, *kill)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert committed(tmp_path / "checkpoints")[0].name == checkpoint
+    resumed = make_rl_trainer(tmp_path, **RESUME_RUNS[run])
+    resumed.fit(resume="latest")
+    assert_same_run(resumed, straight_run(run, tmp_path_factory))
+
+
+# ---- two processes -----------------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(tmp_path):
+    """token_mean's normalizer (all-reduced) and batch_std's advantages (gathered) both span the processes: 2 x 2
+    prompts end where 1 x 4 prompts end. A DDP run stopped with a checkpoint resumes bitwise (each process's own
+    sampling stream restored)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("rl_ddp_worker.py")), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = load_file(str(tmp_path / "layout_free.safetensors"))
+    single = make_rl_trainer(tmp_path / "single", cls=LayoutFreeSampling, **DDP_RUN)
+    single.fit()
+    moved = 0.0
+    for name, value in single.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5)
+        moved = max(moved, (value - make_lm(make_tokenizer()).state_dict()[name]).abs().max().item())
+    assert moved > 1e-3
+    straight, resumed = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("straight", "resumed"))
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_path):
+    trainer = make_rl_trainer(tmp_path, max_steps=1)
+    tok = trainer.tokenizer
+    ids = trainer.prompt_ids({"messages": [{"role": "user", "content": "1+2="}]}, "example 0")
+    assert tok.decode(ids) == "<bos><|user|>1+2=<|end|><|assistant|>"
+    assert trainer.prompt_ids({"prompt": "1+2="}, "example 0") == tok("1+2=")["input_ids"]
+    assert trainer.stop_token_ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    chats = [{"messages": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in make_prompts()]
+    seen = []
+    chat_trainer = RLTrainer(make_lm(tok), RLConfig(batch_size=4, num_generations=4, max_new_tokens=5, max_steps=1,
+                                                   output_dir=str(tmp_path / "chat")), tokenizer=tok, train_data=chats,
+                             reward_fns=[lambda prompt, completion, example: seen.append(prompt) or 0.0])
+    chat_trainer.fit()
+    assert seen[0] == chats[int(epoch_permutation(24, 0, 0)[0])]["messages"]  # reward functions get the messages
+
+
+def test_validation_scores_greedy_completions_of_the_validation_prompts(tmp_path):
+    trainer = make_rl_trainer(tmp_path)
+    trainer.val_data = make_prompts(10, seed=3)
+    metrics = trainer.validate()
+    tok, model = trainer.tokenizer, trainer.unwrapped_model
+    expected, lengths = [], []
+    for example in trainer.val_data:  # greedy, one prompt at a time, by hand
+        ids = tok(example["prompt"], return_tensors="pt")["input_ids"]
+        out = model.generate(ids, do_sample=False, max_new_tokens=5, eos_token_id=trainer.stop_token_ids,
+                             pad_token_id=0)[0, ids.shape[1]:].tolist()
+        out = out[:next((i + 1 for i, t in enumerate(out) if t in trainer.stop_token_ids), len(out))]
+        expected.append(digit_reward(None, tok.decode(out, skip_special_tokens=True), example))
+        lengths.append(len(out))
+    assert metrics["val/reward"] == pytest.approx(sum(expected) / 10, abs=1e-6)
+    assert metrics["val/reward/digit_reward"] == pytest.approx(sum(expected) / 10, abs=1e-6)
+    assert metrics["val/completion_len"] == pytest.approx(sum(lengths) / 10)
+
+
+def test_bf16_autocast_trains_with_finite_outputs(tmp_path):
+    outputs = []
+    trainer = make_rl_trainer(tmp_path, max_steps=2, precision="bf16", inner_epochs=2, beta=0.1,
+                              callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    trainer.fit()
+    assert trainer.state.updates == 4 and all(o["train/finite"] for o in outputs)
+    for key in ("train/loss", "policy/entropy", "policy/kl", "policy/sampler_logprob_gap"):
+        assert all(torch.isfinite(torch.as_tensor(o[key])) for o in outputs), key
+    # the sampler runs in float32, the training forward in bfloat16: the gap shows bf16's precision, not 1e-7
+    assert 1e-5 < float(outputs[0]["policy/sampler_logprob_gap"]) < 0.1
