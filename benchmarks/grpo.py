@@ -1,17 +1,20 @@
-"""GRPO steps per second: paperloop's RLTrainer against TRL's GRPOTrainer (the `bench` extra), same model, same work.
+"""GRPO steps per second: paperloop's RLTrainer, TRL's GRPOTrainer (the `bench` extra) and a hand-written loop.
 
     python benchmarks/grpo.py                      # 8 prompts x 4 completions, 16 new tokens, beta 0 and 0.04
     python benchmarks/grpo.py --repeats 7 --steps 10
 
 One intra-op thread, one process, a tiny Llama (hidden 128, 4 layers, MLP 256, vocab 100) saved to a temporary
-folder that both load (TRL rebuilds its reference model from that path when beta > 0). The tokenizer's EOS is
-id 100, outside the model's vocabulary, so no completion stops early: both decode the full budget (equal work).
+folder that all three load (TRL rebuilds its reference model from that path when beta > 0). The tokenizer's EOS is
+id 100, outside the model's vocabulary, so no completion stops early: all decode the full budget (equal work).
 Equal settings: group-std advantages with the per-sequence mean (TRL `loss_type="grpo"`), one update per rollout
 batch, AdamW at lr 1e-6, gradient clipping at 1.0, temperature 1, no top-k/top-p, fp32, no completion logging.
 
+The hand-written loop is what a researcher writes without a framework (`run_hand`): `model.generate`, the GRPO
+update in plain torch, clip, AdamW; no checkpointable sampler, no metrics, no callbacks.
+
 Each round builds a fresh trainer of each kind for each beta, in turn (interleaved, so machine noise hits all
 alike), runs `--warmup` steps, then times `--steps` steps: each step between the loop's hooks, and generation
-around `RLTrainer.generate` (ours) or `model.generate` (TRL), in wall seconds and in the thread's CPU seconds
+around `RLTrainer.generate` (ours) or `model.generate` (TRL, hand), in wall seconds and in the thread's CPU seconds
 (robust to other processes on a shared machine). The table gives medians over rounds of each round's median.
 """
 
@@ -150,7 +153,58 @@ def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     return steps, generate
 
 
-CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl}
+def completion_logprobs(logits_N_L_V: torch.Tensor, completion_N_C: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the last C tokens of each row: the logits one position before each."""
+    C = completion_N_C.shape[1]
+    logprobs = torch.log_softmax(logits_N_L_V[:, -C - 1:-1].float(), dim=-1)
+    return logprobs.gather(-1, completion_N_C[..., None])[..., 0]
+
+
+def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    """What a researcher writes without a framework: `model.generate`, then one GRPO update per rollout batch
+    (group-std advantages, per-sequence mean, ratio 1, k3 KL to a frozen copy when beta > 0), clip, AdamW."""
+    steps, generate = Clock(), Clock()
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "left"
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    reference = LlamaForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False) if beta else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    G = args.generations
+    for start in range(0, (args.warmup + args.steps) * args.prompts, args.prompts):
+        steps.start()
+        prompt = tokenizer(prompts[start:start + args.prompts], return_tensors="pt", padding=True)
+        generate.start()
+        with torch.no_grad():
+            ids_N_L = model.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens, temperature=1.0,
+                                     top_k=0, top_p=1.0, num_return_sequences=G, pad_token_id=0)
+        generate.stop()
+        completion_N_C = ids_N_L[:, prompt["input_ids"].shape[1]:]
+        rewards_N = torch.tensor([reward_count(t) for t in tokenizer.batch_decode(completion_N_C)])
+        rewards_P_G = rewards_N.view(-1, G)
+        std_P_1 = rewards_P_G.std(1, keepdim=True)
+        advantages_N = ((rewards_P_G - rewards_P_G.mean(1, keepdim=True)) / (std_P_1 + 1e-4)).flatten()
+        prompt_mask_N_P = prompt["attention_mask"].repeat_interleave(G, 0)
+        attention_N_L = torch.cat([prompt_mask_N_P, torch.ones_like(completion_N_C)], 1)
+        positions_N_L = (attention_N_L.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids_N_L, attention_mask=attention_N_L, position_ids=positions_N_L).logits
+        logprobs_N_C = completion_logprobs(logits, completion_N_C)
+        loss_N_C = -torch.exp(logprobs_N_C - logprobs_N_C.detach()) * advantages_N[:, None]
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = reference(input_ids=ids_N_L, attention_mask=attention_N_L,
+                                       position_ids=positions_N_L).logits
+            ref_N_C = completion_logprobs(ref_logits, completion_N_C)
+            loss_N_C = loss_N_C + beta * (torch.exp(ref_N_C - logprobs_N_C) - (ref_N_C - logprobs_N_C) - 1)
+        loss_N_C.mean(1).mean().backward()  # no EOS in the vocabulary: every completion has all its tokens
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.stop()
+    return steps, generate
+
+
+CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl, "hand-written loop": run_hand}
 
 
 def main() -> None:
@@ -190,8 +244,8 @@ def print_table(results, args) -> None:
     print(f"\n{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new tokens, one thread, "
           f"median of {args.repeats} rounds x {args.steps} steps (wall seconds; CPU: the thread's CPU seconds)\n")
     print("| beta | trainer | completions/s | s/step | generation s | training s | completions/CPU-s | vs TRL "
-          "(wall) | vs TRL (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "(wall) | vs TRL (CPU) | vs hand-written (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     median = lambda name, beta, key: statistics.median(r[key] for r in results[(name, beta)])  # noqa: E731
     for beta in args.betas:
         for name in CONTENDERS:
@@ -200,7 +254,8 @@ def print_table(results, args) -> None:
             print(f"| {beta:g} | {name} | {completions / step:.0f} | {step:.3f} | {generate:.3f} | "
                   f"{step - generate:.3f} | {completions / cpu:.0f} | "
                   f"{median('TRL GRPOTrainer', beta, 'step') / step:.2f}x | "
-                  f"{median('TRL GRPOTrainer', beta, 'step_cpu') / cpu:.2f}x |")
+                  f"{median('TRL GRPOTrainer', beta, 'step_cpu') / cpu:.2f}x | "
+                  f"{median('hand-written loop', beta, 'step_cpu') / cpu:.2f}x |")
 
 
 if __name__ == "__main__":
