@@ -257,6 +257,18 @@ def test_checkpoint_loads_with_auto_classes(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, t.unwrapped_model(ids).logits, rtol=0, atol=0)
 
 
+def test_checkpoint_writes_no_progress_bar_and_leaves_the_users_setting(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    t = make_trainer(tmp_path, max_steps=1)
+    t.fit()
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    t.save_checkpoint()
+    assert "Writing model shards" not in capfd.readouterr().err  # transformers draws one per save otherwise
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def run_worker(out, *args):
     return subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -24,6 +24,7 @@ The next save cleans up what interrupted writes left (`remove_leftovers`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -133,12 +134,28 @@ def load_state(directory: Path) -> dict:
 
 def save_weights(model: torch.nn.Module, directory: Path) -> None:
     transformers = sys.modules.get("transformers")  # a PreTrainedModel means it is already imported
-    if _is_peft(model):  # the trained adapter only: the frozen base is rebuilt, not saved
-        model.save_pretrained(directory)
-    elif transformers is not None and isinstance(model, transformers.PreTrainedModel):
-        model.save_pretrained(directory)
+    if _is_peft(model) or (transformers is not None and isinstance(model, transformers.PreTrainedModel)):
+        # A peft model saves the trained adapter only: the frozen base is rebuilt, not saved.
+        with _no_shard_progress_bar():
+            model.save_pretrained(directory)
     else:
         save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_weights expects
+
+
+@contextlib.contextmanager
+def _no_shard_progress_bar():
+    """transformers draws a "Writing model shards" bar on stderr at every save, through our own progress bar;
+    a checkpoint is not a step the user waits on, so it stays quiet (the user's setting is put back)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _weight_files(directory: Path) -> list[str]:
