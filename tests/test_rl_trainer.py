@@ -208,6 +208,17 @@ def test_groups_with_equal_rewards_contribute_nothing(tmp_path):
         assert torch.equal(value, before[name]), name  # SGD, no KL: a zero gradient leaves the weights alone
 
 
+def test_a_schedule_spans_every_update_of_every_step(tmp_path):
+    lrs = []
+    record = LambdaCallback(on_batch_end=lambda t, o: lrs.append(t.scheduler.get_last_lr()[0]))
+    trainer = make_rl_trainer(tmp_path, max_steps=3, inner_epochs=2, minibatch_size=2, lr_scheduler="linear",
+                              callbacks=[record])
+    assert trainer.total_updates() == 3 * 2 * 2
+    trainer.fit()
+    assert trainer.state.updates == 12
+    assert lrs == pytest.approx([0.05 * (1 - u / 12) for u in (4, 8, 12)])  # reaches 0 at the last update, not before
+
+
 def test_outputs_hold_every_metric_and_sampled_completions_as_text(tmp_path):
     outputs = []
     trainer = make_rl_trainer(tmp_path, max_steps=1, beta=0.1, callbacks=[LambdaCallback(

@@ -413,6 +413,10 @@ class RLTrainer(BaseTrainer):
                              f"{c.batch_size} x {self.world_size} process(es)")
         return WholeSteps(len(self.train_data), c.batch_size, 1, self.world_size, self.rank, c.seed, c.shuffle)
 
+    def total_updates(self) -> int:
+        """A step makes μ passes over its minibatches, each an optimizer update: the schedule spans them all."""
+        return self.total_steps() * self.config.updates_per_step
+
     def extra_state(self) -> dict:
         return {} if self._reference_sum is None else {"reference_checksum": self._reference_sum}
 
