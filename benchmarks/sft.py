@@ -23,7 +23,8 @@ advances in chunks of `--steps` steps, interleaved: a round runs one chunk of ev
 round). The first round is warm-up (and compilation) and is dropped; the rest give per-chunk rates, and the
 table shows their median. TRL's loop runs in a thread that a callback pauses between chunks; ours runs in the
 main thread by raising `max_steps` and calling `train()` again. Trained tokens are counted the same way for
-every mode: target positions with a nonzero loss weight (completion tokens and EOS).
+every mode: target positions with a nonzero loss weight (completion tokens and EOS). TRL runs in float32
+(`bf16=False`) like every other mode. The README's Performance section has the table measured here.
 """
 
 from __future__ import annotations
