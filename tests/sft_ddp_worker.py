@@ -19,8 +19,10 @@ class SGDTrainer(SFTTrainer):
 
 
 def build(out, callbacks=(), **cfg) -> SFTTrainer:
-    settings = dict(max_length=24, pack_length=32, batch_size=4, max_epochs=2, lr=0.1, output_dir=str(out))
+    settings = dict(max_length=24, batch_size=4, max_epochs=2, lr=0.1, output_dir=str(out))
     settings.update(cfg)
+    if settings.get("packing"):
+        settings.setdefault("pack_length", 32)
     return SGDTrainer(model(), SFTConfig(**settings), tokenizer=tokenizer(), train_data=sorting_examples(44),
                       callbacks=list(callbacks))
 

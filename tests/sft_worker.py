@@ -15,9 +15,9 @@ from sft_helpers import VOCAB, sorting_examples, tokenizer
 def build(out, packing: bool, bucket_window: int = 0, callbacks=()) -> SFTTrainer:
     # Dropout draws from torch's RNG every step, so a resume must restore it too.
     model = tiny_causal_lm(len(VOCAB) + 8, hidden_size=32, num_layers=2, num_heads=2, seed=0, attention_dropout=0.1)
-    config = SFTConfig(max_length=24, packing=packing, pack_length=32, bucket_window=bucket_window, batch_size=4,
-                       grad_accum_steps=2, max_epochs=2, lr=3e-3, lr_scheduler="cosine", warmup_steps=2,
-                       checkpoint_every_steps=2, output_dir=str(out))
+    config = SFTConfig(max_length=24, packing=packing, pack_length=32 if packing else None,
+                       bucket_window=bucket_window, batch_size=4, grad_accum_steps=2, max_epochs=2, lr=3e-3,
+                       lr_scheduler="cosine", warmup_steps=2, checkpoint_every_steps=2, output_dir=str(out))
     return SFTTrainer(model, config, tokenizer=tokenizer(), train_data=sorting_examples(32), callbacks=list(callbacks))
 
 

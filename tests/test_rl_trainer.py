@@ -18,6 +18,7 @@ from paperloop.callbacks import LambdaCallback
 from paperloop.config import ConfigError
 from paperloop.data import epoch_permutation
 from paperloop.rl_trainer import rollout_batch, split_rows, token_entropy
+from paperloop.models.lm import tiny_causal_lm
 from paperloop.sampling import Samples, sample
 from paperloop.checkpoint import committed
 from rl_helpers import (DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer,
@@ -191,10 +192,34 @@ def test_reward_function_errors_name_the_function_and_the_example(tmp_path):
     with pytest.raises(ValueError, match="reward_weights"):
         RLTrainer(make_lm(make_tokenizer()), RLConfig(), tokenizer=make_tokenizer(), train_data=make_prompts(),
                   reward_fns=[digit_reward], reward_weights=[1.0, 2.0])
-    trainer = make_rl_trainer(tmp_path)
-    trainer.train_data[5] = {"question": "1+1="}
-    with pytest.raises(ValueError, match=r"train example 5: an RL prompt .* got \['question'\]"):
-        trainer.fit()
+    bad = make_prompts()
+    bad[5] = {"question": "1+1="}
+    for train, val, where in ((bad, None, "train_data example 5"),
+                              (make_prompts(), [{"prompt": ""}], "val_data example 0")):
+        with pytest.raises(ValueError, match=rf"{where}: an RL prompt .* got"):  # at construction, not hours in
+            RLTrainer(make_lm(make_tokenizer()), RLConfig(output_dir=str(tmp_path)), tokenizer=make_tokenizer(),
+                      train_data=train, val_data=val, reward_fns=[digit_reward])
+
+
+def test_dropout_is_off_so_training_scores_the_sampled_log_probs(tmp_path):
+    outputs = []
+    model = tiny_causal_lm(len(make_tokenizer()), hidden_size=32, num_layers=2, num_heads=2, seed=0,
+                           initializer_range=0.2, attention_dropout=0.5)
+    trainer = make_rl_trainer(tmp_path, model=model, max_steps=1, inner_epochs=2,
+                              callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    trainer.fit()
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+    assert float(outputs[0]["policy/sampler_logprob_gap"]) < 1e-5  # with dropout 0.5 in training: about 1
+
+
+def test_stop_tokens_include_the_models_configured_eos(tmp_path):
+    tok = make_tokenizer()
+    model = make_lm(tok)
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("=")]
+    trainer = RLTrainer(model, RLConfig(output_dir=str(tmp_path)), tokenizer=tok, train_data=make_prompts(),
+                        reward_fns=[digit_reward])
+    assert trainer.stop_token_ids == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>"),
+                                             tok.convert_tokens_to_ids("=")])
 
 
 def test_groups_with_equal_rewards_contribute_nothing(tmp_path):

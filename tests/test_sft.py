@@ -209,6 +209,8 @@ def test_jsonl_and_chat_examples_train_assistant_turns_only(tmp_path):
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="pack_length"):
         SFTConfig(max_length=64, packing=True, pack_length=32)
+    with pytest.raises(ConfigError, match="pack_length: 128 .* packing is off"):  # not silently ignored
+        SFTConfig(max_length=64, pack_length=128)
     with pytest.raises(ConfigError, match="bucket_window"):
         SFTConfig(packing=True, bucket_window=8)
     with pytest.raises(ConfigError, match="max_length"):
@@ -238,6 +240,17 @@ def test_validation_is_the_token_mean_and_exact_match_is_what_greedy_generation_
     assert 0 < metrics["val/exact_match"] < 1  # partly learned: the comparison below means something
     assert metrics["val/score"] == pytest.approx(metrics["val/exact_match"])
     assert len(scored) == 24 * (8 + 1)
+
+
+def test_an_eval_fn_that_raises_or_returns_no_number_is_an_error_naming_the_example(tmp_path):
+    val = sorting_examples(4, seed=5)
+    for eval_fn, error, words in ((lambda example, text: float("nan"), ValueError, "eval_fn returned nan"),
+                                  (lambda example, text: None, ValueError, "eval_fn returned None"),
+                                  (lambda example, text: 1 / 0, RuntimeError, "eval_fn raised ZeroDivisionError")):
+        t = SFTTrainer(model(), SFTConfig(max_length=24, output_dir=str(tmp_path)), tokenizer=tokenizer(),
+                       train_data=sorting_examples(8), val_data=val, eval_fn=eval_fn)
+        with pytest.raises(error, match=rf"{words} on validation example 0 \(generated "):
+            t.validate()
 
 
 # ---- checkpoints and resume -----------------------------------------------------------------------

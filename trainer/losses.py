@@ -3,7 +3,7 @@
     logprobs_B_T = forward_logprobs(model, batch)       # batch: lm_data's input_ids/target_tokens/weights/position_ids
     loss = cross_entropy(logprobs_B_T, batch)           # mean over the batch's trained tokens
 
-Losses are chosen by name from `LOSSES`; the RL trainer adds its policy losses there with the same signature.
+The policy losses of RL are in `paperloop.rl`, chosen by name there.
 """
 
 from __future__ import annotations
@@ -72,9 +72,6 @@ def cross_entropy(logprobs_B_T: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     """
     weights_B_T = batch["weights"].to(logprobs_B_T.dtype)
     return -(logprobs_B_T * weights_B_T).sum() / weights_B_T.sum().clamp_min(torch.finfo(weights_B_T.dtype).tiny)
-
-
-LOSSES = {"cross_entropy": cross_entropy}
 
 
 def forward_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

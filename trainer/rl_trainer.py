@@ -50,6 +50,7 @@ from .losses import CHUNK_ELEMENTS, token_logprobs
 from .rl import ADVANTAGE_NORMALIZERS, AGGREGATIONS, aggregation_weights, group_advantages, policy_loss, \
     zero_std_fraction
 from .sampling import Samples, sample
+from .sampling import stop_token_ids as default_stop_ids
 
 __all__ = ["RLConfig", "RLTrainer", "Rollouts", "rollout_batch", "split_rows", "token_entropy", "WholeSteps"]
 
@@ -75,6 +76,7 @@ class RLConfig(TrainerConfig):
     advantage: str = "group_std"  # "group_std" (GRPO) | "batch_std" | "none" (Dr. GRPO), see paperloop.rl
     aggregation: str = "sequence_mean"  # "sequence_mean" (GRPO) | "token_mean" (DAPO) | "constant" (Dr. GRPO)
     log_completions: int = 4  # sampled completions shown as TensorBoard text at each log (0: none)
+    disable_dropout: bool = True  # sampling runs without dropout; training must too, or the ratio is not 1 (TRL: same)
 
     def __post_init__(self):
         super().__post_init__()
@@ -221,8 +223,9 @@ class RLTrainer(BaseTrainer):
     is the example's "prompt" (or "messages"), `completion` the decoded text without special tokens, `example`
     the whole dict; the total reward is Σ weight · reward (`reward_weights`, default 1 each). A reward function
     that raises or returns a non-finite value stops the run with an error naming it and the example.
-    `stop_token_ids`: the ids that end a completion (default: the tokenizer's EOS, and its chat end-of-turn
-    marker `<|end|>` when it has one). `val_data`: prompts scored by greedy completions, as `val/reward`.
+    `stop_token_ids`: the ids that end a completion (default: EOS, the tokenizer's and the model's generation
+    config's, and the chat template's end-of-turn marker, as `paperloop.sampling.stop_token_ids` finds them).
+    `val_data`: prompts scored by greedy completions, as `val/reward`. Every prompt's shape is checked up front.
 
     The reference model (beta > 0) is a frozen copy of `model` as given here: the initial policy. It is rebuilt,
     not checkpointed, so a resumed run must be built with the same initial model (checked on resume).
@@ -238,7 +241,13 @@ class RLTrainer(BaseTrainer):
         self.reward_fns, self.reward_names, weights_F = check_rewards(reward_fns, reward_weights)
         self.reward_weights_F = weights_F.to(self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else default_stop_ids(tokenizer)
+        self.stop_token_ids = (list(stop_token_ids) if stop_token_ids is not None
+                               else default_stop_ids(tokenizer, self.unwrapped_model))
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            for i in range(len(data) if data is not None else 0):
+                check_prompt(data[i], f"{name} example {i}")
+        if config.disable_dropout:
+            disable_dropout(self.unwrapped_model)
         self.reference = frozen_copy(self.unwrapped_model) if config.beta > 0 else None
         self._reference_sum = None if self.reference is None else weight_checksum(self.reference)
         # Each process draws its own completions; its stream is checkpointed with the RNG state.
@@ -433,14 +442,10 @@ class RLTrainer(BaseTrainer):
     def prompt_ids(self, example, name: str) -> list[int]:
         """The token ids a completion continues: a "prompt" string with the tokenizer's special tokens (BOS), or
         chat "messages" rendered with `add_generation_prompt=True`."""
-        if isinstance(example, Mapping) and isinstance(example.get("prompt"), str) and example["prompt"]:
+        if check_prompt(example, name) == "prompt":
             return self.tokenizer(example["prompt"])["input_ids"]
-        if isinstance(example, Mapping) and isinstance(example.get("messages"), list) and example["messages"]:
-            text = self.tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
-        raise ValueError(f"{name}: an RL prompt is a dict with a non-empty 'prompt' string or 'messages' list; "
-                         f"got {found}")
+        text = self.tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows of `tensor`, concatenated in rank order."""
@@ -475,15 +480,25 @@ def call_reward(fn, fn_name: str, prompt, completion: str, example, where: str) 
     return float(value)
 
 
-def default_stop_ids(tokenizer) -> list[int]:
-    """The tokenizer's EOS, and its chat end-of-turn marker when it has one (`paperloop.models.lm`'s `<|end|>`)."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token: pass stop_token_ids=[...] to RLTrainer")
-    ids = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
-        ids.append(end)
-    return ids
+def check_prompt(example, name: str) -> str:
+    """Which shape an RL prompt has, "prompt" or "messages"; anything else is an error naming the example."""
+    if isinstance(example, Mapping) and isinstance(example.get("prompt"), str) and example["prompt"]:
+        return "prompt"
+    if isinstance(example, Mapping) and isinstance(example.get("messages"), list) and example["messages"]:
+        return "messages"
+    found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+    raise ValueError(f"{name}: an RL prompt is a dict with a non-empty 'prompt' string or 'messages' list; got {found}")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every layer (nn.Dropout modules, and transformers attention's `attention_dropout` rate):
+    completions are sampled in eval mode, so a training forward with dropout would score other log-probs than
+    the sampler's, and the PPO ratio would not be 1 before any update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["Samples", "sample", "draw", "top_p_filter", "left_pad", "GrowingLayer", "growing_cache"]
+__all__ = ["Samples", "sample", "stop_token_ids", "draw", "top_p_filter", "left_pad", "GrowingLayer", "growing_cache"]
 
 # How often (in tokens) the loop asks whether every row has finished: on an accelerator the check is a host sync.
 FINISHED_CHECK_EVERY = 4
@@ -185,6 +185,29 @@ def growing_cache(config) -> DynamicCache:
     if cache.layer_class_to_replicate is DynamicLayer:  # layers created lazily
         cache.layer_class_to_replicate = GrowingLayer
     return cache
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Generation stops at EOS (the tokenizer's and the model's generation config's) and, for a chat template,
+    at the token it writes right after an assistant's content (the end-of-turn marker, e.g. `<|end|>`)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.chat_template is not None:
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        try:
+            before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # a template that needs other roles or fields: EOS alone then
+            before = through = ""
+        if through.startswith(before + "a") and len(through) > len(before) + 1:
+            marker = tokenizer(through[len(before) + 1:], add_special_tokens=False)["input_ids"]
+            ids.update(marker[:1])
+    ids = sorted(i for i in ids if i is not None)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token and the model's generation config names none: generation "
+                         "could not stop; give the tokenizer an eos_token (or pass stop_token_ids=[...])")
+    return ids
 
 
 def draw(logits_N_V: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,

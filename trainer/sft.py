@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from .lm_data import TokenizedExample, load_examples, pack_batch, pad_batch, tok
 from .lm_plans import BucketedSampler, PackedSampler, layout_positions
 from .lora import LoraSettings, apply_lora
 from .losses import cross_entropy, token_logprobs
+from .sampling import sample, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class SFTConfig(TrainerConfig):
         if self.max_length < 1 or self.eval_max_new_tokens < 1:
             key = "max_length" if self.max_length < 1 else "eval_max_new_tokens"
             raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.pack_length is not None and not self.packing:
+            raise ConfigError(f"pack_length: {self.pack_length} is a packed row's length, but packing is off; set "
+                              "packing=True, or leave pack_length unset")
         if self.pack_length is not None and self.pack_length < self.max_length:
             raise ConfigError(f"pack_length: {self.pack_length} is shorter than max_length={self.max_length}, so "
                               "a full-length example would fit no row")
@@ -237,8 +242,6 @@ class SFTTrainer(BaseTrainer):
 
     def score_generations(self) -> float:
         """Mean `eval_fn(example, text)` over greedy generations from every validation prompt."""
-        from .sampling import sample
-
         generator = torch.Generator(device=self.device)  # greedy decoding draws nothing from it
         stop = stop_token_ids(self.tokenizer, self.unwrapped_model)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -249,11 +252,26 @@ class SFTTrainer(BaseTrainer):
                              eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id)
             for i, completion in zip(indices, samples.completions()):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
-                total += float(self.eval_fn(self.val_source[self.val_data[i].index], text))
+                index = self.val_data[i].index
+                total += call_eval_fn(self.eval_fn, self.val_source[index], text, index)
         return float(self.reduce_sum(total)) / len(self.val_data)
 
     def _on_device(self, batch: dict) -> dict:
         return batch if self.device.type == "cpu" else send_to_device(batch, self.device, non_blocking=True)
+
+
+def call_eval_fn(eval_fn, example, text: str, index: int) -> float:
+    """`eval_fn`'s score of one generation. An exception, or a value that is not a finite number, is an error
+    naming the validation example: a NaN would otherwise turn val/score into NaN with no trace of why."""
+    try:
+        value = eval_fn(example, text)
+    except Exception as e:
+        raise RuntimeError(f"eval_fn raised {type(e).__name__} on validation example {index} (generated "
+                           f"{text!r:.80}): {e}") from e
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"eval_fn returned {value!r:.40} on validation example {index} (generated {text!r:.80}): "
+                         "a score is a finite number")
+    return float(value)
 
 
 def compiled_graphs() -> int:
@@ -275,22 +293,3 @@ def generation_prompt(example: dict, tokenizer) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     raise ValueError("eval_fn: a plain-text example has no prompt to generate from; give prompt/completion or "
                      "chat examples as val_data")
-
-
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """Generation stops at EOS (the tokenizer's and the model's generation config's) and, for a chat template,
-    at the token it writes right after an assistant's content (the end-of-turn marker, e.g. `<|end|>`)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    if tokenizer.chat_template is not None:
-        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        try:
-            before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
-            through = tokenizer.apply_chat_template(probe, tokenize=False)
-        except Exception:  # a template that needs other roles or fields: EOS alone then
-            before = through = ""
-        if through.startswith(before + "a") and len(through) > len(before) + 1:
-            marker = tokenizer(through[len(before) + 1:], add_special_tokens=False)["input_ids"]
-            ids.update(marker[:1])
-    return sorted(i for i in ids if i is not None)
