@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from paperloop import SFTConfig, SFTTrainer
 from paperloop.callbacks import Callback
-from paperloop.lm_data import pad_batch
 from paperloop.models import tiny_causal_lm, word_level_tokenizer
 
 SIZES = {"h128": dict(hidden_size=128, num_layers=4), "h256": dict(hidden_size=256, num_layers=6)}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from paperloop.callbacks import Callback
+from paperloop.callbacks import Callback, LambdaCallback
 from paperloop import BaseTrainer, TrainerConfig
 
 
@@ -158,6 +158,19 @@ def make_resume_trainer(out, grad_accum_steps: int = 1, callbacks=(), cls=Schedu
     cfg.update(overrides)
     return cls(make_model(), TrainerConfig(**cfg), train_data=make_data(48), val_data=make_data(16),
                callbacks=list(callbacks))
+
+
+def straight_and_resumed(build, folder: Path, stop_at: int):
+    """(a run straight through, the same run stopped resumably at step `stop_at` and resumed from its
+    checkpoint); `build(out, callbacks=())` makes the trainer."""
+    straight = build(folder / "straight")
+    straight.fit()
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == stop_at
+                          and t.request_stop("test preemption", resumable=True))
+    build(folder / "resumed", [stop]).fit()
+    resumed = build(folder / "resumed")
+    resumed.fit(resume="latest")
+    return straight, resumed
 
 
 def run_resume_worker(out, *args) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ hand-computed token ids and masks from a word-level tokenizer whose ids are know
     a=8 b=9 c=10 +=11 ==12 1=13 2=14 3=15
 """
 
-import json
 
 import pytest
 import torch

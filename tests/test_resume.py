@@ -12,7 +12,7 @@ import torch
 import paperloop.checkpoint as ckpt
 from paperloop.callbacks import EarlyStopping, LambdaCallback
 from helpers import (Recorder, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, run_resume_worker,
-                     weights)
+                     straight_and_resumed, weights)
 from paperloop import CheckpointError
 
 _straight_cache = {}
@@ -256,12 +256,7 @@ def test_a_subclass_state_survives_through_extra_state(tmp_path):
         t.__class__ = Counting
         return t
 
-    reference = build(tmp_path / "straight")
-    reference.fit()
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 10 and t.request_stop("x", resumable=True))
-    build(tmp_path / "resumed", [stop]).fit()
-    resumed = build(tmp_path / "resumed")
-    resumed.fit(resume="latest")
+    reference, resumed = straight_and_resumed(build, tmp_path, stop_at=10)
     assert resumed.seen == reference.seen == 4 * 48
     assert torch.equal(resumed.sum_y, reference.sum_y)
 

@@ -12,7 +12,7 @@ import torch
 import paperloop.checkpoint as ckpt
 from helpers import (Regression, ScheduledRegression, ThreeUpdates, WeightedRegression, assert_bitwise_equal, make_indexed_data,
                      make_data, make_model, make_resume_trainer, optimizer_tensors, run_resume_worker, sample_weight,
-                     weights)
+                     straight_and_resumed, weights)
 from paperloop import TrainerConfig
 from paperloop.callbacks import (EarlyStopping, LambdaCallback, ModelCheckpoint, ProgressBar, TensorBoardLogger,
                                  TerminateOnNonFinite, TimeLimit)
@@ -277,10 +277,5 @@ def test_a_registered_generator_is_checkpointed_and_resumed(tmp_path):
     def build(out, callbacks=()):
         return make_resume_trainer(out, callbacks=callbacks, cls=Noisy)
 
-    reference = build(tmp_path / "straight")
-    reference.fit()
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 10 and t.request_stop("x", resumable=True))
-    build(tmp_path / "resumed", [stop]).fit()
-    resumed = build(tmp_path / "resumed")
-    resumed.fit(resume="latest")
+    reference, resumed = straight_and_resumed(build, tmp_path, stop_at=10)
     assert_bitwise_equal(weights(resumed.model), weights(reference.model))
