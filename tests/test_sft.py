@@ -19,7 +19,7 @@ from paperloop.data import epoch_permutation
 from paperloop.lm_data import pack_rows, pad_batch
 from paperloop.lm_plans import BucketedSampler, PackedSampler, fill_micro_batches, layout_positions
 from paperloop.losses import forward_logprobs
-from paperloop.sft import stop_token_ids
+from paperloop.sampling import stop_token_ids
 from sft_helpers import make_trainer, model, sorting_examples, tokenizer
 
 WORKER = Path(__file__).with_name("sft_worker.py")

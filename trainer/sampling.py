@@ -206,7 +206,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     ids = sorted(i for i in ids if i is not None)
     if not ids:
         raise ValueError("the tokenizer has no eos_token and the model's generation config names none: generation "
-                         "could not stop; give the tokenizer an eos_token (or pass stop_token_ids=[...])")
+                         "could not stop; give the tokenizer an eos_token (RLTrainer also takes stop_token_ids=[...])")
     return ids
 
 
