@@ -31,10 +31,11 @@ class _Throughput:
 class TensorBoardLogger(Callback):
     """Event files under `log_dir` (default `<output_dir>/tensorboard`). Per step, at the first step,
     every `every_n_steps` (default `log_every_steps`), and the last step of each epoch and of the run:
-    `train/loss`, `optim/lr`, `optim/grad_norm`, `perf/samples_per_sec` and every other numeric output
-    of the step (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as
-    `reward/mean`, as they are; strings, such as `text/samples`, as text). `val/*` whenever a validation ran; each epoch's mean train loss as
-    `epoch/train_loss`; the resolved config as text."""
+    `train/loss`, `optim/lr`, `optim/grad_norm` (when the step computed it: with clipping, or at the
+    config's `log_every_steps`), `perf/samples_per_sec` and every other numeric output of the step
+    (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as `reward/mean`,
+    as they are; strings, such as `text/samples`, as text). `val/*` whenever a validation
+    ran; each epoch's mean train loss as `epoch/train_loss`; the resolved config as text."""
 
     def __init__(self, log_dir: str | None = None, every_n_steps: int | None = None):
         self.log_dir, self.every_n_steps = log_dir, every_n_steps

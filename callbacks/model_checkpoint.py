@@ -11,10 +11,11 @@ class ModelCheckpoint(Callback):
     end of training (`save_last`). Keep the `keep_last` newest and, when `monitor` is set, the
     `save_top_k` best by it (`mode`); remove the rest once a newer checkpoint is committed.
 
-    At most one checkpoint per step: when a step's checkpoint falls on the last step of an epoch whose
-    end (or the run's end) is checkpointed too, only that one is written (it holds the closed epoch). Checkpoints go to
-    `trainer.checkpoint_dir` as `step-000123`; `fit(resume="latest")` finds them through the folder's
-    index, never by parsing these names.
+    At most one checkpoint per step: a step checkpoint that falls on the last step of an epoch is
+    written when the epoch closes, right after (so it holds the closed epoch), together with the epoch's
+    own; the run's last one is not written again at its end. Checkpoints go to `trainer.checkpoint_dir`
+    as `step-000123`; `fit(resume="latest")` finds them through the folder's index, never by parsing
+    these names.
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, monitor: str | None = None,
@@ -37,27 +38,22 @@ class ModelCheckpoint(Callback):
         self.best: list[tuple[float, str]] = []  # best first
         self.saved: list[str] = []  # every checkpoint this callback wrote and has not removed
         self.warned = False
+        self.owed = False  # a step checkpoint deferred to the epoch's close, which follows in the same step
 
     def on_batch_end(self, trainer, outputs):
-        step = trainer.state.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and not self._epoch_save_follows(trainer):
-            self._save(trainer, outputs)
-
-    def _epoch_save_follows(self, trainer) -> bool:
-        """Is this the epoch's last step, with the epoch's end (or the run's, right after) about to be
-        checkpointed?"""
-        s, c = trainer.state, trainer.config
-        closes = s.step_in_epoch == trainer.plan.steps_per_epoch()
-        run_ends = s.should_stop or (c.max_steps is not None and s.global_step >= c.max_steps) \
-            or (c.epoch_limit() is not None and s.epoch + 1 >= c.epoch_limit())
-        return closes and (self._epoch_due(s.epoch + 1) or (self.save_last and run_ends))
+        if self.every_n_steps and trainer.state.global_step % self.every_n_steps == 0:
+            if trainer.plan.epoch_done():  # the loop closes the epoch next, whatever stops the run
+                self.owed = True
+            else:
+                self._save(trainer, outputs)
 
     def _epoch_due(self, epoch: int) -> bool:
         return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0
 
     def on_epoch_end(self, trainer, logs):
-        if self._epoch_due(trainer.state.epoch):
+        if self.owed or self._epoch_due(trainer.state.epoch):
             self._save(trainer, logs)
+        self.owed = False
 
     def on_train_end(self, trainer):
         if self.save_last and trainer.error is None and trainer.state.global_step > 0 \

@@ -48,14 +48,14 @@ class SGDRLTrainer(RLTrainer):
         return torch.optim.SGD(self.model.parameters(), lr=self.config.lr)
 
 
-def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=(digit_reward,), model=None,
-                    **overrides) -> RLTrainer:
+def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=(digit_reward,), reward_weights=None,
+                    model=None, **overrides) -> RLTrainer:
     tok = make_tokenizer()
     cfg = dict(batch_size=4, num_generations=4, max_new_tokens=5, lr=0.05, max_epochs=2, seed=0,
                output_dir=str(out), log_completions=2)
     cfg.update(overrides)
     return cls(model or make_lm(tok), RLConfig(**cfg), tokenizer=tok, train_data=make_prompts(prompts),
-               reward_fns=reward_fns, callbacks=list(callbacks))
+               reward_fns=reward_fns, reward_weights=reward_weights, callbacks=list(callbacks))
 
 
 # The resume tests' runs: 16 prompts, 4 a step, 2 epochs = 8 steps, a checkpoint every 2. "mu2": two passes over

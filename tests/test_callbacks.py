@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from paperloop.callbacks import EarlyStopping, ProgressBar, TensorBoardLogger
+from paperloop.callbacks import EarlyStopping, LambdaCallback, ModelCheckpoint, ProgressBar, TensorBoardLogger
 from helpers import Regression, make_data, make_model, weights
 from paperloop import TrainerConfig
 
@@ -168,6 +168,18 @@ def test_checkpoint_every_steps_means_steps_only_and_one_checkpoint_a_step(tmp_p
     Regression(make_model(), cfg, train_data=make_data(32)).fit()  # every 3 steps, and the finished run
     assert [p.name for p in committed(tmp_path / "b" / "checkpoints")] == ["step-000008", "step-000006",
                                                                            "step-000003"]
+
+
+def test_one_checkpoint_a_step_whatever_the_callback_order(tmp_path):
+    from paperloop.checkpoint import committed
+
+    # 4 steps an epoch; a stop asked for at step 4 (the epoch's last) by a callback listed after ModelCheckpoint
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 4 and t.request_stop("test"))
+    for name, callbacks in (("after", [ModelCheckpoint(every_n_steps=2, every_n_epochs=None), stop]),
+                            ("before", [stop, ModelCheckpoint(every_n_steps=2, every_n_epochs=None)])):
+        cfg = TrainerConfig(max_epochs=3, batch_size=8, output_dir=str(tmp_path / name))
+        Regression(make_model(), cfg, train_data=make_data(32), callbacks=callbacks).fit()
+        assert [p.name for p in committed(tmp_path / name / "checkpoints")] == ["step-000004", "step-000002"], name
 
 
 def test_tensorboard_writes_string_outputs_as_text(tmp_path):

@@ -17,7 +17,8 @@ from paperloop import CheckpointError, RLConfig, RLTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.config import ConfigError
 from paperloop.data import epoch_permutation
-from paperloop.rl_trainer import rollout_batch, split_rows, token_entropy
+from paperloop.losses import token_entropy
+from paperloop.rl_trainer import disable_dropout, rollout_batch, split_rows
 from paperloop.models.lm import tiny_causal_lm
 from paperloop.sampling import Samples, sample
 from paperloop.checkpoint import committed
@@ -150,7 +151,7 @@ def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
     logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
     expected = torch.distributions.Categorical(logits=logits).entropy()
     torch.testing.assert_close(token_entropy(logits), expected)
-    monkeypatch.setattr("paperloop.rl_trainer.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
+    monkeypatch.setattr("paperloop.losses.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
     torch.testing.assert_close(token_entropy(logits.bfloat16()), torch.distributions.Categorical(
         logits=logits.bfloat16().float()).entropy())
 
@@ -209,6 +210,9 @@ def test_dropout_is_off_so_training_scores_the_sampled_log_probs(tmp_path):
                               callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
     trainer.fit()
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3), torch.nn.Dropout1d(0.2))
+    disable_dropout(plain)  # what GPT-2-style models hold: dropout modules
+    assert [m.p for m in plain if isinstance(m, torch.nn.modules.dropout._DropoutNd)] == [0.0, 0.0]
     assert float(outputs[0]["policy/sampler_logprob_gap"]) < 1e-5  # with dropout 0.5 in training: about 1
 
 
@@ -220,6 +224,20 @@ def test_stop_tokens_include_the_models_configured_eos(tmp_path):
                         reward_fns=[digit_reward])
     assert trainer.stop_token_ids == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>"),
                                              tok.convert_tokens_to_ids("=")])
+
+
+def test_the_reward_is_the_weighted_sum_of_the_reward_functions(tmp_path):
+    def length(prompt, completion, example):
+        return float(len(completion))
+
+    outputs = []
+    trainer = make_rl_trainer(tmp_path, max_steps=2, reward_fns=[digit_reward, length], reward_weights=[1.0, 0.5],
+                              callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    trainer.fit()
+    for o in outputs:
+        assert float(o["reward/length"]) > 0
+        weighted = float(o["reward/digit_reward"]) + 0.5 * float(o["reward/length"])
+        assert float(o["reward/mean"]) == pytest.approx(weighted, rel=1e-6)
 
 
 def test_groups_with_equal_rewards_contribute_nothing(tmp_path):

@@ -14,7 +14,7 @@ from helpers import assert_bitwise_equal, optimizer_tensors, weights
 from paperloop import SFTConfig, SFTTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.cli import main as cli
-from sft_helpers import make_trainer, model, sorting_examples, tokenizer
+from sft_helpers import VOCAB, make_trainer, model, sorting_examples, tokenizer
 
 # ---- LoRA ----------------------------------------------------------------------------------------------
 
@@ -63,6 +63,20 @@ def test_a_changed_base_is_refused_on_resume(tmp_path):
     with pytest.raises(ValueError, match="another base model"):
         SFTTrainer(model(seed=1), SFTConfig(max_length=24, lora={"r": 4}, output_dir=str(tmp_path)),
                    tokenizer=tokenizer(), train_data=sorting_examples(8))
+
+
+def test_a_base_with_tied_embeddings_is_recognised_as_itself_and_a_changed_one_refused(tmp_path):
+    from paperloop.lora import save_base_model
+    from paperloop.models import tiny_causal_lm
+
+    def tied(seed):
+        return tiny_causal_lm(len(VOCAB) + 8, hidden_size=32, num_layers=1, num_heads=2, seed=seed,
+                              tie_word_embeddings=True)
+
+    save_base_model(tied(0), tmp_path / "base")  # save_pretrained stores the tied head once
+    save_base_model(tied(0), tmp_path / "base")  # the same base again (a resume): accepted
+    with pytest.raises(ValueError, match="another base model"):
+        save_base_model(tied(1), tmp_path / "base")
 
 
 def test_merge_writes_a_plain_model_that_loads_with_from_pretrained(tmp_path):

@@ -148,7 +148,7 @@ class BaseTrainer(Checkpointing, ABC):
         self.setup()
         with OutputLock(self.config.output_dir, enabled=self.is_main_process):  # one run writes into a folder
             if resume is not None:
-                self.load_checkpoint(self.resolve_resume(resume))
+                self.load_checkpoint(resume)
             return self.train()
 
     def train(self) -> TrainState:
@@ -304,7 +304,7 @@ class BaseTrainer(Checkpointing, ABC):
         epochs, max_steps = self.config.epoch_limit(), self.config.max_steps
         if epochs is None:
             return max_steps
-        by_epochs = epochs * (self.plan or self.make_plan()).steps_per_epoch()
+        by_epochs = (self.plan or self.make_plan()).total_steps(epochs)
         return by_epochs if max_steps is None else min(by_epochs, max_steps)
 
     def total_updates(self) -> int:
@@ -405,6 +405,3 @@ class BaseTrainer(Checkpointing, ABC):
         if self.world_size == 1:
             return flag
         return bool(self.reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
-
-    def all_processes(self, flag: bool) -> bool:
-        return not self.any_process(not flag)

@@ -134,16 +134,16 @@ def load_state(directory: Path) -> dict:
 
 def save_weights(model: torch.nn.Module, directory: Path) -> None:
     transformers = sys.modules.get("transformers")  # a PreTrainedModel means it is already imported
-    if _is_peft(model) or (transformers is not None and isinstance(model, transformers.PreTrainedModel)):
+    if is_peft(model) or (transformers is not None and isinstance(model, transformers.PreTrainedModel)):
         # A peft model saves the trained adapter only: the frozen base is rebuilt, not saved.
-        with _no_shard_progress_bar():
+        with no_shard_progress_bar():
             model.save_pretrained(directory)
     else:
-        save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_weights expects
+        save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_model_state expects
 
 
 @contextlib.contextmanager
-def _no_shard_progress_bar():
+def no_shard_progress_bar():
     """transformers draws a "Writing model shards" bar on stderr at every save, through our own progress bar;
     a checkpoint is not a step the user waits on, so it stays quiet (the user's setting is put back)."""
     from transformers.utils import logging as hf_logging
@@ -188,20 +188,25 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
     """Load `tensors` into `model`, or raise ValueError saying what does not fit. Tied weights are
     stored once, so a missing key is fine when it shares memory with a loaded one. A peft model takes
     either its whole state or its adapter alone (what its checkpoints hold)."""
-    if _is_peft(model) and not set(tensors) <= set(model.state_dict()):
+    if is_peft(model) and not set(tensors) <= set(model.state_dict()):
         return _load_adapter(model, tensors)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatch
         raise ValueError(f"weights do not fit the model ({e})") from None
-    own = model.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in tensors if k in own}
-    missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+    missing = untied_missing(model.state_dict(), tensors)
     if missing or unexpected:
         raise ValueError(f"weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
+def untied_missing(own: dict[str, torch.Tensor], present) -> list[str]:
+    """Keys of the state dict `own` that `present` lacks and that share no memory with a key it has:
+    tied weights are stored once, so only these are really missing."""
+    present_ptrs = {own[k].data_ptr() for k in present if k in own}
+    return [k for k in own if k not in present and own[k].data_ptr() not in present_ptrs]
+
+
+def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
@@ -244,8 +249,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, text: str, mode: str = "w") -> None:
-    with open(path, mode) as f:
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -536,9 +541,11 @@ def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, rec
     commit(tmp, path, record, run_id=run_id)
 
 
-def read(path: Path) -> dict:
-    """The state dict a checkpoint holds, "model" included, after verifying every file."""
-    verify(path)
+def read(path: Path, verified: bool = False) -> dict:
+    """The state dict a checkpoint holds, "model" included, after verifying every file (unless the caller
+    just did: `verified`)."""
+    if not verified:
+        verify(path)
     state = load_state(path)
     state["model"] = read_weights(path)
     return state

@@ -53,8 +53,8 @@ class TrainerConfig:
     precision: str = "32"  # "32" or "bf16"
     shuffle: bool = True  # a new seeded order of train_data every epoch
     val_every: Optional[int] = None  # epochs; None: every epoch when val_data is given; 0: never
-    val_every_steps: Optional[int] = None  # optimizer steps, in addition to val_every
-    log_every_steps: int = 50  # optimizer steps between logged training metrics
+    val_every_steps: Optional[int] = None  # loop steps (an RL step holds several updates), in addition to val_every
+    log_every_steps: int = 50  # loop steps between logged training metrics (optim/grad_norm is computed on these)
     checkpoint_every_steps: Optional[int] = None  # installs a ModelCheckpoint when none is attached
     early_stopping_patience: Optional[int] = None  # installs an EarlyStopping when none is attached
     early_stopping_monitor: str = "val/loss"  # the metric early_stopping_patience watches

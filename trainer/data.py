@@ -95,6 +95,10 @@ class EpochSampler:
         full, rest = divmod(self.num_samples, self.samples_per_step)
         return full + (rest >= self.world_size)
 
+    def total_steps(self, epochs: int) -> int:
+        """Steps in the first `epochs` epochs (a plan whose epochs differ in length counts each)."""
+        return epochs * self.steps_per_epoch()
+
     def _steps_of(self, epoch: int) -> list[torch.Tensor]:
         if self._cut is None or self._cut[0] != epoch:
             self._cut = (epoch, self.epoch_steps(epoch))

@@ -208,6 +208,15 @@ def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, li
     return full, spans
 
 
+def prompt_ids(prompt: str | list[dict], tokenizer) -> list[int]:
+    """The token ids a model continues from: a prompt string with the tokenizer's special tokens (BOS), or
+    chat messages rendered with the template's generation prompt (the template adds its own specials)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, index: int) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

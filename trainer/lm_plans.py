@@ -90,7 +90,7 @@ class PackedSampler(EpochSampler):
     def steps_per_epoch(self) -> int:
         return len(self._steps_of(self.epoch))
 
-    def total_steps(self, epochs: int) -> int:
+    def total_steps(self, epochs: int) -> int:  # packed epochs differ a little in length: count each
         return sum(len(self.epoch_steps(epoch)) for epoch in range(epochs))
 
     def shape(self) -> dict:

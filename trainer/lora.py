@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -48,12 +47,9 @@ def require_peft():
     try:
         import peft
     except ImportError:
-        raise ImportError("lora: is set in the config but peft is not installed; pip install \"paperloop[lora]\"") from None
+        raise ImportError("lora: is set in the config but peft is not installed; "
+                          "pip install \"paperloop[lora]\"") from None
     return peft
-
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def apply_lora(model: torch.nn.Module, settings: LoraSettings, output_dir: str | Path, write: bool = True):
@@ -84,22 +80,20 @@ def _local_folder(model) -> str | None:
 def save_base_model(model, folder: Path) -> None:
     """Write the frozen base once (atomically: a temporary folder renamed into place); if it is there
     already, check that it holds these very weights."""
+    from .checkpoint import no_shard_progress_bar, read_weights, temporary_dir, untied_missing
+
     folder = Path(folder)
     if folder.exists():
-        from .checkpoint import read_weights
-
-        saved = read_weights(folder)
-        own = model.state_dict()
-        differs = [k for k in own if k not in saved or not torch.equal(saved[k], own[k])]
+        saved, own = read_weights(folder), model.state_dict()
+        differs = untied_missing(own, saved) + [k for k in saved if k not in own or not torch.equal(saved[k], own[k])]
         if differs:
             raise ValueError(f"{folder}: holds another base model than this one ({differs[0]} differs); the "
                              "adapter checkpoints in this output_dir belong to that base. Build the same base "
                              "(same seed/config) or use another output_dir")
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    tmp = temporary_dir(folder)
+    with no_shard_progress_bar():
+        model.save_pretrained(tmp)
     os.rename(tmp, folder)
 
 

@@ -58,6 +58,19 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_N_V.view(logits_B_T_V.shape), None
 
 
+def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) at each position, (B, T) in float32 (at least), without gradient. Converts at
+    most CHUNK_ELEMENTS logits to float32 at a time, like `token_logprobs`."""
+    V = logits_B_T_V.shape[-1]
+    logits_N_V = logits_B_T_V.detach().reshape(-1, V)
+    dtype = torch.promote_types(logits_N_V.dtype, torch.float32)
+    entropy_N = torch.empty(logits_N_V.shape[0], dtype=dtype, device=logits_N_V.device)
+    for rows in _chunks(len(logits_N_V), V):
+        logprobs_n_V = torch.log_softmax(logits_N_V[rows].to(dtype), dim=-1)
+        entropy_N[rows] = -(logprobs_n_V.exp() * logprobs_n_V).sum(dim=-1)
+    return entropy_N.view(logits_B_T_V.shape[:-1])
+
+
 def _chunks(N: int, V: int) -> list[slice]:
     rows = max(1, CHUNK_ELEMENTS // V)
     return [slice(start, start + rows) for start in range(0, N, rows)]

@@ -170,9 +170,11 @@ class Checkpointing:
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Verify the checkpoint at `path` and restore everything it holds (`load_state_dict`)."""
-        path = Path(path)
-        state = ckpt.read(path)
+        """Verify the checkpoint at `path` and restore everything it holds (`load_state_dict`). "latest" is
+        the newest committed checkpoint in `checkpoint_dir` that verifies."""
+        latest = str(path) == "latest"
+        path = self._latest_checkpoint() if latest else Path(path)
+        state = ckpt.read(path, verified=latest)  # finding the latest verified it: its files are not hashed twice
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -181,10 +183,7 @@ class Checkpointing:
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
 
-    def resolve_resume(self, resume: str | Path) -> Path:
-        """`resume` as a checkpoint path: "latest" is the newest in `checkpoint_dir` that verifies."""
-        if str(resume) != "latest":
-            return Path(resume)
+    def _latest_checkpoint(self) -> Path:
         path, skipped = ckpt.find_latest(self.checkpoint_dir)
         for bad, reason in skipped:
             log.warning("resume: skipped %s: %s", bad, reason)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 __all__ = ["group_advantages", "policy_loss", "aggregation_weights", "k3_kl", "zero_std_fraction", "pass_at_k",
-           "register_advantage", "register_aggregation", "ADVANTAGE_NORMALIZERS", "AGGREGATIONS"]
+           "masked_mean", "register_advantage", "register_aggregation", "ADVANTAGE_NORMALIZERS", "AGGREGATIONS"]
 
 # TRL's GRPOTrainer adds this to the standard deviation; the same constant makes our advantages comparable.
 STD_EPS = 1e-4
@@ -242,18 +242,19 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
     with torch.no_grad():
         low_B_T = (ratio_B_T < 1 - clip_low) & (advantages_B_1 < 0)
         high_B_T = (ratio_B_T > 1 + clip_high) & (advantages_B_1 > 0)
-        metrics = {"policy/clip_frac_low": _masked_mean(low_B_T, mask_B_T),
-                   "policy/clip_frac_high": _masked_mean(high_B_T, mask_B_T),
-                   "policy/clip_frac": _masked_mean(low_B_T | high_B_T, mask_B_T),
-                   "policy/ratio_mean": _masked_mean(ratio_B_T, mask_B_T)}
+        metrics = {"policy/clip_frac_low": masked_mean(low_B_T, mask_B_T),
+                   "policy/clip_frac_high": masked_mean(high_B_T, mask_B_T),
+                   "policy/clip_frac": masked_mean(low_B_T | high_B_T, mask_B_T),
+                   "policy/ratio_mean": masked_mean(ratio_B_T, mask_B_T)}
         if kl_B_T is not None:
-            metrics["policy/kl"] = _masked_mean(kl_B_T, mask_B_T)
+            metrics["policy/kl"] = masked_mean(kl_B_T, mask_B_T)
         if entropy_B_T is not None:
-            metrics["policy/entropy"] = _masked_mean(entropy_B_T, mask_B_T)
+            metrics["policy/entropy"] = masked_mean(entropy_B_T, mask_B_T)
     return loss, metrics
 
 
-def _masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Σ values · mask / Σ mask, detached; values where the mask is 0 may be anything (-inf, NaN)."""
     values_B_T = torch.where(mask_B_T != 0, values_B_T.detach().to(mask_B_T.dtype), 0.0)
     return (values_B_T * mask_B_T).sum() / _nonzero(mask_B_T.sum())
 

@@ -45,14 +45,14 @@ import torch
 from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig
 from .data import EpochSampler, Step
-from .lm_data import TokenizedExample, pad_batch
-from .losses import CHUNK_ELEMENTS, token_logprobs
-from .rl import ADVANTAGE_NORMALIZERS, AGGREGATIONS, aggregation_weights, group_advantages, policy_loss, \
-    zero_std_fraction
+from .lm_data import TokenizedExample, pad_batch, prompt_ids
+from .losses import token_entropy, token_logprobs
+from .rl import ADVANTAGE_NORMALIZERS, AGGREGATIONS, aggregation_weights, group_advantages, masked_mean, \
+    policy_loss, zero_std_fraction
 from .sampling import Samples, sample
 from .sampling import stop_token_ids as default_stop_ids
 
-__all__ = ["RLConfig", "RLTrainer", "Rollouts", "rollout_batch", "split_rows", "token_entropy", "WholeSteps"]
+__all__ = ["RLConfig", "RLTrainer", "Rollouts", "rollout_batch", "split_rows", "WholeSteps"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ class RLConfig(TrainerConfig):
 class Rollouts:
     """One process's rollout batch: P prompts with G completions each; prompt p's are rows p*G .. p*G+G-1."""
 
-    indices_P: torch.Tensor  # the prompts' indices in train_data
     examples: list  # the prompts' examples, as train_data holds them
     prompt_ids_P: list[list[int]]
     samples: Samples  # completion ids, sampling log-probs, lengths, stopped (EOS) flags
@@ -183,20 +182,6 @@ def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torc
         parts.append({k: v[start:start + rows, :width] if v.ndim == 2 else v[start:start + rows]
                       for k, v in batch.items()})
     return parts
-
-
-def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) at each position, (B, T) in float32 (at least), without gradient. Converts at
-    most `losses.CHUNK_ELEMENTS` logits to float32 at a time, like `losses.token_logprobs`."""
-    V = logits_B_T_V.shape[-1]
-    logits_N_V = logits_B_T_V.detach().reshape(-1, V)
-    dtype = torch.promote_types(logits_N_V.dtype, torch.float32)
-    entropy_N = torch.empty(logits_N_V.shape[0], dtype=dtype, device=logits_N_V.device)
-    rows = max(1, CHUNK_ELEMENTS // V)
-    for start in range(0, logits_N_V.shape[0], rows):
-        logprobs_n_V = torch.log_softmax(logits_N_V[start:start + rows].to(dtype), dim=-1)
-        entropy_N[start:start + rows] = -(logprobs_n_V.exp() * logprobs_n_V).sum(dim=-1)
-    return entropy_N.view(logits_B_T_V.shape[:-1])
 
 
 class WholeSteps(EpochSampler):
@@ -262,7 +247,8 @@ class RLTrainer(BaseTrainer):
         rollouts = self.rollout(torch.cat(step.micro_batches))
         start = time.perf_counter()
         rewards_N_F = self.gather(rollouts.rewards_N_F)  # every process's rows, in rank order
-        advantages_N = group_advantages(rewards_N_F @ self.reward_weights_F, c.num_generations, c.advantage)
+        rewards_N = rewards_N_F @ self.reward_weights_F
+        advantages_N = group_advantages(rewards_N, c.num_generations, c.advantage)
         batch = rollouts.batch(advantages_N.chunk(self.world_size)[self.rank])
         rows_per_update = (c.minibatch_size or c.batch_size) * c.num_generations
         minibatches = [split_rows(minibatch, c.micro_batch_size or rows_per_update)
@@ -271,7 +257,7 @@ class RLTrainer(BaseTrainer):
         self.add_fixed_logprobs(minibatches)
         updates = [self.update(micro_batches, micro_shares) for _ in range(c.inner_epochs)
                    for micro_batches, micro_shares in zip(minibatches, shares)]
-        return self.step_outputs(rollouts, rewards_N_F, updates, time.perf_counter() - start)
+        return self.step_outputs(rollouts, rewards_N_F, rewards_N, updates, time.perf_counter() - start)
 
     def rollout(self, indices: torch.Tensor) -> Rollouts:
         """Sample G completions for each train prompt at `indices` (this process's), decode and score them."""
@@ -283,7 +269,7 @@ class RLTrainer(BaseTrainer):
         generated = time.perf_counter()
         completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
         rewards_N_F = self.score(examples, completions_N, names)
-        return Rollouts(indices, examples, prompt_ids_P, samples, completions_N, rewards_N_F,
+        return Rollouts(examples, prompt_ids_P, samples, completions_N, rewards_N_F,
                         rewards_N_F @ self.reward_weights_F, self.pad_id, generated - start,
                         time.perf_counter() - generated)
 
@@ -347,9 +333,8 @@ class RLTrainer(BaseTrainer):
                                     c.beta, entropy_B_T=token_entropy(logits_B_T_V))
         # How far the sampler's log-probs (KV-cached, batched differently) are from the trainer's: numerical noise
         # (~1e-7 in float32); a large value means sampling and training disagree on the policy.
-        mask_B_T = batch["weights"] != 0
-        gap_B_T = torch.where(mask_B_T, old_B_T - batch["sampling_logprobs"], 0.0).abs()
-        metrics["policy/sampler_logprob_gap"] = gap_B_T.sum() / mask_B_T.sum().clamp_min(1)
+        metrics["policy/sampler_logprob_gap"] = masked_mean((old_B_T - batch["sampling_logprobs"]).abs(),
+                                                            batch["weights"])
         return {"loss": loss, **metrics}
 
     def forward_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,12 +349,12 @@ class RLTrainer(BaseTrainer):
 
     # ---- outputs ------------------------------------------------------------------------------
 
-    def step_outputs(self, rollouts: Rollouts, rewards_N_F: torch.Tensor, updates: list, train_s: float) -> dict:
+    def step_outputs(self, rollouts: Rollouts, rewards_N_F: torch.Tensor, rewards_N: torch.Tensor, updates: list,
+                     train_s: float) -> dict:
         """What on_batch_end gets: the updates' losses, rewards and rollout statistics over every process,
         policy metrics, timings, and a few completions as text."""
         c = self.config
         optimizer_outputs = [outputs for outputs, _ in updates]
-        rewards_N = rewards_N_F @ self.reward_weights_F
         lengths_N = self.gather(rollouts.samples.lengths_N.float())
         stopped_N = self.gather(rollouts.samples.stopped_N.float())
         loss = torch.stack([o["train/loss"] for o in optimizer_outputs]).mean()
@@ -442,10 +427,7 @@ class RLTrainer(BaseTrainer):
     def prompt_ids(self, example, name: str) -> list[int]:
         """The token ids a completion continues: a "prompt" string with the tokenizer's special tokens (BOS), or
         chat "messages" rendered with `add_generation_prompt=True`."""
-        if check_prompt(example, name) == "prompt":
-            return self.tokenizer(example["prompt"])["input_ids"]
-        text = self.tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(example[check_prompt(example, name)], self.tokenizer)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows of `tensor`, concatenated in rank order."""

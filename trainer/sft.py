@@ -40,7 +40,7 @@ from accelerate.utils import send_to_device
 from .base import BaseTrainer
 from .config import ConfigError, TrainerConfig
 from .data import EpochSampler, eval_batches
-from .lm_data import TokenizedExample, load_examples, pack_batch, pad_batch, tokenize_examples
+from .lm_data import TokenizedExample, load_examples, pack_batch, pad_batch, prompt_ids, tokenize_examples
 from .lm_plans import BucketedSampler, PackedSampler, layout_positions
 from .lora import LoraSettings, apply_lora
 from .losses import cross_entropy, token_logprobs
@@ -166,14 +166,6 @@ class SFTTrainer(BaseTrainer):
             return BucketedSampler(self.lengths, c.bucket_window, c.batch_size, c.grad_accum_steps, **common)
         return EpochSampler(len(self.train_data), c.batch_size, c.grad_accum_steps, **common)
 
-    def total_steps(self) -> int:
-        epochs = self.config.epoch_limit()
-        plan = self.plan or self.make_plan()
-        if epochs is None or not isinstance(plan, PackedSampler):
-            return super().total_steps()
-        by_epochs = plan.total_steps(epochs)  # packed epochs differ a little in length: count each
-        return by_epochs if self.config.max_steps is None else min(by_epochs, self.config.max_steps)
-
     def configure_optimizer(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
         return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -285,11 +277,10 @@ def generation_prompt(example: dict, tokenizer) -> list[int]:
     """The token ids a model continues from to answer `example`: a prompt/completion's prompt (with the
     tokenizer's BOS), or a chat rendered up to its last assistant turn with the generation prompt."""
     if "prompt" in example:
-        return tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+        return prompt_ids(example["prompt"], tokenizer)
     if "messages" in example:
         messages = example["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(messages[:last], tokenizer)
     raise ValueError("eval_fn: a plain-text example has no prompt to generate from; give prompt/completion or "
                      "chat examples as val_data")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import torch
 
+
 def as_outputs(result, owner: str) -> dict:
     """training_step's result as a dict with a scalar "loss" tensor, or a clear error."""
     loss = result.get("loss") if isinstance(result, dict) else result
     if not isinstance(loss, torch.Tensor):
+        keys = f" with keys {sorted(result)}" if isinstance(result, dict) else ""
         raise TypeError(f"{owner}.training_step must return a loss tensor or a dict with a 'loss' tensor; "
-                        f"got {type(result).__name__}" + (f" with keys {sorted(result)}" if isinstance(result, dict) else ""))
+                        f"got {type(result).__name__}{keys}")
     if loss.ndim != 0:
         raise ValueError(f"{owner}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to a scalar")
     return result if isinstance(result, dict) else {"loss": result}
@@ -64,7 +66,6 @@ def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     if len({(g.device, g.dtype) for g in grads}) > 1:
         return torch.nn.utils.get_total_norm(grads)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
 
 
 class EpochLoss:

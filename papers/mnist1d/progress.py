@@ -12,7 +12,7 @@ from paperloop.callbacks.loggers import scalar
 class PlainProgress(Callback):
     """One line when a row starts ("training M steps") or resumes ("resumed at step N of M"), and,
     when `stream` (default stderr) is not a terminal, so ProgressBar draws nothing, one plain line
-    every `log_every_steps` optimizer steps with the step, loss, speed and time left."""
+    every `log_every_steps` steps with the step, loss, speed and time left."""
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream
@@ -31,7 +31,7 @@ class PlainProgress(Callback):
 
     def on_batch_end(self, trainer, outputs):
         step = trainer.state.global_step
-        if not (self.active and self.plain) or not outputs.get("optimizer_step", True) or step % self.every:
+        if not (self.active and self.plain) or step % self.every:
             return
         elapsed = time.perf_counter() - self.start
         rate = (step - self.first) / max(elapsed, 1e-9)

@@ -31,13 +31,14 @@ def evaluate(model, tokenizer, pairs, samples: int, temperature: float, max_new_
         drawn = sample(model, prompts[start:start + PROMPTS_PER_CALL], samples, max_new_tokens, generator=generator,
                        temperature=temperature, **stop)
         texts = tokenizer.batch_decode(drawn.completions(), skip_special_tokens=True)
-        lengths.append(drawn.lengths_N.float().mean().item())
+        lengths.append(drawn.lengths_N)
         for i, answer in enumerate(answers[start:start + PROMPTS_PER_CALL]):
             correct_P.append(sum(t == answer for t in texts[i * samples:(i + 1) * samples]))
     correct_P = np.array(correct_P)
     ks = [2 ** i for i in range(int(np.log2(samples)) + 1)]
+    mean_len = torch.cat(lengths).float().mean().item()  # over every sample (the last call may hold fewer)
     return {"pass_at": {str(k): round(float(pass_at_k(samples, correct_P, k).mean()), 4) for k in ks},
-            "greedy_acc": round(float(greedy_acc), 4), "mean_completion_len": round(float(np.mean(lengths)), 3),
+            "greedy_acc": round(float(greedy_acc), 4), "mean_completion_len": round(mean_len, 3),
             "solved": (correct_P > 0).tolist()}
 
 
