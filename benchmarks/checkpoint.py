@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from paperloop import BaseTrainer, TrainerConfig
-from paperloop.data import EpochSampler, fetch
+from paperloop.plans import EpochPlan, fetch
 
 
 class Regress(BaseTrainer):
@@ -107,7 +107,7 @@ def main(repeats: int = 5):
     big = TensorDataset(torch.randn(n, 8), torch.randn(n, 1))
 
     def first_batch_at(offset):
-        plan = EpochSampler(n, batch_size=32, seed=0)
+        plan = EpochPlan(n, batch_size=32, seed=0)
         plan.load_state_dict({"seed": 0, "epoch": 3, "offset": offset, **plan.shape()})
         return fetch(big, next(plan.steps()).micro_batches[0])
 

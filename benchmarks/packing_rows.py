@@ -13,7 +13,7 @@ Workload: 512 synthetic examples, positions per example uniform in [16, 64] (max
 16 examples padded to the longest ("padded"), the same after sorting by length within windows of 128
 examples ("bucketed 128": what a data plan can do and keep batches mixed) or over the whole pool
 ("bucketed 512"), or 1024 / row_len packed rows ("packed L"). One pass = every step over the whole pool,
-through `losses.forward_logprobs` + `cross_entropy` + backward; time per pass / real (non-padding) tokens. One
+through `lm.losses.forward_logprobs` + `cross_entropy` + backward; time per pass / real (non-padding) tokens. One
 intra-op thread; the layouts' steps interleaved within each pass; median over passes; ratio to "padded".
 
 Measured here (2-core shared CPU, torch 2.13, transformers 5.23), time per real token vs "padded":
@@ -41,8 +41,8 @@ import time
 
 import torch
 
-from paperloop.lm_data import TokenizedExample, pack_batch, pack_rows, pad_batch
-from paperloop.losses import cross_entropy, forward_logprobs
+from paperloop.lm.data import TokenizedExample, pack_batch, pack_rows, pad_batch
+from paperloop.lm.losses import cross_entropy, forward_logprobs
 from paperloop.models import tiny_causal_lm
 
 SIZES = {"h128": dict(hidden_size=128, num_layers=4), "h256": dict(hidden_size=256, num_layers=6)}
@@ -82,7 +82,7 @@ def _padded_steps(examples: list[TokenizedExample]) -> list[dict]:
 
 def timed_step(model: torch.nn.Module, batch: dict) -> float:
     start = time.perf_counter()
-    cross_entropy(forward_logprobs(model, batch), batch).backward()
+    cross_entropy(forward_logprobs(model, batch)[0], batch).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 

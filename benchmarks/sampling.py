@@ -21,7 +21,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from paperloop.sampling import sample
+from paperloop.lm.sampling import sample
 
 VOCAB, PAD = 100, 0
 EOS = VOCAB  # never drawn: every row runs to max_new_tokens in every contender

@@ -3,8 +3,9 @@
 from .base import HOOKS, Callback, LambdaCallback
 from .early_stopping import EarlyStopping
 from .guards import SignalCheckpoint, TerminateOnNonFinite, TimeLimit
-from .loggers import ProgressBar, TensorBoardLogger
+from .loggers import TensorBoardLogger
+from .progress import PlainProgress, ProgressBar
 from .model_checkpoint import ModelCheckpoint
 
 __all__ = ["HOOKS", "Callback", "LambdaCallback", "EarlyStopping", "ModelCheckpoint", "TensorBoardLogger",
-           "ProgressBar", "TerminateOnNonFinite", "SignalCheckpoint", "TimeLimit"]
+           "ProgressBar", "PlainProgress", "TerminateOnNonFinite", "SignalCheckpoint", "TimeLimit"]

@@ -1,11 +1,11 @@
-"""The callbacks a config asks for (`early_stopping_patience`, `checkpoint_every_steps`) and the ones every
-run gets (`SignalCheckpoint`), where the user has not attached one of that kind."""
+"""The callbacks a config asks for (`early_stopping_patience`, `checkpoint_every_steps`, `time_limit_s`) and
+the ones every run gets (`SignalCheckpoint`), where the user has not attached one of that kind."""
 
 from __future__ import annotations
 
 from .base import Callback
 from .early_stopping import EarlyStopping
-from .guards import SignalCheckpoint
+from .guards import SignalCheckpoint, TimeLimit
 from .model_checkpoint import ModelCheckpoint
 
 
@@ -18,6 +18,8 @@ def default_callbacks(config, attached) -> list[Callback]:
                                    config.early_stopping_patience))
     if config.checkpoint_every_steps and not has(ModelCheckpoint):
         extra.append(ModelCheckpoint(every_n_steps=config.checkpoint_every_steps, every_n_epochs=None))
+    if config.time_limit_s and not has(TimeLimit):
+        extra.append(TimeLimit(config.time_limit_s))
     if not has(SignalCheckpoint):
         extra.append(SignalCheckpoint())
     return extra

@@ -1,5 +1,5 @@
-"""TensorBoardLogger and ProgressBar. Both act on the main process only, and read tensors (a device
-sync each) only when a log is due (every `log_every_steps` steps, and at epoch and run ends)."""
+"""TensorBoardLogger: metrics as TensorBoard event files. It acts on the main process only, and reads tensors (a
+device sync each) only when a log is due (every `log_every_steps` steps, and at epoch and run ends)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def scalar(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
-class _Throughput:
+class Throughput:
     """Samples per second between two log points."""
 
     def __init__(self):
@@ -32,7 +32,7 @@ class TensorBoardLogger(Callback):
     """Event files under `log_dir` (default `<output_dir>/tensorboard`). Per step, at the first step,
     every `every_n_steps` (default `log_every_steps`), and the last step of each epoch and of the run:
     `train/loss`, `optim/lr`, `optim/grad_norm` (when the step computed it: with clipping, or at the
-    config's `log_every_steps`), `perf/samples_per_sec` and every other numeric output of the step
+    config's `log_every_steps`), `perf/samples_per_s` and every other numeric output of the step
     (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as `reward/mean`,
     as they are; strings, such as `text/samples`, as text). `val/*` whenever a validation
     ran; each epoch's mean train loss as `epoch/train_loss`; the resolved config as text."""
@@ -50,7 +50,7 @@ class TensorBoardLogger(Callback):
         self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
                                     purge_step=trainer.state.global_step or None)
         self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
-        self.throughput = _Throughput()
+        self.throughput = Throughput()
         self.last, self.logged_step, self.val_step = None, None, None
 
     def on_batch_end(self, trainer, outputs):
@@ -67,7 +67,7 @@ class TensorBoardLogger(Callback):
             self._write_step(outputs, step)
 
     def _write_step(self, outputs: dict, step: int):
-        metrics = {"perf/samples_per_sec": self.throughput.take()}
+        metrics = {"perf/samples_per_s": self.throughput.take()}
         for key, value in outputs.items():
             if key in ("loss", "train/samples") or key.startswith("val/"):
                 continue  # "loss" is this process's; train/loss is the step's over every process
@@ -101,47 +101,3 @@ class TensorBoardLogger(Callback):
                 self._write_step(self.last, trainer.state.global_step)
             self.writer.close()
             self.writer = None
-
-
-class ProgressBar(Callback):
-    """A tqdm bar over steps with epoch, loss, lr and samples/s; silent when stderr is not a
-    terminal (tqdm's `disable=None`), so logs of batch jobs stay clean."""
-
-    def __init__(self, every_n_steps: int | None = None, disable: bool | None = None):
-        self.every_n_steps, self.disable = every_n_steps, disable
-
-    def on_train_begin(self, trainer):
-        self.bar = None
-        if not trainer.is_main_process:
-            return
-        from tqdm.auto import tqdm
-
-        self.every = self.every_n_steps or trainer.config.log_every_steps
-        self.bar = tqdm(total=trainer.total_steps(), initial=trainer.state.global_step, unit="step",
-                        disable=self.disable, dynamic_ncols=True)
-        self.postfix: dict = {}
-        self.throughput = _Throughput()
-
-    def on_batch_end(self, trainer, outputs):
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        self.throughput.samples += outputs.get("train/samples", 0)
-        if trainer.state.global_step % self.every == 0 and not self.bar.disable:
-            self.postfix.update(epoch=trainer.state.epoch, samples_s=f"{self.throughput.take():.0f}")
-            if "train/loss" in outputs:
-                self.postfix["loss"] = f"{scalar(outputs['train/loss']):.4g}"
-            if "optim/lr" in outputs:
-                self.postfix["lr"] = f"{outputs['optim/lr']:.3g}"
-            self.bar.set_postfix(self.postfix, refresh=False)
-
-    def on_epoch_end(self, trainer, logs):
-        if self.bar is not None and not self.bar.disable:
-            self.postfix.update({k: f"{scalar(v):.4g}" for k, v in logs.items() if k.startswith("val/")})
-            self.postfix["epoch"] = trainer.state.epoch
-            self.bar.set_postfix(self.postfix)
-
-    def on_train_end(self, trainer):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

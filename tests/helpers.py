@@ -51,13 +51,9 @@ class ThreeUpdates(ScheduledRegression):
 
     def train_step(self, step):
         x, y = self.fetch(torch.cat(step.micro_batches))
-        updates = [self.update((x_m, y_m)) for x_m, y_m in zip(x.chunk(3), y.chunk(3))]
+        updates = [self.update([(x_m, y_m)]) for x_m, y_m in zip(x.chunk(3), y.chunk(3))]  # each alone an update
         return {"train/loss": torch.stack([u["train/loss"] for u in updates]).mean(),
                 "train/finite": all(u["train/finite"] for u in updates), "optim/lr": updates[-1]["optim/lr"]}
-
-    def update(self, minibatch):
-        self.forward_backward(minibatch)  # share 1: this minibatch alone is the update
-        return self.optimizer_step()
 
 
 class WeightedRegression(Regression):

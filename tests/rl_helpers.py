@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from paperloop import RLConfig, RLTrainer
-from paperloop.sampling import Samples, sample
+from paperloop.lm.sampling import Samples, sample
 from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
 
 DIGITS = list("0123456789+=")
@@ -76,13 +76,13 @@ class LayoutFreeSampling(SGDRLTrainer):
     """Each prompt's completions come from a generator seeded by (step, prompt), the same whichever process holds
     the prompt: a 2-process run then sees exactly the rollouts of a 1-process run of the same global batch."""
 
-    def generate(self, prompt_ids_P, num_samples, temperature):
+    def generate(self, prompt_ids_P, num_samples=1, *, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
         def seeded(prompt):
             seed = 1000 * self.state.global_step + sum(i * t for i, t in enumerate(prompt))
             return torch.Generator().manual_seed(seed)
 
-        parts = [sample(self.unwrapped_model, [prompt], num_samples, self.config.max_new_tokens,
-                        generator=seeded(prompt), temperature=temperature, eos_token_id=self.stop_token_ids,
+        parts = [sample(self.unwrapped_model, [prompt], num_samples, max_new_tokens, generator=seeded(prompt),
+                        temperature=temperature, top_p=top_p, eos_token_id=self.stop_token_ids,
                         pad_token_id=self.pad_id)
                  for prompt in prompt_ids_P]
         width = max(part.tokens_N_L.shape[1] for part in parts)

@@ -68,12 +68,12 @@ def test_tensorboard_logger_writes_the_curves(tmp_path):
                    callbacks=[TensorBoardLogger()])
     t.fit()
     scalars, acc = _scalars(tmp_path / "tensorboard")
-    for tag in ("train/loss", "optim/lr", "optim/grad_norm", "perf/samples_per_sec"):
+    for tag in ("train/loss", "optim/lr", "optim/grad_norm", "perf/samples_per_s"):
         assert [s for s, _ in scalars[tag]] == [1, 2, 4, 6, 8]  # the first step, then every 2nd
     assert [s for s, _ in scalars["val/loss"]] == [4, 8]
     assert [v for _, v in scalars["val/loss"]] == pytest.approx([h["val/loss"] for h in t.state.val_history])
     assert [v for _, v in scalars["epoch/train_loss"]] == pytest.approx(t.state.train_loss_history)
-    assert all(v > 0 for _, v in scalars["perf/samples_per_sec"])
+    assert all(v > 0 for _, v in scalars["perf/samples_per_s"])
     assert "config/text_summary" in acc.Tags()["tensors"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from paperloop import ConfigError, load_config
 from paperloop.cli import main as cli
-from paperloop.lm_data import tokenize_examples
+from paperloop.lm.data import tokenize_examples
 from paperloop.papers import grokking
 from paperloop.papers.grokking import data
 from paperloop.papers.grokking.trainer import without_eos

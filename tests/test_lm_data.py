@@ -1,4 +1,4 @@
-"""Tokenization, loss masks, truncation, loading, padding and packing (paperloop.lm_data), against
+"""Tokenization, loss masks, truncation, loading, padding and packing (paperloop.lm.data), against
 hand-computed token ids and masks from a word-level tokenizer whose ids are known:
 
     <pad>=0 <bos>=1 <eos>=2 <unk>=3 <|system|>=4 <|user|>=5 <|assistant|>=6 <|end|>=7
@@ -8,11 +8,14 @@ hand-computed token ids and masks from a word-level tokenizer whose ids are know
 
 import pytest
 import torch
+
+from paperloop.lm.plans import PackedPlan, PaddedPlan
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-from paperloop.lm_data import (TokenizedExample, load_examples, pack_batch, pack_rows, pad_batch,
-                               padding_fraction, show_mask, tokenize_examples)
+from paperloop.lm.data import (TokenizedExample, load_examples, pack_batch, pack_rows, pad_batch,
+                               show_mask, tokenize_examples)
+from paperloop.lm.plans import PackedPlan, PaddedPlan
 from paperloop.models import bpe_tokenizer, word_level_tokenizer
 
 CHAT = [{"role": "system", "content": "c"}, {"role": "user", "content": "a + b"},
@@ -310,12 +313,13 @@ def test_example_longer_than_a_row_is_an_error_naming_it(tok):
         pack_batch(examples, row_len=5, pad_id=0)
 
 
-def test_padding_fraction_and_packing_bringing_it_down(tok):
+def test_a_plan_counts_the_positions_its_own_collation_builds_and_packing_brings_padding_down(tok):
     kept, _ = tokenize_examples([{"text": " ".join("abc"[: 1 + i % 3] * (1 + i % 5))} for i in range(40)],
                                 tok, max_length=32)
     lengths = [len(example) for example in kept]
-    padded, packed = pad_batch(kept, pad_id=0), pack_batch(kept, row_len=32, pad_id=0)
-    assert padding_fraction(lengths, padded) == pytest.approx(1 - sum(lengths) / (40 * max(lengths)))
-    assert padding_fraction(lengths, packed) == pytest.approx(1 - sum(lengths) / packed["input_ids"].numel())
-    assert padding_fraction(lengths, packed) < 0.05 < padding_fraction(lengths, padded)
+    padded_plan, packed_plan = PaddedPlan(lengths, 0, batch_size=40), PackedPlan(lengths, 0, row_len=32, rows=40)
+    padded, packed = padded_plan.collate(kept), packed_plan.collate(kept)
+    assert padded_plan.positions(lengths) == padded["input_ids"].numel() == 40 * max(lengths)
+    assert packed_plan.positions(lengths) == packed["input_ids"].numel()
+    assert 1 - sum(lengths) / packed["input_ids"].numel() < 0.05 < 1 - sum(lengths) / padded["input_ids"].numel()
     assert packed["weights"].sum() == padded["weights"].sum() == sum(example.num_trained for example in kept)

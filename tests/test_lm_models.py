@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from paperloop.lm_data import tokenize_examples
+from paperloop.lm.data import tokenize_examples
 from paperloop.models import bpe_tokenizer, tiny_causal_lm, word_level_tokenizer
 
 VOCAB = ["a", "b", "c", "+", "=", "1", "2", "3"]  # ids 8.. after <pad> <bos> <eos> <unk> and 4 chat markers

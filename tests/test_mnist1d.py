@@ -3,7 +3,7 @@
 import json
 import os
 import signal
-import time
+import types
 
 import numpy as np
 import pytest
@@ -114,37 +114,66 @@ def test_a_finished_row_is_recorded_and_reused(tmp_path, monkeypatch, capsys):
     assert results(tmp_path) == first
 
 
-def test_an_interrupted_row_finishes_once_and_its_time_sums_both_invocations(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """A clock for the row's timing and for TimeLimit that moves 0.1 s per training step and at no other time:
+    seconds become a count of steps, the same on any machine however busy."""
+    import paperloop.callbacks.guards as guards
+
+    clock = {"now": 0.0}
     step = mnist1d.Classifier.training_step
 
-    def slow_then_sigterm_at_step_30(self, batch):
-        time.sleep(0.02)  # this invocation takes at least 0.6 s of training
+    def ticking(self, batch):
+        clock["now"] += 0.1
+        return step(self, batch)
+
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", ticking)
+    monkeypatch.setattr(mnist1d, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(guards.time, "monotonic", lambda: clock["now"])
+    return clock
+
+
+def test_an_interrupted_row_finishes_once_and_its_time_sums_both_invocations(tmp_path, monkeypatch, capsys,
+                                                                             fake_clock):
+    step = mnist1d.Classifier.training_step
+
+    def sigterm_at_step_30(self, batch):
         if self.state.global_step == 30 and not getattr(self, "signalled", False):
             self.signalled = True
             os.kill(os.getpid(), signal.SIGTERM)
         return step(self, batch)
 
-    monkeypatch.setattr(mnist1d.Classifier, "training_step", slow_then_sigterm_at_step_30)
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", sigterm_at_step_30)
     with pytest.raises(KeyboardInterrupt):
         mnist1d.run(small(tmp_path))
     interrupted = json.loads((tmp_path / "mlp" / "row.json").read_text())
-    assert interrupted["result"] is None and interrupted["seconds"] >= 0.6
-
-    def slow(self, batch):  # the 30 remaining steps take at least 0.3 s: more than the rounding of seconds
-        time.sleep(0.01)
-        return step(self, batch)
-
-    monkeypatch.setattr(mnist1d.Classifier, "training_step", slow)
+    assert interrupted["result"] is None and interrupted["seconds"] == pytest.approx(3.1)  # steps 1-31
+    monkeypatch.setattr(mnist1d.Classifier, "training_step", step)
     capsys.readouterr()
-    start = time.perf_counter()
     mnist1d.run(small(tmp_path))
-    second = time.perf_counter() - start
     assert "mlp: resumed at step 31 of 60" in capsys.readouterr().err
     row = results(tmp_path)["rows"][0]
-    assert interrupted["seconds"] < row["seconds"] <= interrupted["seconds"] + second + 0.1
+    assert row["seconds"] == pytest.approx(6.0)  # 31 steps, then the other 29: nothing counted twice or lost
     forbid_training(monkeypatch)  # finished: never resumed from its old checkpoint again
     mnist1d.run(small(tmp_path))
     assert results(tmp_path)["rows"] == [row]
+
+
+def test_a_row_stopped_by_a_time_limit_is_continued_not_recorded(tmp_path, monkeypatch, fake_clock):
+    """A time limit is an interruption like a signal (`state.interrupted`): the row checkpoints, records no
+    result, and the same command continues it to the same result as a run straight through."""
+    straight = mnist1d.run_row(small(tmp_path / "straight"), mnist1d.generate(42), "mlp", False)
+    limited = small(tmp_path / "limited", time_limit_s=2.05)  # 20 steps of 0.1 s: stops after step 21
+    with pytest.raises(KeyboardInterrupt, match="mlp was interrupted at step 21"):
+        mnist1d.run(limited)
+    record = json.loads((tmp_path / "limited" / "mlp" / "row.json").read_text())
+    assert record["result"] is None and not (tmp_path / "limited" / "results.json").exists()
+    with pytest.raises(KeyboardInterrupt, match="at step 42"):  # the same command: 21 more steps, then again
+        mnist1d.run(limited)
+    mnist1d.run(small(tmp_path / "limited"))  # without the limit: it finishes
+    row = results(tmp_path / "limited")["rows"][0]
+    assert (row["test_acc"], row["best_test_acc"], row["steps"]) == (straight["test_acc"], straight["best_test_acc"],
+                                                                     60)
 
 
 def test_max_steps_below_val_every_steps(tmp_path):

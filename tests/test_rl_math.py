@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from paperloop.rl import (AGGREGATIONS, ADVANTAGE_NORMALIZERS, aggregation_weights, group_advantages, k3_kl,
-                          pass_at_k, policy_loss, register_advantage, zero_std_fraction)
+from paperloop.rl import (AGGREGATIONS, ADVANTAGE_NORMALIZERS, POLICY_LOSSES, aggregation_weights, group_advantages,
+                          k3_kl, pass_at_k, policy_loss, register_advantage, register_aggregation,
+                          register_policy_loss, zero_std_fraction)
 
 AGGREGATION_NAMES = ["sequence_mean", "token_mean", "constant"]
 
@@ -89,6 +90,36 @@ def test_a_registered_normalizer_is_chosen_by_name():
                                    torch.tensor([2.0, 0, 1, 1, 0, 2]))
     finally:
         del ADVANTAGE_NORMALIZERS["test_rank"]
+
+
+@pytest.mark.parametrize("register, registry, taken", [(register_advantage, ADVANTAGE_NORMALIZERS, "group_std"),
+                                                       (register_aggregation, AGGREGATIONS, "token_mean"),
+                                                       (register_policy_loss, POLICY_LOSSES, "ppo_clip")])
+def test_every_registry_refuses_a_second_function_under_a_taken_name(register, registry, taken):
+    before = dict(registry)
+    with pytest.raises(ValueError, match=f"'{taken}' is taken"):
+        register(taken)(lambda *args, **kwargs: None)
+    assert registry == before  # the first function still answers to the name
+
+
+def test_a_registered_policy_loss_is_chosen_by_name():
+    """A variant is a new registered function: here REINFORCE's -ρ·A (no clip), whose gradient at ρ = 1 is -A per
+    token, and which clips nothing."""
+    @register_policy_loss("test_unclipped")
+    def _unclipped(log_ratio_B_T, advantages_B_1, trained_B_T, *, clip_low, clip_high):
+        nothing_B_T = torch.zeros_like(trained_B_T)
+        return -torch.exp(log_ratio_B_T) * advantages_B_1, {"low": nothing_B_T, "high": nothing_B_T}
+    try:
+        logp = torch.tensor([[math.log(2.0), 0.0]], dtype=torch.float64, requires_grad=True)  # ρ = 2: PPO would clip
+        args = (torch.zeros(1, 2, dtype=torch.float64), torch.tensor([1.0]), torch.ones(1, 2))
+        loss, metrics = policy_loss(logp, *args, loss="test_unclipped", aggregation="token_mean")
+        assert loss.item() == pytest.approx(-(2.0 + 1.0) / 2)
+        assert torch.autograd.grad(loss, logp)[0][0].tolist() == pytest.approx([-1.0, -0.5])
+        assert metrics["policy/clip_frac"].item() == 0
+        clipped, ppo_metrics = policy_loss(logp, *args, loss="ppo_clip", aggregation="token_mean")
+        assert ppo_metrics["policy/clip_frac_high"].item() == 0.5  # the default clips the ρ = 2 token
+    finally:
+        del POLICY_LOSSES["test_unclipped"]
 
 
 def test_zero_std_fraction():
@@ -342,10 +373,11 @@ def test_bool_mask_and_float32():
 
 @pytest.mark.parametrize("change, word", [
     (dict(old_logprobs_B_T=torch.zeros(2, 4)), "old_logprobs_B_T"),
-    (dict(mask_B_T=torch.ones(2, 3, 1)), "mask_B_T"),
+    (dict(weights_B_T=torch.ones(2, 3, 1)), "weights_B_T"),
     (dict(advantages_B=torch.zeros(3)), "advantages_B"),
     (dict(logprobs_B_T=torch.zeros(2, 3, dtype=torch.long)), "logprobs_B_T"),
     (dict(aggregation="dapo"), "aggregation"),
+    (dict(loss="gspoo"), "unknown loss 'gspoo'; choose one of"),
     (dict(aggregation="constant"), "max_tokens"),
     (dict(aggregation="constant", max_tokens=0), "max_tokens"),
     (dict(beta=0.1), "ref_logprobs_B_T"),
@@ -356,7 +388,7 @@ def test_bool_mask_and_float32():
 ])
 def test_policy_loss_errors_name_the_argument(change, word):
     args = dict(logprobs_B_T=torch.zeros(2, 3), old_logprobs_B_T=torch.zeros(2, 3), advantages_B=torch.zeros(2),
-                mask_B_T=torch.ones(2, 3))
+                weights_B_T=torch.ones(2, 3))
     with pytest.raises(ValueError, match=word):
         policy_loss(**{**args, **change})
 

@@ -16,12 +16,15 @@ from safetensors.torch import load_file
 from paperloop import CheckpointError, RLConfig, RLTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.config import ConfigError
-from paperloop.data import epoch_permutation
-from paperloop.losses import token_entropy
-from paperloop.rl_trainer import disable_dropout, rollout_batch, split_rows
+from paperloop.plans import epoch_permutation
+from paperloop.lm.losses import token_entropy
+from paperloop.rl import rollout_batch, split_rows
+from paperloop.rl.trainer import disable_dropout
 from paperloop.models.lm import tiny_causal_lm
-from paperloop.sampling import Samples, sample
+from paperloop.lm.sampling import Samples, sample
+from helpers import straight_and_resumed
 from paperloop.checkpoint import committed
+
 from rl_helpers import (DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer,
                         make_tokenizer, run_rl_worker)
 
@@ -48,10 +51,10 @@ def row_logprobs(model, prompt, completion, temperature):
 
 
 def naive_grpo(cfg: RLConfig, sampler_state: torch.Tensor, steps: int):
-    """GRPO/DAPO/Dr. GRPO by the formulas, one completion at a time: per token -min(ρA, clip(ρ)A) + β·k3, ρ against
-    the log-probs before the step's first update, aggregated per minibatch as the papers write it."""
+    """GRPO/DAPO/Dr. GRPO by the formulas, one completion at a time, in float64: per token -min(ρA, clip(ρ)A) + β·k3,
+    ρ against the log-probs before the step's first update, aggregated per minibatch as the papers write it."""
     tok, data = make_tokenizer(), make_prompts()
-    policy, reference = make_lm(tok), make_lm(tok)
+    policy, reference = make_lm(tok).double(), make_lm(tok).double()
     optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(0)
     generator.set_state(sampler_state)
@@ -106,17 +109,23 @@ RECIPES = {
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_updates_match_a_naive_loop_from_the_formulas(tmp_path, recipe):
-    trainer = make_rl_trainer(tmp_path, max_steps=3, lr=0.2, **RECIPES[recipe])
-    sampler_state = trainer.sampler.get_state()
+    """Both sides in float64, so the bound holds on any CPU (float32 kernels round differently from one machine to
+    the next, by 2e-5 here after three steps) and is tight: the update's smallest visible error, a gradient 1%
+    off, moves the weights by ~1e-5, a million times the bound."""
+    trainer = make_rl_trainer(tmp_path, max_steps=3, lr=0.2, model=make_lm(make_tokenizer()).double(),
+                              **RECIPES[recipe])
+    sampler_state = trainer.sampling_generator.get_state()
     clip = []
     trainer.callbacks.append(LambdaCallback(on_batch_end=lambda t, o: clip.append(float(o["policy/clip_frac"]))))
     trainer.fit()
     expected = naive_grpo(trainer.config, sampler_state, steps=3)
+    initial = make_lm(make_tokenizer()).double().state_dict()
     moved = 0.0
     for name, value in expected.state_dict().items():
         got = trainer.unwrapped_model.state_dict()[name]
-        torch.testing.assert_close(got, value, rtol=0, atol=1e-5, msg=lambda m: name + m)
-        moved = max(moved, (value - make_lm(make_tokenizer()).state_dict()[name]).abs().max().item())
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, value, rtol=0, atol=1e-10, msg=lambda m: name + m)
+        moved = max(moved, (value - initial[name]).abs().max().item())
     assert moved > 1e-3  # the updates did something that a wrong scale would show
     if trainer.config.updates_per_step > 1:
         assert max(clip) > 0  # later updates of a step are off-policy: clipping is exercised
@@ -151,7 +160,7 @@ def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
     logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
     expected = torch.distributions.Categorical(logits=logits).entropy()
     torch.testing.assert_close(token_entropy(logits), expected)
-    monkeypatch.setattr("paperloop.losses.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
+    monkeypatch.setattr("paperloop.lm.losses.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
     torch.testing.assert_close(token_entropy(logits.bfloat16()), torch.distributions.Categorical(
         logits=logits.bfloat16().float()).entropy())
 
@@ -268,7 +277,7 @@ def test_outputs_hold_every_metric_and_sampled_completions_as_text(tmp_path):
         on_batch_end=lambda t, o: outputs.append(o))])
     trainer.fit()
     (o,) = outputs
-    for key in ("train/loss", "policy/loss", "reward/mean", "reward/std", "reward/digit_reward",
+    for key in ("train/loss", "reward/mean", "reward/std", "reward/digit_reward",
                 "rollout/zero_std_frac", "rollout/completion_len", "rollout/stopped_frac", "policy/clip_frac",
                 "policy/kl", "policy/entropy", "policy/ratio_mean", "policy/sampler_logprob_gap", "time/generate_s",
                 "time/train_s",
@@ -331,7 +340,7 @@ def assert_same_run(resumed, reference):
                                                                   reference.state.updates)
     for name, value in reference.unwrapped_model.state_dict().items():
         assert torch.equal(resumed.unwrapped_model.state_dict()[name], value), name
-    assert torch.equal(resumed.sampler.get_state(), reference.sampler.get_state())
+    assert torch.equal(resumed.sampling_generator.get_state(), reference.sampling_generator.get_state())
     assert resumed.state.train_loss_history == reference.state.train_loss_history
 
 
@@ -377,9 +386,9 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
 def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_path):
     trainer = make_rl_trainer(tmp_path, max_steps=1)
     tok = trainer.tokenizer
-    ids = trainer.prompt_ids({"messages": [{"role": "user", "content": "1+2="}]}, "example 0")
+    ids = trainer.prompt_ids([{"role": "user", "content": "1+2="}])
     assert tok.decode(ids) == "<bos><|user|>1+2=<|end|><|assistant|>"
-    assert trainer.prompt_ids({"prompt": "1+2="}, "example 0") == tok("1+2=")["input_ids"]
+    assert trainer.prompt_ids("1+2=") == tok("1+2=")["input_ids"]
     assert trainer.stop_token_ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     chats = [{"messages": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in make_prompts()]
     seen = []
@@ -418,3 +427,53 @@ def test_bf16_autocast_trains_with_finite_outputs(tmp_path):
         assert all(torch.isfinite(torch.as_tensor(o[key])) for o in outputs), key
     # the sampler runs in float32, the training forward in bfloat16: the gap shows bf16's precision, not 1e-7
     assert 1e-5 < float(outputs[0]["policy/sampler_logprob_gap"]) < 0.1
+
+
+# ---- the shared language-model layer: LoRA and the tokenizer in checkpoints ------------------------------
+
+
+def lora_rl_trainer(out, callbacks=()):
+    pytest.importorskip("peft")
+    return make_rl_trainer(out, callbacks, prompts=16, max_steps=4, checkpoint_every_steps=2, inner_epochs=2,
+                           minibatch_size=2, beta=0.04, lr=0.2, lora={"r": 4, "alpha": 8})
+
+
+def test_rl_with_lora_trains_only_adapters_checkpoints_only_them_and_resumes_bitwise(tmp_path):
+    straight, resumed = straight_and_resumed(lora_rl_trainer, tmp_path, stop_at=2)
+    trained = {n for n, p in straight.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    initial = make_lm(make_tokenizer()).state_dict()
+    moved = 0.0
+    for name, value in straight.unwrapped_model.state_dict().items():
+        if "lora_" in name:
+            moved = max(moved, value.abs().max().item()) if "lora_B" in name else moved
+        else:  # every base weight is as it was built
+            assert torch.equal(value, initial[name.replace("base_model.model.", "").replace(".base_layer", "")]), name
+    assert moved > 0  # the adapters trained (lora_B starts at 0)
+    checkpoint = committed(tmp_path / "straight" / "checkpoints")[0]
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
+    assert_same_run(resumed, straight)
+    # The reference is the base itself, adapters off (no copy): its log-probs are the untouched initial model's.
+    assert straight.reference is None
+    batch = next(iter(straight.plan.steps()))
+    rollouts = straight.rollout(torch.cat(batch.micro_batches))
+    rows = rollouts.batch(torch.zeros(len(rollouts.completions_N)))
+    with torch.no_grad():
+        base_logprobs = torch.log_softmax(make_lm(make_tokenizer())(
+            input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits, -1)
+        expected = base_logprobs.gather(-1, rows["target_tokens"][..., None])[..., 0]
+        torch.testing.assert_close(straight.reference_logprobs(rows), expected, rtol=0, atol=1e-6)
+        trained_logprobs = straight.forward(rows)[0]
+    assert (trained_logprobs - expected).abs().max() > 1e-3  # the policy did move away from its reference
+
+
+def test_rl_checkpoints_hold_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    trainer = make_rl_trainer(tmp_path, max_steps=1, checkpoint_every_steps=1)
+    trainer.fit()
+    tok = AutoTokenizer.from_pretrained(committed(tmp_path / "checkpoints")[0])
+    assert tok("12+7=")["input_ids"] == make_tokenizer()("12+7=")["input_ids"]
+    assert tok.apply_chat_template([{"role": "user", "content": "1"}], tokenize=False) == \
+        make_tokenizer().apply_chat_template([{"role": "user", "content": "1"}], tokenize=False)

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from paperloop.sampling import GrowingLayer, draw, sample, top_p_filter
+from paperloop.lm.sampling import GrowingLayer, draw, sample, top_p_filter
 
 VOCAB, PAD, BOS = 50, 0, 1
 NEVER = VOCAB  # an EOS id outside the vocabulary: no row ever stops

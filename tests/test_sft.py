@@ -15,11 +15,11 @@ import torch
 from helpers import assert_bitwise_equal, optimizer_tensors, weights
 from paperloop import ConfigError, SFTConfig, SFTTrainer, load_config
 from paperloop.callbacks import LambdaCallback
-from paperloop.data import epoch_permutation
-from paperloop.lm_data import pack_rows, pad_batch
-from paperloop.lm_plans import BucketedSampler, PackedSampler, fill_micro_batches, layout_positions
-from paperloop.losses import forward_logprobs
-from paperloop.sampling import stop_token_ids
+from paperloop.plans import epoch_permutation
+from paperloop.lm.data import TokenizedExample, pack_rows, pad_batch
+from paperloop.lm.plans import BucketedPlan, PackedPlan, PaddedPlan, fill_micro_batches
+from paperloop.lm.losses import forward_logprobs
+from paperloop.lm.sampling import default_stop_token_ids
 from sft_helpers import make_trainer, model, sorting_examples, tokenizer
 
 WORKER = Path(__file__).with_name("sft_worker.py")
@@ -86,7 +86,7 @@ def test_packed_rows_keep_every_examples_loss_with_the_default_config(tmp_path):
     t = make_trainer(tmp_path, packing=True, pack_length=48)
     assert t.unwrapped_model.config.use_cache is True  # the default that leaks across packed examples
     examples = t.train_data[:12]
-    batch = t.collate(examples)
+    batch = t.make_plan().collate(examples)  # the packed plan owns the layout of training batches
     assert batch["input_ids"].shape[1] == 48 and batch["input_ids"].shape[0] < 12  # several examples a row
     packed_B_T = token_logprobs_of(t, batch)
     for row, members in enumerate(pack_rows([len(e) for e in examples], 48)):
@@ -101,7 +101,7 @@ def test_packed_rows_keep_every_examples_loss_with_the_default_config(tmp_path):
 
 def token_logprobs_of(trainer, batch):
     with torch.no_grad():
-        return forward_logprobs(trainer.model, batch)
+        return forward_logprobs(trainer.model, batch)[0]
 
 
 def test_fill_micro_batches_by_a_token_budget_hand_computed():
@@ -113,12 +113,13 @@ def test_fill_micro_batches_by_a_token_budget_hand_computed():
     assert [m.tolist() for m in fill_micro_batches(order, lengths, 8, 2)] == [[0, 1, 2, 3], [4]]
     # no look-ahead: 5 does not fit beside 6, so it starts the next micro-batch, which 2 then joins
     assert [m.tolist() for m in fill_micro_batches(torch.tensor([4, 0, 3]), lengths, 8, 1)] == [[4], [0, 3]]
-    assert layout_positions([5, 3, 4, 2], 8) == 16 and layout_positions([5, 3, 4], None) == 15
+    packed, padded = PackedPlan(lengths, 0, row_len=8, rows=2), PaddedPlan(lengths, 0, batch_size=4)
+    assert packed.positions([5, 3, 4, 2]) == 16 and padded.positions([5, 3, 4]) == 15
 
 
 def test_packed_plan_covers_the_epoch_once_within_budget_and_splits_over_ranks():
     lengths = [(7 * i) % 23 + 2 for i in range(100)]
-    plans = [PackedSampler(lengths, 32, 2, grad_accum_steps=2, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    plans = [PackedPlan(lengths, 0, 32, 2, grad_accum_steps=2, world_size=2, rank=r, seed=3) for r in (0, 1)]
     steps = plans[0].epoch_steps(0)
     assert sorted(torch.cat(steps).tolist()) == list(range(100))
     for step in steps[:-1]:
@@ -126,7 +127,10 @@ def test_packed_plan_covers_the_epoch_once_within_budget_and_splits_over_ranks()
         micro = [mb for s in mine for mb in s.micro_batches]
         assert len(micro) == 4 and torch.equal(torch.cat(micro), step)  # rank 0: micro 0, 1; rank 1: 2, 3
         for mb in micro:
-            assert layout_positions([lengths[i] for i in mb.tolist()], 32) <= 2 * 32
+            assert plans[0].positions([lengths[i] for i in mb.tolist()]) <= 2 * 32
+            rows = plans[0].collate([TokenizedExample(i, *(torch.zeros(lengths[i], dtype=torch.long),) * 2,
+                                                      torch.ones(lengths[i])) for i in mb.tolist()])
+            assert rows["input_ids"].shape[0] <= 2 and rows["input_ids"].shape[1] == 32  # the rows the fill counted
         assert mine[0].weight == mine[1].weight == len(step)
     other_epoch = plans[0].epoch_steps(1)
     assert not torch.equal(torch.cat(other_epoch), torch.cat(steps))  # reshuffled each epoch
@@ -139,11 +143,12 @@ def test_packing_drives_padding_toward_zero_and_is_reported(tmp_path):
     mean = lambda outs: sum(o["train/padding_fraction"] for o in outs[:-1]) / (len(outs) - 1)  # noqa: E731
     assert mean(padded) > 0.3 and mean(packed) < 0.1
     # the first packed step's fraction, by hand: its examples' positions over its rows
-    step = next(iter(PackedSampler(packed_trainer.lengths, 48, 4, seed=0).epoch_steps(0)))
-    batch = packed_trainer.collate([packed_trainer.train_data[i] for i in step.tolist()])
+    plan = PackedPlan(packed_trainer.lengths, 0, 48, 4, seed=0)
+    step = next(iter(plan.epoch_steps(0)))
+    batch = plan.collate([packed_trainer.train_data[i] for i in step.tolist()])
     real = sum(packed_trainer.lengths[i] for i in step.tolist())
     assert packed[0]["train/padding_fraction"] == pytest.approx(1 - real / batch["input_ids"].numel())
-    assert all(o["train/tokens_per_s"] > 0 for o in packed) and "optim/grad_norm" in packed[0]
+    assert all(o["perf/tokens_per_s"] > 0 for o in packed) and "optim/grad_norm" in packed[0]
 
 
 def test_packed_epochs_are_counted_exactly_for_the_schedule(tmp_path):
@@ -158,17 +163,16 @@ def test_packed_epochs_are_counted_exactly_for_the_schedule(tmp_path):
 
 def test_bucketed_steps_sort_by_length_within_windows_and_cover_the_epoch():
     lengths = [(11 * i) % 29 + 1 for i in range(90)]
-    plan = BucketedSampler(lengths, window=4, batch_size=8, seed=1)
+    plan = BucketedPlan(lengths, 0, window=4, batch_size=8, seed=1)
     steps = plan.epoch_steps(0)
     assert sorted(torch.cat(steps).tolist()) == list(range(90)) and len(steps) == plan.steps_per_epoch() == 12
     for step in steps:
         ls = [lengths[i] for i in step.tolist()]
         assert ls == sorted(ls, reverse=True)
-    accumulated = BucketedSampler(lengths, window=4, batch_size=2, grad_accum_steps=4, seed=1).epoch_steps(0)
+    accumulated = BucketedPlan(lengths, 0, window=4, batch_size=2, grad_accum_steps=4, seed=1).epoch_steps(0)
     assert all(torch.equal(a, b) for a, b in zip(steps, accumulated))  # the same examples in every step
-    padded = sum(layout_positions([lengths[i] for i in s.tolist()], None) for s in steps)
-    plain = sum(layout_positions([lengths[i] for i in s.tolist()], None)
-                for s in torch.split(epoch_permutation(90, 1, 0), 8))
+    padded = sum(plan.positions([lengths[i] for i in s.tolist()]) for s in steps)
+    plain = sum(plan.positions([lengths[i] for i in s.tolist()]) for s in torch.split(epoch_permutation(90, 1, 0), 8))
     assert padded < 0.8 * plain
 
 
@@ -203,7 +207,7 @@ def test_jsonl_and_chat_examples_train_assistant_turns_only(tmp_path):
     e = t.train_data[0]
     trained = e.target_tokens[e.weights > 0].tolist()
     assert tok.convert_ids_to_tokens(trained) == ["1", "2", "<|end|>"]
-    assert tok.convert_tokens_to_ids("<|end|>") in stop_token_ids(tok, t.unwrapped_model)
+    assert tok.convert_tokens_to_ids("<|end|>") in default_stop_token_ids(tok, t.unwrapped_model)
 
 
 def test_config_errors_name_the_key():

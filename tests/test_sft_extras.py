@@ -42,6 +42,23 @@ def test_lora_trains_adapters_only_and_checkpoints_hold_only_them(tmp_path):
     assert (tmp_path / "base_model" / "config.json").is_file()  # the in-memory base, written once for merging
 
 
+def test_the_adapters_initial_weights_follow_the_seed_not_the_global_rng(tmp_path):
+    """peft draws lora_A from the global RNG; a rebuilt trainer (a resume in a new process, a straight run beside
+    a stopped one) must start from the same adapters, and the caller's RNG is left as it was."""
+    torch.manual_seed(1)
+    first = lora_trainer(tmp_path / "a")
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    torch.rand(5)  # another global RNG state
+    second = lora_trainer(tmp_path / "b")
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1))  # building the first drew nothing from the caller's stream
+    lora = {k: v for k, v in first.unwrapped_model.state_dict().items() if "lora_A" in k}
+    assert lora and all(torch.equal(v, second.unwrapped_model.state_dict()[k]) for k, v in lora.items())
+    other = lora_trainer(tmp_path / "c", seed=1)
+    assert not torch.equal(next(iter(lora.values())), other.unwrapped_model.state_dict()[next(iter(lora))])
+
+
 def test_lora_resumes_bitwise_from_an_adapter_checkpoint(tmp_path):
     def stop_at_4(trainer, outputs):
         if trainer.state.global_step == 4:
@@ -66,7 +83,7 @@ def test_a_changed_base_is_refused_on_resume(tmp_path):
 
 
 def test_a_base_with_tied_embeddings_is_recognised_as_itself_and_a_changed_one_refused(tmp_path):
-    from paperloop.lora import save_base_model
+    from paperloop.lm.lora import save_base_model
     from paperloop.models import tiny_causal_lm
 
     def tied(seed):
@@ -105,7 +122,7 @@ def make_full_checkpoint(out):
 
 
 def test_compile_matches_eager_and_keeps_compile_time_out_of_throughput(tmp_path, monkeypatch):
-    import paperloop.sft as sft
+    import paperloop.lm.sft as sft
 
     # The same dynamo graphs without inductor's code generation (minutes on this CPU).
     monkeypatch.setattr(sft, "COMPILE_BACKEND", "aot_eager")
@@ -120,8 +137,8 @@ def test_compile_matches_eager_and_keeps_compile_time_out_of_throughput(tmp_path
     (eager, eager_out), (comp, comp_out) = runs[False], runs[True]
     assert [float(o["train/loss"]) for o in comp_out] == pytest.approx([float(o["train/loss"]) for o in eager_out],
                                                                          rel=1e-5)
-    assert "perf/compile_s" in comp_out[0] and "train/tokens_per_s" not in comp_out[0]
-    assert all("train/tokens_per_s" in o for o in comp_out[1:])  # dynamic shapes: no recompile per length
+    assert "time/compile_s" in comp_out[0] and "perf/tokens_per_s" not in comp_out[0]
+    assert all("perf/tokens_per_s" in o for o in comp_out[1:])  # dynamic shapes: no recompile per length
     assert comp.compile_seconds > 0 and list(comp.unwrapped_model.state_dict()) == list(eager.unwrapped_model.state_dict())
 
 

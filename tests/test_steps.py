@@ -16,7 +16,7 @@ from helpers import (Regression, ScheduledRegression, ThreeUpdates, WeightedRegr
 from paperloop import TrainerConfig
 from paperloop.callbacks import (EarlyStopping, LambdaCallback, ModelCheckpoint, ProgressBar, TensorBoardLogger,
                                  TerminateOnNonFinite, TimeLimit)
-from paperloop.data import epoch_permutation
+from paperloop.plans import epoch_permutation
 
 # ---- weighted steps ---------------------------------------------------------------------------
 
@@ -121,10 +121,10 @@ def test_three_updates_a_step_time_limit_and_signal_stop_at_a_step_boundary(tmp_
     assert_same_three_update_run(resumed, straight_three_updates(tmp_path_factory))
 
     class SignalledMidStep(ThreeUpdates):
-        def update(self, minibatch):  # SIGTERM during the 2nd update of step 8: that step still finishes
+        def update(self, batches, shares=None, loss_fn=None):  # SIGTERM in the 2nd update of step 8: it still ends
             if self.state.global_step == 7 and self.state.updates == 22:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return super().update(minibatch)
+            return super().update(batches, shares, loss_fn)
 
     state = make_resume_trainer(tmp_path / "signal", cls=SignalledMidStep).fit()
     assert (state.global_step, state.updates, state.stop_reason) == (8, 24, "signal")
@@ -132,6 +132,34 @@ def test_three_updates_a_step_time_limit_and_signal_stop_at_a_step_boundary(tmp_
     resumed = make_resume_trainer(tmp_path / "signal", cls=ThreeUpdates)
     resumed.fit(resume="latest")
     assert_same_three_update_run(resumed, straight_three_updates(tmp_path_factory))
+
+
+def test_update_is_forward_backward_of_each_batch_with_its_share_then_one_optimizer_step(tmp_path):
+    """`update(batches, shares)` is the weighted step in one call: plain SGD over two batches with shares 1/4 and
+    3/4 moves the weights by exactly lr x (1/4 grad_1 + 3/4 grad_2), once; its outputs are optimizer_step's and the
+    loss function's other values, share-weighted; a generator of batches works, a count that does not fit the
+    shares is refused."""
+    cfg = TrainerConfig(batch_size=8, output_dir=str(tmp_path))
+    t = SGD(make_model(dropout=0.0), cfg, train_data=make_data(16))
+    t.setup()
+    x, y = make_data(16).tensors
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    reference = make_model(dropout=0.0)
+    grads = [torch.autograd.grad(torch.nn.functional.mse_loss(reference(bx), by), list(reference.parameters()))
+             for bx, by in batches]
+
+    def loss_fn(batch):
+        bx, by = batch
+        loss = torch.nn.functional.mse_loss(t.model(bx), by)
+        return {"loss": loss, "first_x": bx[0, 0]}
+
+    outputs = t.update((b for b in batches), [0.25, 0.75], loss_fn)
+    for p, p0, g1, g2 in zip(t.model.parameters(), reference.parameters(), *grads):
+        torch.testing.assert_close(p.detach(), p0.detach() - 0.05 * (0.25 * g1 + 0.75 * g2), rtol=0, atol=1e-7)
+    assert t.state.updates == 1 and outputs["train/finite"] and "optim/lr" in outputs
+    assert float(outputs["first_x"]) == pytest.approx(0.25 * float(x[0, 0]) + 0.75 * float(x[8, 0]))  # share-weighted
+    with pytest.raises(ValueError, match="2 batches for 3 shares"):
+        t.update(batches, [0.2, 0.3, 0.5])
 
 
 def test_primitives_refuse_a_gradient_that_would_leak_across_steps(tmp_path):

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from paperloop.callbacks import TerminateOnNonFinite
-from helpers import Regression, assert_bitwise_equal, make_data, make_model, weights
-from paperloop import BaseTrainer, CheckpointError, ConfigError, TrainerConfig
-from paperloop.data import EpochSampler, epoch_permutation
+from paperloop.callbacks import LambdaCallback, TerminateOnNonFinite
+from helpers import Regression, assert_bitwise_equal, make_data, make_model, make_resume_trainer, weights
+from paperloop import BaseTrainer, CheckpointError, ConfigError, TrainerConfig, Weighted
+from paperloop.plans import EpochPlan, epoch_permutation
 
 
 def fit_weights(tmp_path, n=40, **cfg):
@@ -35,7 +35,48 @@ def test_validate_averages_over_all_samples_not_batches(tmp_path):
     assert t.model.training
 
 
-def epoch_of(plan: EpochSampler) -> list:
+def test_a_validation_step_may_weigh_a_metric_by_what_it_is_a_mean_over(tmp_path):
+    """`Weighted(total, weight)`: the loss per unit of something (SFT: trained tokens), beside a per-sample metric, in
+    one evaluation loop; the weights here (1 + index) differ per sample, so a per-batch or per-sample mean differs."""
+    class TokenMean(BaseTrainer):
+        def training_step(self, batch):
+            return self.model(batch[0]).sum()
+
+        def validation_step(self, batch):
+            x, y = batch
+            tokens = 1.0 + y
+            return {"per_token": Weighted((y * tokens).sum(), tokens.sum()), "y": y.mean()}
+
+    y = torch.arange(10.0)
+    data = TensorDataset(torch.zeros(10, 4), y)
+    t = TokenMean(make_model(), TrainerConfig(batch_size=4, output_dir=str(tmp_path)), val_data=data)
+    expected = float((y * (1 + y)).sum() / (1 + y).sum())
+    assert t.validate() == {"val/per_token": pytest.approx(expected), "val/y": pytest.approx(4.5)}
+    assert expected != pytest.approx(4.5)
+
+
+def test_resume_auto_starts_fresh_or_continues_the_newest_checkpoint(tmp_path):
+    """The same command starts a run or continues it: what papers run on every invocation."""
+    straight = make_resume_trainer(tmp_path / "straight")
+    assert straight.fit(resume="auto").global_step == 24  # nothing there yet: a fresh start
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 9 and t.request_stop("x", resumable=True))
+    assert make_resume_trainer(tmp_path / "resumed", callbacks=[stop]).fit(resume="auto").interrupted
+    resumed = make_resume_trainer(tmp_path / "resumed")
+    state = resumed.fit(resume="auto")  # the checkpoint of step 9: continued, not restarted
+    assert (state.global_step, state.interrupted) == (24, False)
+    assert_bitwise_equal(weights(resumed.model), weights(straight.model))
+
+
+def test_time_limit_s_in_the_config_attaches_a_time_limit(tmp_path):
+    from paperloop.callbacks import TimeLimit
+
+    t = Regression(make_model(), TrainerConfig(time_limit_s=3600, output_dir=str(tmp_path)), train_data=make_data(8))
+    assert [cb.seconds for cb in t.callbacks if isinstance(cb, TimeLimit)] == [3600]
+    with pytest.raises(ConfigError, match="time_limit_s"):
+        TrainerConfig(time_limit_s=0)
+
+
+def epoch_of(plan: EpochPlan) -> list:
     steps = []
     for step in plan.steps():
         steps.append(step)
@@ -48,46 +89,46 @@ def test_data_order_is_seeded_and_independent_of_batch_size():
     assert torch.equal(perm, epoch_permutation(50, seed=3, epoch=1))
     assert not torch.equal(perm, epoch_permutation(50, seed=3, epoch=2))
     assert sorted(perm.tolist()) == list(range(50))
-    big = [torch.cat(s.micro_batches) for s in epoch_of(EpochSampler(50, 8, seed=3))]
-    small = [torch.cat(s.micro_batches) for s in epoch_of(EpochSampler(50, 2, grad_accum_steps=4, seed=3))]
+    big = [torch.cat(s.micro_batches) for s in epoch_of(EpochPlan(50, 8, seed=3))]
+    small = [torch.cat(s.micro_batches) for s in epoch_of(EpochPlan(50, 2, grad_accum_steps=4, seed=3))]
     assert all(torch.equal(a, b) for a, b in zip(big, small)) and len(big) == len(small) == 7
-    two_ranks = [epoch_of(EpochSampler(50, 4, world_size=2, rank=r, seed=3)) for r in (0, 1)]
+    two_ranks = [epoch_of(EpochPlan(50, 4, world_size=2, rank=r, seed=3)) for r in (0, 1)]
     for s0, s1, whole in zip(*two_ranks, big):
         assert s0.samples == s1.samples == len(whole)
         assert torch.equal(torch.cat(s0.micro_batches + s1.micro_batches), whole)
 
 
 def test_a_plan_resumes_at_its_offset_and_refuses_another_shape():
-    plan = EpochSampler(50, 8, seed=3)
-    straight = epoch_of(EpochSampler(50, 8, seed=3))
+    plan = EpochPlan(50, 8, seed=3)
+    straight = epoch_of(EpochPlan(50, 8, seed=3))
     for _ in range(3):
         next(plan.steps())
         plan.advance()
-    resumed = EpochSampler(50, 8, seed=3)
+    resumed = EpochPlan(50, 8, seed=3)
     resumed.load_state_dict(plan.state_dict())
     rest = epoch_of(resumed)
     assert len(rest) == 4 and all(torch.equal(a.micro_batches[0], b.micro_batches[0]) for a, b in zip(rest, straight[3:]))
     with pytest.raises(ValueError, match="seed 3, this run seed 4"):
-        EpochSampler(50, 8, seed=4).load_state_dict(plan.state_dict())
+        EpochPlan(50, 8, seed=4).load_state_dict(plan.state_dict())
     with pytest.raises(ValueError, match="samples_per_step is 8, this run's 16"):
-        EpochSampler(50, 16, seed=3).load_state_dict(plan.state_dict())
+        EpochPlan(50, 16, seed=3).load_state_dict(plan.state_dict())
     with pytest.raises(ValueError, match="samples_per_step is 8, this run's 9"):  # 7 steps an epoch either way
-        EpochSampler(50, 9, seed=3).load_state_dict(plan.state_dict())
+        EpochPlan(50, 9, seed=3).load_state_dict(plan.state_dict())
     with pytest.raises(ValueError, match="num_samples is 50, this run's 51"):
-        EpochSampler(51, 8, seed=3).load_state_dict(plan.state_dict())
+        EpochPlan(51, 8, seed=3).load_state_dict(plan.state_dict())
 
 
 def test_step_weights_are_known_on_every_rank_without_communication():
     w = torch.arange(12, dtype=torch.float64)
-    ranks = [EpochSampler(12, 2, grad_accum_steps=2, world_size=2, rank=r, shuffle=False, weights=w) for r in (0, 1)]
+    ranks = [EpochPlan(12, 2, grad_accum_steps=2, world_size=2, rank=r, shuffle=False, weights=w) for r in (0, 1)]
     (s0, *_), (s1, *_) = epoch_of(ranks[0]), epoch_of(ranks[1])
     assert s0.weight == s1.weight == 0 + 1 + 2 + 3 + 4 + 5 + 6 + 7  # samples 0..7, over both ranks
     assert s0.micro_weights == (1.0, 5.0) and s1.micro_weights == (9.0, 13.0)
     assert sum(s0.shares()) + sum(s1.shares()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shape"):
-        EpochSampler(12, 2, weights=torch.ones(11))
+        EpochPlan(12, 2, weights=torch.ones(11))
     with pytest.raises(ValueError, match="finite and >= 0"):
-        EpochSampler(12, 2, weights=torch.full((12,), float("nan")))
+        EpochPlan(12, 2, weights=torch.full((12,), float("nan")))
 
 
 def test_grad_accumulation_matches_the_large_batch(tmp_path):

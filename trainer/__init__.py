@@ -1,21 +1,33 @@
 """paperloop: a training framework for reproducing ML papers.
 
     from paperloop import BaseTrainer, TrainerConfig
-    from paperloop import SFTTrainer, SFTConfig          # supervised fine-tuning of causal LMs
-    from paperloop import RLTrainer, RLConfig            # GRPO-family policy gradient, programmatic rewards
+    from paperloop import SFTTrainer, SFTConfig          # supervised fine-tuning of causal LMs (paperloop.lm)
+    from paperloop import RLTrainer, RLConfig            # GRPO-family policy gradient, programmatic rewards (paperloop.rl)
     from paperloop.callbacks import EarlyStopping, TensorBoardLogger
 
-This package is the `trainer/` folder; `paperloop.callbacks`, `paperloop.models` and `paperloop.papers`
-are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
+This package is the `trainer/` folder: the engine at its root (the loop, steps, plans, evaluation, config,
+schedules, state, checkpoints, distributed set-up, lock, CLI), and two rooms, `lm/` (`paperloop.lm`) and `rl/`
+(`paperloop.rl`). Imports run one way: rl -> lm -> engine. `paperloop.callbacks`, `paperloop.models` and
+`paperloop.papers` are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
 """
 
 from .base import BaseTrainer
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainerConfig, load_config
-from .lora import LoraSettings
-from .rl_trainer import RLConfig, RLTrainer
-from .sft import SFTConfig, SFTTrainer
+from .evaluation import Weighted
 from .state import TrainState
 
-__all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError",
-           "SFTTrainer", "SFTConfig", "LoraSettings", "RLTrainer", "RLConfig"]
+# The language-model names load on first use: `import paperloop` for an MLP does not import transformers.
+_LAZY = {"SFTTrainer": "lm", "SFTConfig": "lm", "LMTrainer": "lm", "LMConfig": "lm", "LoraSettings": "lm",
+         "RLTrainer": "rl", "RLConfig": "rl"}
+
+__all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError", "Weighted",
+           *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ from .callbacks import Callback
 from .callbacks.base import check_state_keys
 from .callbacks.defaults import default_callbacks
 from .config import ConfigError, TrainerConfig, config_to_yaml
-from .data import EpochSampler, Step, check_dataset, fetch
+from .plans import EpochPlan, Step, check_dataset, fetch
 from .distributed import backward_fn, make_accelerator, prepare_optimizer
 from .evaluation import evaluate
 from .lock import OutputLock
@@ -37,7 +37,7 @@ class BaseTrainer(Checkpointing, ABC):
                 on_epoch_begin(trainer)
                 for step in the plan's remaining steps of the epoch:  # a resume starts mid-epoch
                     on_batch_begin(trainer, step)     # step: this process's sample indices and weights
-                    outputs = train_step(step)        # forward_backward() per micro-batch, optimizer_step()
+                    outputs = train_step(step)        # update(): forward_backward() per micro-batch, optimizer_step()
                     global_step += 1; validate when val_every_steps is due
                     on_batch_end(trainer, outputs)    # checkpoints, logging, stop requests
                     break out if a callback asked to stop, or max_steps is reached
@@ -48,8 +48,9 @@ class BaseTrainer(Checkpointing, ABC):
     A loop step is the unit of everything outside it: one hook cycle, one `global_step`, one place
     where a checkpoint may be written and a resume may start. Inside, `train_step` makes one
     optimizer update (this class) or several (override it: RL makes one per minibatch of a rollout
-    batch), each through the two public primitives `forward_backward` and `optimizer_step`. The LR
-    schedule steps once per update; `state.updates` counts updates, `state.global_step` loop steps.
+    batch), each through `update` (or the two primitives it is written with, `forward_backward` and
+    `optimizer_step`). The LR schedule steps once per update; `state.updates` counts updates,
+    `state.global_step` loop steps.
 
     Write `training_step`; usually `validation_step`; optionally `configure_optimizer`,
     `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`, and
@@ -143,10 +144,13 @@ class BaseTrainer(Checkpointing, ABC):
     # ---- the loop -----------------------------------------------------------------------------
 
     def fit(self, resume: str | Path | None = None) -> TrainState:
-        """Train to the end; `resume` is a checkpoint directory or "latest" (the newest in
-        `output_dir/checkpoints` that verifies). Returns the TrainState."""
+        """Train to the end; `resume` is a checkpoint directory, "latest" (the newest in
+        `output_dir/checkpoints` that verifies) or "auto" ("latest" when a checkpoint was ever committed
+        there, else a fresh start: the same command starts a run or continues it). Returns the TrainState."""
         self.setup()
         with OutputLock(self.config.output_dir, enabled=self.is_main_process):  # one run writes into a folder
+            if resume == "auto":
+                resume = "latest" if self.has_checkpoints() else None
             if resume is not None:
                 self.load_checkpoint(resume)
             return self.train()
@@ -182,12 +186,31 @@ class BaseTrainer(Checkpointing, ABC):
         return self.plan.epoch_done()
 
     def train_step(self, step: Step) -> dict:
-        """One loop step: `forward_backward` of each micro-batch with its share of the step's weight,
-        then one `optimizer_step`. Override to reshape a step (it may call `optimizer_step` several
-        times); return the outputs `on_batch_end` gets, at least `train/loss` and `train/finite`."""
-        shares, last = step.shares(), len(step.micro_batches) - 1
-        parts = [self.forward_backward(self.fetch(indices), share, sync=i == last)
-                 for i, (indices, share) in enumerate(zip(step.micro_batches, shares))]
+        """One loop step: one `update` from the step's micro-batches, each with its share of the step's
+        weight. Override to reshape a step (it may make several updates); return the outputs
+        `on_batch_end` gets, at least `train/loss` and `train/finite`."""
+        return self.update((self.fetch(indices) for indices in step.micro_batches), step.shares())
+
+    def update(self, batches, shares: list[float] | None = None, loss_fn=None) -> dict:
+        """One optimizer update from `batches`: `forward_backward` of each with its share of the update
+        (DDP's all-reduce runs on the last one only), then `optimizer_step`.
+
+        `shares[k]` is batch k's part of the update's total weight over every process (see
+        `forward_backward`); None: each of the given batches weighs the same, on one process.
+        `batches` may be a generator, so each is built only when its turn comes. `loss_fn(batch)`
+        returns what `training_step` does (the default). Returns `optimizer_step()`'s outputs and the
+        loss function's other outputs, their share-weighted mean over the batches (this process's).
+        """
+        if shares is None:
+            batches = list(batches)
+            shares = [1.0 / len(batches)] * len(batches)
+        if hasattr(batches, "__len__") and len(batches) != len(shares):
+            raise ValueError(f"update: {len(batches)} batches for {len(shares)} shares")
+        last = len(shares) - 1
+        parts = [self.forward_backward(batch, share, loss_fn, sync=k == last)
+                 for k, (batch, share) in enumerate(zip(batches, shares))]
+        if len(parts) != len(shares):
+            raise ValueError(f"update: {len(parts)} batches for {len(shares)} shares")
         metrics = parts[0] if len(parts) == 1 else weighted_mean(parts, shares)
         return {**metrics, **self.optimizer_step()}
 
@@ -335,11 +358,18 @@ class BaseTrainer(Checkpointing, ABC):
 
     def validate(self) -> dict:
         """`validation_step` metrics over all of val_data, as {"val/<name>": mean over samples}."""
-        return evaluate(self, self.val_data, "val", self.validation_step)
+        return self.evaluate(self.val_data, "val")
 
     def test(self) -> dict:
         """`test_step` (by default `validation_step`) metrics over all of test_data, as {"test/<name>"}."""
-        return evaluate(self, self.test_data, "test", self.test_step)
+        return self.evaluate(self.test_data, "test", self.test_step)
+
+    def evaluate(self, dataset, prefix: str = "val", step_fn=None) -> dict:
+        """`step_fn(batch)` (default `validation_step`) metrics over every sample of `dataset`, as
+        {"<prefix>/<name>": mean}: in eval mode, without grad, split across processes. A metric is a mean
+        over the batch's samples, or a `Weighted(total, weight)` for a mean over something else (SFT: the
+        loss over trained tokens)."""
+        return evaluate(self, dataset, prefix, step_fn or self.validation_step)
 
     def _validate_and_record(self) -> dict:
         metrics = self.validate()
@@ -362,10 +392,11 @@ class BaseTrainer(Checkpointing, ABC):
         self.scheduler = self._schedule.scheduler
         self.optimizer = prepare_optimizer(self.accelerator, optimizer)
 
-    def make_plan(self) -> EpochSampler:
-        """The data plan: which samples each step takes. Override for another plan."""
+    def make_plan(self) -> EpochPlan:
+        """The data plan: which samples each step takes (and, if it says, how they are collated). Override for
+        another plan."""
         c = self.config
-        return EpochSampler(len(self.train_data), c.batch_size, c.grad_accum_steps, self.world_size, self.rank,
+        return EpochPlan(len(self.train_data), c.batch_size, c.grad_accum_steps, self.world_size, self.rank,
                             c.seed, c.shuffle, weights=self.sample_weights())
 
     @property
@@ -381,8 +412,16 @@ class BaseTrainer(Checkpointing, ABC):
         self._pending_loss = None
 
     def fetch(self, indices: torch.Tensor, dataset=None):
-        """The batch of `dataset` (default: train_data) at `indices`, collated, on the device."""
-        batch = fetch(self.train_data if dataset is None else dataset, indices, self._collate)
+        """The batch of `dataset` at `indices`, collated, on the device. Without `dataset`: a training
+        micro-batch of train_data, collated as the plan says (else by `collate`)."""
+        collate = self._collate
+        if dataset is None:
+            dataset = self.train_data
+            collate = (self.plan or self.make_plan()).collate or collate
+        return self.to_device(fetch(dataset, indices, collate))
+
+    def to_device(self, batch):
+        """`batch` (tensors, or containers of them) on the trainer's device."""
         return batch if self.device.type == "cpu" else send_to_device(batch, self.device, non_blocking=True)
 
     def autocast(self):

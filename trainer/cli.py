@@ -4,6 +4,8 @@
     paperloop run PAPER [key=value ...]         run one with its config.yaml and overrides
     paperloop run PAPER --help                  its config keys, their defaults and what they mean
     paperloop merge CHECKPOINT OUT [--base B]   merge a LoRA checkpoint into a plain transformers folder
+
+`main` parses the command line and hands it to one function per subcommand.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from .lock import OutputLockError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import papers
-
     parser = argparse.ArgumentParser(prog="paperloop", description="Reproduce ML papers with paperloop.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the reproduced papers", description="List the reproduced papers.")
@@ -36,26 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("out")
     merge.add_argument("--base", help="the base model folder (default: the one adapter_config.json names)")
     args = parser.parse_args(argv)
-
-    if args.command == "merge":
-        from .checkpoint import CheckpointError
-        from .lora import merge_checkpoint
-
-        try:
-            print(f"paperloop: merged model written to {merge_checkpoint(args.checkpoint, args.out, args.base)}")
-        except (CheckpointError, ImportError) as e:
-            print(f"paperloop: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "list":
-        for name in papers.available():
-            print(f"{name:12s} {(papers.load(name).__doc__ or '').strip().splitlines()[0]}")
-        return 0
-    if args.paper is None:
-        if args.help:
-            run.print_help()
-            return 0
+    if args.command == "run" and args.paper is None and not args.help:
         run.error("the following arguments are required: paper")
+    commands = {"list": list_papers, "run": lambda a: run_paper(a, run), "merge": merge_adapter}
+    return commands[args.command](args)
+
+
+def list_papers(args) -> int:
+    from . import papers
+
+    for name in papers.available():
+        print(f"{name:12s} {(papers.load(name).__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def run_paper(args, parser: argparse.ArgumentParser) -> int:
+    from . import papers
+
+    if args.paper is None:  # `paperloop run --help`
+        parser.print_help()
+        return 0
     try:
         module = papers.load(args.paper)
         if args.help:
@@ -75,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paperloop: interrupted: {e.args[0] if e.args else 'no checkpoint was written'}", file=sys.stderr)
         return 130
     print(f"paperloop: {args.paper} wrote its results to {out}")
+    return 0
+
+
+def merge_adapter(args) -> int:
+    from .checkpoint import CheckpointError
+    from .lm.lora import merge_checkpoint  # the one subcommand of the language-model room
+
+    try:
+        print(f"paperloop: merged model written to {merge_checkpoint(args.checkpoint, args.out, args.base)}")
+    except (CheckpointError, ImportError) as e:
+        return error(e, 2)
     return 0
 
 

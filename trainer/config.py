@@ -56,6 +56,7 @@ class TrainerConfig:
     val_every_steps: Optional[int] = None  # loop steps (an RL step holds several updates), in addition to val_every
     log_every_steps: int = 50  # loop steps between logged training metrics (optim/grad_norm is computed on these)
     checkpoint_every_steps: Optional[int] = None  # installs a ModelCheckpoint when none is attached
+    time_limit_s: Optional[float] = None  # checkpoint and stop after this much wall time; the same command continues
     early_stopping_patience: Optional[int] = None  # installs an EarlyStopping when none is attached
     early_stopping_monitor: str = "val/loss"  # the metric early_stopping_patience watches
     early_stopping_mode: str = "min"  # "min" or "max": which way is better
@@ -68,7 +69,7 @@ class TrainerConfig:
         check_types(self)
         _check_range(self, positive=("batch_size", "grad_accum_steps", "log_every_steps"),
                      positive_or_none=("max_epochs", "max_steps", "val_every_steps", "checkpoint_every_steps",
-                                       "early_stopping_patience", "max_grad_norm"),
+                                       "time_limit_s", "early_stopping_patience", "max_grad_norm"),
                      non_negative=("lr", "weight_decay", "warmup_steps", "warmup_ratio", "min_lr_ratio"))
         if self.lr_scheduler not in SCHEDULES:
             raise ConfigError(f"lr_scheduler: must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")

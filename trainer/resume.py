@@ -191,6 +191,10 @@ class Checkpointing:
             raise ckpt.CheckpointError(f"{self.checkpoint_dir}: no committed checkpoint verifies, nothing to resume")
         return path
 
+    def has_checkpoints(self) -> bool:
+        """Was a checkpoint ever committed in `checkpoint_dir` (what `fit(resume="auto")` asks)?"""
+        return bool(ckpt.committed(self.checkpoint_dir))
+
     def has_current_checkpoint(self) -> bool:
         """Was a checkpoint written (or loaded) at this very step and epoch?"""
         return self._checkpointed_at == (self.state.global_step, self.state.epoch)

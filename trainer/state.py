@@ -27,6 +27,11 @@ class TrainState:
     # checkpoints it wrote from another run's in the same folder.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    @property
+    def interrupted(self) -> bool:
+        """Did the run stop for a reason a resume undoes (a signal, a time limit), rather than finish?"""
+        return self.should_stop and self.stop_resumable
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -22,7 +22,6 @@ import torch
 
 from paperloop import ConfigError, SFTConfig
 from paperloop.callbacks import EarlyStopping, ProgressBar, TensorBoardLogger
-from paperloop.checkpoint import committed
 from paperloop.models import tiny_causal_lm
 
 from .data import OPERATIONS, equations, split, tokenizer
@@ -71,10 +70,9 @@ def run_one(cfg: Config, weight_decay: float, train: list[dict], val: list[dict]
     stop = EarlyStopping("val/acc", mode="max", patience=10**9, stopping_threshold=cfg.target_acc)
     trainer = GrokkingTrainer(model, run_cfg, tokenizer=tok, train_data=train, val_data=val,
                               callbacks=[stop, TensorBoardLogger(), ProgressBar()])
-    resume = "latest" if committed(trainer.checkpoint_dir) else None
     start = time.perf_counter()
-    state = trainer.fit(resume=resume)
-    if state.stop_reason == "signal":
+    state = trainer.fit(resume="auto")  # continues a run a signal or a time limit stopped
+    if state.interrupted:
         raise KeyboardInterrupt(f"{run_dir.name} was interrupted at step {state.global_step} and checkpointed; "
                                 "run the same command again to continue")
     history = state.val_history

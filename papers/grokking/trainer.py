@@ -4,7 +4,7 @@ both splits at each validation."""
 import torch
 
 from paperloop import SFTTrainer
-from paperloop.lm_data import TokenizedExample
+from paperloop.lm import TokenizedExample
 
 
 def without_eos(example: TokenizedExample) -> TokenizedExample:

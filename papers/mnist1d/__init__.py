@@ -25,13 +25,11 @@ from typing import Tuple
 import torch
 
 from paperloop import ConfigError, TrainerConfig
-from paperloop.callbacks import ProgressBar, TensorBoardLogger
-from paperloop.checkpoint import committed
+from paperloop.callbacks import PlainProgress, ProgressBar, TensorBoardLogger
 from paperloop.lock import OutputLock
 from paperloop.models import BUILDERS, build_classifier
 
 from .data import datasets, generate
-from .progress import PlainProgress
 from .results import PAPER, PAPER_TEST_ACC, earlier_rows, merge, read_record, settings, write_record, write_results
 from .trainer import Classifier
 
@@ -107,13 +105,12 @@ def run_row(cfg: Config, raw: dict, model_name: str, shuffled: bool) -> dict:
     model = build_classifier(model_name, length=train.tensors[0].shape[1])
     trainer = Classifier(model, dataclasses.replace(cfg, output_dir=str(row_dir)), train_data=train, val_data=test,
                          test_data=test, callbacks=[TensorBoardLogger(), ProgressBar(), PlainProgress(row_dir.name)])
-    # A row stopped by a signal left a checkpoint: running the same command again continues from it.
-    resume = "latest" if committed(trainer.checkpoint_dir) else None
     result, start = None, time.perf_counter()
     try:
         with intra_op_threads(cfg.threads):
-            state = trainer.fit(resume=resume)
-            if state.stop_reason != "signal":
+            # A row stopped by a signal or a time limit left a checkpoint: the same command again continues it.
+            state = trainer.fit(resume="auto")
+            if not state.interrupted:
                 result = row_result(trainer, model_name, shuffled)
     finally:  # whatever happened, this invocation's time counts
         seconds = round((record["seconds"] if record else 0.0) + time.perf_counter() - start, 1)

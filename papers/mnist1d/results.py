@@ -25,7 +25,7 @@ PAPER_TEST_ACC = {("logistic", False): 32.0, ("logistic", True): 32.0, ("mlp", F
                   ("cnn", False): 94.0, ("cnn", True): 56.0, ("gru", False): 91.0, ("gru", True): 57.0}
 RECORD = "row.json"
 # Keys that choose which rows run, where, and how often they log: they change no result.
-NOT_SETTINGS = ("models", "shuffled", "output_dir", "log_every_steps")
+NOT_SETTINGS = ("models", "shuffled", "output_dir", "log_every_steps", "time_limit_s")
 
 
 def settings(cfg) -> dict:

@@ -26,7 +26,6 @@ import torch
 
 from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
-from paperloop.checkpoint import committed
 from paperloop.models.lm import tiny_causal_lm
 
 from .evaluate import evaluate, write_results
@@ -96,7 +95,7 @@ def run(cfg: Config) -> Path:
 
 
 def stage(folder: Path, build) -> tuple[object, float]:
-    """Train one stage in `folder` (continuing its checkpoints if a signal stopped it), save its final model to
+    """Train one stage in `folder` (continuing its checkpoints if a signal or a time limit stopped it), save its final model to
     `folder/model`; a stage whose model is already there is loaded instead. Returns (model, training seconds)."""
     from transformers import AutoModelForCausalLM
 
@@ -105,8 +104,8 @@ def stage(folder: Path, build) -> tuple[object, float]:
         return AutoModelForCausalLM.from_pretrained(done).eval(), json.loads((folder / "seconds.json").read_text())
     trainer = build(folder)
     start = time.perf_counter()
-    state = trainer.fit(resume="latest" if committed(trainer.checkpoint_dir) else None)
-    if state.stop_reason == "signal":
+    state = trainer.fit(resume="auto")  # continues a stage a signal or a time limit stopped
+    if state.interrupted:
         raise KeyboardInterrupt(f"{folder.name} was interrupted at step {state.global_step} and checkpointed; run the "
                                 "same command again to continue")
     seconds = time.perf_counter() - start

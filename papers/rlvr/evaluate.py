@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from paperloop.lm import default_stop_token_ids, pad_token_id, sample
 from paperloop.rl import pass_at_k
-from paperloop.sampling import sample, stop_token_ids
 
 from .task import prompt
 
@@ -22,7 +22,7 @@ def evaluate(model, tokenizer, pairs, samples: int, temperature: float, max_new_
     generator = torch.Generator().manual_seed(seed)
     prompts = [tokenizer(prompt(a, b))["input_ids"] for a, b in pairs]
     answers = [str(a + b) for a, b in pairs]
-    stop = dict(eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+    stop = dict(eos_token_id=default_stop_token_ids(tokenizer, model), pad_token_id=pad_token_id(tokenizer))
     greedy = sample(model, prompts, 1, max_new_tokens, generator=generator, temperature=0.0, **stop)
     greedy_acc = np.mean([t == a for t, a in zip(tokenizer.batch_decode(greedy.completions(),
                                                                         skip_special_tokens=True), answers)])

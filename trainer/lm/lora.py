@@ -1,6 +1,6 @@
 """LoRA through `peft` (an optional extra: `pip install "paperloop[lora]"`): adapters train, the base stays frozen.
 
-    config = SFTConfig(..., lora=LoraSettings(r=8, alpha=16))      # or `lora: {r: 8}` in YAML
+    config = SFTConfig(..., lora=LoraSettings(r=8, alpha=16))      # or RLConfig; or `lora: {r: 8}` in YAML
     paperloop merge runs/sft/checkpoints/step-000100 runs/sft/merged  # a plain transformers folder
 
 A LoRA checkpoint holds the adapter only (`adapter_model.safetensors`, `adapter_config.json`); the frozen
@@ -19,6 +19,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..checkpoint import CheckpointError, no_shard_progress_bar, read_weights, temporary_dir, untied_missing, verify
+from ..config import ConfigError
+
 BASE_FOLDER = "base_model"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -33,8 +36,6 @@ class LoraSettings:
     base_model: Optional[str] = None  # the base's folder for merging; None: the model's own, else output_dir/base_model
 
     def __post_init__(self):
-        from .config import ConfigError
-
         if self.r < 1:
             raise ConfigError(f"lora.r: must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
@@ -80,8 +81,6 @@ def _local_folder(model) -> str | None:
 def save_base_model(model, folder: Path) -> None:
     """Write the frozen base once (atomically: a temporary folder renamed into place); if it is there
     already, check that it holds these very weights."""
-    from .checkpoint import no_shard_progress_bar, read_weights, temporary_dir, untied_missing
-
     folder = Path(folder)
     if folder.exists():
         saved, own = read_weights(folder), model.state_dict()
@@ -103,8 +102,6 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path |
     `AutoModelForCausalLM.from_pretrained(out)` loads without peft. `base`: the base model folder, by default
     the one `adapter_config.json` names."""
     from transformers import AutoModelForCausalLM
-
-    from .checkpoint import CheckpointError, verify
 
     peft = require_peft()
     checkpoint, out = Path(checkpoint), Path(out)

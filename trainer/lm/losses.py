@@ -1,9 +1,10 @@
-"""Per-token log-probabilities and the losses built on them: pure functions of (logprobs, batch).
+"""The one language-model forward, per-token log-probabilities, and the supervised loss: pure functions.
 
-    logprobs_B_T = forward_logprobs(model, batch)       # batch: lm_data's input_ids/target_tokens/weights/position_ids
-    loss = cross_entropy(logprobs_B_T, batch)           # mean over the batch's trained tokens
+    logprobs_B_T, logits_B_T_V = forward_logprobs(model, batch)   # batch: lm.data's input_ids/target_tokens/
+    loss = cross_entropy(logprobs_B_T, batch)                     #   weights/position_ids; mean per trained token
 
-The policy losses of RL are in `paperloop.rl`, chosen by name there.
+SFTTrainer and RLTrainer both score tokens with `forward_logprobs`; the policy losses of RL are in
+`paperloop.rl`, chosen by name there.
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def cross_entropy(logprobs_B_T: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     return -(logprobs_B_T * weights_B_T).sum() / weights_B_T.sum().clamp_min(torch.finfo(weights_B_T.dtype).tiny)
 
 
-def forward_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each target token's log-probability under a transformers causal LM. (B, T) float32
+def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target token's log-probability under a transformers causal LM, softmax(logits / temperature):
+    (logprobs (B, T) in float32 at least, logits (B, T, V) as the model returned them, divided by the
+    temperature). `model` is the module or any callable with its signature (a compiled or DDP-wrapped one).
 
     `use_cache=False` is what keeps packed examples apart: without a cache, transformers reads example
     boundaries from `position_ids` (restarting at 0) and builds a block-diagonal causal mask; with the
@@ -96,4 +100,6 @@ def forward_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     No attention mask is passed: padding is only ever at the end of a row or of its own block.
     """
     logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return token_logprobs(logits_B_T_V, batch["target_tokens"])
+    if temperature != 1.0:
+        logits_B_T_V = logits_B_T_V / temperature
+    return token_logprobs(logits_B_T_V, batch["target_tokens"]), logits_B_T_V

@@ -1,6 +1,6 @@
 """Data plans: which samples each loop step takes, as a pure function of (seed, epoch, position).
 
-The default plan, `EpochSampler`, orders each epoch by a seeded permutation of sample indices that does
+The default plan, `EpochPlan`, orders each epoch by a seeded permutation of sample indices that does
 not depend on the batch size, and cuts it into steps of `batch_size * grad_accum_steps * world_size`
 samples; each step is split into one contiguous block per rank, and each block into micro-batches of
 `batch_size`. So `batch_size=8` and `batch_size=2, grad_accum_steps=4` (or two processes of 4) see the
@@ -12,9 +12,10 @@ every rank computes the same numbers from the same indices, so weighting the los
 communication. A plan's state is (seed, epoch, offset in steps): resuming recomputes the epoch's cut
 and starts at the offset, loading and skipping nothing before it.
 
-A new plan (e.g. steps filled by a token budget from known lengths) subclasses `EpochSampler` and
+A new plan (e.g. steps filled by a token budget from known lengths) subclasses `EpochPlan` and
 overrides `epoch_steps` (how an epoch is cut into steps) and, if it must, `split` (how a step is cut
-into this rank's micro-batches).
+into this rank's micro-batches) and `collate` (how a micro-batch's samples become one batch: the
+language-model plans pad or pack rows; the default leaves it to the trainer's `collate`).
 """
 
 from __future__ import annotations
@@ -41,14 +42,17 @@ class Step:
         return [w / self.weight for w in self.micro_weights]
 
 
+def mixed_seed(*numbers: int) -> int:
+    """One well-spread 63-bit seed from several numbers (e.g. run seed, epoch): seed + epoch would make run 1's
+    epoch 2 the same stream as run 2's epoch 1; SeedSequence mixes them."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     """(N,) int64 sample order of `epoch`; the same for every process and every batch size."""
     if not shuffle:
         return torch.arange(num_samples)
-    # SeedSequence mixes (seed, epoch) into a well-spread seed: seed+epoch would make run 1's epoch 2
-    # the same order as run 2's epoch 1.
-    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(mixed))
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(mixed_seed(seed, epoch)))
 
 
 def split_step(step_indices: torch.Tensor, batch_size: int, world_size: int, rank: int) -> list[torch.Tensor]:
@@ -57,13 +61,17 @@ def split_step(step_indices: torch.Tensor, batch_size: int, world_size: int, ran
     return list(torch.split(block, batch_size))
 
 
-class EpochSampler:
+class EpochPlan:
     """The resumable data position (seed, epoch, offset) and the steps that remain in the epoch.
 
     `offset` counts the epoch's steps already taken; the trainer advances it as soon as a step's update is
     done, so a checkpoint written after the step resumes at the next one. `weights` is an optional (N,) tensor of
     per-sample weights (default: every sample weighs 1).
     """
+
+    # How a training micro-batch's samples become one batch, when the plan decides it (a plan that packs
+    # examples into rows must also build those rows); None: the trainer's `collate`.
+    collate = None
 
     def __init__(self, num_samples: int, batch_size: int, grad_accum_steps: int = 1, world_size: int = 1,
                  rank: int = 0, seed: int = 0, shuffle: bool = True, weights: torch.Tensor | None = None):

@@ -6,18 +6,19 @@
                          tokenizer=tok, train_data="train.jsonl", val_data=val_examples)
     trainer.fit()                         # or trainer.fit(resume="latest") after a crash
 
-Examples are tokenized and masked once, up front (`lm_data.tokenize_examples`): completion-only for
+Examples are tokenized and masked once, up front (`lm.data.tokenize_examples`): completion-only for
 prompt/completion, assistant turns for chat, everything for text, EOS trained. A malformed example is an
 error naming it; one left with nothing to train after truncation is skipped, counted in `trainer.skipped`
 and logged. Each example weighs its trained tokens, so a step's loss is the mean over every trained token of
 the step, however it is split into micro-batches and processes (the engine's weighted step).
 
-Batches (`lm_data`): padded, one example per row (optionally steps bucketed by length: `bucket_window`), or
-packed (`packing=True`) into rows of `pack_length` (default 2 x max_length) with `position_ids` restarting per
-example; the forward passes `use_cache=False`, which makes transformers keep packed examples apart.
+Batches are the data plan's (`lm.plans`, chosen in `make_plan` and nowhere else): padded, one example per row
+(optionally steps bucketed by length: `bucket_window`), or packed (`packing=True`) into rows of `pack_length`
+(default 2 x max_length) with `position_ids` restarting per example; the one forward (`lm.losses`) passes
+`use_cache=False`, which makes transformers keep packed examples apart. Validation batches are padded.
 
-Metrics per step: `train/loss`, `train/tokens_per_s` (trained tokens, all processes), `train/padding_fraction`
-(this process), `optim/lr`, `optim/grad_norm`; `perf/compile_s` on steps that compiled (`compile=True`), which
+Metrics per step: `train/loss`, `perf/tokens_per_s` (trained tokens, all processes), `train/padding_fraction`
+(this process), `optim/lr`, `optim/grad_norm`; `time/compile_s` on steps that compiled (`compile=True`), which
 are left out of tokens_per_s. Validation: `val/loss` (per trained token), `val/perplexity`, `val/exact_match`
 (the fraction of examples whose every trained token is the model's argmax: what greedy decoding of the
 completion would reproduce), and `val/score`, the mean of `eval_fn(example, generated_text)` over greedy
@@ -28,23 +29,19 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from accelerate.utils import send_to_device
 
-from .base import BaseTrainer
-from .config import ConfigError, TrainerConfig
-from .data import EpochSampler, eval_batches
-from .lm_data import TokenizedExample, load_examples, pack_batch, pad_batch, prompt_ids, tokenize_examples
-from .lm_plans import BucketedSampler, PackedSampler, layout_positions
-from .lora import LoraSettings, apply_lora
-from .losses import cross_entropy, token_logprobs
-from .sampling import sample, stop_token_ids
+from ..config import ConfigError
+from ..evaluation import Weighted
+from ..plans import EpochPlan, eval_batches
+from .base import LMConfig, LMTrainer, call_scorer
+from .data import TokenizedExample, load_examples, pad_batch, prompt_ids, tokenize_examples
+from .losses import cross_entropy
+from .plans import BucketedPlan, PackedPlan, PaddedPlan
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +49,16 @@ COMPILE_BACKEND = "inductor"  # tests set "aot_eager": the same graphs, without 
 
 
 @dataclass(frozen=True)
-class SFTConfig(TrainerConfig):
+class SFTConfig(LMConfig):
     max_length: int = 1024  # positions one example keeps; a longer one keeps its start (counted as truncated)
     packing: bool = False  # several examples per row, attention kept inside each
-    pack_length: Optional[int] = None  # positions per packed row; None: 2 x max_length (see lm_plans.py)
+    pack_length: Optional[int] = None  # positions per packed row; None: 2 x max_length (see lm/plans.py)
     bucket_window: int = 0  # padded: sort steps by length within windows of this many steps (8 measured); 0 off
     train_prompt: bool = False  # prompt/completion: train the prompt's tokens too
     compile: bool = False  # torch.compile the model's forward (dynamic shapes); compile time is logged apart
     eval_max_new_tokens: int = 64  # greedy generation length for eval_fn
-    lora: Optional[LoraSettings] = None  # LoRA adapters through peft (the `lora` extra); None: full fine-tuning
 
     def __post_init__(self):
-        if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
-            object.__setattr__(self, "lora", LoraSettings(**self.lora))
         super().__post_init__()
         if self.max_length < 1 or self.eval_max_new_tokens < 1:
             key = "max_length" if self.max_length < 1 else "eval_max_new_tokens"
@@ -86,7 +80,7 @@ class SFTConfig(TrainerConfig):
         return (self.pack_length or 2 * self.max_length) if self.packing else None
 
 
-class SFTTrainer(BaseTrainer):
+class SFTTrainer(LMTrainer):
     """Fine-tunes `model` (a `transformers` causal LM) on `train_data` with the loss on trained tokens only.
 
     `train_data`/`val_data`: a list of example dicts, a map-style dataset of them, or a JSONL path.
@@ -97,11 +91,9 @@ class SFTTrainer(BaseTrainer):
     """
 
     def __init__(self, model: torch.nn.Module, config: SFTConfig, tokenizer, train_data, val_data=None,
-                 eval_fn: Callable[[dict, str], float] | None = None, callbacks=()):
+                 eval_fn: Callable[[dict, str], float] | None = None, callbacks=(), stop_token_ids=None):
         if not isinstance(config, SFTConfig):
             raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad_token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
         if train_data is None:
             raise ValueError("SFTTrainer needs train_data")
         self.config, self.tokenizer, self.eval_fn = config, tokenizer, eval_fn
@@ -113,14 +105,14 @@ class SFTTrainer(BaseTrainer):
             if val is None:
                 raise ValueError("eval_fn: scores generations on val_data, but no val_data was given")
             self._prompts = [generation_prompt(self.val_source[e.index], tokenizer) for e in val]
-        if config.lora is not None:
-            from accelerate import PartialState
-
-            model = apply_lora(model, config.lora, config.output_dir, write=PartialState().is_main_process)
-        super().__init__(model, config, train_data=train, val_data=val, callbacks=callbacks)
+        super().__init__(model, config, tokenizer, train_data=train, val_data=val, callbacks=callbacks,
+                         stop_token_ids=stop_token_ids)
         self.lengths = [len(example) for example in train]
         self.compile_seconds = 0.0
-        self._logits = self._make_logits_fn()
+        # dynamic=True: padded lengths and packed row counts vary per step; marking them dynamic up front
+        # compiles once instead of once per shape. Generation keeps the uncompiled model.
+        self._scoring_model = (torch.compile(self.model, dynamic=True, backend=COMPILE_BACKEND) if config.compile
+                               else self.model)
 
     def tokenize(self, examples, name: str) -> list[TokenizedExample]:
         """`examples` (train_data or val_data, as `name` says) as masked token sequences; skips are counted in
@@ -138,46 +130,30 @@ class SFTTrainer(BaseTrainer):
             raise ValueError(f"{name}: none of its {len(skipped)} examples has a token to train")
         return kept
 
-    def _make_logits_fn(self):
-        def logits(input_ids, position_ids):
-            # use_cache=False: with a cache transformers ignores position_ids' restarts, and packed examples
-            # attend to each other (DESIGN: the default config's leak).
-            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-
-        if not self.config.compile:
-            return logits
-        # dynamic=True: padded lengths and packed row counts vary per step; marking them dynamic up front
-        # compiles once instead of once per shape. The model itself stays uncompiled for generation.
-        return torch.compile(logits, dynamic=True, backend=COMPILE_BACKEND)
-
     # ---- the engine's named steps ------------------------------------------------------------------
 
     def sample_weights(self) -> torch.Tensor:
         return torch.tensor([example.num_trained for example in self.train_data], dtype=torch.float64)
 
-    def make_plan(self) -> EpochSampler:
+    def make_plan(self) -> EpochPlan:
+        """The one place the batch layout is decided: the plan cuts the steps and collates their rows."""
         c, weights = self.config, self.sample_weights()
         common = dict(world_size=self.world_size, rank=self.rank, seed=c.seed, shuffle=c.shuffle, weights=weights)
+        lengths = [len(example) for example in self.train_data]
         if c.packing:
             # The micro-batch's token budget: batch_size full-length examples' worth of positions.
             rows = max(1, math.ceil(c.batch_size * c.max_length / c.row_length))
-            return PackedSampler(self.lengths, c.row_length, rows, c.grad_accum_steps, **common)
+            return PackedPlan(lengths, self.pad_id, c.row_length, rows, c.grad_accum_steps, **common)
         if c.bucket_window:
-            return BucketedSampler(self.lengths, c.bucket_window, c.batch_size, c.grad_accum_steps, **common)
-        return EpochSampler(len(self.train_data), c.batch_size, c.grad_accum_steps, **common)
-
-    def configure_optimizer(self) -> torch.optim.Optimizer:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
-        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+            return BucketedPlan(lengths, self.pad_id, c.bucket_window, c.batch_size, c.grad_accum_steps, **common)
+        return PaddedPlan(lengths, self.pad_id, c.batch_size, c.grad_accum_steps, **common)
 
     def collate(self, samples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        row_len = self.config.row_length
-        if row_len is None:
-            return pad_batch(samples, self.tokenizer.pad_token_id)
-        return pack_batch(samples, row_len, self.tokenizer.pad_token_id)
+        """Evaluation batches: one example per row, padded (training batches are the plan's)."""
+        return pad_batch(samples, self.pad_id)
 
     def training_step(self, batch):
-        logprobs_B_T = token_logprobs(self._logits(batch["input_ids"], batch["position_ids"]), batch["target_tokens"])
+        logprobs_B_T, _ = self.forward(batch, self._scoring_model)
         return cross_entropy(logprobs_B_T, batch)  # mean over the micro-batch's trained tokens
 
     def train_step(self, step) -> dict:
@@ -186,84 +162,48 @@ class SFTTrainer(BaseTrainer):
         outputs = super().train_step(step)
         seconds = time.perf_counter() - start
         lengths = [[self.lengths[i] for i in indices.tolist()] for indices in step.micro_batches]
-        positions = sum(layout_positions(ls, self.config.row_length) for ls in lengths)
+        positions = sum(self.plan.positions(ls) for ls in lengths)
         outputs["train/padding_fraction"] = 1.0 - sum(map(sum, lengths)) / positions
         if self.config.compile and compiled_graphs() != graphs:  # this step compiled: keep it out of the rate
             self.compile_seconds += seconds
-            outputs["perf/compile_s"] = self.compile_seconds
+            outputs["time/compile_s"] = self.compile_seconds
             log.info("step %d compiled the model in %.1f s (%.1f s in all)", self.state.global_step + 1, seconds,
                      self.compile_seconds)
         else:
-            outputs["train/tokens_per_s"] = step.weight / seconds
+            outputs["perf/tokens_per_s"] = step.weight / seconds
         return outputs
-
-    def write_artifacts(self, directory: Path) -> None:
-        self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
 
     # ---- validation ---------------------------------------------------------------------------------
 
+    def validation_step(self, batch) -> dict:
+        """`loss`: the NLL per trained token; `exact_match`: the fraction of examples whose every trained token
+        is the argmax (what greedy decoding of the completion would reproduce)."""
+        logprobs_B_T, logits_B_T_V = self.forward(batch)
+        weights_B_T = batch["weights"]
+        right_B_T = (logits_B_T_V.argmax(-1) == batch["target_tokens"]) | (weights_B_T == 0)
+        return {"loss": Weighted(-(logprobs_B_T * weights_B_T).sum(), weights_B_T.sum()),
+                "exact_match": right_B_T.all(1).float().mean()}
+
     def validate(self) -> dict:
+        """`val/loss` (per trained token), `val/perplexity`, `val/exact_match`; `val/score` with an eval_fn."""
         metrics = self.evaluate(self.val_data, "val")
+        metrics["val/perplexity"] = math.exp(min(metrics["val/loss"], 700.0))
         if self.eval_fn is not None:
             metrics["val/score"] = self.score_generations()
         return metrics
 
-    @torch.no_grad()
-    def evaluate(self, examples: list[TokenizedExample], prefix: str = "val") -> dict:
-        """`{prefix}/loss` (mean NLL per trained token), `/perplexity` (its exp) and `/exact_match` (fraction
-        of examples whose every trained token is the argmax) over `examples`, split across processes."""
-        was_training = self.model.training
-        self.model.eval()
-        sums_3 = torch.zeros(3, dtype=torch.float64, device=self.device)  # nll, trained tokens, exact examples
-        try:
-            for indices in eval_batches(len(examples), self.config.batch_size, self.world_size, self.rank):
-                batch = self._on_device(pad_batch([examples[i] for i in indices.tolist()], self.tokenizer.pad_token_id))
-                with self.autocast():
-                    logits_B_T_V = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                              use_cache=False).logits
-                weights_B_T = batch["weights"]
-                nll = -(token_logprobs(logits_B_T_V, batch["target_tokens"]) * weights_B_T).sum()
-                right_B_T = (logits_B_T_V.argmax(-1) == batch["target_tokens"]) | (weights_B_T == 0)
-                sums_3 += torch.stack([nll.double(), weights_B_T.sum().double(), right_B_T.all(1).sum().double()])
-        finally:
-            self.model.train(was_training)
-        nll, tokens, exact = self.reduce_sum(sums_3).tolist()
-        loss = nll / tokens
-        return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(min(loss, 700.0)),
-                f"{prefix}/exact_match": exact / len(examples)}
-
     def score_generations(self) -> float:
         """Mean `eval_fn(example, text)` over greedy generations from every validation prompt."""
-        generator = torch.Generator(device=self.device)  # greedy decoding draws nothing from it
-        stop = stop_token_ids(self.tokenizer, self.unwrapped_model)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for indices in eval_batches(len(self.val_data), self.config.batch_size, self.world_size, self.rank):
             indices = indices.tolist()
-            samples = sample(self.unwrapped_model, [self._prompts[i] for i in indices], 1,
-                             self.config.eval_max_new_tokens, generator=generator, temperature=0.0,
-                             eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id)
+            samples = self.generate([self._prompts[i] for i in indices], max_new_tokens=self.config.eval_max_new_tokens)
             for i, completion in zip(indices, samples.completions()):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 index = self.val_data[i].index
-                total += call_eval_fn(self.eval_fn, self.val_source[index], text, index)
+                total += call_scorer(self.eval_fn, self.val_source[index], text, name="eval_fn",
+                                     where=f"validation example {index} (generated {text!r:.80})")
         return float(self.reduce_sum(total)) / len(self.val_data)
-
-    def _on_device(self, batch: dict) -> dict:
-        return batch if self.device.type == "cpu" else send_to_device(batch, self.device, non_blocking=True)
-
-
-def call_eval_fn(eval_fn, example, text: str, index: int) -> float:
-    """`eval_fn`'s score of one generation. An exception, or a value that is not a finite number, is an error
-    naming the validation example: a NaN would otherwise turn val/score into NaN with no trace of why."""
-    try:
-        value = eval_fn(example, text)
-    except Exception as e:
-        raise RuntimeError(f"eval_fn raised {type(e).__name__} on validation example {index} (generated "
-                           f"{text!r:.80}): {e}") from e
-    if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"eval_fn returned {value!r:.40} on validation example {index} (generated {text!r:.80}): "
-                         "a score is a finite number")
-    return float(value)
 
 
 def compiled_graphs() -> int:

@@ -1,6 +1,6 @@
 """Sample completions from a causal LM with a KV cache, drawing only from a `torch.Generator` the caller owns.
 
-    from paperloop.sampling import sample
+    from paperloop.lm.sampling import sample
 
     generator = torch.Generator().manual_seed(0)          # the trainer owns it and checkpoints its state
     samples = sample(model, [[5, 6, 7], [8, 9]], num_samples=4, max_new_tokens=16, generator=generator,
@@ -28,7 +28,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["Samples", "sample", "stop_token_ids", "draw", "top_p_filter", "left_pad", "GrowingLayer", "growing_cache"]
+__all__ = ["Samples", "sample", "default_stop_token_ids", "draw", "top_p_filter", "left_pad", "GrowingLayer",
+           "growing_cache"]
 
 # How often (in tokens) the loop asks whether every row has finished: on an accelerator the check is a host sync.
 FINISHED_CHECK_EVERY = 4
@@ -187,7 +188,7 @@ def growing_cache(config) -> DynamicCache:
     return cache
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
+def default_stop_token_ids(tokenizer, model) -> list[int]:
     """Generation stops at EOS (the tokenizer's and the model's generation config's) and, for a chat template,
     at the token it writes right after an assistant's content (the end-of-turn marker, e.g. `<|end|>`)."""
     ids = {tokenizer.eos_token_id}
@@ -206,7 +207,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     ids = sorted(i for i in ids if i is not None)
     if not ids:
         raise ValueError("the tokenizer has no eos_token and the model's generation config names none: generation "
-                         "could not stop; give the tokenizer an eos_token (RLTrainer also takes stop_token_ids=[...])")
+                         "could not stop; give the tokenizer an eos_token (SFTTrainer and RLTrainer also take stop_token_ids=[...])")
     return ids
 
 

@@ -255,28 +255,45 @@ def pad_batch(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, to
     return batch
 
 
-def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
-    """Which examples share each row: first fit in the given order (each example, whole, goes into the
-    first row with room; a new row when none has). Rows in order of creation, examples in given order."""
-    rows, free = [], []
-    for i, length in enumerate(lengths):
+def first_fit(lengths: Sequence[int], row_len: int, max_rows: int | None = None, start: int = 0
+              ) -> tuple[list[list[int]], int]:
+    """Pack examples of these lengths, from `start` on, into rows of `row_len` positions, first fit in the given
+    order: each example, whole, goes into the first row with room, or a new row when none has. With `max_rows`,
+    stop at the first example that would need one row more. Returns (rows as lists of indices into `lengths`,
+    in order of creation, examples in given order; the index of the first example not placed, len(lengths)
+    when all were).
+
+    The one packing rule: a packed batch's rows (`pack_batch`) and a token-budget plan's micro-batches
+    (`lm.plans.PackedPlan`) both come from it, so a micro-batch the plan cut fits in the rows collation builds.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in range(start, len(lengths)):
+        length = lengths[i]
         if length > row_len:
             raise ValueError(f"example {i} has {length} positions, more than row_len={row_len}")
         row = next((r for r, room in enumerate(free) if room >= length), None)
         if row is None:
+            if max_rows is not None and len(rows) == max_rows:
+                return rows, i
             row = len(rows)
             rows.append([])
             free.append(row_len)
         rows[row].append(i)
         free[row] -= length
-    return rows
+    return rows, len(lengths)
+
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Which examples share each row: `first_fit` of all of them."""
+    return first_fit(lengths, row_len)[0]
 
 
 def pack_batch(examples: Sequence[TokenizedExample], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Several examples per row of exactly `row_len` positions, `position_ids` restarting at 0 for each.
 
     Targets never cross examples (each example brings its own). Attention stays inside an example only if
-    the model builds a block-diagonal mask from `position_ids`: see `losses.forward_logprobs`. A row's
+    the model builds a block-diagonal mask from `position_ids`: see `lm.losses.forward_logprobs`. A row's
     padded tail is its own block (positions 0, 1, ...) with weight 0.
     """
     for example in examples:
@@ -307,11 +324,6 @@ def _place(batch: dict[str, torch.Tensor], row: int, offset: int, example: Token
     batch["target_tokens"][row, span] = example.target_tokens
     batch["weights"][row, span] = example.weights
     batch["position_ids"][row, span] = torch.arange(len(example))
-
-
-def padding_fraction(lengths: Sequence[int], batch: dict[str, torch.Tensor]) -> float:
-    """Padding positions / all positions of a batch built from examples of these lengths (0: no waste)."""
-    return 1.0 - sum(lengths) / batch["input_ids"].numel()
 
 
 # ------------------------------------------------------------------------------------------- display

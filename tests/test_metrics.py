@@ -1,0 +1,71 @@
+"""The README's Metrics table is the one list of metric keys: every key the trainers write (to `on_batch_end`, the
+epoch's logs and TensorBoard) is in it, and every key in it is written by some run here; rates are spelled
+`perf/<what>_per_s`, durations `time/<what>_s`."""
+
+import re
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import make_resume_trainer
+from paperloop.callbacks import LambdaCallback, TensorBoardLogger
+from rl_helpers import make_prompts, make_rl_trainer
+from sft_helpers import sorting_examples
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ONLY_WITH = {"time/compile_s"}  # written with compile=True only: the compile test checks it
+
+
+def documented() -> set[str]:
+    section = README.read_text().split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    keys = set()
+    for row in re.findall(r"^\| (`[^|]*`) \|", section, flags=re.M):
+        keys.update(re.findall(r"`([^`]+)`", row))
+    return keys
+
+
+def written(trainer) -> set[str]:
+    """The keys `trainer.fit()` writes: step outputs, epoch logs and TensorBoard tags (scalars and text)."""
+    keys = set()
+    trainer.callbacks += [TensorBoardLogger(every_n_steps=1),
+                          LambdaCallback(on_batch_end=lambda t, o: keys.update(o),
+                                         on_epoch_end=lambda t, logs: keys.update(logs))]
+    trainer.fit()
+    keys.update(trainer.validate())
+    events = EventAccumulator(str(Path(trainer.config.output_dir) / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    keys.update(tags["scalars"])
+    keys.update(tag.removesuffix("/text_summary") for tag in tags["tensors"])
+    return keys - {"loss", "epoch", "config"}  # this process's micro-batch loss; the epoch number; the config text
+
+
+def test_every_metric_written_is_documented_once_and_every_documented_one_is_written(tmp_path):
+    base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
+    sft = written(_sft(tmp_path / "sft"))
+    rl = written(_rl(tmp_path / "rl"))
+    keys = {k.replace("digit_reward", "<function>") for k in base | sft | rl}
+    table = documented()
+    assert keys - table == set(), "written but not in the README's Metrics table"
+    assert table - keys - ONLY_WITH == set(), "in the README's Metrics table but written by no trainer"
+    for key in table:
+        assert not re.search(r"_per_sec|/s$|_sec$|_seconds$", key), key  # one spelling per kind
+        if key.startswith("perf/"):
+            assert key.endswith("_per_s"), key
+        if key.startswith("time/"):
+            assert key.endswith("_s"), key
+
+
+def _sft(out):
+    from paperloop import SFTConfig, SFTTrainer
+    from sft_helpers import model, tokenizer
+
+    config = SFTConfig(max_length=24, batch_size=8, max_epochs=1, output_dir=str(out), eval_max_new_tokens=4)
+    return SFTTrainer(model(), config, tokenizer=tokenizer(), train_data=sorting_examples(16),
+                      val_data=sorting_examples(4, seed=1), eval_fn=lambda example, text: 0.0)
+
+
+def _rl(out):
+    trainer = make_rl_trainer(out, max_steps=2, beta=0.1)
+    trainer.val_data = make_prompts(4, seed=3)
+    return trainer

@@ -1,0 +1,129 @@
+"""The language-model layer under SFTTrainer and RLTrainer: what both need, and no loop code.
+
+    class MyLMTrainer(LMTrainer): ...       # SFTTrainer and RLTrainer are two of these
+
+- the tokenizer and one pad rule (`pad_token_id`: the tokenizer's pad token, else its EOS, as TRL does);
+- optional LoRA adapters through peft (`config.lora`): only the adapters train, checkpoints hold only them;
+- the tokenizer written into every checkpoint, so `AutoTokenizer.from_pretrained(checkpoint)` loads it;
+- one forward, `forward(batch)`: the targets' log-probs and the logits (`lm.losses.forward_logprobs`, under the
+  trainer's autocast), the one place a language model is scored;
+- one `generate`: KV-cached sampling (`lm.sampling.sample`) with the trainer's stop and pad ids;
+- `call_scorer`: a user's function (a reward, an `eval_fn`) called so that a failure names the example.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..base import BaseTrainer
+from ..config import TrainerConfig
+from .data import prompt_ids
+from .lora import LoraSettings, apply_lora
+from .losses import forward_logprobs
+from .sampling import Samples, default_stop_token_ids, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LMConfig(TrainerConfig):
+    """TrainerConfig plus what every language-model trainer takes."""
+
+    lora: Optional[LoraSettings] = None  # LoRA adapters through peft (the `lora` extra); None: full fine-tuning
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
+            object.__setattr__(self, "lora", LoraSettings(**self.lora))
+        super().__post_init__()
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (padding is never trained nor attended
+    to, so any id serves); a tokenizer with neither is an error."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        log.info("the tokenizer has no pad_token: padding with its eos_token %r", tokenizer.eos_token)
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad_token nor an eos_token; set one (e.g. tokenizer.pad_token = ...)")
+
+
+def call_scorer(fn, *args, name: str, where: str) -> float:
+    """`fn(*args)` as a float: what a reward function or an `eval_fn` returns. An exception, or a value that is
+    not a finite number, is an error naming the function (`name`) and the example (`where`): a NaN would
+    otherwise spread through the metrics with no trace of where it came from."""
+    try:
+        value = fn(*args)
+    except Exception as e:
+        raise RuntimeError(f"{name} raised {type(e).__name__} on {where}: {e}") from e
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} returned {value!r:.40} on {where}: a score is a finite number")
+    return float(value)
+
+
+class LMTrainer(BaseTrainer):
+    """A trainer of a `transformers` causal LM with its tokenizer. `stop_token_ids`: the ids that end a
+    generation (default: EOS, the tokenizer's and the model's generation config's, and the chat template's
+    end-of-turn marker, as `lm.sampling.default_stop_token_ids` finds them)."""
+
+    def __init__(self, model: torch.nn.Module, config: LMConfig, tokenizer, train_data=None, val_data=None,
+                 callbacks=(), stop_token_ids: Sequence[int] | None = None):
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"config must be an LMConfig (SFTConfig, RLConfig), got {type(config).__name__}")
+        self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
+        if config.lora is not None:
+            from accelerate import PartialState  # the trainer's Accelerator is made after the model is wrapped
+
+            # peft draws the adapters' initial weights from the global RNG: seeded here, they are a function of the
+            # run's seed (a rebuilt trainer gets the same ones), and the caller's RNG is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = apply_lora(model, config.lora, config.output_dir, write=PartialState().is_main_process)
+        super().__init__(model, config, train_data=train_data, val_data=val_data, callbacks=callbacks)
+        self.stop_token_ids = (_check_ids(stop_token_ids) if stop_token_ids is not None
+                               else default_stop_token_ids(tokenizer, self.unwrapped_model))
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
+        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def write_artifacts(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
+
+    def forward(self, batch: dict, model=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs (B, T) of the batch's targets, logits (B, T, V)) under softmax(logits / temperature), from
+        `model` (default: the trained one), under autocast when `precision` asks."""
+        with self.autocast():
+            return forward_logprobs(self.model if model is None else model, batch, temperature)
+
+    def generate(self, prompt_ids_P: list[list[int]], num_samples: int = 1, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Samples:
+        """`num_samples` completions of each prompt (token ids), KV-cached, stopping at `stop_token_ids`; drawn
+        only from `generator` (greedy decoding, temperature 0, draws nothing and needs none)."""
+        if generator is None:
+            if temperature != 0:
+                raise ValueError("generate: sampling at temperature > 0 draws from a generator; pass one (the "
+                                 "trainer checkpoints the ones it registers)")
+            generator = torch.Generator(device=self.device)
+        return sample(self.unwrapped_model, prompt_ids_P, num_samples, max_new_tokens, generator=generator,
+                      temperature=temperature, top_p=top_p, eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id)
+
+    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        """The ids a completion continues: a prompt string with the tokenizer's special tokens (BOS), or chat
+        messages rendered with the template's generation prompt."""
+        return prompt_ids(prompt, self.tokenizer)
+
+
+def _check_ids(ids) -> list[int]:
+    ids = list(ids)
+    if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"stop_token_ids: a non-empty list of token ids, got {ids!r:.80}")
+    return [int(i) for i in ids]

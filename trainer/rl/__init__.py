@@ -1,0 +1,25 @@
+"""paperloop.rl: reinforcement learning for language models (the GRPO family).
+
+    from paperloop.rl import RLTrainer, RLConfig                        # the trainer (also `from paperloop`)
+    from paperloop.rl import group_advantages, policy_loss, pass_at_k   # the math: pure functions
+    from paperloop.rl import register_policy_loss                       # a paper's own loss, by name
+
+- `advantages.py`: group advantages, one registered function per normalization (`group_std`, `batch_std`, `none`)
+- `losses.py`: aggregations (`sequence_mean`, `token_mean`, `constant`) and policy losses (`ppo_clip`), registered
+  by name, and `policy_loss`, which combines them with the KL penalty and reports metrics
+- `metrics.py`: pass@k
+- `rollouts.py`: sampled completions with their rewards, and the training batch built from them
+- `trainer.py`: `RLTrainer` and `RLConfig`
+"""
+
+from .advantages import ADVANTAGE_NORMALIZERS, STD_EPS, group_advantages, register_advantage, zero_std_fraction
+from .losses import (AGGREGATIONS, POLICY_LOSSES, aggregation_weights, k3_kl, masked_mean, policy_loss, ppo_clip,
+                     register_aggregation, register_policy_loss)
+from .metrics import pass_at_k
+from .rollouts import Rollouts, WholeStepsPlan, rollout_batch, split_rows
+from .trainer import RLConfig, RLTrainer
+
+__all__ = ["group_advantages", "zero_std_fraction", "register_advantage", "ADVANTAGE_NORMALIZERS", "STD_EPS",
+           "policy_loss", "ppo_clip", "aggregation_weights", "k3_kl", "masked_mean", "register_aggregation",
+           "register_policy_loss", "AGGREGATIONS", "POLICY_LOSSES", "pass_at_k", "Rollouts", "WholeStepsPlan",
+           "rollout_batch", "split_rows", "RLConfig", "RLTrainer"]

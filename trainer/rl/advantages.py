@@ -1,0 +1,88 @@
+"""Advantages of grouped rewards, chosen by name: one pure function per normalization (GRPO, batch std, Dr. GRPO).
+
+    advantages_B = group_advantages(rewards_B, group_size=8, normalize="group_std")
+
+Rows are grouped consecutively: with group size G, group g is rows g*G .. g*G+G-1 (the G completions of one
+prompt). A new normalization is a function registered with `@register_advantage("name")`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .registry import is_int, lookup, registrar
+
+# TRL's GRPOTrainer adds this to the standard deviation; the same constant makes our advantages comparable.
+STD_EPS = 1e-4
+
+ADVANTAGE_NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+register_advantage = registrar(ADVANTAGE_NORMALIZERS, "advantage normalization", """Register `fn(rewards_N_G) ->
+advantages_N_G` (N groups of G) under a new name for `group_advantages` (a taken name is refused).
+`group_advantages` sets the advantages of groups whose rewards are all equal to exactly 0 afterwards.""")
+
+
+@register_advantage("group_std")
+def _group_std(rewards_N_G: torch.Tensor) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, eq. in §4.1.2): Â = (r - mean(group)) / std(group), std with Bessel's correction
+    and + 1e-4 as in TRL. Scales each prompt's advantages to unit spread, whatever its difficulty."""
+    mean_N_1 = rewards_N_G.mean(dim=1, keepdim=True)
+    std_N_1 = rewards_N_G.std(dim=1, keepdim=True)  # correction=1 (Bessel), like TRL
+    return (rewards_N_G - mean_N_1) / (std_N_1 + STD_EPS)
+
+
+@register_advantage("batch_std")
+def _batch_std(rewards_N_G: torch.Tensor) -> torch.Tensor:
+    """Centre within the group, scale by the whole batch's std (Bessel): keeps GRPO's baseline without its
+    per-prompt up-weighting of nearly-solved and nearly-failed prompts (TRL's `scale_rewards="batch"`)."""
+    mean_N_1 = rewards_N_G.mean(dim=1, keepdim=True)
+    return (rewards_N_G - mean_N_1) / (rewards_N_G.std() + STD_EPS)
+
+
+@register_advantage("none")
+def _mean_centred(rewards_N_G: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, §3.1): Â = r - mean(group). Dividing by the group std biases updates towards
+    prompts that are too easy or too hard; Dr. GRPO drops it."""
+    return rewards_N_G - rewards_N_G.mean(dim=1, keepdim=True)
+
+
+def group_advantages(rewards_B: torch.Tensor, group_size: int, normalize: str = "group_std") -> torch.Tensor:
+    """Advantages (B,) from rewards (B,), rows grouped consecutively in groups of `group_size`.
+
+    normalize: "group_std" (GRPO): (r - mean_group) / (std_group + 1e-4); "batch_std": (r - mean_group) /
+    (std_batch + 1e-4); "none" (Dr. GRPO): r - mean_group. Stds use Bessel's correction, as TRL does.
+    Any name registered with `register_advantage` works. Raises ValueError naming the bad argument.
+    """
+    normalizer = lookup(ADVANTAGE_NORMALIZERS, normalize, "normalize")
+    rewards_N_G = _grouped(rewards_B, group_size)
+    rewards_N_G = rewards_N_G.to(torch.promote_types(rewards_N_G.dtype, torch.float32))
+    advantages_N_G = normalizer(rewards_N_G)
+    # A flat group's mean can round away from its rewards (mean of three 0.7s is not 0.7), leaving ~1e-12 after
+    # division by std + 1e-4; such groups carry no signal, so their advantages are exactly 0.
+    flat_N_1 = (rewards_N_G.amax(dim=1) == rewards_N_G.amin(dim=1))[:, None]
+    return advantages_N_G.masked_fill(flat_N_1, 0.0).reshape(-1)
+
+
+def zero_std_fraction(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Fraction (0-dim tensor) of groups whose rewards are all equal: their advantages are 0 and they teach nothing."""
+    rewards_N_G = _grouped(rewards_B, group_size)
+    flat_N = rewards_N_G.amax(dim=1) == rewards_N_G.amin(dim=1)
+    return flat_N.float().mean()
+
+
+def _grouped(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
+    if not isinstance(rewards_B, torch.Tensor):
+        rewards_B = torch.as_tensor(rewards_B)
+    if rewards_B.ndim != 1 or rewards_B.numel() == 0:
+        raise ValueError(f"rewards_B must be a non-empty 1-D tensor, got shape {tuple(rewards_B.shape)}")
+    if rewards_B.is_complex() or rewards_B.dtype == torch.bool:
+        raise ValueError(f"rewards_B must be real numbers, got dtype {rewards_B.dtype}")
+    if not is_int(group_size) or group_size < 2:
+        raise ValueError(f"group_size must be an int >= 2 (a group of one has no baseline), got {group_size!r}")
+    if rewards_B.numel() % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch of {rewards_B.numel()} rewards")
+    if rewards_B.is_floating_point() and not bool(torch.isfinite(rewards_B).all()):
+        raise ValueError("rewards_B contains NaN or infinite values")
+    return rewards_B.reshape(-1, group_size)
