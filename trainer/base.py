@@ -21,7 +21,7 @@ from .lock import OutputLock
 from .resume import Checkpointing
 from .schedules import as_schedule, config_scheduler
 from .state import TrainState
-from .steps import EpochLoss, FiniteCheck, as_outputs, grad_norm, weighted_mean
+from .steps import EpochLoss, FiniteCheck, adamw, as_outputs, grad_norm, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class BaseTrainer(Checkpointing, ABC):
         return self.validation_step(batch)
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return adamw(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def configure_scheduler(self, optimizer):
         """An LR scheduler stepped once per optimizer update; or {"scheduler": s, "interval": "epoch"} to

