@@ -49,12 +49,12 @@ class SGDRLTrainer(RLTrainer):
 
 
 def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=(digit_reward,), reward_weights=None,
-                    model=None, **overrides) -> RLTrainer:
+                    model=None, prompt_seed=0, **overrides) -> RLTrainer:
     tok = make_tokenizer()
     cfg = dict(batch_size=4, num_generations=4, max_new_tokens=5, lr=0.05, max_epochs=2, seed=0,
                output_dir=str(out), log_completions=2)
     cfg.update(overrides)
-    return cls(model or make_lm(tok), RLConfig(**cfg), tokenizer=tok, train_data=make_prompts(prompts),
+    return cls(model or make_lm(tok), RLConfig(**cfg), tokenizer=tok, train_data=make_prompts(prompts, prompt_seed),
                reward_fns=reward_fns, reward_weights=reward_weights, callbacks=list(callbacks))
 
 

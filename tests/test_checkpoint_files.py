@@ -139,6 +139,23 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def test_a_state_nested_too_deep_to_parse_is_skipped_by_latest_and_named_for_an_explicit_path(finished_run,
+                                                                                               tmp_path, caplog):
+    """A trainer_state.json of 100,000 nested lists, its manifest rewritten to match: Python's JSON parser
+    raises RecursionError, which must read as a bad checkpoint (skipped by "latest"), not a crash."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    newest, previous = ckpt.committed(out / "checkpoints")[:2]
+    rewrite_file(newest, ckpt.STATE_JSON, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=f"^{newest / ckpt.STATE_JSON}: nested too deeply"):
+        make_resume_trainer(out).load_checkpoint(newest)
+    with caplog.at_level(logging.WARNING):
+        resumed = make_resume_trainer(out, max_epochs=2)
+        resumed.load_checkpoint("latest")
+    assert f"skipped {newest}" in caplog.text  # and took the one before it
+    assert resumed.state.global_step == ckpt.read(previous)["train_state"]["global_step"]
+
+
 def garble(manifest_text, how):
     manifest = json.loads(manifest_text)
     name = ckpt.STATE_JSON
@@ -169,7 +186,7 @@ def test_garbled_manifest_is_skipped_by_latest_and_named_for_an_explicit_path(fi
     manifest = newest / ckpt.MANIFEST
     manifest.write_text(garble(manifest.read_text(), how))
 
-    path, skipped = ckpt.find_latest(folder)
+    path, _, skipped = ckpt.read_latest(folder)
     assert path == previous
     assert skipped == [(newest, skipped[0][1])] and skipped[0][1].startswith(f"{manifest}: not a valid")
     with pytest.raises(CheckpointError, match=f"^{manifest}: not a valid"):

@@ -22,6 +22,7 @@ def test_list_names_the_papers():
     ("learning_rate=0.1", "paperloop: error: learning_rate: Key 'learning_rate' not in 'Config'"),
     ("max_steps=-5", "paperloop: error: max_steps: must be > 0 or null, got -5"),
     ("models=[vit]", "paperloop: error: models: must be a non-empty list"),
+    ("=5", "paperloop: error: =5: an override must look like key=value"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, message):
     proc = paperloop("run", "mnist1d", override)

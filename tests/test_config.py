@@ -108,3 +108,12 @@ def test_a_subclass_field_is_checked_from_its_annotation_alone():
         assert str(e.value) == message
     with pytest.raises(ConfigError, match=r"^widths: must be a list of integers, got \[8, 2.5\]$"):
         load_config(Paper, None, ["widths=[8,2.5]"])
+
+
+@pytest.mark.parametrize("text, words", [("- lr\n- 0.1\n", "holds a list"), ("5\n", "not a readable YAML config"),
+                                         ("lr: [\n", "not a readable YAML config")])
+def test_a_config_file_that_is_not_a_mapping_is_an_error_naming_the_file(tmp_path, text, words):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}: .*{words}"):
+        load_config(TrainerConfig, path)

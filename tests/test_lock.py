@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,25 @@ def test_only_the_main_process_locks(tmp_path):
         assert not (tmp_path / LOCK_NAME).exists()
         with OutputLock(tmp_path):  # a disabled lock holds nothing
             assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_an_output_dir_that_cannot_hold_files_is_an_error_naming_it(tmp_path):
+    from helpers import Regression, make_data, make_model
+    from paperloop import ConfigError, TrainerConfig
+
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        for folder in (a_file, read_only / "run", Path("/proc/paperloop-run")):
+            trainer = Regression(make_model(), TrainerConfig(max_steps=1, output_dir=str(folder)),
+                                 train_data=make_data(8))
+            if folder.parent == read_only and os.access(read_only, os.W_OK):  # root ignores the mode bits
+                continue
+            with pytest.raises(ConfigError, match=f"^output_dir: {folder} cannot hold the run's files"):
+                trainer.fit()
+    finally:
+        read_only.chmod(0o700)
+    assert a_file.read_text() == "mine"

@@ -315,3 +315,19 @@ def test_a_changed_lr_on_resume_keeps_the_checkpoints_and_says_so_everywhere(tmp
     assert (resumed.config.lr, resumed.config.weight_decay) == (0.01, 0.0)  # what is recorded is what is used
     assert "lr: 0.01" in (ckpt.committed(tmp_path / "checkpoints")[0] / "config.yaml").read_text()
     assert_same_run(resumed, straight(tmp_path_factory))
+
+
+def test_a_resume_that_would_change_what_the_run_computes_is_refused_naming_the_key(tmp_path):
+    """Another max_grad_norm, shuffle or precision resumes into another run than the one checkpointed: refused
+    before anything is loaded, naming the key; what may change (length, logging, checkpoints, validation) does."""
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 5 and t.request_stop("x", resumable=True))
+    make_resume_trainer(tmp_path, callbacks=[stop]).fit()
+    for key, value in (("max_grad_norm", 1.0), ("shuffle", False), ("precision", "bf16")):
+        other = make_resume_trainer(tmp_path, **{key: value})
+        before = {k: v.clone() for k, v in other.model.state_dict().items()}
+        with pytest.raises(CheckpointError, match=f"config: {key} is .* in the checkpoint but {value!r} in this run"):
+            other.fit(resume="latest")
+        assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items())  # nothing loaded
+    state = make_resume_trainer(tmp_path, max_epochs=5, log_every_steps=7, checkpoint_every_steps=4,
+                                time_limit_s=1e6).fit(resume="latest")
+    assert state.epoch == 5  # a longer run, logged and checkpointed otherwise: the same run going on

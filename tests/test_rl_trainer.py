@@ -477,3 +477,21 @@ def test_rl_checkpoints_hold_the_tokenizer(tmp_path):
     assert tok("12+7=")["input_ids"] == make_tokenizer()("12+7=")["input_ids"]
     assert tok.apply_chat_template([{"role": "user", "content": "1"}], tokenize=False) == \
         make_tokenizer().apply_chat_template([{"role": "user", "content": "1"}], tokenize=False)
+
+
+def test_a_resume_with_other_rewards_prompts_or_sampling_is_refused_naming_what_differs(tmp_path):
+    from paperloop import CheckpointError
+
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 2 and t.request_stop("x", resumable=True))
+    make_rl_trainer(tmp_path, callbacks=[stop], max_steps=4, checkpoint_every_steps=2).fit()
+
+    def length(prompt, completion, example):
+        return float(len(completion))
+
+    for words, change in {"reward_fns": dict(reward_fns=[length]), "train_data": dict(prompt_seed=7),  # same count
+                          "config: num_generations": dict(num_generations=2),
+                          "config: temperature": dict(temperature=0.5), "config: beta": dict(beta=0.04)}.items():
+        trainer = make_rl_trainer(tmp_path, max_steps=4, checkpoint_every_steps=2, **change)
+        with pytest.raises(CheckpointError, match=words):
+            trainer.fit(resume="latest")
+    make_rl_trainer(tmp_path, max_steps=4, checkpoint_every_steps=2, micro_batch_size=3).fit(resume="latest")

@@ -314,3 +314,30 @@ def sft_worker_trainer(out, packing):
     from sft_worker import build
 
     return build(out, packing=packing, bucket_window=0 if packing else 3)
+
+
+def test_a_resume_with_other_data_tokenizer_or_settings_is_refused_naming_what_differs(tmp_path):
+    """The same count of examples but other ones, a tokenizer of the same size but other ids, or a setting
+    that shapes the loss: a resume would silently continue another run. Each is refused, naming it."""
+    from paperloop import CheckpointError
+    from paperloop.models import word_level_tokenizer
+
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 3 and t.request_stop("x", resumable=True))
+    make_trainer(tmp_path, n=32, callbacks=[stop], checkpoint_every_steps=3).fit()
+    swapped = word_level_tokenizer(list(reversed(tokenizer_vocab())))  # same size, other ids
+    cases = {"tokenizer": dict(tokenizer=swapped), "train_data": dict(train_data=sorting_examples(32, seed=9)),
+             "config: train_prompt": dict(train_prompt=True), "config: max_length": dict(max_length=20)}
+    for words, change in cases.items():
+        settings = dict(max_length=24, batch_size=8, max_epochs=2, lr=3e-3, output_dir=str(tmp_path),
+                        checkpoint_every_steps=3)
+        tok, data = change.pop("tokenizer", tokenizer()), change.pop("train_data", sorting_examples(32))
+        trainer = SFTTrainer(model(), SFTConfig(**{**settings, **change}), tokenizer=tok, train_data=data)
+        with pytest.raises(CheckpointError, match=words):
+            trainer.fit(resume="latest")
+    make_trainer(tmp_path, n=32, checkpoint_every_steps=3).fit(resume="latest")  # the same run: it goes on
+
+
+def tokenizer_vocab():
+    from sft_helpers import VOCAB
+
+    return VOCAB

@@ -261,7 +261,7 @@ def test_state_dict_round_trip_in_memory_continues_exactly(tmp_path):
     first.fit()
     state = first.state_dict()
     assert set(state) == {"model", "optimizer", "scheduler", "scaler", "train_state", "config", "data", "epoch_loss",
-                          "callbacks", "extra", "processes"}
+                          "callbacks", "extra", "fingerprints", "processes"}
     second = make_resume_trainer(tmp_path / "b", checkpoint_every_steps=None)
     second.load_state_dict(state)
     second.fit()

@@ -2,7 +2,7 @@
 
     from paperloop import BaseTrainer, TrainerConfig
     from paperloop import SFTTrainer, SFTConfig          # supervised fine-tuning of causal LMs (paperloop.lm)
-    from paperloop import RLTrainer, RLConfig            # GRPO-family policy gradient, programmatic rewards (paperloop.rl)
+    from paperloop import RLTrainer, RLConfig            # GRPO-family RL with programmatic rewards (paperloop.rl)
     from paperloop.callbacks import EarlyStopping, TensorBoardLogger
 
 This package is the `trainer/` folder: the engine at its root (the loop, steps, plans, evaluation, config,

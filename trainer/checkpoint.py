@@ -16,7 +16,7 @@ a crash at any instant leaves every earlier checkpoint whole. Loading reads only
 safetensors, so a file replaced by a crafted pickle fails to parse and runs nothing.
 
 What a checkpoint says is data. The manifest and every index line are checked against their schema
-before use (a garbled one is skipped by `find_latest`, or a CheckpointError naming the file); a name
+before use (a garbled one is skipped by `read_latest`, or a CheckpointError naming the file); a name
 read from checkpoint data must be a plain entry of the checkpoint folder; each index entry carries
 the id of the run that wrote it, and `record_removal` deletes only checkpoints of the calling run.
 The next save cleans up what interrupted writes left (`remove_leftovers`).
@@ -118,12 +118,16 @@ def load_state(directory: Path) -> dict:
         tree = json.loads((directory / STATE_JSON).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{directory / STATE_JSON}: not valid JSON ({e})") from None
+    except RecursionError:  # a crafted file of 100,000 nested lists: never a state this code wrote
+        raise CheckpointError(f"{directory / STATE_JSON}: nested too deeply to be a trainer state") from None
     try:
         tensors = load_file(str(directory / STATE_TENSORS))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / STATE_TENSORS}: not a valid safetensors file ({e})") from None
     try:
         return decode(tree, tensors)
+    except RecursionError:
+        raise CheckpointError(f"{directory / STATE_JSON}: nested too deeply to be a trainer state") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / STATE_JSON}: does not match {STATE_TENSORS} ({e})") from None
 
@@ -502,16 +506,16 @@ def verify(directory: Path) -> None:
                 raise CheckpointError(f"{directory / name}: sha256 differs from the manifest (corrupted or modified)")
 
 
-def find_latest(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest committed checkpoint that verifies, and the newer ones skipped with the reason."""
+def read_latest(folder: Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest committed checkpoint whose files verify and parse, its state dict, and the newer ones skipped
+    with the reason (a damaged file, a garbled manifest, a state nested too deep to parse)."""
     skipped = []
     for path in committed(folder):
         try:
-            verify(path)
-            return path, skipped
+            return path, read(path), skipped
         except CheckpointError as e:
             skipped.append((path, str(e)))
-    return None, skipped
+    return None, None, skipped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("checkpoint")
     merge.add_argument("out")
     merge.add_argument("--base", help="the base model folder (default: the one adapter_config.json names)")
+    merge.add_argument("--force", action="store_true", help="replace OUT when it is a folder with files in it")
     args = parser.parse_args(argv)
     if args.command == "run" and args.paper is None and not args.help:
         run.error("the following arguments are required: paper")
@@ -83,7 +84,9 @@ def merge_adapter(args) -> int:
     from .lm.lora import merge_checkpoint  # the one subcommand of the language-model room
 
     try:
-        print(f"paperloop: merged model written to {merge_checkpoint(args.checkpoint, args.out, args.base)}")
+        out = merge_checkpoint(args.checkpoint, args.out, args.base, force=args.force,
+                               report=lambda message: print(f"paperloop: {message}", file=sys.stderr))
+        print(f"paperloop: merged model written to {out} (read back and checked)")
     except (CheckpointError, ImportError) as e:
         return error(e, 2)
     return 0

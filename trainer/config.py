@@ -24,8 +24,9 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, TypeVar
+from typing import ClassVar, Optional, Sequence, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -65,6 +66,14 @@ class TrainerConfig:
     warmup_ratio: float = 0.0  # or warmup as a fraction of all updates (not both)
     min_lr_ratio: float = 0.0  # cosine_with_min_lr: the floor, as a fraction of lr
 
+    # Keys a resume may change: how long the run goes on, and what it logs, checkpoints and validates. Any other
+    # key with another value than the checkpoint's is refused (lr and the schedule: taken from the checkpoint),
+    # since the resumed run would no longer be the one that was checkpointed. A subclass extends the tuple.
+    resume_may_change: ClassVar[tuple[str, ...]] = (
+        "max_epochs", "max_steps", "output_dir", "val_every", "val_every_steps", "log_every_steps",
+        "checkpoint_every_steps", "time_limit_s", "early_stopping_patience", "early_stopping_monitor",
+        "early_stopping_mode")
+
     def __post_init__(self):
         check_types(self)
         _check_range(self, positive=("batch_size", "grad_accum_steps", "log_every_steps"),
@@ -98,14 +107,16 @@ class TrainerConfig:
 # class (a paper's subclass included), so a key added later is checked without code of its own.
 
 
-def check_types(cfg) -> None:
+def check_types(cfg, prefix: str = "") -> None:
     """Check every field of the dataclass `cfg` against its annotation; raise ConfigError starting
-    with the first key that does not fit. An int where a float is expected becomes a float and a
-    list where a tuple is expected a tuple (what OmegaConf does for YAML and overrides)."""
+    with the first key that does not fit (after `prefix`, for a config nested in another: "lora.").
+    An int where a float is expected becomes a float and a list where a tuple is expected a tuple
+    (what OmegaConf does for YAML and overrides)."""
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), _hints(type(cfg))[f.name]
         if not _fits(value, hint):
-            raise ConfigError(f"{f.name}: must be {describe_type(hint)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{prefix}{f.name}: must be {describe_type(hint)}, got {value!r} "
+                              f"({type(value).__name__})")
         object.__setattr__(cfg, f.name, _normalized(value, hint))
 
 
@@ -194,11 +205,17 @@ def _check_range(cfg, positive=(), positive_or_none=(), non_negative=()):
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
     """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: an override must look like key=value")
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"{item or repr(item)}: an override must look like key=value")
     try:
-        sources = [OmegaConf.load(path) if path is not None else OmegaConf.create(),
-                   OmegaConf.from_dotlist(list(overrides))]
+        file = OmegaConf.load(path) if path is not None else OmegaConf.create()
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable YAML config ({' '.join(str(e).split())[:200]})") from None
+    if not OmegaConf.is_dict(file):
+        raise ConfigError(f"{path}: a config file maps keys to values; this one holds a "
+                          f"{'list' if OmegaConf.is_list(file) else type(file).__name__}")
+    try:
+        sources = [file, OmegaConf.from_dotlist(list(overrides))]
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *sources))
     except OmegaConfBaseException as e:
         if getattr(e, "full_key", None):

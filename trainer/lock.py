@@ -32,6 +32,8 @@ import socket
 import time
 from pathlib import Path
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "paperloop.lock"
@@ -71,8 +73,12 @@ class OutputLock:
     def acquire(self) -> None:
         if not self.enabled or self._fd is not None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = self._lock_file()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = self._lock_file()
+        except OSError as e:  # a file there, a read-only folder, /proc: say so, not a traceback from mkdir
+            raise ConfigError(f"output_dir: {self.folder} cannot hold the run's files ({e.strerror or e}); choose "
+                              "a folder you can write to") from None
         previous = _holder(fd)
         if previous:
             log.warning("%s: taking over the lock left by %s, %s", self.path, describe(previous), _why_stale(previous))

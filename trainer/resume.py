@@ -31,6 +31,8 @@ class Checkpointing:
     # and keeps the checkpoint's value, in `config` too (TensorBoard's config text, the next
     # checkpoints' config.yaml). A subclass adds keys of its own (betas, ...).
     resume_keeps = ("lr", "weight_decay", "lr_scheduler", "warmup_steps", "warmup_ratio", "min_lr_ratio")
+    # Config keys the data plan checks itself, with its own message (before anything is loaded).
+    plan_checks = ("seed", "batch_size", "grad_accum_steps")
 
     def __init__(self):
         self.in_hook = False  # set by the trainer while callbacks handle a hook
@@ -63,12 +65,14 @@ class Checkpointing:
             "epoch_loss": self.epoch_loss.state_dict(),
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if is_stateful(cb)},
             "extra": self.extra_state(),
+            "fingerprints": self.fingerprints(),
             "processes": gather_object([rng]) if self.world_size > 1 else [rng],
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
         loads them right after `on_train_begin` (where callbacks reset their counters)."""
+        self._check_same_run(state)  # before anything is loaded: an error leaves the trainer as it was
         self._keep_checkpoint_config(state["config"])
         self.setup()
         if len(state["processes"]) != self.world_size:
@@ -91,6 +95,35 @@ class Checkpointing:
         set_rng_state(state["processes"][self.rank], self.generators)
         self.load_extra_state(state["extra"])
         self._pending_callback_states = state["callbacks"]
+
+    def fingerprints(self) -> dict[str, str]:
+        """{name: digest} of what a run is made of beyond its config (a language-model trainer: its tokenizer, its
+        tokenized training data, its reward functions), stored in every checkpoint; a resume whose digests differ
+        is refused, naming the one. Computed once."""
+        if getattr(self, "_fingerprints", None) is None:
+            self._fingerprints = self.compute_fingerprints()
+        return self._fingerprints
+
+    def compute_fingerprints(self) -> dict[str, str]:
+        """Override to add what defines your run (the default: nothing beyond the config and the data plan)."""
+        return {}
+
+    def _check_same_run(self, state: dict) -> None:
+        """Refuse a checkpoint of another run: a config key that shapes the update with another value, or another
+        fingerprint. Keys the config lists in `resume_may_change` (the run's length, logging, checkpointing,
+        validation) may change; `resume_keeps` keys are taken from the checkpoint (see there)."""
+        saved, mine = state["config"], dataclasses.asdict(self.config)
+        free = set(self.config.resume_may_change) | set(self.resume_keeps) | set(self.plan_checks)
+        for key, value in mine.items():
+            if key in saved and key not in free and saved[key] != value:
+                raise ValueError(f"config: {key} is {saved[key]!r} in the checkpoint but {value!r} in this run, and "
+                                 f"it changes what the run computes: resume with {key}={saved[key]!r}, or start a new "
+                                 f"run (keys that may change on resume: {', '.join(self.config.resume_may_change)})")
+        for name, digest in self.fingerprints().items():
+            recorded = state.get("fingerprints", {}).get(name)  # a checkpoint written before fingerprints: none
+            if recorded is not None and recorded != digest:
+                raise ValueError(f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume "
+                                 f"with the same {name}, or start a new run")
 
     def _keep_checkpoint_config(self, saved: dict) -> None:
         changed = {k: saved[k] for k in self.resume_keeps if k in saved and saved[k] != getattr(self.config, k)}
@@ -171,10 +204,8 @@ class Checkpointing:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Verify the checkpoint at `path` and restore everything it holds (`load_state_dict`). "latest" is
-        the newest committed checkpoint in `checkpoint_dir` that verifies."""
-        latest = str(path) == "latest"
-        path = self._latest_checkpoint() if latest else Path(path)
-        state = ckpt.read(path, verified=latest)  # finding the latest verified it: its files are not hashed twice
+        the newest committed checkpoint in `checkpoint_dir` that verifies and parses."""
+        path, state = self._read_latest() if str(path) == "latest" else (Path(path), ckpt.read(Path(path)))
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -183,13 +214,13 @@ class Checkpointing:
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
 
-    def _latest_checkpoint(self) -> Path:
-        path, skipped = ckpt.find_latest(self.checkpoint_dir)
+    def _read_latest(self) -> tuple[Path, dict]:
+        path, state, skipped = ckpt.read_latest(self.checkpoint_dir)
         for bad, reason in skipped:
             log.warning("resume: skipped %s: %s", bad, reason)
         if path is None:
             raise ckpt.CheckpointError(f"{self.checkpoint_dir}: no committed checkpoint verifies, nothing to resume")
-        return path
+        return path, state
 
     def has_checkpoints(self) -> bool:
         """Was a checkpoint ever committed in `checkpoint_dir` (what `fit(resume="auto")` asks)?"""

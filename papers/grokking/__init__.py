@@ -44,6 +44,9 @@ class Config(SFTConfig):
     num_heads: int = 4
     betas: Tuple[float, float] = (0.9, 0.98)
 
+    # Which of the paper's runs to make (and how to score them) may change between invocations, not how each trains.
+    resume_may_change = SFTConfig.resume_may_change + ("weight_decays", "target_acc")
+
     def __post_init__(self):
         super().__post_init__()
         if self.operation not in OPERATIONS:

@@ -44,6 +44,9 @@ class Config(TrainerConfig):
     permutation_seed: int = 0  # the fixed permutation of the 40 positions for the shuffled rows
     threads: int = 1  # intra-op threads (torch.set_num_threads): results depend on the thread count
 
+    # Which of the paper's runs to make (and how to score them) may change between invocations, not how each trains.
+    resume_may_change = TrainerConfig.resume_may_change + ("models", "shuffled")
+
     def __post_init__(self):
         super().__post_init__()
         unknown = [m for m in self.models if m not in BUILDERS]

@@ -54,6 +54,9 @@ class Config(RLConfig):
     eval_temperature: float = 1.0
     num_threads: int = 1  # torch intra-op threads; 0: torch's default
 
+    # Which of the paper's runs to make (and how to score them) may change between invocations, not how each trains.
+    resume_may_change = RLConfig.resume_may_change + ("methods", "eval_samples", "eval_temperature")
+
     def __post_init__(self):
         super().__post_init__()
         unknown = [m for m in self.methods if m not in METHODS]

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import numbers
@@ -42,7 +44,7 @@ class LMConfig(TrainerConfig):
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
-            object.__setattr__(self, "lora", LoraSettings(**self.lora))
+            object.__setattr__(self, "lora", LoraSettings.from_dict(self.lora))
         super().__post_init__()
 
 
@@ -92,6 +94,9 @@ class LMTrainer(BaseTrainer):
         self.stop_token_ids = (_check_ids(stop_token_ids) if stop_token_ids is not None
                                else default_stop_token_ids(tokenizer, self.unwrapped_model))
 
+    def compute_fingerprints(self) -> dict[str, str]:
+        return {"tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
     def configure_optimizer(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
         return adamw(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -121,6 +126,25 @@ class LMTrainer(BaseTrainer):
         """The ids a completion continues: a prompt string with the tokenizer's special tokens (BOS), or chat
         messages rendered with the template's generation prompt."""
         return prompt_ids(prompt, self.tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything that decides how text becomes ids: the whole fast tokenizer (vocabulary, merges,
+    normalizer, pre-tokenizer, post-processor, added tokens), else the vocabulary; the special tokens; the chat
+    template. Two tokenizers of the same size but other ids differ here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([str(tokenizer.special_tokens_map), tokenizer.chat_template])
+    return hashlib.sha256((spec + extra).encode()).hexdigest()
+
+
+def digest(parts) -> str:
+    """sha256 over a sequence of bytes objects (tensors' bytes, JSON texts), each length-prefixed."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
 
 
 def _check_ids(ids) -> list[int]:

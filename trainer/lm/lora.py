@@ -12,18 +12,27 @@ it is; a base built in memory (e.g. `tiny_causal_lm`) is written once to `output
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-from ..checkpoint import CheckpointError, no_shard_progress_bar, read_weights, temporary_dir, untied_missing, verify
-from ..config import ConfigError
+from ..checkpoint import (ADAPTER_WEIGHTS, STATE_JSON, CheckpointError, decode, no_shard_progress_bar, read_weights,
+                          temporary_dir, untied_missing, verify)
+from ..config import ConfigError, check_types
+
+log = logging.getLogger(__name__)
 
 BASE_FOLDER = "base_model"
 ADAPTER_CONFIG = "adapter_config.json"
+# A module name as peft matches it in a list (a suffix of the module's dotted path); peft reads a *string* as a
+# regular expression, which a crafted one can make backtrack for ever, so only names in a list are passed on.
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 
 @dataclass(frozen=True)
@@ -36,12 +45,31 @@ class LoraSettings:
     base_model: Optional[str] = None  # the base's folder for merging; None: the model's own, else output_dir/base_model
 
     def __post_init__(self):
+        check_types(self, prefix="lora.")  # r=2.5, r="8", alpha=nan, a string target_modules: refused by name
         if self.r < 1:
             raise ConfigError(f"lora.r: must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be > 0 (the update is scaled by alpha / r), got {self.alpha}")
         if not self.target_modules:
             raise ConfigError("lora.target_modules: name at least one module (or 'all-linear')")
+        if tuple(self.target_modules) != ("all-linear",):
+            for name in self.target_modules:
+                if not MODULE_NAME.fullmatch(name):
+                    raise ConfigError(f"lora.target_modules: {name!r} is not a module name (letters, digits, _ "
+                                      "and dots; patterns are not taken)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LoraSettings":
+        """Settings from a mapping (a config's `lora: {...}`), with an unknown key named."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"lora: must be a mapping of LoRA settings, got {values!r:.60}")
+        known = set(cls.__dataclass_fields__)
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"lora.{key}: not a LoRA setting; the settings are {sorted(known)}")
+        return cls(**values)
 
 
 def require_peft():
@@ -64,10 +92,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, output_dir: str |
         base_path = Path(output_dir) / BASE_FOLDER
         if write:
             save_base_model(model, base_path)
-    targets = "all-linear" if tuple(settings.target_modules) == ("all-linear",) else list(settings.target_modules)
-    config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                             target_modules=targets, task_type="CAUSAL_LM")
-    wrapped = peft.get_peft_model(model, config)
+    wrapped = peft.get_peft_model(model, peft_config(settings))
     # Set after wrapping: get_peft_model replaces it with the model's own name_or_path ("" when built in memory).
     wrapped.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
     return wrapped
@@ -96,28 +121,109 @@ def save_base_model(model, folder: Path) -> None:
     os.rename(tmp, folder)
 
 
-def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None,
+                     force: bool = False, report=log.warning) -> Path:
     """Merge a LoRA checkpoint's adapter into its base and write a plain `transformers` folder to `out`
     (weights, config, and the checkpoint's tokenizer when it has one) that
     `AutoModelForCausalLM.from_pretrained(out)` loads without peft. `base`: the base model folder, by default
-    the one `adapter_config.json` names."""
-    from transformers import AutoModelForCausalLM
+    the one `adapter_config.json` names.
+
+    What the checkpoint holds is data: the adapter is rebuilt from the run's own recorded LoRA settings (never
+    from `adapter_config.json`'s, whose module patterns peft would run as regular expressions), the base and
+    the tokenizer load from local files only and run no code shipped with them (`trust_remote_code=False`).
+    `out` must be a new or empty folder (`force`: an existing folder is replaced), and never the checkpoint,
+    the base or a folder holding either; the folder is written under a temporary name, read back and compared
+    with the merged weights, then renamed into place. `report(message)` is told which base is loaded and why.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     peft = require_peft()
     checkpoint, out = Path(checkpoint), Path(out)
     verify(checkpoint)
-    if not (checkpoint / ADAPTER_CONFIG).is_file():
-        raise CheckpointError(f"{checkpoint}: no {ADAPTER_CONFIG}, so not a LoRA checkpoint; a full checkpoint "
-                              "loads with AutoModelForCausalLM.from_pretrained as it is")
-    base = base or json.loads((checkpoint / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base or not (Path(base) / "config.json").is_file():
-        raise CheckpointError(f"{checkpoint / ADAPTER_CONFIG}: its base model folder {base!r} is not there; pass "
-                              "the base folder (paperloop merge CHECKPOINT OUT --base FOLDER)")
-    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(checkpoint))
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out)
-    if (checkpoint / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    settings = recorded_lora_settings(checkpoint)
+    source = "given by --base" if base is not None else f"named by {checkpoint / ADAPTER_CONFIG}"
+    base = Path(base or _named_base(checkpoint) or "")
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint / ADAPTER_CONFIG}: the base model folder ({source}) {str(base)!r} is not "
+                              "there; pass the base folder (paperloop merge CHECKPOINT OUT --base FOLDER)")
+    check_merge_target(out, checkpoint, base, force)
+    report(f"merge: loading the base model from {base} ({source}): local files only, no code of its own")
+    local = dict(trust_remote_code=False, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **local)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, **local) \
+            if (checkpoint / "tokenizer_config.json").is_file() else None
+    except (OSError, ValueError) as e:  # transformers' refusal of remote code is a ValueError
+        raise CheckpointError(f"{base} or {checkpoint}: cannot be loaded as a local model and tokenizer without "
+                              f"running their own code ({str(e).splitlines()[0]})") from None
+    wrapped = peft.get_peft_model(model, peft_config(settings))
+    adapter = read_weights(checkpoint)  # adapter_model.safetensors, checked to fit below
+    expected = set(peft.get_peft_model_state_dict(wrapped))
+    if set(adapter) != expected:
+        raise CheckpointError(f"{checkpoint / ADAPTER_WEIGHTS}: does not hold the adapter the run's settings build "
+                              f"(missing {sorted(expected - set(adapter))[:3]}, unexpected "
+                              f"{sorted(set(adapter) - expected)[:3]})")
+    peft.set_peft_model_state_dict(wrapped, adapter)
+    merged = wrapped.merge_and_unload()
+    tmp = temporary_dir(out)
+    try:
+        with no_shard_progress_bar():
+            merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        written, own = read_weights(tmp), merged.state_dict()
+        if untied_missing(own, written) or any(not torch.equal(v, own[k]) for k, v in written.items()):
+            raise CheckpointError(f"{out}: the weights read back differ from the merged model; nothing was written")
+        if out.exists():  # force: the old folder goes only once the new one is complete
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def peft_config(settings: LoraSettings):
+    """peft's LoraConfig for our settings: module names always as a list (peft takes a string as a pattern)."""
+    peft = require_peft()
+    targets = "all-linear" if tuple(settings.target_modules) == ("all-linear",) else list(settings.target_modules)
+    return peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                           target_modules=targets, task_type="CAUSAL_LM")
+
+
+def recorded_lora_settings(checkpoint: Path) -> LoraSettings:
+    """The LoRA settings the run that wrote `checkpoint` recorded in its state (checked like any config)."""
+    try:
+        config = decode(json.loads((checkpoint / STATE_JSON).read_text()).get("config"), {})
+        values = config["lora"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        values = None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{checkpoint / STATE_JSON}: records no LoRA settings, so this is not a paperloop LoRA "
+                              "checkpoint (a full checkpoint loads with AutoModelForCausalLM.from_pretrained as it is)")
+    try:
+        return LoraSettings.from_dict(values)
+    except ConfigError as e:
+        raise CheckpointError(f"{checkpoint / STATE_JSON}: its LoRA settings are not valid: {e}") from None
+
+
+def _named_base(checkpoint: Path) -> str | None:
+    try:
+        named = json.loads((checkpoint / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
+def check_merge_target(out: Path, checkpoint: Path, base: Path, force: bool) -> None:
+    """Refuse an `out` that would lose data: a file, a non-empty folder (unless `force`), or the checkpoint or
+    the base (or a folder holding either, or inside either), compared as resolved paths."""
+    target = out.resolve()
+    for name, folder in (("the checkpoint", checkpoint.resolve()), ("the adapter's base model", base.resolve())):
+        if target == folder or folder.is_relative_to(target) or target.is_relative_to(folder):
+            raise CheckpointError(f"{out}: is (or holds, or lies in) {name} {folder}; merging there would destroy it. "
+                                  "Choose a new folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CheckpointError(f"{out}: exists and is not a folder; choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: is a folder with files in it; choose a new or empty folder (or --force to "
+                              "replace it)")

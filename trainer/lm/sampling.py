@@ -207,7 +207,8 @@ def default_stop_token_ids(tokenizer, model) -> list[int]:
     ids = sorted(i for i in ids if i is not None)
     if not ids:
         raise ValueError("the tokenizer has no eos_token and the model's generation config names none: generation "
-                         "could not stop; give the tokenizer an eos_token (SFTTrainer and RLTrainer also take stop_token_ids=[...])")
+                         "could not stop; give the tokenizer an eos_token (SFTTrainer and RLTrainer also take "
+                         "stop_token_ids=[...])")
     return ids
 
 

@@ -38,7 +38,7 @@ import torch
 from ..config import ConfigError
 from ..evaluation import Weighted
 from ..plans import EpochPlan, eval_batches
-from .base import LMConfig, LMTrainer, call_scorer
+from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, load_examples, pad_batch, prompt_ids, tokenize_examples
 from .losses import cross_entropy
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
@@ -57,6 +57,9 @@ class SFTConfig(LMConfig):
     train_prompt: bool = False  # prompt/completion: train the prompt's tokens too
     compile: bool = False  # torch.compile the model's forward (dynamic shapes); compile time is logged apart
     eval_max_new_tokens: int = 64  # greedy generation length for eval_fn
+
+    # compile changes rounding only (its kernels are not bitwise eager's): a resume may switch it.
+    resume_may_change = LMConfig.resume_may_change + ("eval_max_new_tokens", "compile")
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,6 +132,12 @@ class SFTTrainer(LMTrainer):
         if not kept:
             raise ValueError(f"{name}: none of its {len(skipped)} examples has a token to train")
         return kept
+
+    def compute_fingerprints(self) -> dict[str, str]:
+        """The tokenizer's, and the tokenized training set's: every example's ids and loss weights."""
+        examples = digest(t.numpy().tobytes() for e in self.train_data
+                          for t in (e.input_ids, e.target_tokens, e.weights))
+        return {**super().compute_fingerprints(), "train_data": examples}
 
     # ---- the engine's named steps ------------------------------------------------------------------
 

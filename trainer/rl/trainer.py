@@ -31,6 +31,7 @@ score), `Rollouts.batch(advantages_N)`, `update(batches, shares, loss_fn)`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import numbers
@@ -43,7 +44,7 @@ import torch
 
 from ..config import ConfigError
 from ..plans import Step, check_dataset, mixed_seed
-from ..lm.base import LMConfig, LMTrainer, call_scorer
+from ..lm.base import LMConfig, LMTrainer, call_scorer, digest
 from ..lm.losses import token_entropy
 from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, zero_std_fraction
 from .losses import AGGREGATIONS, POLICY_LOSSES, aggregation_weights, masked_mean, policy_loss
@@ -75,6 +76,9 @@ class RLConfig(LMConfig):
     aggregation: str = "sequence_mean"  # "sequence_mean" (GRPO) | "token_mean" (DAPO) | "constant" (Dr. GRPO)
     log_completions: int = 4  # sampled completions shown as TensorBoard text at each log (0: none)
     disable_dropout: bool = True  # sampling runs without dropout; training must too, or the ratio is not 1 (TRL: same)
+
+    # micro_batch_size bounds memory and changes rounding only: a resume may change it.
+    resume_may_change = LMConfig.resume_may_change + ("log_completions", "micro_batch_size")
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,6 +161,14 @@ class RLTrainer(LMTrainer):
         seed = mixed_seed(config.seed, self.rank, 0x5A4D)
         self.sampling_generator = self.register_generator(
             "sampling", torch.Generator(device=self.device).manual_seed(seed))
+
+    def compute_fingerprints(self) -> dict[str, str]:
+        """The tokenizer's, the training prompts' (every example, metadata included) and the reward functions'
+        (names and weights: a function's code is not seen)."""
+        prompts = digest(json.dumps(self.train_data[i], sort_keys=True, default=repr).encode()
+                         for i in range(len(self.train_data)))
+        rewards = digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()])
+        return {**super().compute_fingerprints(), "train_data": prompts, "reward_fns": rewards}
 
     # ---- one loop step ------------------------------------------------------------------------
 
