@@ -58,3 +58,21 @@ def test_a_miniature_run_writes_results_table_and_figure(tmp_path, capsys):
             assert r["final_val_acc"] >= 99 and r["steps"] == r["val_acc_99_step"]
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "| weight decay |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_short_run_still_writes_results_and_changed_settings_or_overrides_are_refused(tmp_path, capsys):
+    """`max_steps=10` (shorter than val_every: no validation ran) is the obvious smoke test and must write its
+    results; running again with another data_seed must not resume the finished runs into a mixed curve; a
+    weight_decay override, which weight_decays replaces, is refused naming the key to use."""
+    args = ["run", "grokking", f"output_dir={tmp_path}", "modulus=11", "hidden_size=16", "batch_size=32",
+            "max_steps=3", "weight_decays=[1.0]"]
+    assert cli(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["rows"][0]["steps"] == 3 and result["rows"][0]["curve"][-1][0] == 3
+    assert result["setup"]["settings"]["data_seed"] == 0
+    capsys.readouterr()
+    assert cli(args + ["data_seed=1"]) == 2
+    assert "config: data_seed is 0 in the checkpoint but 1 in this run" in capsys.readouterr().err
+    assert cli(args + ["weight_decay=0.5"]) == 2
+    assert "weight_decay: grokking trains one run per value of weight_decays" in capsys.readouterr().err
+    assert cli(args + ["weight_decays=[1.0,0.0]"]) == 0  # another run added: the finished one is reused as it is

@@ -5,6 +5,7 @@ hand-computed token ids and masks from a word-level tokenizer whose ids are know
     a=8 b=9 c=10 +=11 ==12 1=13 2=14 3=15
 """
 
+import json
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ GOOD = {"prompt": "a", "completion": " b"}
     ({"completion": "a"}, "has 'completion' but no 'prompt'"),
     ({"text": "a", "messages": CHAT}, r"mixes shapes \(keys \['messages', 'text'\]\)"),
     ({"prompt": 1, "completion": "a"}, "'prompt' must be a string, got int"),
-    ({"prompt": "a", "completion": None}, "'completion' must be a string, got NoneType"),
+    ({"prompt": "a", "completion": None}, "has 'prompt' but no 'completion'"),  # None: as absent
     ({"prompt": "a", "completion": ""}, "empty 'completion'"),
     ({"text": ""}, "empty 'text'"),
     ({"text": ["a"]}, "'text' must be a string"),
@@ -323,3 +324,71 @@ def test_a_plan_counts_the_positions_its_own_collation_builds_and_packing_brings
     assert packed_plan.positions(lengths) == packed["input_ids"].numel()
     assert 1 - sum(lengths) / packed["input_ids"].numel() < 0.05 < 1 - sum(lengths) / padded["input_ids"].numel()
     assert packed["weights"].sum() == padded["weights"].sum() == sum(example.num_trained for example in kept)
+
+
+def test_bad_text_is_named_by_file_and_line_or_by_example(tmp_path, tok):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # latin-1, not UTF-8, on line 2
+    with pytest.raises(ValueError, match=rf"^{path}:2: not UTF-8 text"):
+        load_examples(str(path))
+    lone = json.loads('{"prompt": "a\\ud800", "completion": " b"}')  # valid JSON, not valid text
+    with pytest.raises(ValueError, match=r"example 0: 'prompt': holds '\\ud800' at character 1.*lone surrogate"):
+        tokenize_examples([lone], tok, max_length=16)
+    chat = {"messages": [{"role": "user", "content": "x\udfff"}, {"role": "assistant", "content": "y"}]}
+    with pytest.raises(ValueError, match="example 0, message 0: 'content': holds"):
+        tokenize_examples([chat], tok, max_length=16)
+
+
+def test_columns_filled_with_none_count_as_absent(tok):
+    """A datasets.Dataset of mixed shapes has every column in every row, None where a row has no value."""
+    rows = [{"prompt": "a", "completion": " b", "messages": None, "text": None},
+            {"prompt": None, "completion": None, "messages": None, "text": "a b"},
+            {"prompt": None, "completion": None, "text": None,
+             "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    kept, skipped = tokenize_examples(rows, tok, max_length=16)
+    assert len(kept) == 3 and not skipped
+
+
+def test_a_completion_that_would_start_the_sequence_is_refused(tok):
+    """With a tokenizer that adds no BOS (GPT-2, Qwen style) and an empty prompt, the completion's first token
+    sits at position 0, which is never a target: it would silently never train."""
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()),
+                                     eos_token="<eos>", pad_token="<pad>")
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    with pytest.raises(ValueError, match="example 0: its completion starts the token sequence"):
+        tokenize_examples([{"prompt": "", "completion": "a b"}], no_bos, max_length=16)
+    kept, _ = tokenize_examples([{"prompt": "", "completion": "a b"}], tok, max_length=16)  # with a BOS: trained
+    assert kept[0].weights[0] == 1
+
+
+def test_a_chat_template_that_runs_away_is_stopped_with_an_error_naming_it(tok, monkeypatch):
+    """A chat template is code that ships with a tokenizer; one with nested long loops would hang tokenization,
+    the stop-token probe (RLTrainer's and SFTTrainer's construction) and validation."""
+    import paperloop.lm.data as data
+    from paperloop.lm import default_stop_token_ids
+
+    monkeypatch.setattr(data, "RENDER_SECONDS", 0.5)
+    slow = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token="<bos>", eos_token="<eos>",
+                         pad_token="<pad>", chat_template="{% for i in range(100000) %}{% for j in range(100000) %}"
+                                                          "{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(data.ChatTemplateTimeout, match="example 0: the tokenizer's chat template ran for more than"):
+        tokenize_examples([chat], slow, max_length=16)
+    with pytest.raises(data.ChatTemplateTimeout, match="stop-token probe"):
+        default_stop_token_ids(slow, None)
+
+
+def test_control_tokens_typed_in_text_are_warned_about_or_read_as_text(tok, bpe, caplog):
+    import logging
+
+    end = bpe.convert_tokens_to_ids("<|end|>")
+    typed = {"prompt": "the <|end|> cat", "completion": " sat"}
+    with caplog.at_level(logging.WARNING):
+        (as_control,), _ = tokenize_examples([typed], bpe, max_length=32)
+    assert end in as_control.input_ids.tolist()  # <|end|> read as the control token
+    assert "1 example(s) hold control tokens typed as text (first: example 0, '<|end|>')" in caplog.text
+    (as_text,), _ = tokenize_examples([typed], bpe, max_length=32, split_special_tokens=True)
+    assert end not in as_text.input_ids.tolist() and len(as_text) > len(as_control)
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(ValueError, match="split_special_tokens cannot apply to a chat"):
+        tokenize_examples([chat], tok, max_length=16, split_special_tokens=True)

@@ -495,3 +495,67 @@ def test_a_resume_with_other_rewards_prompts_or_sampling_is_refused_naming_what_
         with pytest.raises(CheckpointError, match=words):
             trainer.fit(resume="latest")
     make_rl_trainer(tmp_path, max_steps=4, checkpoint_every_steps=2, micro_batch_size=3).fit(resume="latest")
+
+
+def test_what_cannot_train_is_refused_when_the_trainer_is_built_naming_it(tmp_path, caplog):
+    """Checked at construction, each naming what is wrong, instead of failing inside torch hours in."""
+    import logging
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    build = lambda **kw: RLTrainer(kw.pop("model", make_lm(tok)), RLConfig(output_dir=str(tmp_path),  # noqa: E731
+                                                                           **kw.pop("config", {})),
+                                   tokenizer=kw.pop("tokenizer", tok), train_data=kw.pop("train_data", make_prompts()),
+                                   reward_fns=[digit_reward])
+    no_role = make_prompts()
+    no_role[3] = {"messages": [{"content": "1+1="}]}
+    with pytest.raises(ValueError, match=r"train_data example 3, message 0: expected a dict with 'role'"):
+        build(train_data=no_role)
+    no_bos = make_tokenizer()
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    empty = make_prompts()
+    empty[2] = {"prompt": "   ", "answer": "0"}
+    with pytest.raises(ValueError, match="train_data example 2: its prompt tokenizes to no tokens"):
+        build(tokenizer=no_bos, train_data=empty)
+    bare = make_tokenizer()
+    bare.pad_token, bare.eos_token = None, None
+    with pytest.raises(ValueError, match="neither a pad_token nor an eos_token"):
+        build(tokenizer=bare)
+    small = tiny_causal_lm(len(tok) - 3, hidden_size=32, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match=f"model: its input embedding has {len(tok) - 3} rows but the tokenizer"):
+        build(model=small)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="is 9 positions, more than the model's max_position_embeddings=8: its "
+                                         "learned position table"):
+        build(model=gpt2, config=dict(max_new_tokens=4))  # "1+2=" with BOS is 5 tokens
+    with caplog.at_level(logging.WARNING):
+        build(model=make_lm(tok), config=dict(max_new_tokens=600))  # rotary positions: a warning, not an error
+    assert "more than the model's max_position_embeddings=512: its rotary positions go on" in caplog.text
+    with pytest.raises(ConfigError, match="^temperature: must be >= 0.0001"):
+        RLConfig(temperature=1e-40)
+
+
+def test_reward_values_are_one_finite_number_in_float32s_range_whatever_their_type(tmp_path):
+    import numpy as np
+
+    from paperloop.lm import call_scorer
+
+    for value, expected in ((True, 1.0), (np.bool_(False), 0.0), (np.float32(0.5), 0.5), (torch.tensor(2.0), 2.0),
+                            (torch.tensor([3]), 3.0), (7, 7.0)):
+        assert call_scorer(lambda: value, name="r", where="x") == expected
+    for value in (1e39, 10 ** 400, float("inf"), torch.tensor([1.0, 2.0]), "1", None, np.array([1, 2])):
+        with pytest.raises(ValueError, match="a score is a finite number"):
+            call_scorer(lambda: value, name="r", where="x")
+
+
+def test_a_reward_function_that_edits_its_example_does_not_edit_the_training_data(tmp_path):
+    def vandal(prompt, completion, example):
+        example["answer"] = "changed"
+        return 0.0 if completion else 1.0
+
+    trainer = make_rl_trainer(tmp_path, max_steps=2, reward_fns=[vandal, digit_reward])
+    before = copy.deepcopy(list(trainer.train_data))
+    trainer.fit()
+    assert list(trainer.train_data) == before

@@ -79,3 +79,28 @@ def test_tiny_end_to_end_run_writes_results_and_a_second_run_reuses_the_stages(t
     module.run(cfg)  # every stage is done: loaded, not trained again; the same evaluation
     assert weights.stat().st_mtime_ns == written
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
+
+
+def test_a_finished_stage_is_never_reused_with_other_settings_and_thrown_away_overrides_are_refused(tmp_path):
+    """Another width, SFT length, lr or held-out split must not silently reuse the finished SFT model (with another
+    data_seed, pass@k would be measured on training pairs); advantage/aggregation overrides, which `methods`
+    replaces, are refused naming the key to use."""
+    from paperloop import ConfigError, load_config
+    from paperloop.papers import config_path, load
+
+    module = load("rlvr")
+    base = [f"output_dir={tmp_path}", "hidden_size=16", "num_layers=1", "held_out=16", "sft_steps=3",
+            "sft_batch_size=16", "max_steps=1", "batch_size=4", "num_generations=2", "eval_samples=2",
+            "methods=[grpo]"]
+    module.run(load_config(module.Config, config_path("rlvr"), base))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["settings"]["data_seed"] == 0 and result["settings"]["sft_steps"] == 3  # recorded
+    for override in ("data_seed=1", "hidden_size=24", "sft_lr=0.01", "sft_steps=4"):
+        with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: the finished sft stage"):
+            module.run(load_config(module.Config, config_path("rlvr"), base + [override]))
+    with pytest.raises(ConfigError, match="^lr: the finished grpo stage"):
+        module.run(load_config(module.Config, config_path("rlvr"), base + ["lr=0.5"]))
+    for override in ("advantage=none", "aggregation=token_mean"):
+        with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: rlvr takes each RL method's"):
+            module.run(load_config(module.Config, config_path("rlvr"), base + [override]))
+    module.run(load_config(module.Config, config_path("rlvr"), base + ["eval_samples=4"]))  # scoring may change

@@ -194,6 +194,20 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
     assert_bitwise_equal(weights(t.model), seen["before"])
 
 
+def test_a_run_whose_every_update_was_skipped_is_an_error_not_a_success(tmp_path):
+    """A NaN setting (lora.alpha=nan before configs refused it, a NaN input) makes every update non-finite: the
+    run trains nothing, and fit() must not return as if it had."""
+    class AlwaysNaN(Regression):
+        def training_step(self, batch):
+            return super().training_step(batch) * float("nan")
+
+    t = AlwaysNaN(make_model(), TrainerConfig(max_steps=4, batch_size=8, output_dir=str(tmp_path)),
+                  train_data=make_data(40))
+    with pytest.raises(RuntimeError, match="all 4 steps of the run were skipped"):
+        t.fit()
+    assert t.state.updates == 0
+
+
 def test_a_generic_dataset_goes_through_collate(tmp_path):
     class Pairs(Dataset):
         def __len__(self):

@@ -157,6 +157,7 @@ class BaseTrainer(Checkpointing, ABC):
 
     def train(self) -> TrainState:
         self.setup()
+        first_step = self.state.global_step
         try:
             self._call("on_train_begin")
             self._load_callback_states()
@@ -164,6 +165,7 @@ class BaseTrainer(Checkpointing, ABC):
                 self._call("on_epoch_begin")
                 if self._run_epoch():
                     self._call("on_epoch_end", self._close_epoch())
+            self._check_something_trained(first_step)
         except BaseException as e:
             self.error = e
             self._abandon_step()
@@ -171,6 +173,16 @@ class BaseTrainer(Checkpointing, ABC):
         finally:
             self._call("on_train_end")
         return self.state
+
+    def _check_something_trained(self, first_step: int) -> None:
+        """A run that took steps and applied no update at all (every loss or gradient non-finite: a NaN setting, a
+        broken model) has trained nothing; that is an error, not a success. A callback that stopped it (e.g.
+        TerminateOnNonFinite) has said so already."""
+        steps = self.state.global_step - first_step
+        if steps and self.state.updates == 0 and not self.state.should_stop:
+            raise RuntimeError(f"{type(self).__name__}: all {steps} steps of the run were skipped, because the loss or "
+                               "a gradient was not finite at every one (a NaN or inf setting, input or weight?): "
+                               "nothing was trained")
 
     def _run_epoch(self) -> bool:
         """The epoch's remaining steps; True when every step of the epoch has run (it is then closed,

@@ -66,9 +66,11 @@ def run_paper(args, parser: argparse.ArgumentParser) -> int:
     except (KeyError, ConfigError) as e:
         return error(e, 2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError
+
     try:
         out = module.run(config)
-    except ConfigError as e:  # found once the output folder is read (other settings there)
+    except (ConfigError, CheckpointError) as e:  # found once the output folder is read (other settings there)
         return error(e, 2)
     except OutputLockError as e:
         return error(e, 1)

@@ -78,7 +78,9 @@ def run_one(cfg: Config, weight_decay: float, train: list[dict], val: list[dict]
     if state.interrupted:
         raise KeyboardInterrupt(f"{run_dir.name} was interrupted at step {state.global_step} and checkpointed; "
                                 "run the same command again to continue")
-    history = state.val_history
+    history = list(state.val_history)
+    if not history or history[-1]["step"] != state.global_step:  # a run shorter than val_every: measure its end
+        history.append({"epoch": state.epoch, "step": state.global_step, **trainer.validate()})
     train_step, val_step = (first_step(history, k, cfg.target_acc) for k in ("val/train_acc", "val/acc"))
     return {"weight_decay": weight_decay, "train_acc_99_step": train_step, "val_acc_99_step": val_step,
             "ratio": round(val_step / train_step, 1) if train_step and val_step else None,
@@ -88,6 +90,9 @@ def run_one(cfg: Config, weight_decay: float, train: list[dict], val: list[dict]
 
 
 def run(cfg: Config) -> Path:
+    if cfg.weight_decay != SFTConfig.weight_decay:  # each run's weight decay comes from weight_decays
+        raise ConfigError(f"weight_decay: grokking trains one run per value of weight_decays, which sets each run's "
+                          f"weight decay; set weight_decays=[{cfg.weight_decay:g}] instead")
     # One intra-op thread: on a shared 2-core machine a second thread made steps slower, not faster.
     torch.set_num_threads(1)
     out = Path(cfg.output_dir)
@@ -105,7 +110,9 @@ def run(cfg: Config) -> Path:
 
 def write_results(out: Path, cfg: Config, rows: list[dict], n_train: int, n_val: int) -> None:
     setup = {"modulus": cfg.modulus, "operation": cfg.operation, "train_fraction": cfg.train_fraction,
-             "train_examples": n_train, "val_examples": n_val, "max_steps": cfg.max_steps}
+             "train_examples": n_train, "val_examples": n_val, "max_steps": cfg.max_steps,
+             "settings": json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                                if k not in cfg.resume_may_change}))}
     (out / "results.json").write_text(json.dumps({"paper": PAPER, "setup": setup, "rows": rows}, indent=1) + "\n")
     (out / "results.md").write_text(results_table(cfg, rows))
     plot_curves(cfg, rows, out / "results.png")

@@ -72,6 +72,11 @@ class Config(RLConfig):
 
 
 def run(cfg: Config) -> Path:
+    for key in ("advantage", "aggregation"):  # replaced per method: an override of them would be thrown away
+        if getattr(cfg, key) != getattr(RLConfig, key):
+            raise ConfigError(f"{key}: rlvr takes each RL method's {key} from `methods` ("
+                              + ", ".join(f"{m}: {v[key]}" for m, v in METHODS.items())
+                              + "); choose the methods with methods=[...]")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
@@ -80,10 +85,12 @@ def run(cfg: Config) -> Path:
     train, held_out = split_problems(cfg.held_out, cfg.data_seed)
     start = time.perf_counter()
     models, seconds = {}, {}
-    models["sft"], seconds["sft"] = stage(out / "sft", lambda folder: sft_trainer(cfg, tokenizer, train, folder))
+    models["sft"], seconds["sft"] = stage(out / "sft", lambda folder: sft_trainer(cfg, tokenizer, train, folder),
+                                          sft_settings(cfg))
     for method in cfg.methods:
         models[method], seconds[method] = stage(
-            out / method, lambda folder: rl_trainer(cfg, tokenizer, train, method, folder, out / "sft" / "model"))
+            out / method, lambda folder: rl_trainer(cfg, tokenizer, train, method, folder, out / "sft" / "model"),
+            {**settings(cfg), "method": method})
     rows = []
     for name, model in models.items():
         scores = evaluate(model, tokenizer, held_out, cfg.eval_samples, cfg.eval_temperature, cfg.max_new_tokens,
@@ -93,18 +100,42 @@ def run(cfg: Config) -> Path:
         print(f"{name:8s} greedy {100 * scores['greedy_acc']:5.1f}%  {shown}", flush=True)
     seconds["total"] = round(time.perf_counter() - start, 1)
     write_results(out, PAPER, rows, {"held_out": cfg.held_out, "eval_samples": cfg.eval_samples,
-                                     "eval_temperature": cfg.eval_temperature, "seconds": seconds})
+                                     "eval_temperature": cfg.eval_temperature, "seconds": seconds,
+                                     "settings": settings(cfg)})
     return out
 
 
-def stage(folder: Path, build) -> tuple[object, float]:
-    """Train one stage in `folder` (continuing its checkpoints if a signal or a time limit stopped it), save its final model to
-    `folder/model`; a stage whose model is already there is loaded instead. Returns (model, training seconds)."""
+SFT_KEYS = ("hidden_size", "num_layers", "held_out", "data_seed", "sft_steps", "sft_batch_size", "sft_lr", "seed",
+            "num_threads")
+
+
+def settings(cfg: Config) -> dict:
+    """Every key that changes what a stage trains (not which stages run, how they are scored, logged or saved)."""
+    free = set(cfg.resume_may_change)
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}))
+
+
+def sft_settings(cfg: Config) -> dict:
+    return {k: v for k, v in settings(cfg).items() if k in SFT_KEYS}
+
+
+def stage(folder: Path, build, stage_settings: dict) -> tuple[object, float]:
+    """Train one stage in `folder` (continuing its checkpoints if a signal or a time limit stopped it), save its
+    final model to `folder/model` and its settings beside it; a stage finished with these same settings is loaded
+    instead, one finished with others is refused (naming the key). Returns (model, training seconds)."""
     from transformers import AutoModelForCausalLM
 
-    done = folder / "model"
+    done, record = folder / "model", folder / "stage.json"
     if (done / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(done).eval(), json.loads((folder / "seconds.json").read_text())
+        recorded = json.loads(record.read_text())["settings"] if record.exists() else None
+        if recorded != stage_settings:
+            key = next((k for k in stage_settings if recorded is not None and recorded.get(k) != stage_settings[k]),
+                       None)
+            why = (f"was trained with {key}={recorded.get(key)!r}, this command asks for {stage_settings[key]!r}"
+                   if key else "records no settings it was trained with")
+            raise ConfigError(f"{key or 'output_dir'}: the finished {folder.name} stage in {folder} {why}; use "
+                              f"another output_dir, or remove {folder} to train it again")
+        return AutoModelForCausalLM.from_pretrained(done).eval(), json.loads(record.read_text())["seconds"]
     trainer = build(folder)
     start = time.perf_counter()
     state = trainer.fit(resume="auto")  # continues a stage a signal or a time limit stopped
@@ -113,7 +144,7 @@ def stage(folder: Path, build) -> tuple[object, float]:
                                 "same command again to continue")
     seconds = time.perf_counter() - start
     trainer.unwrapped_model.save_pretrained(done)
-    (folder / "seconds.json").write_text(json.dumps(seconds))
+    record.write_text(json.dumps({"settings": stage_settings, "seconds": seconds}, indent=1) + "\n")
     return trainer.unwrapped_model.eval(), seconds
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..base import BaseTrainer
@@ -41,6 +42,7 @@ class LMConfig(TrainerConfig):
     """TrainerConfig plus what every language-model trainer takes."""
 
     lora: Optional[LoraSettings] = None  # LoRA adapters through peft (the `lora` extra); None: full fine-tuning
+    split_special_tokens: bool = False  # read control tokens typed in prompts, completions and texts as plain text
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
@@ -67,9 +69,33 @@ def call_scorer(fn, *args, name: str, where: str) -> float:
         value = fn(*args)
     except Exception as e:
         raise RuntimeError(f"{name} raised {type(e).__name__} on {where}: {e}") from e
-    if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} returned {value!r:.40} on {where}: a score is a finite number")
-    return float(value)
+    number = as_score(value)
+    if number is None:
+        raise ValueError(f"{name} returned {value!r:.40} on {where}: a score is a finite number, at most "
+                         f"{SCORE_LIMIT:.3g} in size (bool, int, float, a numpy number or a one-element tensor)")
+    return number
+
+
+# Scores are trained on in float32: past its range a reward overflows to inf somewhere later, naming nothing.
+SCORE_LIMIT = float(torch.finfo(torch.float32).max)
+
+
+def as_score(value) -> float | None:
+    """`value` as a float when it is one finite real number within float32's range (bools, numpy numbers and
+    one-element real tensors included), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.item()
+    elif isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int such as 10**400
+        return None
+    return number if math.isfinite(number) and abs(number) <= SCORE_LIMIT else None
 
 
 class LMTrainer(BaseTrainer):
@@ -82,6 +108,7 @@ class LMTrainer(BaseTrainer):
         if not isinstance(config, LMConfig):
             raise TypeError(f"config must be an LMConfig (SFTConfig, RLConfig), got {type(config).__name__}")
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
+        check_vocabulary(model, tokenizer)
         if config.lora is not None:
             from accelerate import PartialState  # the trainer's Accelerator is made after the model is wrapped
 
@@ -96,6 +123,21 @@ class LMTrainer(BaseTrainer):
 
     def compute_fingerprints(self) -> dict[str, str]:
         return {"tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+    def check_positions(self, longest: int, what: str) -> None:
+        """A sequence of `longest` positions against the model's context (`max_position_embeddings`): past it a
+        learned position table has no row (an IndexError deep in torch), so that is an error now; rotary
+        positions go on, past what the model was trained on, so that is a warning."""
+        config = getattr(self.unwrapped_model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not limit or longest <= limit:
+            return
+        rotary = any(getattr(config, key, None) is not None for key in ("rope_theta", "rope_scaling", "rope_parameters"))
+        message = (f"{what} is {longest} positions, more than the model's max_position_embeddings={limit}")
+        if not rotary:
+            raise ValueError(f"{message}: its learned position table has no row for the rest; shorten them "
+                             "(max_length, max_new_tokens)")
+        log.warning("%s: its rotary positions go on past what it was trained on", message)
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
@@ -126,6 +168,17 @@ class LMTrainer(BaseTrainer):
         """The ids a completion continues: a prompt string with the tokenizer's special tokens (BOS), or chat
         messages rendered with the template's generation prompt."""
         return prompt_ids(prompt, self.tokenizer)
+
+
+def check_vocabulary(model, tokenizer) -> None:
+    """Every id the tokenizer can produce must have a row in the model's input embedding (else an IndexError deep
+    inside torch names nothing)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and rows < len(tokenizer):
+        raise ValueError(f"model: its input embedding has {rows} rows but the tokenizer has {len(tokenizer)} tokens, so "
+                         f"ids from {rows} on have no embedding; resize it first (model.resize_token_embeddings("
+                         "len(tokenizer))) or use the tokenizer the model was built for")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

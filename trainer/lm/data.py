@@ -28,13 +28,19 @@ produce it to produce the completion). A BOS that the tokenizer adds is position
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SHAPES = {"prompt_completion": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
 ROLES = ("system", "user", "assistant")
@@ -74,8 +80,12 @@ def load_examples(source) -> Sequence[Mapping]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -90,42 +100,69 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------- tokenization
 
-def tokenize_examples(examples, tokenizer, max_length: int, train_prompt: bool = False
-                      ) -> tuple[list[TokenizedExample], list[tuple[int, str]]]:
+def tokenize_examples(examples, tokenizer, max_length: int, train_prompt: bool = False,
+                      split_special_tokens: bool = False) -> tuple[list[TokenizedExample], list[tuple[int, str]]]:
     """Tokenize and mask every example; returns (kept examples, skipped as (index, reason)).
 
     `examples`: anything `load_examples` takes. `max_length`: the most positions (tokens the model reads) one
     example keeps; a longer one keeps its start and counts the cut in `truncated`. An example left with no
     trained token is skipped, never kept as a zero-weight row. A malformed example raises `ValueError`
     naming its index. `train_prompt=True` trains prompt tokens of prompt/completion examples too.
+    `split_special_tokens=True` reads control tokens typed in a prompt, completion or text (`<|end|>` in a
+    user's message) as plain text; otherwise they are read as the control tokens they spell, and warned about.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: the loss mask needs its offsets")
     examples = load_examples(examples)
-    kept, skipped = [], []
+    kept, skipped, typed = [], [], []
     for index in range(len(examples)):
-        example = tokenize_example(examples[index], tokenizer, max_length, train_prompt, index)
+        example = tokenize_example(examples[index], tokenizer, max_length, train_prompt, index, split_special_tokens)
+        if not split_special_tokens and (found := typed_control_token(examples[index], tokenizer)):
+            typed.append((index, found))
         if example.num_trained > 0:
             kept.append(example)
         else:
             cut = f" after truncation to max_length={max_length} (cut {example.truncated} tokens)"
             skipped.append((index, "no trained tokens" + (cut if example.truncated else "")))
+    if typed:
+        log.warning("%d example(s) hold control tokens typed as text (first: example %d, %r); they are read as the "
+                    "control tokens they spell (split_special_tokens=True reads them as text in prompt/completion "
+                    "and text examples)", len(typed), *typed[0])
     return kept, skipped
 
 
+def typed_control_token(example, tokenizer) -> str | None:
+    """The first of the tokenizer's special tokens (BOS, EOS, chat markers) spelled out inside an example's text,
+    or None."""
+    specials = [t for t in tokenizer.all_special_tokens if t] + [
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    texts = [example.get(k) for k in ("prompt", "completion", "text")] + [
+        m.get("content") for m in example.get("messages") or [] if isinstance(m, Mapping)]
+    return next((t for text in texts if isinstance(text, str) for t in specials if t in text), None)
+
+
 def tokenize_example(example, tokenizer, max_length: int, train_prompt: bool = False,
-                     index: int = 0) -> TokenizedExample:
+                     index: int = 0, split_special_tokens: bool = False) -> TokenizedExample:
     """One example -> a `TokenizedExample` (possibly with no trained token: `tokenize_examples` skips those)."""
     shape = example_shape(example, index)
+    if shape == "chat" and split_special_tokens:
+        raise ValueError(f"example {index}: split_special_tokens cannot apply to a chat, whose template writes "
+                         "control tokens of its own into the text; remove typed control tokens from its contents")
     if shape == "chat":
         text, spans = chat_spans(example["messages"], tokenizer, index)
         ids, mask = _encode(tokenizer, text, spans, add_special_tokens=False)
     else:
         text = example["prompt"] + example["completion"] if shape == "prompt_completion" else example["text"]
         start = len(example["prompt"]) if shape == "prompt_completion" and not train_prompt else 0
-        ids, mask = _encode(tokenizer, text, [(start, len(text))], add_special_tokens=True)
+        ids, mask = _encode(tokenizer, text, [(start, len(text))], add_special_tokens=True,
+                            split=split_special_tokens)
+        if shape == "prompt_completion" and not train_prompt and mask[:1] == [True]:
+            # Position 0 is never a target: the completion's first token would silently never be trained.
+            raise ValueError(f"example {index}: its completion starts the token sequence (an empty prompt, and a "
+                             "tokenizer that adds no BOS), so its first token has nothing to be predicted from; give "
+                             "it a prompt, or use a tokenizer that adds a BOS")
         if tokenizer.eos_token_id is None:
             raise ValueError(f"example {index}: the tokenizer has no eos_token to end the {shape} with")
         if not ids or ids[-1] != tokenizer.eos_token_id:
@@ -142,6 +179,8 @@ def example_shape(example, index: int) -> str:
     """Which of the three shapes `example` is ("prompt_completion", "chat", "text"); ValueError if none."""
     if not isinstance(example, Mapping):
         raise ValueError(f"example {index}: expected a dict, got {type(example).__name__}")
+    # A key holding None counts as absent: a datasets.Dataset of mixed shapes fills each row's missing columns so.
+    example = {k: v for k, v in example.items() if v is not None}
     present = [name for name, keys in SHAPES.items() if any(k in example for k in keys)]
     if not present:
         raise ValueError(f"example {index}: needs 'prompt' and 'completion', 'messages', or 'text'; "
@@ -160,6 +199,7 @@ def example_shape(example, index: int) -> str:
     for key in SHAPES[shape]:
         if not isinstance(example[key], str):
             raise ValueError(f"example {index}: {key!r} must be a string, got {type(example[key]).__name__}")
+        _check_text(example[key], f"example {index}: {key!r}")
     last = SHAPES[shape][-1]
     if not example[last]:
         raise ValueError(f"example {index}: empty {last!r}: nothing to train on")
@@ -167,18 +207,35 @@ def example_shape(example, index: int) -> str:
 
 
 def _check_messages(messages, index: int) -> None:
+    check_messages(messages, f"example {index}")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"example {index}: a chat with no assistant turn has nothing to train on")
+
+
+def check_messages(messages, name: str) -> None:
+    """A chat: a non-empty list of {"role", "content"} dicts, known roles, text contents; else an error naming the
+    example (`name`) and the message."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"example {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
+        raise ValueError(f"{name}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
     for turn, message in enumerate(messages):
-        where = f"example {index}, message {turn}"
+        where = f"{name}, message {turn}"
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {message!r:.80}")
         if message["role"] not in ROLES:
             raise ValueError(f"{where}: unknown role {message['role']!r} (expected one of {ROLES})")
         if not isinstance(message["content"], str):
             raise ValueError(f"{where}: 'content' must be a string, got {type(message['content']).__name__}")
-    if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError(f"example {index}: a chat with no assistant turn has nothing to train on")
+        _check_text(message["content"], f"{where}: 'content'")
+
+
+def _check_text(text: str, where: str) -> None:
+    """Text a tokenizer can take: a lone surrogate (from a JSON escape such as \\ud800) is not UTF-8, and would
+    fail deep inside the tokenizer without saying which example holds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: holds {text[e.start:e.end]!r} at character {e.start}, which is not valid "
+                         "Unicode text (a lone surrogate)") from None
 
 
 def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, list[tuple[int, int]]]:
@@ -208,27 +265,76 @@ def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, li
     return full, spans
 
 
-def prompt_ids(prompt: str | list[dict], tokenizer) -> list[int]:
+def prompt_ids(prompt: str | list[dict], tokenizer, split_special_tokens: bool = False) -> list[int]:
     """The token ids a model continues from: a prompt string with the tokenizer's special tokens (BOS), or
-    chat messages rendered with the template's generation prompt (the template adds its own specials)."""
+    chat messages rendered with the template's generation prompt (the template adds its own specials).
+    `split_special_tokens`: control tokens typed in a prompt string are read as text."""
     if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(prompt, split_special_tokens=split_special_tokens)["input_ids"]
+    text = render_chat(tokenizer, prompt, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, index: int) -> str:
-    try:
+# A chat template is code that ships with a tokenizer (a checkpoint's, a hub folder's): one with nested long loops
+# would hang the trainer's construction. Rendering one conversation takes microseconds; this is a hang.
+RENDER_SECONDS = 10.0
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str = "a conversation") -> str:
+    """The chat template's text of `messages`, or a ValueError naming `where` when the template fails or runs
+    past RENDER_SECONDS (checked on the main thread, with SIGALRM, when no other timer is set; elsewhere the
+    template runs unbounded)."""
+    def render():
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    try:
+        with _time_limit(RENDER_SECONDS):
+            return render()
+    except _TemplateTimeout:
+        raise ChatTemplateTimeout(f"{where}: the tokenizer's chat template ran for more than {RENDER_SECONDS:g} s rendering "
+                         "one conversation (a template with runaway loops?); fix or replace tokenizer.chat_template"
+                         ) from None
     except Exception as e:  # a template's raise_exception (e.g. roles must alternate) or a Jinja error
-        raise ValueError(f"example {index}: the chat template failed: {e}") from e
+        raise ValueError(f"{where}: the chat template failed: {e}") from e
 
 
-def _encode(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool
+class _TemplateTimeout(Exception):
+    pass
+
+
+class ChatTemplateTimeout(ValueError):
+    """A chat template ran past RENDER_SECONDS."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    usable = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, index: int) -> str:
+    return render_chat(tokenizer, messages, add_generation_prompt, where=f"example {index}")
+
+
+def _encode(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool, split: bool = False
             ) -> tuple[list[int], list[bool]]:
     """Token ids of `text` and whether each token overlaps a span; tokens the post-processor added (BOS)
-    are never trained."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    are never trained. `split`: control tokens spelled in the text are read as text."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                    split_special_tokens=split)
     mask = [source is not None and any(_overlaps(start, end, a, b) for a, b in spans)
             for source, (start, end) in zip(enc.sequence_ids(), enc["offset_mapping"])]
     return list(enc["input_ids"]), mask

@@ -19,6 +19,7 @@ with padding (dropping them would reallocate the cache for little gain at RL len
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Sequence
@@ -27,6 +28,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from .data import ChatTemplateTimeout, render_chat
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Samples", "sample", "default_stop_token_ids", "draw", "top_p_filter", "left_pad", "GrowingLayer",
            "growing_cache"]
@@ -190,26 +195,44 @@ def growing_cache(config) -> DynamicCache:
 
 def default_stop_token_ids(tokenizer, model) -> list[int]:
     """Generation stops at EOS (the tokenizer's and the model's generation config's) and, for a chat template,
-    at the token it writes right after an assistant's content (the end-of-turn marker, e.g. `<|end|>`)."""
+    at the token it writes right after an assistant's content (the end-of-turn marker, e.g. `<|end|>`), found by
+    rendering a probe conversation. A template that ignores `add_generation_prompt` (it writes no assistant
+    header for generation) is warned about: its end-of-turn marker is still found and stops generation."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     if tokenizer.chat_template is not None:
-        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        try:
-            before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
-            through = tokenizer.apply_chat_template(probe, tokenize=False)
-        except Exception:  # a template that needs other roles or fields: EOS alone then
-            before = through = ""
-        if through.startswith(before + "a") and len(through) > len(before) + 1:
-            marker = tokenizer(through[len(before) + 1:], add_special_tokens=False)["input_ids"]
-            ids.update(marker[:1])
+        ids.update(_end_of_turn(tokenizer))
     ids = sorted(i for i in ids if i is not None)
     if not ids:
         raise ValueError("the tokenizer has no eos_token and the model's generation config names none: generation "
                          "could not stop; give the tokenizer an eos_token (SFTTrainer and RLTrainer also take "
                          "stop_token_ids=[...])")
     return ids
+
+
+PROBE = "Zq7xK"  # an assistant content that no template writes by itself
+
+
+def _end_of_turn(tokenizer) -> list[int]:
+    """The first token the chat template writes after an assistant's content, or none when it writes nothing or
+    the probe conversation is one the template refuses (then EOS alone stops)."""
+    user = [{"role": "user", "content": "q"}]
+    try:
+        through = render_chat(tokenizer, [*user, {"role": "assistant", "content": PROBE}], False, "stop-token probe")
+        with_prompt = render_chat(tokenizer, user, True, "stop-token probe")
+        without = render_chat(tokenizer, user, False, "stop-token probe")
+    except ChatTemplateTimeout:
+        raise
+    except ValueError:  # a template that needs other roles or fields
+        return []
+    if with_prompt == without:
+        log.warning("the chat template ignores add_generation_prompt: a prompt rendered for generation ends without "
+                    "the assistant's header, so the model writes it; generation stops at the template's end-of-turn "
+                    "marker all the same (pass stop_token_ids=[...] to choose)")
+    end = through.rfind(PROBE)
+    after = through[end + len(PROBE):] if end >= 0 else ""
+    return tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after else []
 
 
 def draw(logits_N_V: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,

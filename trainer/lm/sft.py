@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..evaluation import Weighted
 from ..plans import EpochPlan, eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
-from .data import TokenizedExample, load_examples, pad_batch, prompt_ids, tokenize_examples
+from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
 from .losses import cross_entropy
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
 
@@ -107,10 +107,12 @@ class SFTTrainer(LMTrainer):
         if eval_fn is not None:
             if val is None:
                 raise ValueError("eval_fn: scores generations on val_data, but no val_data was given")
-            self._prompts = [generation_prompt(self.val_source[e.index], tokenizer) for e in val]
+            self._prompts = [generation_prompt(self.val_source[e.index], tokenizer, e.index, config.split_special_tokens)
+                             for e in val]
         super().__init__(model, config, tokenizer, train_data=train, val_data=val, callbacks=callbacks,
                          stop_token_ids=stop_token_ids)
         self.lengths = [len(example) for example in train]
+        self.check_positions(max(self.lengths + [len(e) for e in val or []]), "the longest example")
         self.compile_seconds = 0.0
         # dynamic=True: padded lengths and packed row counts vary per step; marking them dynamic up front
         # compiles once instead of once per shape. Generation keeps the uncompiled model.
@@ -121,7 +123,8 @@ class SFTTrainer(LMTrainer):
         """`examples` (train_data or val_data, as `name` says) as masked token sequences; skips are counted in
         `self.skipped[name]` and logged. Override to change the mask of a paper's examples."""
         config = self.config
-        kept, skipped = tokenize_examples(examples, self.tokenizer, config.max_length, config.train_prompt)
+        kept, skipped = tokenize_examples(examples, self.tokenizer, config.max_length, config.train_prompt,
+                                          config.split_special_tokens)
         self.skipped[name] = skipped
         if skipped:
             log.warning("%s: skipped %d of %d examples with nothing to train (first: example %d, %s)", name,
@@ -222,12 +225,13 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def generation_prompt(example: dict, tokenizer) -> list[int]:
+def generation_prompt(example: dict, tokenizer, index: int = 0, split_special_tokens: bool = False) -> list[int]:
     """The token ids a model continues from to answer `example`: a prompt/completion's prompt (with the
     tokenizer's BOS), or a chat rendered up to its last assistant turn with the generation prompt."""
-    if "prompt" in example:
-        return prompt_ids(example["prompt"], tokenizer)
-    if "messages" in example:
+    shape = example_shape(example, index)
+    if shape == "prompt_completion":
+        return prompt_ids(example["prompt"], tokenizer, split_special_tokens)
+    if shape == "chat":
         messages = example["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         return prompt_ids(messages[:last], tokenizer)

@@ -45,6 +45,7 @@ import torch
 from ..config import ConfigError
 from ..plans import Step, check_dataset, mixed_seed
 from ..lm.base import LMConfig, LMTrainer, call_scorer, digest
+from ..lm.data import check_messages, prompt_ids
 from ..lm.losses import token_entropy
 from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, zero_std_fraction
 from .losses import AGGREGATIONS, POLICY_LOSSES, aggregation_weights, masked_mean, policy_loss
@@ -55,6 +56,9 @@ __all__ = ["RLConfig", "RLTrainer"]
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[object, str, Mapping], float]
+
+# logits / temperature must stay finite in float32 and bfloat16 (~3e38) for logits of any size a model produces.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,9 @@ class RLConfig(LMConfig):
         for key in ("max_new_tokens", "inner_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0 < self.temperature < math.inf:
-            raise ConfigError(f"temperature: must be > 0 (training scores softmax(logits / temperature)), got "
+        if not MIN_TEMPERATURE <= self.temperature < math.inf:
+            raise ConfigError(f"temperature: must be >= {MIN_TEMPERATURE:g} (training scores softmax(logits / "
+                              "temperature), and a smaller one makes logits overflow to inf), got "
                               f"{self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
@@ -142,11 +147,15 @@ class RLTrainer(LMTrainer):
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
         self.reward_fns, self.reward_names, weights_F = check_rewards(reward_fns, reward_weights)
-        for name, data in (("train_data", train_data), ("val_data", val_data)):  # before anything is built
-            for i in range(check_dataset(name, data) if data is not None else 0):
-                check_prompt(data[i], f"{name} example {i}")
+        # Every prompt tokenized up front, before anything is built: a bad one is an error naming it now, not at
+        # the step that first samples it; the training prompts' ids are kept for the rollouts.
+        split = config.split_special_tokens
+        self.train_prompt_ids = tokenize_prompts(train_data, tokenizer, "train_data", split)
+        val_prompt_ids = tokenize_prompts(val_data, tokenizer, "val_data", split)
         super().__init__(model, config, tokenizer, train_data=train_data, val_data=val_data, callbacks=callbacks,
                          stop_token_ids=stop_token_ids)
+        longest = max(map(len, self.train_prompt_ids + val_prompt_ids)) + config.max_new_tokens
+        self.check_positions(longest, "the longest prompt plus max_new_tokens")
         self.reward_weights_F = weights_F.to(self.device)
         if config.disable_dropout:
             disable_dropout(self.unwrapped_model)
@@ -158,9 +167,8 @@ class RLTrainer(LMTrainer):
                 p for p in self.unwrapped_model.parameters() if not p.requires_grad)
             self._reference_sum = weight_checksum(frozen)
         # Each process draws its own completions; its stream is checkpointed with the RNG state.
-        seed = mixed_seed(config.seed, self.rank, 0x5A4D)
         self.sampling_generator = self.register_generator(
-            "sampling", torch.Generator(device=self.device).manual_seed(seed))
+            "sampling", torch.Generator(device=self.device).manual_seed(sampling_seed(config.seed, self.rank)))
 
     def compute_fingerprints(self) -> dict[str, str]:
         """The tokenizer's, the training prompts' (every example, metadata included) and the reward functions'
@@ -203,7 +211,7 @@ class RLTrainer(LMTrainer):
         c = self.config
         examples = self.fetch(indices)
         names = [f"train example {i}" for i in indices.tolist()]
-        prompt_ids_P = [self.prompt_ids(example[check_prompt(example, name)]) for example, name in zip(examples, names)]
+        prompt_ids_P = [self.train_prompt_ids[i] for i in indices.tolist()]
         start = time.perf_counter()
         samples = self.generate(prompt_ids_P, c.num_generations, max_new_tokens=c.max_new_tokens,
                                 temperature=c.temperature, top_p=c.top_p, generator=self.sampling_generator)
@@ -224,8 +232,10 @@ class RLTrainer(LMTrainer):
             prompt = example.get("prompt", example.get("messages"))
             where = f"{names[n // G]} (prompt {prompt!r:.80}, completion {completion!r:.80})"
             for f, (fn, fn_name) in enumerate(zip(self.reward_fns, self.reward_names)):
-                rewards_N_F[n, f] = call_scorer(fn, prompt, completion, example, name=f"reward function {fn_name!r}",
-                                                where=where)
+                # Copies: a reward function that edits what it is given must not edit train_data (a resumed run,
+                # which reads the data afresh, would then score other examples) nor the next function's view.
+                rewards_N_F[n, f] = call_scorer(fn, copy.deepcopy(prompt), completion, copy.deepcopy(example),
+                                                name=f"reward function {fn_name!r}", where=where)
         return rewards_N_F.to(self.device)
 
     def update_shares(self, minibatches: list[list[dict]]) -> list[list[float]]:
@@ -312,7 +322,8 @@ class RLTrainer(LMTrainer):
     def validation_step(self, batch: list) -> dict:
         """Greedy completions of the validation prompts, scored: `val/reward` (weighted total), `val/reward/<fn>`,
         `val/completion_len`."""
-        prompt_ids_P = [self.prompt_ids(example[check_prompt(example, "validation example")]) for example in batch]
+        prompt_ids_P = [prompt_of(example, self.tokenizer, "validation example", self.config.split_special_tokens)
+                        for example in batch]
         samples = self.generate(prompt_ids_P, max_new_tokens=self.config.max_new_tokens)  # greedy
         completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
         rewards_N_F = self.score(batch, completions_N, [f"validation example {p!r:.60}" for p in prompt_ids_P])
@@ -366,14 +377,37 @@ def check_rewards(reward_fns, reward_weights) -> tuple[list, list[str], torch.Te
     return fns, names, torch.tensor(weights, dtype=torch.float64)
 
 
+def sampling_seed(seed: int, rank: int) -> int:
+    """The seed of a process's sampling stream: one per (run seed, process), so processes draw different
+    completions of the same prompt."""
+    return mixed_seed(seed, rank, 0x5A4D)
+
+
 def check_prompt(example, name: str) -> str:
     """Which shape an RL prompt has, "prompt" or "messages"; anything else is an error naming the example."""
     if isinstance(example, Mapping) and isinstance(example.get("prompt"), str) and example["prompt"]:
         return "prompt"
     if isinstance(example, Mapping) and isinstance(example.get("messages"), list) and example["messages"]:
+        check_messages(example["messages"], name)
         return "messages"
     found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
     raise ValueError(f"{name}: an RL prompt is a dict with a non-empty 'prompt' string or 'messages' list; got {found}")
+
+
+def prompt_of(example, tokenizer, name: str, split_special_tokens: bool = False) -> list[int]:
+    """The token ids a completion of the RL prompt `example` continues, or an error naming it."""
+    ids = prompt_ids(example[check_prompt(example, name)], tokenizer, split_special_tokens)
+    if not ids:
+        raise ValueError(f"{name}: its prompt tokenizes to no tokens at all, so there is nothing to continue")
+    return ids
+
+
+def tokenize_prompts(data, tokenizer, name: str, split_special_tokens: bool = False) -> list[list[int]]:
+    """Every prompt of `data` (a map-style dataset, or None) as token ids, each checked."""
+    if data is None:
+        return []
+    return [prompt_of(data[i], tokenizer, f"{name} example {i}", split_special_tokens)
+            for i in range(check_dataset(name, data))]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
