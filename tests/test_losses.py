@@ -140,3 +140,26 @@ def test_the_same_comparison_catches_the_leak_when_use_cache_is_left_to_the_conf
            - per_example_losses(leaky_logprobs(padded), padded)).abs()
     assert gap.max() > 1e-3  # the packed-vs-padded check above would fail
     assert gap[0] < 1e-12  # a row's first example sees nothing before it: only later ones leak
+
+
+def test_the_output_layer_runs_on_trained_positions_only_and_scores_them_as_the_full_logits_do(packing_setup):
+    """The prompts and the padding cost nothing past the last layer: the output layer sees N trained positions,
+    and their log-probs and gradients are those of the full (B, T, V) computation, in float64 to 1e-12."""
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2).double()
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    trained = batch["weights"] != 0
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    logprobs, logits = forward_logprobs(model, batch)
+    handle.remove()
+    assert seen == [torch.Size([1, int(trained.sum()), 32])] and int(trained.sum()) < trained.numel()
+    assert logits.shape == (int(trained.sum()), len(tok)) and bool((logprobs[~trained] == 0).all())
+    full, full_logits = forward_logprobs(model, batch, only_trained=False)
+    assert full_logits.shape == (*trained.shape, len(tok))
+    torch.testing.assert_close(logprobs[trained], full[trained], rtol=0, atol=1e-12)
+    loss, full_loss = cross_entropy(logprobs, batch), cross_entropy(full, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
+    for g, f in zip(grads, full_grads):
+        torch.testing.assert_close(g, f, rtol=0, atol=1e-12)

@@ -147,8 +147,9 @@ class LMTrainer(BaseTrainer):
         self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
 
     def forward(self, batch: dict, model=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs (B, T) of the batch's targets, logits (B, T, V)) under softmax(logits / temperature), from
-        `model` (default: the trained one), under autocast when `precision` asks."""
+        """(log-probs (B, T) of the batch's targets, logits (N, V) of its N trained positions) under
+        softmax(logits / temperature), from `model` (default: the trained one), under autocast when `precision`
+        asks: `lm.losses.forward_logprobs`, which runs the output layer on trained positions only."""
         with self.autocast():
             return forward_logprobs(self.model if model is None else model, batch, temperature)
 

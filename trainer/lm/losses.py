@@ -97,18 +97,53 @@ def cross_entropy(logprobs_B_T: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     return -(logprobs_B_T * weights_B_T).sum() / weights_B_T.sum().clamp_min(torch.finfo(weights_B_T.dtype).tiny)
 
 
-def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0
+def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, only_trained: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each target token's log-probability under a transformers causal LM, softmax(logits / temperature):
-    (logprobs (B, T) in float32 at least, logits (B, T, V) as the model returned them, divided by the
-    temperature). `model` is the module or any callable with its signature (a compiled or DDP-wrapped one).
+    """Each target token's log-probability under a transformers causal LM, softmax(logits / temperature): returns
+    (logprobs (B, T) in float32 at least, logits divided by the temperature). `model` is the module or a
+    wrapper of it (DDP, peft, torch.compile).
+
+    Only positions with a nonzero weight are scored (`only_trained`): a hook on the model's output layer hands it
+    just those positions' hidden states, so the output layer and the log-softmax run on them alone (an SFT batch
+    trains ~1/4 of its positions: the prompts and the padding cost nothing past the last layer). The logits
+    returned are then (N, V), N = the trained positions in row-major order of `weights != 0`, and the log-probs
+    of untrained positions are 0. With `only_trained=False` (or a model without an output layer to hook, or a
+    compiled one, whose graph would break on the data-dependent shape) the logits are (B, T, V) and every
+    position is scored.
 
     `use_cache=False` is what keeps packed examples apart: without a cache, transformers reads example
     boundaries from `position_ids` (restarting at 0) and builds a block-diagonal causal mask; with the
     config's default `use_cache=True` it makes a cache, skips that, and packed examples attend to each other.
     No attention mask is passed: padding is only ever at the end of a row or of its own block.
     """
-    logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    if temperature != 1.0:
-        logits_B_T_V = logits_B_T_V / temperature
-    return token_logprobs(logits_B_T_V, batch["target_tokens"]), logits_B_T_V
+    head = _output_layer(model) if only_trained else None
+    if head is None:
+        logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        if temperature != 1.0:
+            logits_B_T_V = logits_B_T_V / temperature
+        return token_logprobs(logits_B_T_V, batch["target_tokens"]), logits_B_T_V
+    trained_B_T = batch["weights"] != 0
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][trained_B_T][None], *args[1:]))
+    try:
+        logits_1_N_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    finally:
+        handle.remove()
+    logits_N_V = logits_1_N_V[0] if temperature == 1.0 else logits_1_N_V[0] / temperature
+    logprobs_N = token_logprobs(logits_N_V, batch["target_tokens"][trained_B_T])
+    return at_positions(logprobs_N, trained_B_T), logits_N_V
+
+
+def at_positions(values_N: torch.Tensor, trained_B_T: torch.Tensor) -> torch.Tensor:
+    """Values of the trained positions (N,), in row-major order, back in their (B, T) places; 0 elsewhere.
+    Differentiable in `values_N`."""
+    return values_N.new_zeros(trained_B_T.shape).masked_scatter(trained_B_T, values_N)
+
+
+def _output_layer(model) -> torch.nn.Module | None:
+    """The module that turns final hidden states into logits (a transformers model's `get_output_embeddings()`),
+    through DDP and peft wrappers; None for a compiled model or one without it."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return None
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    get = getattr(inner, "get_output_embeddings", None)
+    return get() if callable(get) else None

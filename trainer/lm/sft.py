@@ -40,7 +40,7 @@ from ..evaluation import Weighted
 from ..plans import EpochPlan, eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
-from .losses import cross_entropy
+from .losses import at_positions, cross_entropy
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,13 @@ class SFTTrainer(LMTrainer):
     def validation_step(self, batch) -> dict:
         """`loss`: the NLL per trained token; `exact_match`: the fraction of examples whose every trained token
         is the argmax (what greedy decoding of the completion would reproduce)."""
-        logprobs_B_T, logits_B_T_V = self.forward(batch)
+        logprobs_B_T, logits_N_V = self.forward(batch)  # logits of the trained positions only
         weights_B_T = batch["weights"]
-        right_B_T = (logits_B_T_V.argmax(-1) == batch["target_tokens"]) | (weights_B_T == 0)
+        trained_B_T = weights_B_T != 0
+        wrong_N = logits_N_V.argmax(-1) != batch["target_tokens"][trained_B_T]
+        exact_B = ~at_positions(wrong_N, trained_B_T).any(1)
         return {"loss": Weighted(-(logprobs_B_T * weights_B_T).sum(), weights_B_T.sum()),
-                "exact_match": right_B_T.all(1).float().mean()}
+                "exact_match": exact_B.float().mean()}
 
     def validate(self) -> dict:
         """`val/loss` (per trained token), `val/perplexity`, `val/exact_match`; `val/score` with an eval_fn."""

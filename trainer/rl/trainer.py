@@ -46,7 +46,7 @@ from ..config import ConfigError
 from ..plans import Step, check_dataset, mixed_seed
 from ..lm.base import LMConfig, LMTrainer, call_scorer, digest
 from ..lm.data import check_messages, prompt_ids
-from ..lm.losses import token_entropy
+from ..lm.losses import at_positions, token_entropy
 from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, zero_std_fraction
 from .losses import AGGREGATIONS, POLICY_LOSSES, aggregation_weights, masked_mean, policy_loss
 from .rollouts import Rollouts, WholeStepsPlan, split_rows
@@ -270,14 +270,14 @@ class RLTrainer(LMTrainer):
     def training_step(self, batch: dict) -> dict:
         """The policy loss of one micro-batch of rollouts, and its metrics."""
         c = self.config
-        logprobs_B_T, logits_B_T_V = self.forward(batch, temperature=c.temperature)
+        logprobs_B_T, logits_N_V = self.forward(batch, temperature=c.temperature)  # logits of completion tokens
         # One update per rollout batch: the policy that sampled is the one trained, so its own log-probs, detached,
         # are the old ones (ratio exactly 1, gradient that of the plain policy gradient).
         old_B_T = batch["old_logprobs"] if "old_logprobs" in batch else logprobs_B_T.detach()
         loss, metrics = policy_loss(logprobs_B_T, old_B_T, batch["advantages"], batch["weights"], loss=c.policy_loss,
                                     aggregation=c.aggregation, max_tokens=c.max_new_tokens, clip_low=c.clip_low,
                                     clip_high=c.clip_high, ref_logprobs_B_T=batch.get("ref_logprobs"), beta=c.beta,
-                                    entropy_B_T=token_entropy(logits_B_T_V))
+                                    entropy_B_T=at_positions(token_entropy(logits_N_V), batch["weights"] != 0))
         # How far the sampler's log-probs (KV-cached, batched differently) are from the trainer's: numerical noise
         # (~1e-7 in float32); a large value means sampling and training disagree on the policy.
         metrics["policy/sampler_logprob_gap"] = masked_mean((old_B_T - batch["sampling_logprobs"]).abs(),
