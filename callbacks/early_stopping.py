@@ -52,7 +52,7 @@ class EarlyStopping(Callback):
         self.min_delta, self.baseline, self.restore_best = abs(min_delta), baseline, restore_best
         self.stopping_threshold = stopping_threshold
         self.state_key = f"{self.state_key}[{monitor}]"  # two of them, on two metrics, keep apart
-        self.best = baseline
+        self.on_train_begin(None)  # counters exist before a run too: a trainer's state_dict() may be taken any time
 
     def on_train_begin(self, trainer):
         self.best, self.wait, self.best_weights, self.warned = self.baseline, 0, None, False

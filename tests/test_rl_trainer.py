@@ -560,3 +560,18 @@ def test_a_reward_function_that_edits_its_example_does_not_edit_the_training_dat
     before = copy.deepcopy(list(trainer.train_data))
     trainer.fit()
     assert list(trainer.train_data) == before
+
+
+def test_each_process_samples_its_own_stream(tmp_path):
+    """The sampling generator is seeded by (run seed, rank): with the rank left out, every DDP process would draw
+    the same completions of its prompts, and a 2-process run would see half the variety it pays for."""
+    from paperloop.rl.trainer import sampling_seed
+
+    trainer = make_rl_trainer(tmp_path)
+    assert trainer.sampling_generator.initial_seed() == sampling_seed(0, 0)
+    assert len({sampling_seed(0, rank) for rank in range(8)} | {sampling_seed(1, 0)}) == 9
+    prompt = [trainer.train_prompt_ids[0]]
+    drawn = [trainer.generate(prompt, 16, max_new_tokens=5, temperature=1.0,
+                              generator=torch.Generator().manual_seed(sampling_seed(0, rank))).completions()
+             for rank in (0, 1)]
+    assert drawn[0] != drawn[1]

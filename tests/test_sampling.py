@@ -144,7 +144,7 @@ def test_tiny_top_p_is_greedy(model):
     assert torch.equal(_sample(model, num_samples=1, top_p=1e-6, temperature=1.5).tokens_N_L, greedy)
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.5, 1.0), (2.0, 1.0), (1.0, 0.7)])
+@pytest.mark.parametrize("temperature, top_p", [(0.5, 1.0), (2.0, 1.0), (1.0, 0.7), (0.5, 0.7), (2.0, 0.5)])
 def test_first_token_frequencies_match_the_tempered_truncated_softmax(model, temperature, top_p):
     n = 4000
     samples = _sample(model, [PROMPTS[0]], num_samples=n, max_new_tokens=1, temperature=temperature, top_p=top_p)

@@ -341,3 +341,46 @@ def tokenizer_vocab():
     from sft_helpers import VOCAB
 
     return VOCAB
+
+
+# ---- what a broken feature would get past (mutation survivors of round 3) --------------------------
+
+
+def test_tokens_per_s_counts_trained_tokens_not_examples(tmp_path, monkeypatch):
+    import paperloop.lm.sft as sft
+
+    clock = {"now": 0.0}
+
+    def tick():
+        clock["now"] += 0.5  # train_step reads the clock twice a step: every step takes exactly 0.5 s
+        return clock["now"]
+
+    monkeypatch.setattr(sft, "time", type("Clock", (), {"perf_counter": staticmethod(tick)}))
+    t = make_trainer(tmp_path, max_epochs=1)
+    steps = []
+    t.callbacks.append(LambdaCallback(on_batch_begin=lambda tr, step: steps.append(step)))
+    outputs = fit_recording(t)
+    for step, o in zip(steps, outputs):
+        trained = sum(t.train_data[i].num_trained for i in torch.cat(step.micro_batches).tolist())
+        assert o["perf/tokens_per_s"] == pytest.approx(trained / 0.5)
+        assert trained > 2 * step.samples  # so a count of examples would be far off
+
+
+def test_packed_plan_counts_each_epochs_own_steps_for_the_schedule():
+    """Packed epochs differ in length (the order changes how examples fit): sized from one epoch's count, a
+    schedule would end early or late."""
+    lengths = [(7 * i) % 23 + 2 for i in range(60)]
+    plan = next(p for p in (PackedPlan(lengths, 0, 32, 2, seed=s) for s in range(50))
+                if len({len(p.epoch_steps(e)) for e in range(3)}) > 1)  # a seed whose epochs differ
+    counts = [len(plan.epoch_steps(e)) for e in range(3)]
+    assert plan.total_steps(3) == sum(counts) != 3 * counts[0]
+
+
+def test_bucketed_steps_come_in_a_shuffled_order_each_epoch():
+    """Each window is sorted longest first; the steps themselves are then shuffled, or every epoch would run
+    from the longest steps to the shortest in each window, the same way each time."""
+    lengths = [(11 * i) % 29 + 1 for i in range(96)]
+    plan = BucketedPlan(lengths, 0, window=12, batch_size=8, seed=1)  # one window: the whole epoch
+    longest = [[max(lengths[i] for i in s.tolist()) for s in plan.epoch_steps(e)] for e in range(2)]
+    assert longest[0] != sorted(longest[0], reverse=True)  # not the window's longest-first order
+    assert [s.tolist() for s in plan.epoch_steps(0)] != [s.tolist() for s in plan.epoch_steps(1)]

@@ -307,3 +307,48 @@ def test_a_registered_generator_is_checkpointed_and_resumed(tmp_path):
 
     reference, resumed = straight_and_resumed(build, tmp_path, stop_at=10)
     assert_bitwise_equal(weights(resumed.model), weights(reference.model))
+
+
+def test_a_training_steps_other_metrics_are_weighted_by_the_micro_batches_shares(tmp_path):
+    """Under accumulation, a metric training_step returns beside the loss is the step's weighted mean (each
+    micro-batch by its share of the step's weight), like the loss; a plain mean of the micro-batches would not
+    be, with samples weighing 1, 2 or 3."""
+    class WithMetric(WeightedRegression):
+        def training_step(self, batch):
+            x, y, index = batch
+            return {"loss": super().training_step(batch), "index_mean": (sample_weight(index) * index).sum()
+                    / sample_weight(index).sum()}
+
+    seen = []
+    t = WithMetric(make_model(dropout=0.0), TrainerConfig(max_steps=3, batch_size=3, grad_accum_steps=2, lr=0.05,
+                                                         output_dir=str(tmp_path)), train_data=make_indexed_data(12),
+                   callbacks=[LambdaCallback(on_batch_begin=lambda tr, step: seen.append(step))])
+    outputs = []
+    t.callbacks.append(LambdaCallback(on_batch_end=lambda tr, o: outputs.append(o)))
+    t.fit()
+    for step, o in zip(seen, outputs):
+        index = torch.cat(step.micro_batches).float()
+        w = sample_weight(index.long())
+        assert float(o["index_mean"]) == pytest.approx(float((w * index).sum() / w.sum()))
+
+
+def test_ddp_share_scaling_and_per_process_rng_in_one_process(tmp_path):
+    """The two rules 2-process tests alone would catch, checked here fast: forward_backward scales a loss by
+    share x world_size (DDP then averages the processes' gradients), and a resume restores each process's own RNG
+    streams, the entry of its rank."""
+    t = Regression(make_model(dropout=0.0), TrainerConfig(batch_size=8, output_dir=str(tmp_path / "a")),
+                   train_data=make_data(16))
+    t.setup()
+    x, y = make_data(8).tensors
+    seen = []
+    t._backward, t.world_size = (lambda loss: seen.append(loss.detach())), 2
+    t.forward_backward((x, y), share=0.25)
+    assert float(seen[0]) == pytest.approx(float(t.training_step((x, y))) * 0.25 * 2)
+    r = make_resume_trainer(tmp_path / "b")
+    state = r.state_dict()
+    torch.manual_seed(123)
+    other_rank = torch.get_rng_state()
+    state["processes"] = [state["processes"][0], {**state["processes"][0], "torch": other_rank}]
+    r.world_size, r.rank = 2, 1
+    r.load_state_dict(state)
+    assert torch.equal(torch.get_rng_state(), other_rank)  # rank 1's entry, not rank 0's
