@@ -147,3 +147,24 @@ def test_settings_that_are_not_lora_settings_are_refused_by_name():
                       ({"alpha": 0}, "lora.alpha")):
         with pytest.raises(ConfigError, match=f"^{key}"):
             SFTConfig(lora=lora)
+
+
+def test_a_truncated_adapter_is_a_one_line_error(run, tmp_path, capsys):
+    import shutil
+
+    trainer, checkpoint = run
+    copy = tmp_path / "truncated"
+    shutil.copytree(checkpoint, copy)
+    adapter = copy / ckpt.ADAPTER_WEIGHTS
+    adapter.write_bytes(adapter.read_bytes()[:200])
+    add_file_bytes(copy, ckpt.ADAPTER_WEIGHTS)  # the manifest rewritten to match: only parsing can tell
+    assert cli(["merge", str(copy), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"paperloop: error: {adapter}: not a valid safetensors file")
+    assert not (tmp_path / "merged").exists()
+
+
+def add_file_bytes(folder, name):
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"][name] = {"size": (folder / name).stat().st_size, "sha256": ckpt._sha256(folder / name)}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))

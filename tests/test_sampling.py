@@ -255,3 +255,21 @@ def test_bad_inputs_name_the_argument(model, change, word):
     with pytest.raises(ValueError, match=word):
         sample(model, args.pop("prompts"), args.pop("num_samples"), args.pop("max_new_tokens"),
                generator=torch.Generator(), **args)
+
+
+def test_a_template_that_ignores_the_generation_prompt_still_stops_at_its_end_of_turn(caplog):
+    """Such a template renders a prompt for generation without the assistant's header; the end-of-turn marker it
+    writes after an assistant's content must still stop generation (greedy output ran past the turn), and the
+    user is told."""
+    import logging
+
+    from paperloop.lm import default_stop_token_ids
+    from paperloop.models import word_level_tokenizer
+
+    tok = word_level_tokenizer(["a", "b"])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+                         "{% endfor %}")  # no add_generation_prompt branch
+    with caplog.at_level(logging.WARNING):
+        ids = default_stop_token_ids(tok, None)
+    assert tok.convert_tokens_to_ids("<|end|>") in ids and tok.eos_token_id in ids
+    assert "ignores add_generation_prompt" in caplog.text

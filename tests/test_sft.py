@@ -326,7 +326,8 @@ def test_a_resume_with_other_data_tokenizer_or_settings_is_refused_naming_what_d
     make_trainer(tmp_path, n=32, callbacks=[stop], checkpoint_every_steps=3).fit()
     swapped = word_level_tokenizer(list(reversed(tokenizer_vocab())))  # same size, other ids
     cases = {"tokenizer": dict(tokenizer=swapped), "train_data": dict(train_data=sorting_examples(32, seed=9)),
-             "config: train_prompt": dict(train_prompt=True), "config: max_length": dict(max_length=20)}
+             "config: train_prompt": dict(train_prompt=True), "config: max_length": dict(max_length=20),
+             "config: packing": dict(packing=True)}  # was "no entry 'row_len'"
     for words, change in cases.items():
         settings = dict(max_length=24, batch_size=8, max_epochs=2, lr=3e-3, output_dir=str(tmp_path),
                         checkpoint_every_steps=3)

@@ -164,22 +164,27 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path |
                               f"(missing {sorted(expected - set(adapter))[:3]}, unexpected "
                               f"{sorted(set(adapter) - expected)[:3]})")
     peft.set_peft_model_state_dict(wrapped, adapter)
-    merged = wrapped.merge_and_unload()
+    write_checked(wrapped.merge_and_unload(), tokenizer, out)
+    return out
+
+
+def write_checked(model, tokenizer, out: Path) -> None:
+    """`model` (and `tokenizer`) saved to `out` through a temporary folder: read back and compared with the
+    model's own weights, then renamed into place (an existing `out` goes only once the new one is complete)."""
     tmp = temporary_dir(out)
     try:
         with no_shard_progress_bar():
-            merged.save_pretrained(tmp)
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        written, own = read_weights(tmp), merged.state_dict()
+        written, own = read_weights(tmp), model.state_dict()
         if untied_missing(own, written) or any(not torch.equal(v, own[k]) for k, v in written.items()):
             raise CheckpointError(f"{out}: the weights read back differ from the merged model; nothing was written")
-        if out.exists():  # force: the old folder goes only once the new one is complete
+        if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def peft_config(settings: LoraSettings):
