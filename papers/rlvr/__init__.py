@@ -26,6 +26,7 @@ import torch
 
 from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
+from paperloop.checkpoint import no_shard_progress_bar
 from paperloop.models.lm import tiny_causal_lm
 
 from .evaluate import evaluate, write_results
@@ -143,7 +144,8 @@ def stage(folder: Path, build, stage_settings: dict) -> tuple[object, float]:
         raise KeyboardInterrupt(f"{folder.name} was interrupted at step {state.global_step} and checkpointed; run the "
                                 "same command again to continue")
     seconds = time.perf_counter() - start
-    trainer.unwrapped_model.save_pretrained(done)
+    with no_shard_progress_bar():  # a stage's end is no step to wait on: no "Writing model shards" bar
+        trainer.unwrapped_model.save_pretrained(done)
     record.write_text(json.dumps({"settings": stage_settings, "seconds": seconds}, indent=1) + "\n")
     return trainer.unwrapped_model.eval(), seconds
 

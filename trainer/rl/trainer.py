@@ -154,7 +154,7 @@ class RLTrainer(LMTrainer):
         val_prompt_ids = tokenize_prompts(val_data, tokenizer, "val_data", split)
         super().__init__(model, config, tokenizer, train_data=train_data, val_data=val_data, callbacks=callbacks,
                          stop_token_ids=stop_token_ids)
-        longest = max(map(len, self.train_prompt_ids + val_prompt_ids)) + config.max_new_tokens
+        longest = max(map(len, self.train_prompt_ids + val_prompt_ids), default=0) + config.max_new_tokens
         self.check_positions(longest, "the longest prompt plus max_new_tokens")
         self.reward_weights_F = weights_F.to(self.device)
         if config.disable_dropout:
