@@ -9,8 +9,10 @@ nothing), completion-only loss, batch 16, AdamW, tiny Llamas h128/4 layers and h
 
 Modes, each its own model built from the same seed:
     hand eager / hand compiled  a plain loop over our padded batches (forward with use_cache=False, masked
-                                cross-entropy, backward, AdamW step): the limit of eager execution; compiled
-                                with torch.compile(model, dynamic=True)
+                                cross-entropy over every position, backward, AdamW step), as a user writes it;
+                                compiled with torch.compile(model, dynamic=True)
+    hand eager, fused AdamW     the same with AdamW(fused=True), the optimizer paperloop (and transformers'
+                                Trainer) uses: what is left between the two is the framework and its forward
     ours padded / packed        SFTTrainer's real loop (fit's train(), callbacks and all), padded batches of 16 or
                                 packing=True (micro-batches of 16 x 64 positions in rows of 128)
     ours ... compiled           the same with compile=True (a second trainer of the same architecture reuses
@@ -61,10 +63,10 @@ def build_model(tokenizer, size: str):
 class HandLoop:
     """A plain training loop over our padded batches, in our plan's order: nothing but the math."""
 
-    def __init__(self, model, batches: list[dict], compiled: bool):
+    def __init__(self, model, batches: list[dict], compiled: bool, fused: bool = False):
         self.model, self.batches, self.i = model, batches, 0
         self.forward = torch.compile(model, dynamic=True) if compiled else model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused or None)
         self.compile_seconds = None
         if compiled:
             start = time.perf_counter()
@@ -187,6 +189,7 @@ def build_modes(size: str, compile: bool, trl: bool, out: str) -> dict:
         modes[name] = Ours(build_model(tokenizer, size), tokenizer, examples, f"{out}/{name}", packing, False)
     batches = modes["ours padded"].batches(EXAMPLES // BATCH)
     modes["hand eager"] = HandLoop(build_model(tokenizer, size), batches, compiled=False)
+    modes["hand eager, fused AdamW"] = HandLoop(build_model(tokenizer, size), batches, compiled=False, fused=True)
     if compile:
         modes["hand compiled"] = HandLoop(build_model(tokenizer, size), batches, compiled=True)
         for name, packing in (("ours padded compiled", False), ("ours packed compiled", True)):
@@ -213,12 +216,12 @@ def measure(modes: dict, rounds: int, steps: int) -> dict[str, dict]:
 def table(size: str, results: dict) -> str:
     trl = [r["tokens_per_s"] for n, r in results.items() if n.startswith("TRL")]
     hand = results["hand eager"]["tokens_per_s"]
-    lines = [f"{size}: {'mode':22s} {'ms/step':>8s} {'tokens/step':>11s} {'tokens/s':>9s} {'vs hand eager':>13s} "
+    lines = [f"{size}: {'mode':24s} {'ms/step':>8s} {'tokens/step':>11s} {'tokens/s':>9s} {'vs hand eager':>13s} "
              f"{'vs TRL best':>11s} {'compile s':>9s}"]
     for name, r in results.items():
         vs_trl = f"{r['tokens_per_s'] / max(trl):.2f}x" if trl else "-"
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-        lines.append(f"{'':5s} {name:22s} {r['ms_per_step']:8.1f} {r['tokens_per_step']:11.0f} {r['tokens_per_s']:9.0f} "
+        lines.append(f"{'':5s} {name:24s} {r['ms_per_step']:8.1f} {r['tokens_per_step']:11.0f} {r['tokens_per_s']:9.0f} "
                      f"{r['tokens_per_s'] / hand:12.2f}x {vs_trl:>11s} {compile_s:>9s}")
     return "\n".join(lines)
 

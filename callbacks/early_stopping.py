@@ -52,9 +52,12 @@ class EarlyStopping(Callback):
         self.min_delta, self.baseline, self.restore_best = abs(min_delta), baseline, restore_best
         self.stopping_threshold = stopping_threshold
         self.state_key = f"{self.state_key}[{monitor}]"  # two of them, on two metrics, keep apart
-        self.on_train_begin(None)  # counters exist before a run too: a trainer's state_dict() may be taken any time
+        self._reset()  # counters exist before a run too: a trainer's state_dict() may be taken any time
 
     def on_train_begin(self, trainer):
+        self._reset()
+
+    def _reset(self):
         self.best, self.wait, self.best_weights, self.warned = self.baseline, 0, None, False
 
     def on_epoch_end(self, trainer, logs):

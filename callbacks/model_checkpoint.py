@@ -32,9 +32,12 @@ class ModelCheckpoint(Callback):
         self.save_last, self.keep_last = save_last, keep_last
         if monitor is not None:
             self.state_key = f"{self.state_key}[{monitor}]"
-        self.on_train_begin(None)  # counters exist before a run too: a trainer's state_dict() may be taken any time
+        self._reset()  # counters exist before a run too: a trainer's state_dict() may be taken any time
 
     def on_train_begin(self, trainer):
+        self._reset()
+
+    def _reset(self):
         self.recent: list[str] = []  # newest last
         self.best: list[tuple[float, str]] = []  # best first
         self.saved: list[str] = []  # every checkpoint this callback wrote and has not removed

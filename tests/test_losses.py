@@ -163,3 +163,25 @@ def test_the_output_layer_runs_on_trained_positions_only_and_scores_them_as_the_
     full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
     for g, f in zip(grads, full_grads):
         torch.testing.assert_close(g, f, rtol=0, atol=1e-12)
+
+
+def test_a_model_whose_output_layer_cannot_be_hooked_gives_the_same_trained_logits(packing_setup):
+    """A wrapper that hides get_output_embeddings (as a compiled model does): every position is computed, then
+    cut to the trained ones, so the caller sees the same (N, V) logits either way."""
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2).double()
+
+    class Opaque(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    hooked, hooked_logits = forward_logprobs(model, batch)
+    opaque, opaque_logits = forward_logprobs(Opaque(model), batch)
+    assert opaque_logits.shape == hooked_logits.shape == (int((batch["weights"] != 0).sum()), len(tok))
+    torch.testing.assert_close(opaque_logits, hooked_logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opaque, hooked, rtol=0, atol=1e-12)

@@ -331,3 +331,13 @@ def test_a_resume_that_would_change_what_the_run_computes_is_refused_naming_the_
     state = make_resume_trainer(tmp_path, max_epochs=5, log_every_steps=7, checkpoint_every_steps=4,
                                 time_limit_s=1e6).fit(resume="latest")
     assert state.epoch == 5  # a longer run, logged and checkpointed otherwise: the same run going on
+
+
+def test_a_longer_run_is_refused_when_the_schedule_spans_the_runs_length(tmp_path):
+    """A linear schedule built for 10 steps, resumed as a 20-step run, would jump (0.06 at step 5, then 0.07)."""
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 5 and t.request_stop("x", resumable=True))
+    make_resume_trainer(tmp_path, max_epochs=None, max_steps=10, lr_scheduler="linear", callbacks=[stop]).fit()
+    with pytest.raises(CheckpointError, match="config: max_steps is 10 in the checkpoint but 20 .* the learning rate "
+                                              "would jump"):
+        make_resume_trainer(tmp_path, max_epochs=None, max_steps=20, lr_scheduler="linear").fit(resume="latest")
+    make_resume_trainer(tmp_path, max_epochs=None, max_steps=10, lr_scheduler="linear").fit(resume="latest")

@@ -562,16 +562,38 @@ def test_a_reward_function_that_edits_its_example_does_not_edit_the_training_dat
     assert list(trainer.train_data) == before
 
 
-def test_each_process_samples_its_own_stream(tmp_path):
+def test_each_process_samples_its_own_stream(tmp_path, monkeypatch):
     """The sampling generator is seeded by (run seed, rank): with the rank left out, every DDP process would draw
     the same completions of its prompts, and a 2-process run would see half the variety it pays for."""
     from paperloop.rl.trainer import sampling_seed
 
+    import paperloop.base as base
+
     trainer = make_rl_trainer(tmp_path)
     assert trainer.sampling_generator.initial_seed() == sampling_seed(0, 0)
     assert len({sampling_seed(0, rank) for rank in range(8)} | {sampling_seed(1, 0)}) == 9
+
+    class Rank1:  # the process of rank 1, as far as the trainer's construction reads it
+        def __init__(self, accelerator):
+            self._accelerator = accelerator
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+        process_index, is_main_process = 1, False
+
+    real = base.make_accelerator
+    monkeypatch.setattr(base, "make_accelerator", lambda: Rank1(real()))
+    second = make_rl_trainer(tmp_path / "rank1")
+    assert second.rank == 1 and second.sampling_generator.initial_seed() == sampling_seed(0, 1)
     prompt = [trainer.train_prompt_ids[0]]
     drawn = [trainer.generate(prompt, 16, max_new_tokens=5, temperature=1.0,
                               generator=torch.Generator().manual_seed(sampling_seed(0, rank))).completions()
              for rank in (0, 1)]
     assert drawn[0] != drawn[1]
+
+
+def test_a_trainer_for_validation_alone_needs_no_training_prompts(tmp_path):
+    trainer = RLTrainer(make_lm(make_tokenizer()), RLConfig(output_dir=str(tmp_path), max_new_tokens=3),
+                        tokenizer=make_tokenizer(), val_data=make_prompts(4), reward_fns=[digit_reward])
+    assert set(trainer.validate()) == {"val/reward", "val/reward/digit_reward", "val/completion_len"}

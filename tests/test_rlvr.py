@@ -98,8 +98,9 @@ def test_a_finished_stage_is_never_reused_with_other_settings_and_thrown_away_ov
     for override in ("data_seed=1", "hidden_size=24", "sft_lr=0.01", "sft_steps=4"):
         with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: the finished sft stage"):
             module.run(load_config(module.Config, config_path("rlvr"), base + [override]))
-    with pytest.raises(ConfigError, match="^lr: the finished grpo stage"):
-        module.run(load_config(module.Config, config_path("rlvr"), base + ["lr=0.5"]))
+    for override in ("lr=0.5", "max_steps=2"):  # a 1-step stage is not the 2-step one
+        with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: the finished grpo stage"):
+            module.run(load_config(module.Config, config_path("rlvr"), base + [override]))
     for override in ("advantage=none", "aggregation=token_mean"):
         with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: rlvr takes each RL method's"):
             module.run(load_config(module.Config, config_path("rlvr"), base + [override]))

@@ -343,7 +343,11 @@ def test_ddp_share_scaling_and_per_process_rng_in_one_process(tmp_path):
     seen = []
     t._backward, t.world_size = (lambda loss: seen.append(loss.detach())), 2
     t.forward_backward((x, y), share=0.25)
-    assert float(seen[0]) == pytest.approx(float(t.training_step((x, y)).detach()) * 0.25 * 2)
+    loss = float(t.training_step((x, y)).detach())
+    assert float(seen[0]) == pytest.approx(loss * 0.25 * 2)
+    t._pending_loss, t.optimizer_step = None, lambda: {}
+    t.update([(x, y)])  # no shares: each batch of each process weighs the same, so 1 / (1 x 2), undone by x 2
+    assert float(seen[1]) == pytest.approx(loss)
     r = make_resume_trainer(tmp_path / "b")
     state = r.state_dict()
     torch.manual_seed(123)

@@ -25,6 +25,8 @@ from .steps import EpochLoss, FiniteCheck, adamw, as_outputs, grad_norm, weighte
 
 log = logging.getLogger(__name__)
 
+_END = object()  # the end of a generator of batches
+
 
 class BaseTrainer(Checkpointing, ABC):
     """The loop, in the order callbacks see it:
@@ -157,7 +159,7 @@ class BaseTrainer(Checkpointing, ABC):
 
     def train(self) -> TrainState:
         self.setup()
-        first_step = self.state.global_step
+        first_step, first_update = self.state.global_step, self.state.updates
         try:
             self._call("on_train_begin")
             self._load_callback_states()
@@ -165,7 +167,7 @@ class BaseTrainer(Checkpointing, ABC):
                 self._call("on_epoch_begin")
                 if self._run_epoch():
                     self._call("on_epoch_end", self._close_epoch())
-            self._check_something_trained(first_step)
+            self._check_something_trained(first_step, first_update)
         except BaseException as e:
             self.error = e
             self._abandon_step()
@@ -174,13 +176,13 @@ class BaseTrainer(Checkpointing, ABC):
             self._call("on_train_end")
         return self.state
 
-    def _check_something_trained(self, first_step: int) -> None:
+    def _check_something_trained(self, first_step: int, first_update: int) -> None:
         """A run that took steps and applied no update at all (every loss or gradient non-finite: a NaN setting, a
         broken model) has trained nothing; that is an error, not a success. A callback that stopped it (e.g.
         TerminateOnNonFinite) has said so already."""
         steps = self.state.global_step - first_step
-        if steps and self.state.updates == 0 and not self.state.should_stop:
-            raise RuntimeError(f"{type(self).__name__}: all {steps} steps of the run were skipped, because the loss or "
+        if steps and self.state.updates == first_update and not self.state.should_stop:
+            raise RuntimeError(f"{type(self).__name__}: all {steps} steps of this fit() were skipped, as the loss or "
                                "a gradient was not finite at every one (a NaN or inf setting, input or weight?): "
                                "nothing was trained")
 
@@ -208,21 +210,22 @@ class BaseTrainer(Checkpointing, ABC):
         (DDP's all-reduce runs on the last one only), then `optimizer_step`.
 
         `shares[k]` is batch k's part of the update's total weight over every process (see
-        `forward_backward`); None: each of the given batches weighs the same, on one process.
-        `batches` may be a generator, so each is built only when its turn comes. `loss_fn(batch)`
-        returns what `training_step` does (the default). Returns `optimizer_step()`'s outputs and the
-        loss function's other outputs, their share-weighted mean over the batches (this process's).
+        `forward_backward`); None: every batch of every process weighs the same (1 / (batches x processes)).
+        `batches` may be a generator, so each is built only when its turn comes. `loss_fn(batch)` returns
+        what `training_step` does (the default). Returns `optimizer_step()`'s outputs and the loss function's
+        other outputs, their share-weighted mean over the batches (this process's).
         """
         if shares is None:
             batches = list(batches)
-            shares = [1.0 / len(batches)] * len(batches)
+            shares = [1.0 / (len(batches) * self.world_size)] * len(batches)
         if hasattr(batches, "__len__") and len(batches) != len(shares):
             raise ValueError(f"update: {len(batches)} batches for {len(shares)} shares")
-        last = len(shares) - 1
+        batches, last = iter(batches), len(shares) - 1
+        # zip takes a share first: a batch is only built when it has one, so one too many is noticed below
         parts = [self.forward_backward(batch, share, loss_fn, sync=k == last)
-                 for k, (batch, share) in enumerate(zip(batches, shares))]
-        if len(parts) != len(shares):
-            raise ValueError(f"update: {len(parts)} batches for {len(shares)} shares")
+                 for k, (share, batch) in enumerate(zip(shares, batches))]
+        if len(parts) != len(shares) or next(batches, _END) is not _END:
+            raise ValueError(f"update: the batches given do not match the {len(shares)} shares")
         metrics = parts[0] if len(parts) == 1 else weighted_mean(parts, shares)
         return {**metrics, **self.optimizer_step()}
 

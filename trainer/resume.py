@@ -119,6 +119,13 @@ class Checkpointing:
                 raise ValueError(f"config: {key} is {saved[key]!r} in the checkpoint but {value!r} in this run, and "
                                  f"it changes what the run computes: resume with {key}={saved[key]!r}, or start a new "
                                  f"run (keys that may change on resume: {', '.join(self.config.resume_may_change)})")
+        if mine.get("lr_scheduler", "constant") != "constant" or mine.get("warmup_ratio"):
+            for key in ("max_steps", "max_epochs"):  # the schedule spans the run: another length reshapes it
+                if key in saved and saved[key] != mine[key]:
+                    raise ValueError(f"config: {key} is {saved[key]!r} in the checkpoint but {mine[key]!r} in this run, "
+                                     f"and the {mine['lr_scheduler']!r} schedule (warmup_ratio "
+                                     f"{mine['warmup_ratio']}) spans the run's length: the learning rate would jump. "
+                                     f"Resume with {key}={saved[key]!r}, or use a constant schedule to extend runs")
         for name, digest in self.fingerprints().items():
             recorded = state.get("fingerprints", {}).get(name)  # a checkpoint written before fingerprints: none
             if recorded is not None and recorded != digest:

@@ -110,10 +110,15 @@ SFT_KEYS = ("hidden_size", "num_layers", "held_out", "data_seed", "sft_steps", "
             "num_threads")
 
 
+# Keys that change nothing a finished stage holds. Unlike a resume, a finished stage's length counts: a stage
+# trained for 1 step is not the 600-step one (max_steps, max_epochs and early stopping stay settings).
+NOT_SETTINGS = ("output_dir", "log_every_steps", "checkpoint_every_steps", "time_limit_s", "val_every",
+                "val_every_steps", "log_completions", "micro_batch_size", "methods", "eval_samples", "eval_temperature")
+
+
 def settings(cfg: Config) -> dict:
     """Every key that changes what a stage trains (not which stages run, how they are scored, logged or saved)."""
-    free = set(cfg.resume_may_change)
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}))
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}))
 
 
 def sft_settings(cfg: Config) -> dict:

@@ -118,8 +118,15 @@ class LMTrainer(BaseTrainer):
                 torch.manual_seed(config.seed)
                 model = apply_lora(model, config.lora, config.output_dir, write=PartialState().is_main_process)
         super().__init__(model, config, train_data=train_data, val_data=val_data, callbacks=callbacks)
-        self.stop_token_ids = (_check_ids(stop_token_ids) if stop_token_ids is not None
-                               else default_stop_token_ids(tokenizer, self.unwrapped_model))
+        self._stop_token_ids = _check_ids(stop_token_ids) if stop_token_ids is not None else None
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end a generation: found on first use (a trainer that never generates needs none, and
+        is not warned about a chat template's generation prompt)."""
+        if self._stop_token_ids is None:
+            self._stop_token_ids = default_stop_token_ids(self.tokenizer, self.unwrapped_model)
+        return self._stop_token_ids
 
     def compute_fingerprints(self) -> dict[str, str]:
         return {"tokenizer": tokenizer_fingerprint(self.tokenizer)}

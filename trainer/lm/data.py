@@ -1,4 +1,5 @@
-"""Language-model data: examples -> tokens with a loss mask -> padded or packed batches. Pure functions.
+"""Language-model data: examples -> tokens with a loss mask -> padded or packed batches, as functions of their
+inputs; chat templates (code a tokenizer carries) are rendered under a time limit.
 
 Three example shapes (other keys, e.g. an "id" or an "answer" for `eval_fn`, are carried along unread):
 

@@ -90,8 +90,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, output_dir: str |
     base_path = settings.base_model or _local_folder(model)
     if base_path is None:
         base_path = Path(output_dir) / BASE_FOLDER
-        if write:
-            save_base_model(model, base_path)
+        save_base_model(model, base_path, write)  # every process checks a folder that is there; one writes
     wrapped = peft.get_peft_model(model, peft_config(settings))
     # Set after wrapping: get_peft_model replaces it with the model's own name_or_path ("" when built in memory).
     wrapped.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
@@ -103,9 +102,10 @@ def _local_folder(model) -> str | None:
     return name if name and (Path(name) / "config.json").is_file() else None
 
 
-def save_base_model(model, folder: Path) -> None:
-    """Write the frozen base once (atomically: a temporary folder renamed into place); if it is there
-    already, check that it holds these very weights."""
+def save_base_model(model, folder: Path, write: bool = True) -> None:
+    """Write the frozen base once (atomically: a temporary folder renamed into place; only with `write`, the main
+    process); if it is there already, check that it holds these very weights (every process: a mismatch must
+    stop them all, not one while the others wait for it at their first collective)."""
     folder = Path(folder)
     if folder.exists():
         saved, own = read_weights(folder), model.state_dict()
@@ -115,10 +115,16 @@ def save_base_model(model, folder: Path) -> None:
                              "adapter checkpoints in this output_dir belong to that base. Build the same base "
                              "(same seed/config) or use another output_dir")
         return
-    tmp = temporary_dir(folder)
-    with no_shard_progress_bar():
-        model.save_pretrained(tmp)
-    os.rename(tmp, folder)
+    if not write:
+        return
+    try:
+        tmp = temporary_dir(folder)
+        with no_shard_progress_bar():
+            model.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError as e:
+        raise ConfigError(f"output_dir: {folder.parent} cannot hold the LoRA base model folder ({e.strerror or e}); "
+                          "choose a folder you can write to") from None
 
 
 def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None,

@@ -107,28 +107,41 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     just those positions' hidden states, so the output layer and the log-softmax run on them alone (an SFT batch
     trains ~1/4 of its positions: the prompts and the padding cost nothing past the last layer). The logits
     returned are then (N, V), N = the trained positions in row-major order of `weights != 0`, and the log-probs
-    of untrained positions are 0. With `only_trained=False` (or a model without an output layer to hook, or a
-    compiled one, whose graph would break on the data-dependent shape) the logits are (B, T, V) and every
-    position is scored.
+    of untrained positions are 0. A model without an output layer to hook, or a compiled one (whose graph would
+    break on the data-dependent shape), computes every position's logits, cut to the same (N, V). With
+    `only_trained=False` the logits are (B, T, V) and every position is scored.
 
     `use_cache=False` is what keeps packed examples apart: without a cache, transformers reads example
     boundaries from `position_ids` (restarting at 0) and builds a block-diagonal causal mask; with the
     config's default `use_cache=True` it makes a cache, skips that, and packed examples attend to each other.
     No attention mask is passed: padding is only ever at the end of a row or of its own block.
     """
-    head = _output_layer(model) if only_trained else None
-    if head is None:
-        logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if not only_trained:
+        logits_B_T_V = model(**kwargs).logits
         if temperature != 1.0:
             logits_B_T_V = logits_B_T_V / temperature
         return token_logprobs(logits_B_T_V, batch["target_tokens"]), logits_B_T_V
     trained_B_T = batch["weights"] != 0
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][trained_B_T][None], *args[1:]))
+    head, calls = _output_layer(model), []
+
+    def trained_rows(module, args):
+        calls.append(module)
+        return (args[0][trained_B_T][None], *args[1:])
+
+    handle = head.register_forward_pre_hook(trained_rows) if head is not None else None
     try:
-        logits_1_N_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(**kwargs).logits
     finally:
-        handle.remove()
-    logits_N_V = logits_1_N_V[0] if temperature == 1.0 else logits_1_N_V[0] / temperature
+        if handle is not None:
+            handle.remove()
+    if len(calls) > 1:
+        raise RuntimeError(f"{type(model).__name__} calls its output layer {len(calls)} times in one forward; score it "
+                           "with forward_logprobs(..., only_trained=False)")
+    # Hooked: (1, N, V). Not (a compiled model, or one whose output layer is no module call): (B, T, V), cut here.
+    logits_N_V = logits[0] if calls else logits[trained_B_T]
+    if temperature != 1.0:
+        logits_N_V = logits_N_V / temperature
     logprobs_N = token_logprobs(logits_N_V, batch["target_tokens"][trained_B_T])
     return at_positions(logprobs_N, trained_B_T), logits_N_V
 

@@ -113,6 +113,9 @@ class SFTTrainer(LMTrainer):
                          stop_token_ids=stop_token_ids)
         self.lengths = [len(example) for example in train]
         self.check_positions(max(self.lengths + [len(e) for e in val or []]), "the longest example")
+        if eval_fn is not None:
+            self.check_positions(max(map(len, self._prompts)) + config.eval_max_new_tokens,
+                                 "the longest validation prompt plus eval_max_new_tokens")
         self.compile_seconds = 0.0
         # dynamic=True: padded lengths and packed row counts vary per step; marking them dynamic up front
         # compiles once instead of once per shape. Generation keeps the uncompiled model.

@@ -16,7 +16,6 @@ from ..lm.sampling import Samples
 from ..plans import EpochPlan
 
 
-
 @dataclass(frozen=True)
 class Rollouts:
     """One process's rollout batch: P prompts with G completions each; prompt p's are rows p*G .. p*G+G-1."""

@@ -132,8 +132,8 @@ class RLTrainer(LMTrainer):
     the whole dict; the total reward is Σ weight · reward (`reward_weights`, default 1 each). A reward function
     that raises or returns a non-finite value stops the run with an error naming it and the example.
     `stop_token_ids`: the ids that end a completion (default: EOS, the tokenizer's and the model's generation
-    config's, and the chat template's end-of-turn marker). `val_data`: prompts scored by greedy completions, as
-    `val/reward`. Every prompt's shape is checked up front.
+    config's, and the chat template's end-of-turn marker; a resume refuses others). `val_data`: prompts scored
+    by greedy completions, as `val/reward`. Every prompt is tokenized and checked up front.
 
     With `config.lora`, only the adapters train and checkpoints hold only them (as SFTTrainer's). The reference
     model (beta > 0) is the initial policy: a frozen copy of `model` as given here, or with LoRA the base itself
@@ -157,7 +157,11 @@ class RLTrainer(LMTrainer):
         longest = max(map(len, self.train_prompt_ids + val_prompt_ids), default=0) + config.max_new_tokens
         self.check_positions(longest, "the longest prompt plus max_new_tokens")
         self.reward_weights_F = weights_F.to(self.device)
+        _ = self.stop_token_ids  # every rollout needs them: found (or refused) now, not at the first step
         if config.disable_dropout:
+            if config.lora is not None and config.lora.dropout:
+                log.warning("lora.dropout=%g is switched off with every other dropout (disable_dropout=True: the "
+                            "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
         lora = config.lora is not None
         self.reference = frozen_copy(self.unwrapped_model) if config.beta > 0 and not lora else None
@@ -173,10 +177,12 @@ class RLTrainer(LMTrainer):
     def compute_fingerprints(self) -> dict[str, str]:
         """The tokenizer's, the training prompts' (every example, metadata included) and the reward functions'
         (names and weights: a function's code is not seen)."""
-        prompts = digest(json.dumps(self.train_data[i], sort_keys=True, default=repr).encode()
+        prompts = digest(json.dumps(self.train_data[i], sort_keys=True, default=_jsonable).encode()
                          for i in range(len(self.train_data)))
         rewards = digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()])
-        return {**super().compute_fingerprints(), "train_data": prompts, "reward_fns": rewards}
+        stops = digest([json.dumps(self.stop_token_ids).encode()])
+        return {**super().compute_fingerprints(), "train_data": prompts, "reward_fns": rewards,
+                "stop_token_ids": stops}
 
     # ---- one loop step ------------------------------------------------------------------------
 
@@ -375,6 +381,14 @@ def check_rewards(reward_fns, reward_weights) -> tuple[list, list[str], torch.Te
     if len(weights) != len(fns) or not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights):
         raise ValueError(f"reward_weights: one finite number per reward function ({len(fns)}), got {reward_weights!r}")
     return fns, names, torch.tensor(weights, dtype=torch.float64)
+
+
+def _jsonable(value):
+    """A metadata value JSON cannot write, as its content (arrays, tensors) or, for other objects, its type: never
+    a repr holding a memory address, which would differ in every process."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def sampling_seed(seed: int, rank: int) -> int:
