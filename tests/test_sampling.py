@@ -5,13 +5,14 @@ probabilities (empirical token frequencies), and by hand (EOS stopping, padding,
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from paperloop.lm.sampling import GrowingLayer, draw, sample, top_p_filter
+from paperloop.lm.sampling import GrowingLayer, cache_argument, draw, sample, top_p_filter
 
 VOCAB, PAD, BOS = 50, 0, 1
 NEVER = VOCAB  # an EOS id outside the vocabulary: no row ever stops
@@ -112,6 +113,38 @@ def test_loop_ends_once_every_row_has_stopped(model):
     assert samples.lengths_N.tolist() == [1] * 12 and samples.tokens_N_L.shape == (12, 1)
     assert bool(samples.stopped_N.all())
     assert len(calls) <= 1 + 4  # prefill + at most FINISHED_CHECK_EVERY decode steps, not 40
+
+
+def test_the_cache_goes_by_the_name_the_model_takes(model, recwarn):
+    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40): passing the old one to a
+    # model that takes the new would break the sampler on the first release without it
+    _sample(model, max_new_tokens=3)
+    assert not [w for w in recwarn.list if "past_key_values" in str(w.message)]
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            raise AssertionError("not called")
+
+    class Wrapped(torch.nn.Module):  # a compiled model keeps the original as _orig_mod
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    assert cache_argument(OldStyle()) == "past_key_values"
+    assert cache_argument(Wrapped(OldStyle())) == "past_key_values"
+    assert cache_argument(model) == cache_argument(Wrapped(model))
+    assert ("cache" in inspect.signature(model.forward).parameters) == (cache_argument(model) == "cache")
+
+
+def test_a_lora_model_samples_as_its_merged_weights_do(model):
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                     init_lora_weights=False))
+    assert cache_argument(lora) == cache_argument(model)
+    merged = copy.deepcopy(lora).merge_and_unload()
+    ours, theirs = _sample(lora, temperature=0, num_samples=1), _sample(merged, temperature=0, num_samples=1)
+    assert ours.completions() == theirs.completions()
+    torch.testing.assert_close(ours.logprobs_N_L, theirs.logprobs_N_L, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ randomness

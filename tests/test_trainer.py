@@ -203,7 +203,7 @@ def test_a_run_whose_every_update_was_skipped_is_an_error_not_a_success(tmp_path
 
     t = AlwaysNaN(make_model(), TrainerConfig(max_steps=4, batch_size=8, output_dir=str(tmp_path)),
                   train_data=make_data(40))
-    with pytest.raises(RuntimeError, match="all 4 steps of this fit\(\) were skipped"):
+    with pytest.raises(RuntimeError, match=r"all 4 steps of this fit\(\) were skipped"):
         t.fit()
     assert t.state.updates == 0
 

@@ -19,6 +19,7 @@ with padding (dropping them would reallocate the cache for little gain at RL len
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -34,7 +35,7 @@ from .data import ChatTemplateTimeout, render_chat
 log = logging.getLogger(__name__)
 
 __all__ = ["Samples", "sample", "default_stop_token_ids", "draw", "top_p_filter", "left_pad", "GrowingLayer",
-           "growing_cache"]
+           "growing_cache", "cache_argument"]
 
 # How often (in tokens) the loop asks whether every row has finished: on an accelerator the check is a host sync.
 FINISHED_CHECK_EVERY = 4
@@ -115,8 +116,9 @@ def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperat
     input_ids_P_S, attention_P_S = left_pad(prompts, pad_id, device)
     positions_P_S = (attention_P_S.cumsum(dim=1) - 1).clamp(min=0)
     cache = growing_cache(model.config)
+    cache_arg = {cache_argument(model): cache}
     logits_P_V = model(input_ids=input_ids_P_S, attention_mask=attention_P_S, position_ids=positions_P_S,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       **cache_arg, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     # Each prompt's G samples share its prefill: repeat the cache, the last logits and the mask per row.
     cache.batch_repeat_interleave(group_size)
@@ -141,9 +143,25 @@ def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperat
         if t + 1 == max_new_tokens or ((t + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished_N.all())):
             break
         logits_N_V = model(input_ids=tokens_N_L[:, t:t + 1], attention_mask=attention_N_S[:, :prompt_len + t + 1],
-                           position_ids=next_position_N_1 + t, past_key_values=cache, use_cache=True).logits[:, -1]
+                           position_ids=next_position_N_1 + t, **cache_arg, use_cache=True).logits[:, -1]
     width = int(lengths_N.max())  # columns after the last row stopped are all padding
     return tokens_N_L[:, :width], logprobs_N_L[:, :width], lengths_N, finished_N
+
+
+def cache_argument(model) -> str:
+    """The name under which `model`'s forward takes a KV cache: `cache` (transformers 5.24 on; `past_key_values`
+    is deprecated there and goes in 5.40) or `past_key_values` (earlier releases).
+
+    Asked of the transformers model itself: a peft or `torch.compile` wrapper's forward passes keywords through.
+    """
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            break
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class GrowingLayer(DynamicLayer):
