@@ -185,3 +185,34 @@ def test_a_model_whose_output_layer_cannot_be_hooked_gives_the_same_trained_logi
     assert opaque_logits.shape == hooked_logits.shape == (int((batch["weights"] != 0).sum()), len(tok))
     torch.testing.assert_close(opaque_logits, hooked_logits, rtol=0, atol=1e-12)
     torch.testing.assert_close(opaque, hooked, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("second_input", ["hidden_states", "other_shape"])
+def test_a_model_that_calls_its_output_layer_twice_is_refused_by_name(packing_setup, second_input):
+    """The hook cuts the first call's hidden states to the trained positions; a second call (an auxiliary head
+    sharing the layer, say) would score cut states against the wrong positions: refused with what to do instead,
+    whatever the shape of the second call's input."""
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs, output_hidden_states=True)
+            hidden = out.hidden_states[-1]
+            self.inner.lm_head(hidden if second_input == "hidden_states" else hidden[:1, :2])
+            return out
+
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    with pytest.raises(RuntimeError, match=r"TwoHeads calls its output layer 2 times in one forward; score it with "
+                                           r"forward_logprobs\(\.\.\., only_trained=False\)"):
+        forward_logprobs(TwoHeads(model), batch)
+    assert not model.lm_head._forward_pre_hooks  # the hook is gone after the error
+    logprobs, _ = forward_logprobs(TwoHeads(model), batch, only_trained=False)
+    assert logprobs.shape == batch["weights"].shape

@@ -11,7 +11,7 @@ import torch
 
 import paperloop.checkpoint as ckpt
 from paperloop.callbacks import EarlyStopping, LambdaCallback
-from helpers import (Recorder, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, run_resume_worker,
+from helpers import (Recorder, Regression, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, run_resume_worker,
                      straight_and_resumed, weights)
 from paperloop import CheckpointError
 
@@ -334,10 +334,27 @@ def test_a_resume_that_would_change_what_the_run_computes_is_refused_naming_the_
 
 
 def test_a_longer_run_is_refused_when_the_schedule_spans_the_runs_length(tmp_path):
-    """A linear schedule built for 10 steps, resumed as a 20-step run, would jump (0.06 at step 5, then 0.07)."""
+    """A linear schedule built for 10 steps, resumed as a 20-step run, would jump (0.006 at step 5, then 0.007).
+    The check follows the schedule the run goes on with, the checkpoint's, not the one this run's config names."""
     stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 5 and t.request_stop("x", resumable=True))
-    make_resume_trainer(tmp_path, max_epochs=None, max_steps=10, lr_scheduler="linear", callbacks=[stop]).fit()
-    with pytest.raises(CheckpointError, match="config: max_steps is 10 in the checkpoint but 20 .* the learning rate "
-                                              "would jump"):
-        make_resume_trainer(tmp_path, max_epochs=None, max_steps=20, lr_scheduler="linear").fit(resume="latest")
-    make_resume_trainer(tmp_path, max_epochs=None, max_steps=10, lr_scheduler="linear").fit(resume="latest")
+    linear = dict(cls=Regression, max_epochs=None, lr_scheduler="linear")
+    make_resume_trainer(tmp_path / "linear", max_steps=10, callbacks=[stop], **linear).fit()
+    for scheduler in ("linear", "constant"):  # "constant": the run would still go on with the checkpoint's linear
+        with pytest.raises(CheckpointError, match="config: max_steps is 10 in the checkpoint but 20 .* 'linear' "
+                                                  "schedule .* the learning rate would jump"):
+            make_resume_trainer(tmp_path / "linear", max_steps=20, **{**linear, "lr_scheduler": scheduler}
+                                ).fit(resume="latest")
+    lrs = []
+    record = LambdaCallback(on_batch_end=lambda t, o: lrs.append(round(t.optimizer.param_groups[0]["lr"], 9)))
+    make_resume_trainer(tmp_path / "linear", max_steps=10, callbacks=[record], **linear).fit(resume="latest")
+    assert lrs == sorted(lrs, reverse=True) and len(lrs) == 5  # the rest of the same ramp down
+
+    # a checkpoint of a constant schedule may be extended, whatever this run's config names
+    constant = dict(cls=Regression, max_epochs=None, lr_scheduler="constant")
+    make_resume_trainer(tmp_path / "constant", max_steps=10, callbacks=[stop], **constant).fit()
+    lrs.clear()
+    make_resume_trainer(tmp_path / "constant", max_steps=20, callbacks=[record], **{**constant, "lr_scheduler": "linear"}
+                        ).fit(resume="latest")
+    assert lrs == [0.01] * 15
+
+

@@ -438,6 +438,17 @@ def lora_rl_trainer(out, callbacks=()):
                            minibatch_size=2, beta=0.04, lr=0.2, lora={"r": 4, "alpha": 8})
 
 
+def test_lora_dropout_under_disable_dropout_is_switched_off_and_said(tmp_path, caplog):
+    import logging
+
+    pytest.importorskip("peft")
+    with caplog.at_level(logging.WARNING):
+        trainer = make_rl_trainer(tmp_path, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    assert "lora.dropout=0.1 is switched off" in caplog.text
+    dropouts = [m for m in trainer.unwrapped_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)
+
+
 def test_rl_with_lora_trains_only_adapters_checkpoints_only_them_and_resumes_bitwise(tmp_path):
     straight, resumed = straight_and_resumed(lora_rl_trainer, tmp_path, stop_at=2)
     trained = {n for n, p in straight.model.named_parameters() if p.requires_grad}
@@ -496,6 +507,33 @@ def test_a_resume_with_other_rewards_prompts_or_sampling_is_refused_naming_what_
         with pytest.raises(CheckpointError, match=words):
             trainer.fit(resume="latest")
     make_rl_trainer(tmp_path, max_steps=4, checkpoint_every_steps=2, micro_batch_size=3).fit(resume="latest")
+
+
+def test_prompt_metadata_and_stop_ids_are_fingerprinted_by_their_content(tmp_path):
+    """Answers JSON cannot write (a Fraction, a set, bytes, a Path, a tensor) count by their value: other answers
+    of the same count are another run, and the same ones (in a new process: no memory address) the same run."""
+    import fractions
+    import pathlib
+
+    def fingerprints(answer, stop_token_ids=None):
+        prompts = [{"prompt": "1+2=", "answer": answer}, {"prompt": "3+4=", "answer": "7"}]
+        trainer = RLTrainer(make_lm(make_tokenizer()), RLConfig(batch_size=2, num_generations=2, max_new_tokens=2,
+                                                                output_dir=str(tmp_path)),
+                            tokenizer=make_tokenizer(), train_data=prompts, reward_fns=[digit_reward],
+                            stop_token_ids=stop_token_ids)
+        return trainer.compute_fingerprints()
+
+    def fingerprint(answer):
+        return fingerprints(answer)["train_data"]
+
+    pairs = [(fractions.Fraction(1, 3), fractions.Fraction(2, 3)), ({1, 2}, {1, 3}), (b"\x01", b"\x02"),
+             (pathlib.Path("a"), pathlib.Path("b")), (torch.tensor([1.0]), torch.tensor([2.0]))]
+    for one, other in pairs:
+        assert fingerprint(one) != fingerprint(other), (one, other)
+        assert fingerprint(one) == fingerprint(copy.deepcopy(one)), one
+    assert fingerprint({3, 1, 2}) == fingerprint({2, 3, 1})
+    stops = [fingerprints("3", ids)["stop_token_ids"] for ids in ([2, 5], [5, 2], [2, 6])]
+    assert stops[0] == stops[1] != stops[2]  # the same set of stop ids, in another order, is the same run
 
 
 def test_what_cannot_train_is_refused_when_the_trainer_is_built_naming_it(tmp_path, caplog):

@@ -105,3 +105,10 @@ def test_a_finished_stage_is_never_reused_with_other_settings_and_thrown_away_ov
         with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: rlvr takes each RL method's"):
             module.run(load_config(module.Config, config_path("rlvr"), base + [override]))
     module.run(load_config(module.Config, config_path("rlvr"), base + ["eval_samples=4"]))  # scoring may change
+    record = tmp_path / "grpo" / "stage.json"  # a stage finished before max_steps was a recorded setting
+    old = json.loads(record.read_text())
+    del old["settings"]["max_steps"]
+    record.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"^max_steps: the finished grpo stage in .* records no max_steps \(this "
+                                          r"command asks for 1\)"):
+        module.run(load_config(module.Config, config_path("rlvr"), base))

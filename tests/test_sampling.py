@@ -5,7 +5,6 @@ probabilities (empirical token frequencies), and by hand (EOS stopping, padding,
 """
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -130,10 +129,13 @@ def test_the_cache_goes_by_the_name_the_model_takes(model, recwarn):
             super().__init__()
             self._orig_mod = inner
 
+    class PassThrough(torch.nn.Module):  # a wrapper whose forward names neither: the installed release's name
+        def forward(self, **kwargs):
+            raise AssertionError("not called")
+
     assert cache_argument(OldStyle()) == "past_key_values"
     assert cache_argument(Wrapped(OldStyle())) == "past_key_values"
-    assert cache_argument(model) == cache_argument(Wrapped(model))
-    assert ("cache" in inspect.signature(model.forward).parameters) == (cache_argument(model) == "cache")
+    assert cache_argument(model) == cache_argument(Wrapped(model)) == cache_argument(PassThrough())
 
 
 def test_a_lora_model_samples_as_its_merged_weights_do(model):

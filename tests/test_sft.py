@@ -385,3 +385,22 @@ def test_bucketed_steps_come_in_a_shuffled_order_each_epoch():
     longest = [[max(lengths[i] for i in s.tolist()) for s in plan.epoch_steps(e)] for e in range(2)]
     assert longest[0] != sorted(longest[0], reverse=True)  # not the window's longest-first order
     assert [s.tolist() for s in plan.epoch_steps(0)] != [s.tolist() for s in plan.epoch_steps(1)]
+
+
+def test_validation_prompts_plus_eval_max_new_tokens_are_checked_against_a_learned_context(tmp_path):
+    """Generation for eval_fn runs past the validation examples' length: a learned position table (GPT-2) must hold
+    the longest prompt plus eval_max_new_tokens, or greedy decoding would index past it hours into a run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tokenizer()
+    examples = [{"prompt": "sort 3 1 =", "completion": " 1 3"}] * 8
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=12, n_embd=16, n_layer=1, n_head=2))
+
+    def build(eval_max_new_tokens):
+        return SFTTrainer(gpt2, SFTConfig(max_length=12, batch_size=4, output_dir=str(tmp_path),
+                                          eval_max_new_tokens=eval_max_new_tokens),
+                          tokenizer=tok, train_data=examples, val_data=examples, eval_fn=lambda *a: 1.0)
+    build(eval_max_new_tokens=4)  # "<bos> sort 3 1 =" is 5 tokens: 9 positions fit in 12
+    with pytest.raises(ValueError, match="the longest validation prompt plus eval_max_new_tokens is 13 positions, "
+                                         "more than the model's max_position_embeddings=12"):
+        build(eval_max_new_tokens=8)

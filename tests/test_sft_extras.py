@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_bitwise_equal, optimizer_tensors, weights
-from paperloop import SFTConfig, SFTTrainer
+from paperloop import ConfigError, SFTConfig, SFTTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.cli import main as cli
 from sft_helpers import VOCAB, make_trainer, model, sorting_examples, tokenizer
@@ -40,6 +40,27 @@ def test_lora_trains_adapters_only_and_checkpoints_hold_only_them(tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
     assert "model.safetensors" not in files
     assert (tmp_path / "base_model" / "config.json").is_file()  # the in-memory base, written once for merging
+
+
+def test_an_output_dir_that_cannot_hold_the_lora_base_is_a_config_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"^output_dir: {blocker / 'run'} cannot hold the LoRA base model folder "
+                                          r"\(Not a directory\)"):
+        lora_trainer(blocker / "run")
+    assert blocker.read_text() == "not a folder"
+
+    import errno
+    from transformers import PreTrainedModel
+
+    def full_disk(self, folder, **kwargs):  # writes part of the base, then the disk is full
+        (Path(folder) / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(ConfigError, match=r"cannot hold the LoRA base model folder \(No space left on device\)"):
+        lora_trainer(tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []  # no half-written base left behind
 
 
 def test_the_adapters_initial_weights_follow_the_seed_not_the_global_rng(tmp_path):

@@ -346,8 +346,11 @@ def test_ddp_share_scaling_and_per_process_rng_in_one_process(tmp_path):
     loss = float(t.training_step((x, y)).detach())
     assert float(seen[0]) == pytest.approx(loss * 0.25 * 2)
     t._pending_loss, t.optimizer_step = None, lambda: {}
-    t.update([(x, y)])  # no shares: each batch of each process weighs the same, so 1 / (1 x 2), undone by x 2
-    assert float(seen[1]) == pytest.approx(loss)
+    # no shares: each batch of each process weighs the same, 1 / (the batches of all processes), counted by a sum
+    for other_batches in (1, 3):
+        t.reduce_sum = lambda count: count + other_batches  # the other process's count
+        t.update([(x, y)])
+        assert float(seen[-1]) == pytest.approx(loss * 2 / (1 + other_batches))
     r = make_resume_trainer(tmp_path / "b")
     state = r.state_dict()
     torch.manual_seed(123)

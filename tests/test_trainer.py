@@ -207,6 +207,16 @@ def test_a_run_whose_every_update_was_skipped_is_an_error_not_a_success(tmp_path
         t.fit()
     assert t.state.updates == 0
 
+    # resumed from a checkpoint that trained: this fit's steps count, not the run's
+    good = Regression(make_model(), TrainerConfig(max_steps=3, batch_size=8, checkpoint_every_steps=3,
+                                                  output_dir=str(tmp_path / "resumed")), train_data=make_data(40))
+    good.fit()
+    t = AlwaysNaN(make_model(), TrainerConfig(max_steps=5, batch_size=8, output_dir=str(tmp_path / "resumed")),
+                  train_data=make_data(40))
+    with pytest.raises(RuntimeError, match=r"all 2 steps of this fit\(\) were skipped"):
+        t.fit(resume="latest")
+    assert t.state.updates == 3
+
 
 def test_a_generic_dataset_goes_through_collate(tmp_path):
     class Pairs(Dataset):

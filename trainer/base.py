@@ -210,14 +210,17 @@ class BaseTrainer(Checkpointing, ABC):
         (DDP's all-reduce runs on the last one only), then `optimizer_step`.
 
         `shares[k]` is batch k's part of the update's total weight over every process (see
-        `forward_backward`); None: every batch of every process weighs the same (1 / (batches x processes)).
+        `forward_backward`); None: every batch of every process weighs the same (1 / the number of batches all
+        processes give, counted with one all-reduce when there are several).
         `batches` may be a generator, so each is built only when its turn comes. `loss_fn(batch)` returns
         what `training_step` does (the default). Returns `optimizer_step()`'s outputs and the loss function's
         other outputs, their share-weighted mean over the batches (this process's).
         """
         if shares is None:
             batches = list(batches)
-            shares = [1.0 / (len(batches) * self.world_size)] * len(batches)
+            total = len(batches) if self.world_size == 1 else int(
+                self.reduce_sum(torch.tensor(len(batches), device=self.device)))
+            shares = [1.0 / total] * len(batches)
         if hasattr(batches, "__len__") and len(batches) != len(shares):
             raise ValueError(f"update: {len(batches)} batches for {len(shares)} shares")
         batches, last = iter(batches), len(shares) - 1

@@ -119,13 +119,17 @@ class Checkpointing:
                 raise ValueError(f"config: {key} is {saved[key]!r} in the checkpoint but {value!r} in this run, and "
                                  f"it changes what the run computes: resume with {key}={saved[key]!r}, or start a new "
                                  f"run (keys that may change on resume: {', '.join(self.config.resume_may_change)})")
-        if mine.get("lr_scheduler", "constant") != "constant" or mine.get("warmup_ratio"):
-            for key in ("max_steps", "max_epochs"):  # the schedule spans the run: another length reshapes it
-                if key in saved and saved[key] != mine[key]:
+        # The run goes on with the checkpoint's schedule (resume_keeps): one that spans the run's length is
+        # reshaped by another length, and the learning rate would jump.
+        schedule = {k: saved.get(k, mine.get(k)) for k in ("lr_scheduler", "warmup_ratio")}
+        if schedule["lr_scheduler"] not in (None, "constant") or schedule["warmup_ratio"]:
+            for key in ("max_steps", "max_epochs"):
+                if key in saved and key in mine and saved[key] != mine[key]:
                     raise ValueError(f"config: {key} is {saved[key]!r} in the checkpoint but {mine[key]!r} in this run, "
-                                     f"and the {mine['lr_scheduler']!r} schedule (warmup_ratio "
-                                     f"{mine['warmup_ratio']}) spans the run's length: the learning rate would jump. "
-                                     f"Resume with {key}={saved[key]!r}, or use a constant schedule to extend runs")
+                                     f"and the checkpoint's {schedule['lr_scheduler']!r} schedule (warmup_ratio "
+                                     f"{schedule['warmup_ratio']}) spans the run's length: the learning rate would "
+                                     f"jump. Resume with {key}={saved[key]!r}, or use a constant schedule to extend "
+                                     f"runs")
         for name, digest in self.fingerprints().items():
             recorded = state.get("fingerprints", {}).get(name)  # a checkpoint written before fingerprints: none
             if recorded is not None and recorded != digest:

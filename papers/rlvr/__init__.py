@@ -137,8 +137,12 @@ def stage(folder: Path, build, stage_settings: dict) -> tuple[object, float]:
         if recorded != stage_settings:
             key = next((k for k in stage_settings if recorded is not None and recorded.get(k) != stage_settings[k]),
                        None)
-            why = (f"was trained with {key}={recorded.get(key)!r}, this command asks for {stage_settings[key]!r}"
-                   if key else "records no settings it was trained with")
+            if key is None:
+                why = "records no settings it was trained with"
+            elif key not in recorded:  # written before the key was recorded
+                why = f"records no {key} (this command asks for {stage_settings[key]!r})"
+            else:
+                why = f"was trained with {key}={recorded[key]!r}, this command asks for {stage_settings[key]!r}"
             raise ConfigError(f"{key or 'output_dir'}: the finished {folder.name} stage in {folder} {why}; use "
                               f"another output_dir, or remove {folder} to train it again")
         return AutoModelForCausalLM.from_pretrained(done).eval(), json.loads(record.read_text())["seconds"]

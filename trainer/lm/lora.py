@@ -117,14 +117,17 @@ def save_base_model(model, folder: Path, write: bool = True) -> None:
         return
     if not write:
         return
+    tmp = None
     try:
         tmp = temporary_dir(folder)
         with no_shard_progress_bar():
             model.save_pretrained(tmp)
         os.rename(tmp, folder)
     except OSError as e:
+        if tmp is not None:  # a full disk, say: leave no half-written base behind
+            shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"output_dir: {folder.parent} cannot hold the LoRA base model folder ({e.strerror or e}); "
-                          "choose a folder you can write to") from None
+                          "choose a folder you can write to, with room for the model") from e
 
 
 def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None,

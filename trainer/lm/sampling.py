@@ -152,16 +152,24 @@ def cache_argument(model) -> str:
     """The name under which `model`'s forward takes a KV cache: `cache` (transformers 5.24 on; `past_key_values`
     is deprecated there and goes in 5.40) or `past_key_values` (earlier releases).
 
-    Asked of the transformers model itself: a peft or `torch.compile` wrapper's forward passes keywords through.
+    Asked of the transformers model itself, under peft, `torch.compile` and DDP wrappers (whose forwards pass
+    keywords through); a forward that names neither (another wrapper's `**kwargs`) gets the installed
+    transformers' name, as its Llama takes it.
     """
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod
         elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             model = model.get_base_model()
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
         else:
             break
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    if "cache" not in parameters and "past_key_values" not in parameters:
+        from transformers import LlamaForCausalLM
+        parameters = inspect.signature(LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class GrowingLayer(DynamicLayer):

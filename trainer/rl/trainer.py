@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import numbers
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class RLTrainer(LMTrainer):
         prompts = digest(json.dumps(self.train_data[i], sort_keys=True, default=_jsonable).encode()
                          for i in range(len(self.train_data)))
         rewards = digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()])
-        stops = digest([json.dumps(self.stop_token_ids).encode()])
+        stops = digest([json.dumps(sorted(set(self.stop_token_ids))).encode()])  # a set of ids: order is no change
         return {**super().compute_fingerprints(), "train_data": prompts, "reward_fns": rewards,
                 "stop_token_ids": stops}
 
@@ -384,11 +385,19 @@ def check_rewards(reward_fns, reward_weights) -> tuple[list, list[str], torch.Te
 
 
 def _jsonable(value):
-    """A metadata value JSON cannot write, as its content (arrays, tensors) or, for other objects, its type: never
-    a repr holding a memory address, which would differ in every process."""
+    """A metadata value JSON cannot write, by its content: arrays and tensors as lists, sets sorted, bytes in hex,
+    other objects by their repr (a Fraction, a Path, a date) — unless the repr holds a memory address, which would
+    differ in every process: then by type alone."""
     if hasattr(value, "tolist"):
         return value.tolist()
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    if isinstance(value, (set, frozenset)):
+        return sorted(json.dumps(item, sort_keys=True, default=_jsonable) for item in value)
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    text = repr(value)
+    if re.search(r" at 0x[0-9a-fA-F]+", text):
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    return f"<{type(value).__qualname__}> {text}"
 
 
 def sampling_seed(seed: int, rank: int) -> int:
