@@ -3,9 +3,10 @@
     python benchmarks/grpo.py                      # 8 prompts x 4 completions, 16 new tokens, beta 0 and 0.04
     python benchmarks/grpo.py --repeats 7 --steps 10
 
-One intra-op thread, one process, a tiny Llama (hidden 128, 4 layers, MLP 256, vocab 100) saved to a temporary
-folder that all three load (TRL rebuilds its reference model from that path when beta > 0). The tokenizer's EOS is
-id 100, outside the model's vocabulary, so no completion stops early: all decode the full budget (equal work).
+One intra-op thread, one process, a tiny Llama (hidden 128, 4 layers, MLP 256, vocab 101) saved to a temporary
+folder that all three load. Its output layer gives EOS (id 100) a logit of -1e9 in every contender (`never_eos`, a
+forward hook; TRL rebuilds its reference from the folder, without it: another KL value, the same cost), so
+no completion stops early: all decode the full budget (equal work).
 Equal settings: group-std advantages with the per-sequence mean (TRL `loss_type="grpo"`), one update per rollout
 batch, AdamW at lr 1e-6, gradient clipping at 1.0, temperature 1, no top-k/top-p, fp32, no completion logging.
 
@@ -37,12 +38,12 @@ from transformers.trainer_callback import PrinterCallback
 from paperloop import RLConfig, RLTrainer
 from paperloop.callbacks import LambdaCallback
 
-VOCAB = 100
-EOS = VOCAB  # in the tokenizer, outside the model: never sampled
+VOCAB = 101
+EOS = VOCAB - 1  # never sampled: see never_eos
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    words = {"<pad>": 0, "<bos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}, "<eos>": EOS}
+    words = {"<pad>": 0, "<bos>": 1, **{f"w{i}": i for i in range(2, EOS)}, "<eos>": EOS}
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
@@ -58,6 +59,16 @@ def save_model(folder: Path) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def never_eos(model):
+    """`model` with EOS's logit at -1e9 (its probability exactly 0 in float32): every completion runs the full
+    budget, in each contender alike."""
+    def hook(module, args, logits):
+        return logits.index_fill(-1, torch.tensor([EOS], device=logits.device), -1e9)
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    return model
 
 
 def make_prompts(n: int) -> list[str]:
@@ -110,7 +121,7 @@ def run_ours(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     config = RLConfig(batch_size=args.prompts, num_generations=args.generations, max_new_tokens=args.new_tokens,
                       beta=beta, lr=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps, output_dir=out,
                       log_completions=0, seed=0)
-    trainer = RLTrainer(LlamaForCausalLM.from_pretrained(model_dir), config, tokenizer=make_tokenizer(),
+    trainer = RLTrainer(never_eos(LlamaForCausalLM.from_pretrained(model_dir)), config, tokenizer=make_tokenizer(),
                         train_data=[{"prompt": p} for p in prompts],
                         reward_fns=[lambda prompt, completion, example: reward_count(completion)],
                         callbacks=[LambdaCallback(on_batch_begin=lambda t, s: steps.start(),
@@ -143,7 +154,7 @@ def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
                         loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
                         report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
                         use_cpu=True, seed=0, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=model_dir, args=config,
+    trainer = GRPOTrainer(model=never_eos(LlamaForCausalLM.from_pretrained(model_dir)), args=config,
                           reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
                           train_dataset=Dataset.from_dict({"prompt": prompts}),
                           processing_class=make_tokenizer(), callbacks=[_StepClock(steps)])
@@ -167,8 +178,8 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    reference = LlamaForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False) if beta else None
+    model = never_eos(LlamaForCausalLM.from_pretrained(model_dir))
+    reference = never_eos(LlamaForCausalLM.from_pretrained(model_dir)).eval().requires_grad_(False) if beta else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     G = args.generations
     for start in range(0, (args.warmup + args.steps) * args.prompts, args.prompts):
@@ -196,7 +207,7 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
                                        position_ids=positions_N_L).logits
             ref_N_C = completion_logprobs(ref_logits, completion_N_C)
             loss_N_C = loss_N_C + beta * (torch.exp(ref_N_C - logprobs_N_C) - (ref_N_C - logprobs_N_C) - 1)
-        loss_N_C.mean(1).mean().backward()  # no EOS in the vocabulary: every completion has all its tokens
+        loss_N_C.mean(1).mean().backward()  # EOS is never sampled: every completion has all its tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
