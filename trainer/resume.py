@@ -121,7 +121,8 @@ class Checkpointing:
                                  f"run (keys that may change on resume: {', '.join(self.config.resume_may_change)})")
         # The run goes on with the checkpoint's schedule (resume_keeps): one that spans the run's length is
         # reshaped by another length, and the learning rate would jump.
-        schedule = {k: saved.get(k, mine.get(k)) for k in ("lr_scheduler", "warmup_ratio")}
+        schedule = {k: saved.get(k, mine.get(k)) if k in self.resume_keeps else mine.get(k)
+                    for k in ("lr_scheduler", "warmup_ratio")}
         if schedule["lr_scheduler"] not in (None, "constant") or schedule["warmup_ratio"]:
             for key in ("max_steps", "max_epochs"):
                 if key in saved and key in mine and saved[key] != mine[key]:
