@@ -212,4 +212,4 @@ def _check_ids(ids) -> list[int]:
     ids = list(ids)
     if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError(f"stop_token_ids: a non-empty list of token ids, got {ids!r:.80}")
-    return [int(i) for i in ids]
+    return sorted({int(i) for i in ids})  # a set of ids: one order, as the default has, so [5, 2] is [2, 5]

@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..checkpoint import is_peft
 from .data import ChatTemplateTimeout, render_chat
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def cache_argument(model) -> str:
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod
-        elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        elif is_peft(model):
             model = model.get_base_model()
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module

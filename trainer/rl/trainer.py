@@ -181,7 +181,7 @@ class RLTrainer(LMTrainer):
         prompts = digest(json.dumps(self.train_data[i], sort_keys=True, default=_jsonable).encode()
                          for i in range(len(self.train_data)))
         rewards = digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()])
-        stops = digest([json.dumps(sorted(set(self.stop_token_ids))).encode()])  # a set of ids: order is no change
+        stops = digest([json.dumps(self.stop_token_ids).encode()])
         return {**super().compute_fingerprints(), "train_data": prompts, "reward_fns": rewards,
                 "stop_token_ids": stops}
 
