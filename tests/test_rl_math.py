@@ -106,8 +106,8 @@ def test_a_registered_policy_loss_is_chosen_by_name():
     """A variant is a new registered function: here REINFORCE's -ρ·A (no clip), whose gradient at ρ = 1 is -A per
     token, and which clips nothing."""
     @register_policy_loss("test_unclipped")
-    def _unclipped(log_ratio_B_T, advantages_B_1, trained_B_T, *, clip_low, clip_high):
-        nothing_B_T = torch.zeros_like(trained_B_T)
+    def _unclipped(log_ratio_B_T, advantages_B_1, weights_B_T, options):
+        nothing_B_T = torch.zeros_like(weights_B_T, dtype=torch.bool)
         return -torch.exp(log_ratio_B_T) * advantages_B_1, {"low": nothing_B_T, "high": nothing_B_T}
     try:
         logp = torch.tensor([[math.log(2.0), 0.0]], dtype=torch.float64, requires_grad=True)  # ρ = 2: PPO would clip

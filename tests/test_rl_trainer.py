@@ -44,15 +44,35 @@ def naive_advantages(rewards, G, normalize):
     return out
 
 
-def row_logprobs(model, prompt, completion, temperature):
-    """log softmax(logits / T) of each completion token, from one unpadded forward of prompt + completion."""
-    logits = model(torch.tensor([prompt + completion]), use_cache=False).logits[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+def row_logprobs(model, prompt, completion, temperature, with_entropy=False):
+    """log softmax(logits / T) of each completion token, from one unpadded forward of prompt + completion (and
+    each position's entropy of softmax(logits / T))."""
+    logits = model(torch.tensor([prompt + completion]), use_cache=False).logits[0, len(prompt) - 1:-1] / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(completion)[:, None])[:, 0]
+    return (chosen, -(logprobs.exp() * logprobs).sum(dim=1)) if with_entropy else chosen
 
 
-def naive_grpo(cfg: RLConfig, sampler_state: torch.Tensor, steps: int):
-    """GRPO/DAPO/Dr. GRPO by the formulas, one completion at a time, in float64: per token -min(ρA, clip(ρ)A) + β·k3,
-    ρ against the log-probs before the step's first update, aggregated per minibatch as the papers write it."""
+def naive_token_loss(cfg: RLConfig, logp, old, a):
+    """The per-token loss of cfg.policy_loss by its paper's formula, for one completion."""
+    ratio = torch.exp(logp - old)
+    if cfg.policy_loss == "gspo":  # Zheng et al. 2025: one ratio per sequence, the geometric mean of the tokens'
+        s = torch.exp((logp - old).mean())
+        return (-torch.minimum(s * a, s.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)).expand(len(logp))
+    if cfg.policy_loss == "cispo":  # MiniMax-M1: a capped, detached weight times the REINFORCE term
+        return -ratio.clamp(max=1 + cfg.clip_high).detach() * a * logp
+    if cfg.policy_loss == "sapo":  # Gao et al. 2025: a sigmoid gate, its temperature by the advantage's sign
+        tau = cfg.sapo_tau_pos if a > 0 else cfg.sapo_tau_neg
+        return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * a
+    unclipped = ratio if cfg.delta is None else ratio.clamp(max=cfg.delta)  # INTELLECT-2's two-sided clip
+    return -torch.minimum(unclipped * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)
+
+
+def naive_grpo(cfg: RLConfig, sampler_state: torch.Tensor, steps: int, reward=digit_reward):
+    """GRPO and its variants by the formulas, one completion at a time, in float64: per token the policy loss
+    (masked to the top-entropy tokens) + β·k3, ρ against the log-probs before the step's first update, aggregated
+    per minibatch as the papers write it, minus the entropy bonus; DAPO's dynamic sampling, overlong shaping and
+    truncation mask as its paper describes them."""
     tok, data = make_tokenizer(), make_prompts()
     policy, reference = make_lm(tok).double(), make_lm(tok).double()
     optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.lr)
@@ -60,41 +80,70 @@ def naive_grpo(cfg: RLConfig, sampler_state: torch.Tensor, steps: int):
     generator.set_state(sampler_state)
     stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     order = epoch_permutation(len(data), cfg.seed, 0)
-    B, G, T = cfg.batch_size, cfg.num_generations, cfg.temperature
+    B, G, T, L = cfg.batch_size, cfg.num_generations, cfg.temperature, cfg.max_new_tokens
+    position = 0  # in steps of B prompts
     for s in range(steps):
-        examples = [data[i] for i in order[s * B:(s + 1) * B].tolist()]
-        prompts = [tok(e["prompt"])["input_ids"] for e in examples]
-        completions = sample(policy, prompts, G, cfg.max_new_tokens, generator=generator, temperature=T,
-                             top_p=cfg.top_p, eos_token_id=stop, pad_token_id=0).completions()
-        rewards = [digit_reward(None, tok.decode(c, skip_special_tokens=True), examples[n // G])
-                   for n, c in enumerate(completions)]
+        groups, rounds = [], 0  # (prompt ids, example, completions, rewards as the reward function gave them)
+        while True:
+            examples = [data[i] for i in order[position * B:(position + 1) * B].tolist()]
+            position, rounds = position + 1, rounds + 1
+            prompts = [tok(e["prompt"])["input_ids"] for e in examples]
+            completions = sample(policy, prompts, G, L, generator=generator, temperature=T, top_p=cfg.top_p,
+                                 eos_token_id=stop, pad_token_id=0).completions()
+            for p, (prompt, example) in enumerate(zip(prompts, examples)):
+                group = completions[p * G:(p + 1) * G]
+                groups.append((prompt, group, [reward(None, tok.decode(c, skip_special_tokens=True), example)
+                                               for c in group]))
+            with_spread = sum(max(g[2]) != min(g[2]) for g in groups)
+            if not cfg.dynamic_sampling or with_spread >= B or rounds == cfg.max_sample_rounds \
+                    or position >= len(data) // B:
+                break
+        if cfg.dynamic_sampling:  # groups with a spread first, then tied ones, each in the order drawn
+            groups = ([g for g in groups if max(g[2]) != min(g[2])] + [g for g in groups if max(g[2]) == min(g[2])])[:B]
+        rows = [(prompt, c) for prompt, group, _ in groups for c in group]
+        rewards = [r for _, _, group_rewards in groups for r in group_rewards]
+        if cfg.overlong_buffer:  # DAPO eq. 13
+            start = L - cfg.overlong_buffer
+            rewards = [r - cfg.overlong_penalty * min(max(len(c) - start, 0), cfg.overlong_buffer) / cfg.overlong_buffer
+                       for r, (_, c) in zip(rewards, rows)]
         advantages = naive_advantages(rewards, G, cfg.advantage)
-        rows = [(prompts[n // G], c) for n, c in enumerate(completions)]
+        trained = [not cfg.mask_truncated or c[-1] in stop for _, c in rows]
         with torch.no_grad():
-            old = [row_logprobs(policy, p, c, T) for p, c in rows]
+            old, old_entropy = zip(*[row_logprobs(policy, p, c, T, with_entropy=True) for p, c in rows])
             ref = [row_logprobs(reference, p, c, T) for p, c in rows]
         per_update = (cfg.minibatch_size or B) * G
         for _ in range(cfg.inner_epochs):
             for start in range(0, len(rows), per_update):
+                update = range(start, start + per_update)
+                kept = [torch.ones(len(old[n]), dtype=torch.bool) for n in update]
+                if cfg.top_entropy_quantile < 1:  # Wang et al. 2025: the update's top-q tokens by entropy
+                    threshold = torch.quantile(torch.cat([old_entropy[n] for n in update if trained[n]]),
+                                               1 - cfg.top_entropy_quantile)
+                    kept = [old_entropy[n] >= threshold for n in update]
                 optimizer.zero_grad()
-                sums, lengths = [], []
-                for n in range(start, start + per_update):
-                    logp = row_logprobs(policy, *rows[n], T)
-                    ratio = torch.exp(logp - old[n])
-                    a = advantages[n]
-                    token_loss = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * a)
+                sums, lengths, entropy_sum = [], [], 0.0
+                for n, keep in zip(update, kept):
+                    logp, entropy = row_logprobs(policy, *rows[n], T, with_entropy=True)
+                    token_loss = naive_token_loss(cfg, logp, old[n], advantages[n]) * keep
                     token_loss = token_loss + cfg.beta * (torch.exp(ref[n] - logp) - (ref[n] - logp) - 1)
-                    sums.append(token_loss.sum())
-                    lengths.append(len(logp))
+                    sums.append(token_loss.sum() * trained[n])
+                    lengths.append(len(logp) * trained[n])
+                    entropy_sum = entropy_sum + entropy.sum() * trained[n]
                 if cfg.aggregation == "sequence_mean":  # GRPO: (1/G) Σ_i (1/|o_i|) Σ_t
-                    loss = sum(s / n for s, n in zip(sums, lengths)) / len(sums)
+                    loss = sum(s / n if n else 0 * s for s, n in zip(sums, lengths)) / len(sums)
                 elif cfg.aggregation == "token_mean":  # DAPO: Σ_i Σ_t / Σ_i |o_i|
                     loss = sum(sums) / sum(lengths)
                 else:  # Dr. GRPO: Σ_i Σ_t / (batch × max_new_tokens)
                     loss = sum(sums) / (len(sums) * cfg.max_new_tokens)
+                loss = loss - cfg.entropy_coef * entropy_sum / sum(lengths)  # the mean entropy per trained token
                 loss.backward()
                 optimizer.step()
     return policy
+
+
+def exact_reward(prompt, completion, example) -> float:
+    """0/1 correctness: whole groups tie often (dynamic sampling has something to drop)."""
+    return float(completion == example["answer"])
 
 
 RECIPES = {
@@ -104,6 +153,19 @@ RECIPES = {
                                     micro_batch_size=5, beta=0.04),
     "dr-grpo-mu2": dict(advantage="none", aggregation="constant", inner_epochs=2, micro_batch_size=6),
     "batch-std": dict(advantage="batch_std", minibatch_size=1),
+    "ppo-delta-mu2": dict(delta=1.25, inner_epochs=2, minibatch_size=2, clip_high=0.1, lr=0.5),
+    "gspo-mu2-micro-batches": dict(policy_loss="gspo", clip_low=0.003, clip_high=0.004, inner_epochs=2,
+                                   micro_batch_size=3),
+    "cispo-token-mean-mu2": dict(policy_loss="cispo", aggregation="token_mean", clip_high=0.05, inner_epochs=2,
+                                 minibatch_size=2, micro_batch_size=5),
+    "sapo-mu2-kl": dict(policy_loss="sapo", sapo_tau_pos=2.0, sapo_tau_neg=3.0, inner_epochs=2, beta=0.04),
+    "entropy-bonus-micro-batches": dict(entropy_coef=0.05, micro_batch_size=3),
+    "top-entropy-minibatches": dict(top_entropy_quantile=0.2, minibatch_size=2, micro_batch_size=3,
+                                    aggregation="token_mean"),
+    "dapo-overlong-mask-truncated": dict(aggregation="token_mean", clip_high=0.28, overlong_buffer=2,
+                                         overlong_penalty=0.5, mask_truncated=True, micro_batch_size=5),
+    "dapo-dynamic-sampling": dict(aggregation="token_mean", clip_high=0.28, dynamic_sampling=True,
+                                  max_sample_rounds=2, overlong_buffer=2, reward=exact_reward),
 }
 
 
@@ -112,13 +174,16 @@ def test_updates_match_a_naive_loop_from_the_formulas(tmp_path, recipe):
     """Both sides in float64, so the bound holds on any CPU (float32 kernels round differently from one machine to
     the next, by 2e-5 here after three steps) and is tight: the update's smallest visible error, a gradient 1%
     off, moves the weights by ~1e-5, a million times the bound."""
-    trainer = make_rl_trainer(tmp_path, max_steps=3, lr=0.2, model=make_lm(make_tokenizer()).double(),
-                              **RECIPES[recipe])
+    settings = {"lr": 0.2, **RECIPES[recipe]}
+    reward = settings.pop("reward", digit_reward)
+    trainer = make_rl_trainer(tmp_path, max_steps=3, model=make_lm(make_tokenizer()).double(), reward_fns=[reward],
+                              **settings)
     sampler_state = trainer.sampling_generator.get_state()
-    clip = []
-    trainer.callbacks.append(LambdaCallback(on_batch_end=lambda t, o: clip.append(float(o["policy/clip_frac"]))))
+    clip, outputs = [], []
+    trainer.callbacks.append(LambdaCallback(on_batch_end=lambda t, o: (clip.append(float(o["policy/clip_frac"])),
+                                                                       outputs.append(o))))
     trainer.fit()
-    expected = naive_grpo(trainer.config, sampler_state, steps=3)
+    expected = naive_grpo(trainer.config, sampler_state, steps=3, reward=reward)
     initial = make_lm(make_tokenizer()).double().state_dict()
     moved = 0.0
     for name, value in expected.state_dict().items():
@@ -127,8 +192,16 @@ def test_updates_match_a_naive_loop_from_the_formulas(tmp_path, recipe):
         torch.testing.assert_close(got, value, rtol=0, atol=1e-10, msg=lambda m: name + m)
         moved = max(moved, (value - initial[name]).abs().max().item())
     assert moved > 1e-3  # the updates did something that a wrong scale would show
-    if trainer.config.updates_per_step > 1:
+    c = trainer.config
+    if c.updates_per_step > 1 and c.policy_loss != "gspo":  # gspo's narrow clip on a sequence ratio: maybe never
         assert max(clip) > 0  # later updates of a step are off-policy: clipping is exercised
+    if c.dynamic_sampling:  # the recipe exercises what it is about: extra rounds, and steps where they ran out
+        assert max(o["rollout/sample_rounds"] for o in outputs) == 2
+        assert [o["rollout/prompts_sampled"] for o in outputs] == [4 * o["rollout/sample_rounds"] for o in outputs]
+    if c.mask_truncated:
+        assert max(float(o["rollout/truncated_frac"]) for o in outputs) > 0
+    if c.top_entropy_quantile < 1:
+        assert all(0.15 < float(o["policy/pg_token_frac"]) < 0.35 for o in outputs)
 
 
 # ---- the batch ----------------------------------------------------------------------------------------------

@@ -81,6 +81,13 @@ def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     return entropy_N.view(logits_B_T_V.shape[:-1])
 
 
+def entropy(logits_N_V: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per row, (N,) in float32 at least, differentiable (an entropy bonus trains it).
+    Keeps an (N, V) float32 copy for backward: use `token_entropy` where no gradient is needed."""
+    logprobs_N_V = torch.log_softmax(logits_N_V.to(torch.promote_types(logits_N_V.dtype, torch.float32)), dim=-1)
+    return -(logprobs_N_V.exp() * logprobs_N_V).sum(dim=-1)
+
+
 def _chunks(N: int, V: int) -> list[slice]:
     rows = max(1, CHUNK_ELEMENTS // V)
     return [slice(start, start + rows) for start in range(0, N, rows)]

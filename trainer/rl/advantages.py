@@ -65,11 +65,16 @@ def group_advantages(rewards_B: torch.Tensor, group_size: int, normalize: str = 
     return advantages_N_G.masked_fill(flat_N_1, 0.0).reshape(-1)
 
 
+def group_spread(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) bool per group: do its rewards differ? A group whose rewards all tie has advantage 0 and teaches
+    nothing (DAPO's dynamic sampling keeps only groups with a spread)."""
+    rewards_N_G = _grouped(rewards_B, group_size)
+    return rewards_N_G.amax(dim=1) != rewards_N_G.amin(dim=1)
+
+
 def zero_std_fraction(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     """Fraction (0-dim tensor) of groups whose rewards are all equal: their advantages are 0 and they teach nothing."""
-    rewards_N_G = _grouped(rewards_B, group_size)
-    flat_N = rewards_N_G.amax(dim=1) == rewards_N_G.amin(dim=1)
-    return flat_N.float().mean()
+    return (~group_spread(rewards_B, group_size)).float().mean()
 
 
 def _grouped(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -86,3 +91,13 @@ def _grouped(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards_B.is_floating_point() and not bool(torch.isfinite(rewards_B).all()):
         raise ValueError("rewards_B contains NaN or infinite values")
     return rewards_B.reshape(-1, group_size)
+
+
+def overlong_penalty(lengths_N: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to each completion's reward: 0 up to
+    `max_new_tokens - buffer` tokens, then falling linearly to `-penalty` at `max_new_tokens`,
+    -penalty · (|y| - (max_new_tokens - buffer)) / buffer. (N,) float64 from (N,) completion lengths."""
+    if not (is_int(buffer) and is_int(max_new_tokens) and 1 <= buffer <= max_new_tokens):
+        raise ValueError(f"buffer must be an int in [1, max_new_tokens={max_new_tokens}], got {buffer!r}")
+    over_N = (lengths_N.double() - (max_new_tokens - buffer)).clamp(min=0, max=buffer)
+    return -penalty * over_N / buffer

@@ -13,7 +13,7 @@ import torch
 
 from ..lm.data import TokenizedExample, pad_batch
 from ..lm.sampling import Samples
-from ..plans import EpochPlan
+from ..plans import EpochPlan, Step
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,15 @@ class Rollouts:
     pad_id: int
     generate_s: float
     score_s: float
+    indices_P: torch.Tensor | None = None  # the prompts' indices in train_data, when they come from there
 
-    def batch(self, advantages_N: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch(self, advantages_N: torch.Tensor, trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The shared batch of these rollouts with `advantages_N`: see `rollout_batch`."""
-        return rollout_batch(self.prompt_ids_P, self.samples, advantages_N, self.pad_id)
+        return rollout_batch(self.prompt_ids_P, self.samples, advantages_N, self.pad_id, trained_N)
 
 
 def rollout_batch(prompt_ids_P: list[list[int]], samples: Samples, advantages_N: torch.Tensor,
-                  pad_id: int) -> dict[str, torch.Tensor]:
+                  pad_id: int, trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """N = P * G rows of prompt + completion, right-padded, in `lm.data`'s batch shape plus the RL fields:
 
         input_ids, target_tokens, position_ids  (N, T)  as `lm.data.pad_batch` builds them
@@ -44,19 +45,23 @@ def rollout_batch(prompt_ids_P: list[list[int]], samples: Samples, advantages_N:
         advantages         (N,)          one per completion
         sampling_logprobs  (N, T)        the sampler's log-prob of each completion target, 0 elsewhere
 
-    Right padding needs no attention mask: padding comes after every real token of its row.
+    `trained_N` (bool, default all): rows whose completion is trained; the others get weight 0 everywhere (DAPO's
+    overlong filtering masks truncated completions so). Right padding needs no attention mask: padding comes
+    after every real token of its row.
     """
     G = samples.group_size
     completions_N = samples.completions()
     if len(prompt_ids_P) * G != len(completions_N) or advantages_N.shape != (len(completions_N),):
         raise ValueError(f"{len(prompt_ids_P)} prompts x G={G} do not match {len(completions_N)} completions and "
                          f"advantages of shape {tuple(advantages_N.shape)}")
+    trained = [True] * len(completions_N) if trained_N is None else trained_N.tolist()
     rows, starts_N = [], []
     for n, completion in enumerate(completions_N):
         prompt = prompt_ids_P[n // G]
         ids_L = torch.tensor(prompt + completion, dtype=torch.long)
         weights_L = torch.zeros(len(ids_L) - 1)
-        weights_L[len(prompt) - 1:] = 1.0  # position i predicts token i + 1: the first completion token's is len - 1
+        if trained[n]:  # position i predicts token i + 1: the first completion token's is len - 1
+            weights_L[len(prompt) - 1:] = 1.0
         rows.append(TokenizedExample(n, ids_L[:-1], ids_L[1:], weights_L))
         starts_N.append(len(prompt) - 1)
     batch = pad_batch(rows, pad_id)
@@ -68,15 +73,40 @@ def rollout_batch(prompt_ids_P: list[list[int]], samples: Samples, advantages_N:
             "sampling_logprobs": sampling_N_T.to(device)}
 
 
+def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
+    """The rows of several `Samples` of one group size, stacked in order, padded to the widest."""
+    width = max(part.tokens_N_L.shape[1] for part in parts)
+
+    def widened(tensor: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    return Samples(torch.cat([widened(p.tokens_N_L, pad_id) for p in parts]),
+                   torch.cat([widened(p.logprobs_N_L, 0.0) for p in parts]),
+                   torch.cat([p.lengths_N for p in parts]), torch.cat([p.stopped_N for p in parts]),
+                   group_size=parts[0].group_size)
+
+
+def take_groups(samples: Samples, groups: list[int]) -> Samples:
+    """The rows of groups `groups` (group g is rows g*G .. g*G+G-1), in that order, cut to their widest row."""
+    G = samples.group_size
+    rows_N = (torch.tensor(groups, dtype=torch.long)[:, None] * G + torch.arange(G)).reshape(-1)
+    rows_N = rows_N.to(samples.lengths_N.device)
+    lengths_N = samples.lengths_N[rows_N]
+    width = int(lengths_N.max()) if len(rows_N) else 0
+    return Samples(samples.tokens_N_L[rows_N, :width], samples.logprobs_N_L[rows_N, :width], lengths_N,
+                   samples.stopped_N[rows_N], group_size=G)
+
+
 def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torch.Tensor]]:
     """Consecutive slices of `rows` rows (the last may be shorter), each cut to its longest trained row: the
-    columns after every row's last trained target are padding, and skipping them saves their compute."""
+    columns after every row's last trained target are padding, and skipping them saves their compute. A slice
+    without a trained token keeps one column: it still takes its (zero) part in the update."""
     weights_N_T = batch["weights"]
     positions_T = torch.arange(1, weights_N_T.shape[1] + 1, device=weights_N_T.device)
     ends_N = torch.where(weights_N_T != 0, positions_T, 0).amax(dim=1).tolist()  # one host transfer
     parts = []
     for start in range(0, weights_N_T.shape[0], rows):
-        width = max(ends_N[start:start + rows])
+        width = max(1, *ends_N[start:start + rows])  # a slice with nothing to train (all masked) still takes part
         parts.append({k: v[start:start + rows, :width] if v.ndim == 2 else v[start:start + rows]
                       for k, v in batch.items()})
     return parts
@@ -84,10 +114,35 @@ def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torc
 
 class WholeStepsPlan(EpochPlan):
     """The default data plan without the epoch's short last step: every step gives every process exactly
-    `batch_size` prompts, so every process makes the same number of updates (DDP's all-reduces pair up)."""
+    `batch_size` prompts, so every process makes the same number of updates (DDP's all-reduces pair up).
+
+    Dynamic sampling: a loop step may take the prompts of the epoch's next steps too (`draw_extra`); once the loop
+    step is done, the position moves past every step it drew, so a checkpoint resumes after them all and a resumed
+    run draws the same prompts again. Draws stop at the epoch's end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra = 0  # steps drawn beyond the current one by the loop step in progress
 
     def epoch_steps(self, epoch: int) -> list[torch.Tensor]:
         return [s for s in super().epoch_steps(epoch) if len(s) == self.samples_per_step]
 
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.samples_per_step
+
+    def make_step(self, step_indices: torch.Tensor) -> Step:
+        self.extra = 0  # a loop step begins (one abandoned by an exception draws its extra prompts again)
+        return super().make_step(step_indices)
+
+    def draw_extra(self) -> torch.Tensor | None:
+        """This process's prompts of the epoch's next undrawn step, or None when the epoch has none left."""
+        steps = self._steps_of(self.epoch)
+        index = self.offset + 1 + self.extra
+        if index >= len(steps):
+            return None
+        self.extra += 1
+        return torch.cat(self.split(steps[index]))
+
+    def advance(self) -> None:
+        self.offset += 1 + self.extra
+        self.extra = 0

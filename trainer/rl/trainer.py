@@ -47,10 +47,12 @@ from ..config import ConfigError
 from ..plans import Step, check_dataset, mixed_seed
 from ..lm.base import LMConfig, LMTrainer, call_scorer, digest
 from ..lm.data import check_messages, prompt_ids
-from ..lm.losses import at_positions, token_entropy
-from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, zero_std_fraction
-from .losses import AGGREGATIONS, POLICY_LOSSES, aggregation_weights, masked_mean, policy_loss
-from .rollouts import Rollouts, WholeStepsPlan, split_rows
+from ..lm.sampling import Samples
+from ..lm.losses import at_positions, entropy, token_entropy
+from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, group_spread, overlong_penalty, zero_std_fraction
+from .losses import AGGREGATIONS, POLICY_LOSSES, LossOptions, aggregation_weights, masked_mean, policy_loss
+from .metrics import pass_at_k
+from .rollouts import Rollouts, WholeStepsPlan, concat_samples, split_rows, take_groups
 
 __all__ = ["RLConfig", "RLTrainer"]
 
@@ -79,11 +81,27 @@ class RLConfig(LMConfig):
     policy_loss: str = "ppo_clip"  # the per-token loss, a name in paperloop.rl.POLICY_LOSSES
     advantage: str = "group_std"  # "group_std" (GRPO) | "batch_std" | "none" (Dr. GRPO), see paperloop.rl
     aggregation: str = "sequence_mean"  # "sequence_mean" (GRPO) | "token_mean" (DAPO) | "constant" (Dr. GRPO)
-    log_completions: int = 4  # sampled completions shown as TensorBoard text at each log (0: none)
+    delta: Optional[float] = None  # ppo_clip: the unclipped ratio capped at delta > 1 + clip_high (INTELLECT-2)
+    sapo_tau_pos: float = 1.0  # sapo: the gate's temperature for positive advantages
+    sapo_tau_neg: float = 1.05  # sapo: for negative ones
+    entropy_coef: float = 0.0  # entropy bonus: minus entropy_coef x the mean entropy per trained token
+    top_entropy_quantile: float = 1.0  # only this top fraction of the update's tokens by entropy carries the policy
+    #                                    gradient (Wang et al. 2025: 0.2); 1: every token
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards all tie, draw more prompts to fill the step
+    max_sample_rounds: int = 10  # dynamic sampling: at most this many draws of batch_size prompts per step
+    mask_truncated: bool = False  # DAPO: completions that hit max_new_tokens without a stop token get weight 0
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last this-many tokens (0: off)
+    overlong_penalty: float = 1.0  # its reward at max_new_tokens: -overlong_penalty
+    eval_num_generations: int = 0  # validate(): n sampled completions per prompt for val/pass@k (0: greedy only)
+    eval_temperature: float = 1.0  # their temperature
+    eval_pass_threshold: float = 1.0  # a sampled completion passes when its total reward is at least this
+    log_completions: int = 4  # rollouts written per logged step: TensorBoard text and rollouts.jsonl (0: none)
     disable_dropout: bool = True  # sampling runs without dropout; training must too, or the ratio is not 1 (TRL: same)
 
-    # micro_batch_size bounds memory and changes rounding only: a resume may change it.
-    resume_may_change = LMConfig.resume_may_change + ("log_completions", "micro_batch_size")
+    # micro_batch_size bounds memory and changes rounding only; the eval_* keys change what validation measures,
+    # not what trains: a resume may change them.
+    resume_may_change = LMConfig.resume_may_change + ("log_completions", "micro_batch_size", "eval_num_generations",
+                                                      "eval_temperature", "eval_pass_threshold")
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +135,38 @@ class RLConfig(LMConfig):
                               ("aggregation", AGGREGATIONS)):
             if getattr(self, key) not in registry:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; choose one of {sorted(registry)}")
+        try:
+            self.loss_options
+        except ValueError as e:
+            raise ConfigError(str(e).replace(" must ", ": must ", 1)) from None
+        if not 0 <= self.entropy_coef < math.inf:
+            raise ConfigError(f"entropy_coef: must be a finite number >= 0, got {self.entropy_coef}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile: must be in (0, 1] (1: every token), got "
+                              f"{self.top_entropy_quantile}")
+        if self.max_sample_rounds < 1:
+            raise ConfigError(f"max_sample_rounds: must be >= 1, got {self.max_sample_rounds}")
+        if self.dynamic_sampling and self.max_steps is None:
+            raise ConfigError("max_steps: dynamic_sampling=True draws as many prompts a step as the rewards ask, so "
+                              "an epoch's number of steps is not known in advance; set max_steps")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ConfigError(f"overlong_buffer: must be in [0, max_new_tokens={self.max_new_tokens}] (0: off), got "
+                              f"{self.overlong_buffer}")
+        if not 0 <= self.overlong_penalty < math.inf:
+            raise ConfigError(f"overlong_penalty: must be a finite number >= 0, got {self.overlong_penalty}")
+        if self.eval_num_generations < 0:
+            raise ConfigError(f"eval_num_generations: must be >= 0 (0: greedy validation only), got "
+                              f"{self.eval_num_generations}")
+        if not MIN_TEMPERATURE <= self.eval_temperature < math.inf:
+            raise ConfigError(f"eval_temperature: must be >= {MIN_TEMPERATURE:g}, got {self.eval_temperature}")
+        if not math.isfinite(self.eval_pass_threshold):
+            raise ConfigError(f"eval_pass_threshold: must be a finite number, got {self.eval_pass_threshold}")
+
+    @property
+    def loss_options(self) -> LossOptions:
+        """The policy losses' settings (checked: a ValueError names the bad one)."""
+        return LossOptions(clip_low=self.clip_low, clip_high=self.clip_high, delta=self.delta,
+                           sapo_tau_pos=self.sapo_tau_pos, sapo_tau_neg=self.sapo_tau_neg)
 
     @property
     def updates_per_step(self) -> int:
@@ -188,14 +238,19 @@ class RLTrainer(LMTrainer):
     # ---- one loop step ------------------------------------------------------------------------
 
     def train_step(self, step: Step) -> dict:
-        """Sample, score, advantages, the batch, then μ passes of minibatch updates."""
+        """Sample (more rounds with dynamic sampling), score, shape, advantages, the batch, then μ passes of
+        minibatch updates."""
         c = self.config
-        rollouts = self.rollout(torch.cat(step.micro_batches))
+        rollouts, rounds = self.sample_step(torch.cat(step.micro_batches))
         start = time.perf_counter()
         rewards_N_F = self.gather(rollouts.rewards_N_F)  # every process's rows, in rank order
-        rewards_N = rewards_N_F @ self.reward_weights_F
-        advantages_N = group_advantages(rewards_N, c.num_generations, c.advantage)
-        batch = rollouts.batch(advantages_N.chunk(self.world_size)[self.rank])
+        lengths_N = self.gather(rollouts.samples.lengths_N)
+        rewards_N = rewards_N_F @ self.reward_weights_F  # what the reward functions said: the filter's
+        shaped_N = rewards_N if not c.overlong_buffer else rewards_N + overlong_penalty(
+            lengths_N, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+        advantages_N = group_advantages(shaped_N, c.num_generations, c.advantage)
+        trained_N = rollouts.samples.stopped_N if c.mask_truncated else None
+        batch = rollouts.batch(advantages_N.chunk(self.world_size)[self.rank], trained_N)
         rows_per_update = (c.minibatch_size or c.batch_size) * c.num_generations
         minibatches = [split_rows(minibatch, c.micro_batch_size or rows_per_update)
                        for minibatch in split_rows(batch, rows_per_update)]
@@ -211,7 +266,63 @@ class RLTrainer(LMTrainer):
 
         updates = [self.update(micro_batches, micro_shares, loss_fn) for _ in range(c.inner_epochs)
                    for micro_batches, micro_shares in zip(minibatches, shares)]
-        return self.step_outputs(rollouts, rewards_N_F, rewards_N, updates, parts, time.perf_counter() - start)
+        outputs = self.step_outputs(rollouts, rewards_N_F, shaped_N, advantages_N, updates, parts,
+                                    time.perf_counter() - start)
+        outputs.update({"rollout/sample_rounds": rounds,
+                        "rollout/prompts_sampled": rounds * c.batch_size * self.world_size})
+        return outputs
+
+    def sample_step(self, indices: torch.Tensor) -> tuple[Rollouts, int]:
+        """This step's rollouts and the number of sampling rounds they took.
+
+        Without dynamic sampling: G completions of each of the step's prompts, one round. With it (DAPO, Yu et al.
+        2025, §3.2): a group whose rewards all tie has advantage 0 and teaches nothing, so each round draws the
+        prompts of the data plan's next step, until the rounds hold `batch_size` groups with a spread per process
+        (over every process) or `max_sample_rounds` rounds have run or the epoch has no prompts left. The step
+        trains on the first groups with a spread, in the order drawn, then (when there are too few) on tied ones
+        in that order: always `batch_size` groups a process, so every process makes the same updates. The filter
+        reads the rewards the reward functions returned (before any shaping), gathered from every process, so
+        every process takes the same decision; the kept groups are dealt out to the processes in order.
+        """
+        c = self.config
+        first = self.rollout(indices)
+        if not c.dynamic_sampling:
+            return first, 1
+        wanted = c.batch_size * self.world_size
+        drawn = [first]  # this process's rounds
+        rounds = [self.gathered(first)]  # the same rounds, every process's rows: (indices_K, samples, rewards_N_F)
+        spread = [group_spread(rounds[0][2] @ self.reward_weights_F, c.num_generations)]
+        while int(sum(s.sum() for s in spread)) < wanted and len(rounds) < c.max_sample_rounds:
+            more = self.plan.draw_extra()
+            if more is None:  # the epoch's prompts are all drawn: train on what there is
+                break
+            drawn.append(self.rollout(more))
+            rounds.append(self.gathered(drawn[-1]))
+            spread.append(group_spread(rounds[-1][2] @ self.reward_weights_F, c.num_generations))
+        if len(rounds) == 1 and bool(spread[0].all()):
+            return first, 1
+        spread_K = torch.cat(spread)
+        order_K = torch.cat([torch.nonzero(spread_K).flatten(), torch.nonzero(~spread_K).flatten()])[:wanted]
+        mine = order_K.chunk(self.world_size)[self.rank].tolist()  # this process's groups, in the order chosen
+        chosen_P = torch.cat([r[0] for r in rounds])[mine]
+        samples = take_groups(concat_samples([r[1] for r in rounds], self.pad_id), mine)
+        rewards_N_F = torch.cat([r[2] for r in rounds]).unflatten(0, (len(spread_K), c.num_generations))[mine]
+        rewards_N_F = rewards_N_F.flatten(0, 1)
+        return Rollouts(self.fetch(chosen_P), [self.train_prompt_ids[i] for i in chosen_P.tolist()], samples,
+                        self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True), rewards_N_F,
+                        rewards_N_F @ self.reward_weights_F, self.pad_id, sum(r.generate_s for r in drawn),
+                        sum(r.score_s for r in drawn), chosen_P), len(rounds)
+
+    def gathered(self, rollouts: Rollouts) -> tuple[torch.Tensor, Samples, torch.Tensor]:
+        """A round's prompt indices (on the CPU), samples and (N, F) rewards from every process, in rank order."""
+        samples = rollouts.samples
+        if self.world_size == 1:
+            return rollouts.indices_P, samples, rollouts.rewards_N_F
+        pad = self.accelerator.pad_across_processes
+        every = Samples(self.gather(pad(samples.tokens_N_L, dim=1, pad_index=self.pad_id)),
+                        self.gather(pad(samples.logprobs_N_L, dim=1, pad_index=0)), self.gather(samples.lengths_N),
+                        self.gather(samples.stopped_N), group_size=samples.group_size)
+        return self.gather(rollouts.indices_P.to(self.device)).cpu(), every, self.gather(rollouts.rewards_N_F)
 
     def rollout(self, indices: torch.Tensor) -> Rollouts:
         """Sample G completions for each train prompt at `indices` (this process's), decode and score them."""
@@ -227,7 +338,7 @@ class RLTrainer(LMTrainer):
         rewards_N_F = self.score(examples, completions_N, names)
         return Rollouts(examples, prompt_ids_P, samples, completions_N, rewards_N_F,
                         rewards_N_F @ self.reward_weights_F, self.pad_id, generated - start,
-                        time.perf_counter() - generated)
+                        time.perf_counter() - generated, indices.cpu())
 
     def score(self, examples: list, completions_N: list[str], names: list[str]) -> torch.Tensor:
         """(N, F) rewards: each reward function on each completion (G consecutive per example)."""
@@ -247,25 +358,57 @@ class RLTrainer(LMTrainer):
 
     def update_shares(self, minibatches: list[list[dict]]) -> list[list[float]]:
         """Each micro-batch's part of its update's normalizer over every process (`rl.losses`' aggregation
-        weights: 1 per completion, or its trained tokens for token_mean), all-reduced once for the whole step."""
+        weights: 1 per completion, or its trained tokens for token_mean), all-reduced once for the whole step.
+        With an entropy bonus, each micro-batch also gets its `entropy_normalizer`: the update's trained tokens
+        times the micro-batch's share, so that the bonus is the update's mean entropy per token."""
         c = self.config
         weights_M_K = [torch.stack([aggregation_weights(b["weights"].double(), c.aggregation, c.max_new_tokens).sum()
                                     for b in micro_batches]) for micro_batches in minibatches]
-        totals_M = self.reduce_sum(torch.stack([w_K.sum() for w_K in weights_M_K]))
-        return [(w_K / total.clamp_min(1e-12)).tolist() for w_K, total in zip(weights_M_K, totals_M)]
+        tokens_M = torch.stack([sum(b["weights"].double().sum() for b in micro_batches) for micro_batches in minibatches])
+        totals_M, tokens_M = self.reduce_sum(torch.stack([torch.stack([w_K.sum() for w_K in weights_M_K]), tokens_M]))
+        shares = [(w_K / total.clamp_min(1e-12)).tolist() for w_K, total in zip(weights_M_K, totals_M)]
+        if c.entropy_coef > 0:
+            for micro_batches, micro_shares, tokens in zip(minibatches, shares, tokens_M.tolist()):
+                for batch, share in zip(micro_batches, micro_shares):
+                    batch["entropy_normalizer"] = share * tokens
+        return shares
 
     @torch.no_grad()
     def add_fixed_logprobs(self, minibatches: list[list[dict]]) -> None:
-        """Log-probs that stay fixed through the step's updates, from no-grad forwards over the very micro-batches
-        the updates take (same layout, so the same numbers as a training forward): `old_logprobs` when the step
-        makes several updates (generation-time log-probs differ from a forward's in the last bits), and
-        `ref_logprobs` when beta > 0. With one update, the training forward's own log-probs are the old ones."""
-        several, T = self.config.updates_per_step > 1, self.config.temperature
+        """What stays fixed through the step's updates, from no-grad forwards over the very micro-batches the
+        updates take (same layout, so the same numbers as a training forward): `old_logprobs` when the step makes
+        several updates (generation-time log-probs differ from a forward's in the last bits), `ref_logprobs` when
+        beta > 0, and with `top_entropy_quantile` < 1 each token's `entropy` under the policy that sampled and the
+        `policy_mask` of the update's highest-entropy tokens. With one update, the training forward's own
+        log-probs are the old ones."""
+        c = self.config
+        several, by_entropy = c.updates_per_step > 1, c.top_entropy_quantile < 1
         for batch in (b for micro_batches in minibatches for b in micro_batches):
-            if several:
-                batch["old_logprobs"] = self.forward(batch, self.unwrapped_model, T)[0]
-            if self.config.beta > 0:
+            if several or by_entropy:
+                logprobs_B_T, logits_N_V = self.forward(batch, self.unwrapped_model, c.temperature)
+                if several:
+                    batch["old_logprobs"] = logprobs_B_T
+                if by_entropy:
+                    batch["entropy"] = at_positions(token_entropy(logits_N_V), batch["weights"] != 0)
+            if c.beta > 0:
                 batch["ref_logprobs"] = self.reference_logprobs(batch)
+        if by_entropy:
+            for micro_batches in minibatches:
+                self.add_policy_masks(micro_batches)
+
+    def add_policy_masks(self, micro_batches: list[dict]) -> None:
+        """`policy_mask` of one update's micro-batches: its trained tokens whose entropy is at least the update's
+        (1 - top_entropy_quantile) quantile over every process ("Beyond the 80/20 rule", Wang et al. 2025: the
+        high-entropy "forking" tokens carry the policy gradient). TRL takes the quantile per micro-batch, from
+        the training forward; here it is the whole update's, from the policy that sampled, so micro-batching
+        and the process count do not change which tokens train."""
+        entropies_n = torch.cat([b["entropy"][b["weights"] != 0] for b in micro_batches]).double()
+        if self.world_size > 1:  # entropies are >= 0: -1 marks the padding that evens out the processes' counts
+            entropies_n = self.gather(self.accelerator.pad_across_processes(entropies_n, dim=0, pad_index=-1.0))
+            entropies_n = entropies_n[entropies_n >= 0]
+        threshold = torch.quantile(entropies_n, 1 - self.config.top_entropy_quantile) if len(entropies_n) else 0.0
+        for batch in micro_batches:
+            batch["policy_mask"] = (batch["entropy"].double() >= threshold) & (batch["weights"] != 0)
 
     def reference_logprobs(self, batch: dict) -> torch.Tensor:
         """The reference policy's log-probs of the batch's targets: the frozen copy's, or with LoRA the base's."""
@@ -281,10 +424,14 @@ class RLTrainer(LMTrainer):
         # One update per rollout batch: the policy that sampled is the one trained, so its own log-probs, detached,
         # are the old ones (ratio exactly 1, gradient that of the plain policy gradient).
         old_B_T = batch["old_logprobs"] if "old_logprobs" in batch else logprobs_B_T.detach()
+        entropy_N = entropy(logits_N_V) if c.entropy_coef > 0 else token_entropy(logits_N_V)  # a gradient if trained
         loss, metrics = policy_loss(logprobs_B_T, old_B_T, batch["advantages"], batch["weights"], loss=c.policy_loss,
                                     aggregation=c.aggregation, max_tokens=c.max_new_tokens, clip_low=c.clip_low,
-                                    clip_high=c.clip_high, ref_logprobs_B_T=batch.get("ref_logprobs"), beta=c.beta,
-                                    entropy_B_T=at_positions(token_entropy(logits_N_V), batch["weights"] != 0))
+                                    clip_high=c.clip_high, delta=c.delta, sapo_tau_pos=c.sapo_tau_pos,
+                                    sapo_tau_neg=c.sapo_tau_neg, ref_logprobs_B_T=batch.get("ref_logprobs"),
+                                    beta=c.beta, entropy_B_T=at_positions(entropy_N, batch["weights"] != 0),
+                                    entropy_coef=c.entropy_coef, entropy_normalizer=batch.get("entropy_normalizer"),
+                                    policy_mask_B_T=batch.get("policy_mask"))
         # How far the sampler's log-probs (KV-cached, batched differently) are from the trainer's: numerical noise
         # (~1e-7 in float32); a large value means sampling and training disagree on the policy.
         metrics["policy/sampler_logprob_gap"] = masked_mean((old_B_T - batch["sampling_logprobs"]).abs(),
@@ -293,11 +440,12 @@ class RLTrainer(LMTrainer):
 
     # ---- outputs ------------------------------------------------------------------------------
 
-    def step_outputs(self, rollouts: Rollouts, rewards_N_F: torch.Tensor, rewards_N: torch.Tensor, updates: list[dict],
-                     parts: list[dict], train_s: float) -> dict:
-        """What on_batch_end gets: the updates' losses, rewards and rollout statistics over every process,
-        policy metrics, timings, and a few completions as text."""
+    def step_outputs(self, rollouts: Rollouts, rewards_N_F: torch.Tensor, shaped_N: torch.Tensor,
+                     advantages_N: torch.Tensor, updates: list[dict], parts: list[dict], train_s: float) -> dict:
+        """What on_batch_end gets: the updates' losses, rewards (as the reward functions returned them) and rollout
+        statistics over every process, policy metrics, timings, and a few rollouts as text and as records."""
         c = self.config
+        rewards_N = rewards_N_F @ self.reward_weights_F
         lengths_N = self.gather(rollouts.samples.lengths_N.float())
         stopped_N = self.gather(rollouts.samples.stopped_N.float())
         step_s = rollouts.generate_s + rollouts.score_s + train_s
@@ -307,16 +455,22 @@ class RLTrainer(LMTrainer):
             "optim/lr": updates[-1]["optim/lr"],
             "reward/mean": rewards_N.mean(), "reward/std": rewards_N.std(),
             **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)},
-            "rollout/zero_std_frac": zero_std_fraction(rewards_N, c.num_generations),
+            "rollout/zero_std_frac": zero_std_fraction(shaped_N, c.num_generations),
             "rollout/completion_len": lengths_N.mean(), "rollout/stopped_frac": stopped_N.mean(),
+            "rollout/truncated_frac": 1 - stopped_N.mean(),
             **self.policy_metrics(parts),
             "time/generate_s": rollouts.generate_s, "time/reward_s": rollouts.score_s, "time/train_s": train_s,
             "perf/completions_per_s": len(rewards_N) / step_s,
         }
+        if c.overlong_buffer:
+            outputs["reward/overlong_penalty"] = (shaped_N - rewards_N).mean()
         if "optim/grad_norm" in updates[0]:  # when clipping, or when a log may be due
             outputs["optim/grad_norm"] = torch.stack([u["optim/grad_norm"] for u in updates]).mean()
         if c.log_completions:
+            mine = slice(self.rank * len(rollouts.rewards_N), (self.rank + 1) * len(rollouts.rewards_N))
             outputs["text/samples"] = completions_text(rollouts, c.log_completions)
+            outputs["records/rollouts"] = rollout_records(rollouts, self.reward_names, shaped_N[mine],
+                                                          advantages_N[mine], c.log_completions)
         return outputs
 
     def policy_metrics(self, parts: list[dict]) -> dict:
@@ -326,17 +480,41 @@ class RLTrainer(LMTrainer):
         *totals, tokens = self.reduce_sum(sums).unbind()
         return {k: total / tokens.clamp_min(1) for k, total in zip(keys, totals)}
 
+    def evaluate(self, dataset, prefix: str = "val", step_fn=None) -> dict:
+        """The engine's evaluation; with `eval_num_generations`, its sampled completions come from a generator of
+        their own, seeded by (run seed, step, process): evaluating never moves the training stream, and a
+        resumed run evaluates exactly as the uninterrupted one did."""
+        self.eval_generator = torch.Generator(device=self.device).manual_seed(
+            mixed_seed(self.config.seed, self.state.global_step, self.rank, 0xE7A1))
+        return super().evaluate(dataset, prefix, step_fn)
+
     def validation_step(self, batch: list) -> dict:
         """Greedy completions of the validation prompts, scored: `val/reward` (weighted total), `val/reward/<fn>`,
-        `val/completion_len`."""
-        prompt_ids_P = [prompt_of(example, self.tokenizer, "validation example", self.config.split_special_tokens)
+        `val/completion_len`. With `eval_num_generations` = n: n completions per prompt sampled at
+        `eval_temperature` (no top-p), and `val/pass@k` for k = 1, 2, 4, ..., n (the unbiased estimator of Chen et
+        al. 2021; a completion passes when its total reward is at least `eval_pass_threshold`) and
+        `val/reward_mean`, their mean total reward."""
+        c = self.config
+        prompt_ids_P = [prompt_of(example, self.tokenizer, "validation example", c.split_special_tokens)
                         for example in batch]
-        samples = self.generate(prompt_ids_P, max_new_tokens=self.config.max_new_tokens)  # greedy
+        names = [f"validation example {p!r:.60}" for p in prompt_ids_P]
+        samples = self.generate(prompt_ids_P, max_new_tokens=c.max_new_tokens)  # greedy
         completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
-        rewards_N_F = self.score(batch, completions_N, [f"validation example {p!r:.60}" for p in prompt_ids_P])
-        return {"reward": (rewards_N_F @ self.reward_weights_F).mean(),
-                "completion_len": samples.lengths_N.float().mean(),
-                **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)}}
+        rewards_N_F = self.score(batch, completions_N, names)
+        metrics = {"reward": (rewards_N_F @ self.reward_weights_F).mean(),
+                   "completion_len": samples.lengths_N.float().mean(),
+                   **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)}}
+        n = c.eval_num_generations
+        if n:
+            sampled = self.generate(prompt_ids_P, n, max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
+                                    generator=self.eval_generator)
+            texts_N = self.tokenizer.batch_decode(sampled.completions(), skip_special_tokens=True)
+            rewards_N = self.score(batch, texts_N, names) @ self.reward_weights_F
+            passed_P = (rewards_N >= c.eval_pass_threshold).reshape(len(batch), n).sum(dim=1).cpu()
+            ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+            metrics.update({f"pass@{k}": float(pass_at_k(n, passed_P, k).mean()) for k in ks})
+            metrics["reward_mean"] = rewards_N.mean()
+        return metrics
 
     # ---- engine hooks -------------------------------------------------------------------------
 
@@ -454,6 +632,24 @@ def weight_checksum(tensors) -> torch.Tensor:
     """A float64 fingerprint of weights (position-weighted sum of per-tensor sums), cheap to compare."""
     sums_K = torch.stack([t.detach().double().sum().cpu() for t in tensors])
     return (sums_K * torch.arange(1, len(sums_K) + 1, dtype=torch.float64)).sum()
+
+
+def rollout_records(rollouts: Rollouts, reward_names: list[str], shaped_N: torch.Tensor, advantages_N: torch.Tensor,
+                    count: int) -> list[dict]:
+    """The first `count` rollouts as JSON-ready dicts (`rollouts.jsonl`): prompt, completion, each reward function's
+    value, the total reward the advantages used (shaping included), the advantage, length in tokens, and whether
+    it stopped at a stop token or was truncated at max_new_tokens."""
+    G, count = rollouts.samples.group_size, min(count, len(rollouts.completions_N))
+    rewards = rollouts.rewards_N_F[:count].tolist()
+    lengths, stopped = rollouts.samples.lengths_N[:count].tolist(), rollouts.samples.stopped_N[:count].tolist()
+    records = []
+    for n in range(count):
+        example = rollouts.examples[n // G]
+        records.append({"prompt": example.get("prompt", example.get("messages")), "completion": rollouts.completions_N[n],
+                        "rewards": dict(zip(reward_names, rewards[n])), "reward": float(shaped_N[n]),
+                        "advantage": float(advantages_N[n]), "length": lengths[n], "stopped": stopped[n],
+                        "truncated": not stopped[n]})
+    return records
 
 
 def completions_text(rollouts: Rollouts, count: int) -> str:
