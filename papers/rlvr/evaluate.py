@@ -43,27 +43,50 @@ def evaluate(model, tokenizer, pairs, samples: int, temperature: float, max_new_
 
 
 def coverage(rows: list[dict]) -> dict:
-    """For each RL method: held-out pairs it solves (some sample right) that SFT never does, and the reverse —
-    the paper's "reasoning boundary" (RL's solvable set sits inside the base model's)."""
+    """For each RL run: held-out pairs it solves (some sample right) that SFT never does, and the reverse — the
+    paper's "reasoning boundary" (RL's solvable set sits inside the base model's)."""
     base = np.array(next(r for r in rows if r["method"] == "sft")["solved"])
     out = {}
     for row in rows:
         if row["method"] != "sft":
             solved = np.array(row["solved"])
-            out[row["method"]] = {"only_rl": int((solved & ~base).sum()), "only_sft": int((base & ~solved).sum()),
-                                  "both": int((solved & base).sum()), "pairs": len(base)}
+            out[label(row)] = {"only_rl": int((solved & ~base).sum()), "only_sft": int((base & ~solved).sum()),
+                               "both": int((solved & base).sum()), "pairs": len(base)}
+    return out
+
+
+def label(row: dict) -> str:
+    """A run's name: its stage folder (the method, with `_seed<s>` for other RL seeds)."""
+    return row.get("stage", row["method"])
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Per method with several seeds: mean and standard deviation (Bessel) over its runs of the greedy accuracy,
+    pass@k, prompts sampled and training seconds."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    out = []
+    for method in methods:
+        runs = [r for r in rows if r["method"] == method]
+        if len(runs) < 2:
+            continue
+        values = {"greedy_acc": [r["greedy_acc"] for r in runs], "train_seconds": [r["train_seconds"] for r in runs],
+                  **{f"pass@{k}": [r["pass_at"][k] for r in runs] for k in runs[0]["pass_at"]}}
+        if all(r.get("prompts_sampled") is not None for r in runs):
+            values["prompts_sampled"] = [r["prompts_sampled"] for r in runs]
+        out.append({"method": method, "seeds": [r.get("seed") for r in runs],
+                    **{k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))} for k, v in values.items()}})
     return out
 
 
 def write_results(out: Path, paper: str, rows: list[dict], settings: dict) -> None:
     table = [{k: v for k, v in row.items() if k != "solved"} for row in rows]
-    result = {"paper": paper, "rows": table, "coverage": coverage(rows), **settings}
+    result = {"paper": paper, "rows": table, "coverage": coverage(rows), "over_seeds": over_seeds(table), **settings}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(paper, table, result["coverage"], settings))
+    (out / "results.md").write_text(results_table(paper, table, result["coverage"], settings, result["over_seeds"]))
     plot(table, out / "results.png", settings)
 
 
-def results_table(paper: str, rows: list[dict], cover: dict, settings: dict) -> str:
+def results_table(paper: str, rows: list[dict], cover: dict, settings: dict, seeds: list[dict] = ()) -> str:
     ks = list(rows[0]["pass_at"])
     shown = [k for k in ks if k in ("1", "4", "16", "64", "256")] or ks
     lines = [f"# {paper}", "", f"Held-out prompts: {settings['held_out']}; {settings['eval_samples']} samples each at "
@@ -72,24 +95,41 @@ def results_table(paper: str, rows: list[dict], cover: dict, settings: dict) -> 
              "|---|---|" + "---|" * len(shown) + "---|---|"]
     for r in rows:
         cells = " | ".join(f"{100 * r['pass_at'][k]:.1f}%" for k in shown)
-        lines.append(f"| {r['method']} | {100 * r['greedy_acc']:.1f}% | {cells} | {r['mean_completion_len']:.2f} | "
+        lines.append(f"| {label(r)} | {100 * r['greedy_acc']:.1f}% | {cells} | {r['mean_completion_len']:.2f} | "
                      f"{r['train_seconds']:.0f} |")
     lines += ["", "| RL method | solved only by RL | solved only by SFT | solved by both | held-out pairs |",
               "|---|---|---|---|---|"]
     lines += [f"| {m} | {c['only_rl']} | {c['only_sft']} | {c['both']} | {c['pairs']} |" for m, c in cover.items()]
+    if seeds:
+        top = ks[-1]
+        lines += ["", "Over seeds (mean ± std):", "",
+                  f"| method | seeds | greedy acc | pass@1 | pass@{top} | prompts sampled | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in seeds:
+            def pct(key):
+                return f"{100 * m[key]['mean']:.1f} ± {100 * m[key]['std']:.1f}%"
+            sampled = m.get("prompts_sampled")
+            sampled = f"{sampled['mean']:,.0f} ± {sampled['std']:,.0f}" if sampled else "-"
+            lines.append(f"| {m['method']} | {len(m['seeds'])} | {pct('greedy_acc')} | {pct('pass@1')} | "
+                         f"{pct(f'pass@{top}')} | {sampled} | {m['train_seconds']['mean']:.0f} ± "
+                         f"{m['train_seconds']['std']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path, settings: dict) -> None:
+    """pass@k curves, one per method (the mean over its seeds when it has several)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for r in rows:
-        ks = [int(k) for k in r["pass_at"]]
-        ax.plot(ks, [100 * v for v in r["pass_at"].values()], marker="o", markersize=3, label=r["method"])
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
+        ks = [int(k) for k in runs[0]["pass_at"]]
+        mean = [100 * np.mean([r["pass_at"][str(k)] for r in runs]) for k in ks]
+        name = method if len(runs) == 1 else f"{method} ({len(runs)} seeds)"
+        ax.plot(ks, mean, marker="o", markersize=3, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (samples)")
     ax.set_ylabel("pass@k on held-out prompts (%)")
