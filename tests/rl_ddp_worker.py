@@ -1,6 +1,6 @@
 """Run under torchrun by test_rl_trainer.py: RL on 2 CPU processes (gloo). Three runs in one launch (a launch costs
 more than the runs): sampling seeded per (step, prompt), to compare with one process holding the same global
-batch; then, with the trainer's own per-process sampling, a run stopped with a checkpoint at step 2 and resumed,
+batch (and with dynamic sampling); then, with the trainer's own per-process sampling, a run stopped with a checkpoint at step 2 and resumed,
 and the same run uninterrupted. Rank 0 writes the final weights of each."""
 
 import argparse
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from paperloop.callbacks import LambdaCallback
-from rl_helpers import DDP_RUN, LayoutFreeSampling, SGDRLTrainer, make_rl_trainer
+from rl_helpers import DDP_DAPO, DDP_RUN, LayoutFreeSampling, SGDRLTrainer, make_rl_trainer
 
 
 def stop_at(step):
@@ -22,9 +22,9 @@ def stop_at(step):
     return LambdaCallback(on_batch_end=stop)
 
 
-def run(out: Path, name: str, cls, callbacks=(), resume=None) -> None:
+def run(out: Path, name: str, cls, callbacks=(), resume=None, **extra) -> None:
     trainer = make_rl_trainer(out / name, cls=cls, callbacks=callbacks,
-                              **{**DDP_RUN, "batch_size": DDP_RUN["batch_size"] // 2})
+                              **{**DDP_RUN, "batch_size": DDP_RUN["batch_size"] // 2, **extra})
     trainer.fit(resume=resume)
     if trainer.is_main_process:
         save_file({k: v.contiguous() for k, v in trainer.unwrapped_model.state_dict().items()},
@@ -38,6 +38,7 @@ def main():
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     run(out, "layout_free", LayoutFreeSampling)
+    run(out, "layout_free_dapo", LayoutFreeSampling, **DDP_DAPO)
     run(out, "straight", SGDRLTrainer)
     run(out, "resumed", SGDRLTrainer, callbacks=[stop_at(2)])
     run(out, "resumed", SGDRLTrainer, resume="latest")

@@ -1,5 +1,6 @@
 """Run by test_rl_trainer.py in a subprocess: train the RL fixture (checkpoints every 2 steps) and SIGKILL it
-between rollout batches, in the middle of generating one, or between two updates of one step."""
+between rollout batches, in the middle of generating one (in any of a step's sampling rounds), or between two
+updates of one step."""
 
 import argparse
 import os
@@ -18,6 +19,8 @@ def main():
     p.add_argument("--kill-at-step", type=int, help="SIGKILL in on_batch_begin when global_step == this")
     p.add_argument("--kill-in-generate", type=int, help="SIGKILL at the first decoding forward (after the "
                    "prefill) of the step that starts at this global_step")
+    p.add_argument("--kill-in-round", type=int, default=1, help="with --kill-in-generate: in this sampling round "
+                   "of the step (dynamic sampling draws several)")
     p.add_argument("--kill-after-update", type=int, help="SIGKILL right after the Nth optimizer update")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -31,15 +34,16 @@ def main():
 
     callbacks = [] if args.kill_at_step is None else [KillAt(args.kill_at_step)]
     trainer = make_rl_trainer(args.out, callbacks=callbacks, cls=Killing, **RESUME_RUNS[args.run])
-    sampling_forwards = []
+    prefills = []
 
-    def kill_in_generation(module, inputs):
+    def kill_in_generation(module, inputs, kwargs):
         if torch.is_inference_mode_enabled() and trainer.state.global_step == args.kill_in_generate:
-            sampling_forwards.append(1)
-            if len(sampling_forwards) == 2:  # the prefill, then the first token's forward
+            if kwargs["input_ids"].shape[1] > 1:  # a round's prefill (prompts are longer than one token)
+                prefills.append(1)
+            elif len(prefills) == args.kill_in_round:  # the first token's forward after that prefill
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer.unwrapped_model.register_forward_pre_hook(kill_in_generation)
+    trainer.unwrapped_model.register_forward_pre_hook(kill_in_generation, with_kwargs=True)
     trainer.fit()
 
 

@@ -1,5 +1,6 @@
-"""paperloop.rl: advantages, the clipped policy loss and its aggregations, pass@k — against hand-computed cases,
-naive per-element loops written from the papers' formulas, and exact combinatorics."""
+"""paperloop.rl: advantages, the policy losses (PPO's clip with delta, GSPO, CISPO, SAPO) and their aggregations, the
+entropy bonus and mask, DAPO's shaping, pass@k — against hand-computed cases, naive per-element loops written
+from the papers' formulas, and exact combinatorics."""
 
 import math
 import statistics
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from paperloop.rl import (AGGREGATIONS, ADVANTAGE_NORMALIZERS, POLICY_LOSSES, aggregation_weights, group_advantages,
-                          k3_kl, pass_at_k, policy_loss, register_advantage, register_aggregation,
-                          register_policy_loss, zero_std_fraction)
+                          group_spread, k3_kl, overlong_penalty, pass_at_k, policy_loss, register_advantage,
+                          register_aggregation, register_policy_loss, zero_std_fraction)
 
 AGGREGATION_NAMES = ["sequence_mean", "token_mean", "constant"]
 
@@ -428,3 +429,183 @@ def test_pass_at_k_is_vectorized_over_problems_and_k():
 def test_pass_at_k_errors(n, c, k, word):
     with pytest.raises(ValueError, match=rf"\b{word}\b"):
         pass_at_k(n, c, k)
+
+
+# ------------------------------------------------------------------------------------------------ the variants
+
+LOSS_NAMES = ["ppo_clip", "gspo", "cispo", "sapo"]
+
+
+def _naive_token_losses(name, logp, old, adv, mask, clip_low, clip_high, delta=None, tau_pos=1.0, tau_neg=1.05):
+    """Each loss's per-token value by its paper's formula, element by element (lists of floats)."""
+    B, T = len(logp), len(logp[0])
+    out = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        a, trained = adv[b], [t for t in range(T) if mask[b][t]]
+        s = math.exp(sum((logp[b][t] - old[b][t]) * mask[b][t] for t in trained) / sum(mask[b][t] for t in trained)) \
+            if trained else 1.0  # GSPO's sequence ratio: geometric mean of the token ratios, by weight
+        for t in trained:
+            ratio = math.exp(logp[b][t] - old[b][t])
+            if name == "ppo_clip":
+                unclipped = ratio if delta is None else min(ratio, delta)
+                out[b][t] = -min(unclipped * a, min(max(ratio, 1 - clip_low), 1 + clip_high) * a)
+            elif name == "gspo":
+                out[b][t] = -min(s * a, min(max(s, 1 - clip_low), 1 + clip_high) * a)
+            elif name == "cispo":
+                out[b][t] = -min(ratio, 1 + clip_high) * a * (logp[b][t] - old[b][t])
+            else:  # sapo
+                tau = tau_pos if a > 0 else tau_neg
+                out[b][t] = -(4 / tau) / (1 + math.exp(-tau * (ratio - 1))) * a
+    return out
+
+
+def _aggregate(per_token, mask, aggregation, max_tokens):
+    sums = [sum(v * m for v, m in zip(row, mrow)) for row, mrow in zip(per_token, mask)]
+    lengths = [sum(mrow) for mrow in mask]
+    if aggregation == "sequence_mean":
+        return sum(s / n if n else 0.0 for s, n in zip(sums, lengths)) / len(sums)
+    if aggregation == "token_mean":
+        return sum(sums) / sum(lengths)
+    return sum(sums) / (len(sums) * max_tokens)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATION_NAMES)
+@pytest.mark.parametrize("name, options", [("ppo_clip", dict(delta=1.3)), ("gspo", dict(clip_low=0.03, clip_high=0.04)),
+                                           ("cispo", dict(clip_high=0.1)),
+                                           ("sapo", dict(sapo_tau_pos=1.0, sapo_tau_neg=1.05)),
+                                           ("sapo", dict(sapo_tau_pos=3.0, sapo_tau_neg=5.0))])
+def test_each_loss_matches_a_naive_per_token_loop(name, options, aggregation):
+    logp, old, adv, mask, _ = _random_batch(seed=11)
+    logp = old + (logp - old) * 1.5  # ratios out to e^±0.75: past delta = 1.3 and every clip
+    kwargs = {"clip_low": 0.2, "clip_high": 0.2, **options}
+    loss, _ = policy_loss(logp, old, adv, mask, loss=name, aggregation=aggregation, max_tokens=9, **kwargs)
+    per_token = _naive_token_losses(name, logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(),
+                                    kwargs["clip_low"], kwargs["clip_high"], kwargs.get("delta"),
+                                    kwargs.get("sapo_tau_pos", 1.0), kwargs.get("sapo_tau_neg", 1.05))
+    assert loss.item() == pytest.approx(_aggregate(per_token, mask.tolist(), aggregation, 9), rel=1e-12, abs=1e-14)
+
+
+def test_delta_caps_a_runaway_negative_token_and_is_reported():
+    # A = -1. ρ = 2 without delta: -min(-2, -1.2) = 2, gradient -ρA = 2. With delta = 1.5: -min(-1.5, -1.2) = 1.5,
+    # constant: no gradient, clipped "delta". ρ = 1.4 < delta: as PPO (1.4, gradient 1.4).
+    for ratio, delta, value, grad, frac in ((2.0, None, 2.0, 2.0, 0.0), (2.0, 1.5, 1.5, 0.0, 1.0),
+                                            (1.4, 1.5, 1.4, 1.4, 0.0)):
+        logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+        loss, metrics = policy_loss(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([-1.0]),
+                                    torch.ones(1, 1), delta=delta)
+        assert loss.item() == pytest.approx(value)
+        assert torch.autograd.grad(loss, logp)[0].item() == pytest.approx(grad)
+        assert metrics.get("policy/clip_frac_delta", torch.tensor(0.0)).item() == frac
+        assert metrics["policy/clip_frac"].item() == frac
+    with pytest.raises(ValueError, match="delta must be a finite number > 1 \\+ clip_high"):
+        policy_loss(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([-1.0]), torch.ones(1, 1), delta=1.1)
+
+
+def test_gspo_hand_case_one_ratio_per_sequence():
+    # Row 0: token ratios 1.1 and 1.21 (log-ratios 0.0953, 0.1906): s = exp(mean) = 1.1^1.5 = 1.15369, A = +1,
+    # clip 0.2/0.2: inside, ℓ = -1.15369 on both tokens; d/dlogp_t of -s·A = -s/2 per token.
+    # Row 1: ratios 1.5, 1.5 (s = 1.5 > 1.2), A = +1: clipped high, ℓ = -1.2, no gradient, both tokens counted.
+    logp = torch.log(torch.tensor([[1.1, 1.21], [1.5, 1.5]], dtype=torch.float64)).requires_grad_(True)
+    loss, metrics = policy_loss(logp, torch.zeros(2, 2, dtype=torch.float64), torch.tensor([1.0, 1.0]),
+                                torch.ones(2, 2), loss="gspo")
+    s = 1.1 ** 1.5
+    assert loss.item() == pytest.approx((-s - 1.2) / 2)
+    grad = torch.autograd.grad(loss, logp)[0]
+    assert grad.flatten().tolist() == pytest.approx([-s / 4, -s / 4, 0.0, 0.0])  # (1/2 sequences) x (-s/2)
+    assert metrics["policy/clip_frac_high"].item() == 0.5
+
+
+def test_cispo_keeps_the_gradient_of_a_clipped_token_with_a_capped_weight():
+    # ρ = 2, A = +1, clip_high 0.2: PPO drops the token; CISPO keeps -sg(min(2, 1.2))·A·∇logπ = -1.2.
+    logp = torch.tensor([[math.log(2.0)]], dtype=torch.float64, requires_grad=True)
+    args = (torch.zeros(1, 1, dtype=torch.float64), torch.tensor([1.0]), torch.ones(1, 1))
+    loss, metrics = policy_loss(logp, *args, loss="cispo")
+    assert torch.autograd.grad(loss, logp)[0].item() == pytest.approx(-1.2)
+    assert loss.item() == pytest.approx(-1.2 * math.log(2.0))
+    assert metrics["policy/clip_frac_high"].item() == 1.0
+    ppo, _ = policy_loss(logp, *args)
+    assert torch.autograd.grad(ppo, logp)[0].item() == 0
+
+
+def test_sapo_gate_is_the_policy_gradient_on_policy_and_fades_off_policy():
+    # At ρ = 1: f = (4/τ)·σ(0) = 2/τ, gradient -A·ρ·4σ(1-σ) = -A, whatever τ. At ρ = 3, τ = 1.05 (A < 0):
+    # σ(2.1) = 0.890903, gradient -A·3·4·σ(1-σ) = 3 · 4 · 0.890903 · 0.109097 = 1.166329; faded (4σ(1-σ) = 0.3888).
+    for ratio, a, grad, faded in ((1.0, 1.0, -1.0, 0.0), (1.0, -1.0, 1.0, 0.0), (3.0, -1.0, 1.166329, 1.0)):
+        logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+        loss, metrics = policy_loss(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([a]),
+                                    torch.ones(1, 1), loss="sapo")
+        tau = 1.0 if a > 0 else 1.05
+        assert loss.item() == pytest.approx(-(4 / tau) / (1 + math.exp(-tau * (ratio - 1))) * a)
+        assert torch.autograd.grad(loss, logp)[0].item() == pytest.approx(grad, rel=1e-5)
+        assert metrics["policy/clip_frac_high"].item() == faded
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("aggregation", AGGREGATION_NAMES)
+def test_every_loss_recombines_from_micro_batches_with_entropy_bonus_and_mask(name, aggregation):
+    """The engine's weighted step for every loss, with the entropy bonus (each micro-batch's normalizer: the whole
+    batch's trained tokens x its share) and a policy mask: loss and gradient equal the whole batch's."""
+    logp, old, adv, mask, ref = _random_batch(B=9, T=6, seed=5)
+    entropy_leaf = torch.rand_like(logp).requires_grad_(True)
+    policy_mask = torch.rand(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) < 0.6
+    leaf = logp.clone().requires_grad_(True)
+    kwargs = dict(loss=name, clip_low=0.2, clip_high=0.28, aggregation=aggregation, max_tokens=8, beta=0.05,
+                  entropy_coef=0.3)
+    full, _ = policy_loss(leaf, old, adv, mask, ref_logprobs_B_T=ref, entropy_B_T=entropy_leaf,
+                          policy_mask_B_T=policy_mask, **kwargs)
+    full_grads = torch.autograd.grad(full, (leaf, entropy_leaf))
+
+    weight_B = aggregation_weights(mask, aggregation, max_tokens=8)
+    combined = 0.0
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 7), slice(7, 9)):
+        share = weight_B[rows].sum() / weight_B.sum()
+        part, _ = policy_loss(leaf[rows], old[rows], adv[rows], mask[rows], ref_logprobs_B_T=ref[rows],
+                              entropy_B_T=entropy_leaf[rows], policy_mask_B_T=policy_mask[rows],
+                              entropy_normalizer=share * mask.sum(), **kwargs)
+        (share * part).backward()
+        combined += (share * part).item()
+    assert combined == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(leaf.grad, full_grads[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(entropy_leaf.grad, full_grads[1], rtol=1e-12, atol=1e-15)
+
+
+def test_entropy_bonus_is_the_mean_entropy_per_trained_token_whatever_the_aggregation():
+    # Two rows, entropies (1, 3 | 2, masked): the bonus is -coef · (1 + 3 + 2) / 3 under every aggregation.
+    logp = torch.zeros(2, 2, dtype=torch.float64)
+    entropy_B_T = torch.tensor([[1.0, 3.0], [2.0, 99.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    for aggregation in AGGREGATION_NAMES:
+        plain, _ = policy_loss(logp, logp, torch.zeros(2), mask, aggregation=aggregation, max_tokens=4)
+        loss, metrics = policy_loss(logp, logp, torch.zeros(2), mask, aggregation=aggregation, max_tokens=4,
+                                    entropy_B_T=entropy_B_T, entropy_coef=0.5)
+        assert loss.item() - plain.item() == pytest.approx(-0.5 * 6 / 3)
+        assert torch.autograd.grad(loss, entropy_B_T)[0].flatten().tolist() == pytest.approx([-0.5 / 3] * 3 + [0.0])
+        assert metrics["policy/entropy"].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="entropy_coef=0.5 needs entropy_B_T with a gradient"):
+        policy_loss(logp, logp, torch.zeros(2), mask, entropy_B_T=entropy_B_T.detach(), entropy_coef=0.5)
+
+
+def test_policy_mask_keeps_the_normalizer_and_drops_the_masked_tokens_gradient():
+    # "Beyond the 80/20 rule" eq. 5: the indicator multiplies the term; the normalizer is still every token.
+    logp = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([[True, False, True, False]])
+    loss, metrics = policy_loss(logp, logp.detach(), torch.tensor([2.0]), torch.ones(1, 4), aggregation="token_mean",
+                                policy_mask_B_T=keep)
+    assert loss.item() == pytest.approx(-2.0 * 2 / 4)
+    assert torch.autograd.grad(loss, logp)[0].flatten().tolist() == pytest.approx([-0.5, 0.0, -0.5, 0.0])
+    assert metrics["policy/pg_token_frac"].item() == 0.5
+
+
+def test_overlong_penalty_follows_dapo_eq_13():
+    # max_new_tokens 10, buffer 4: 0 through 6 tokens, then -p·(|y| - 6)/4: 7 -> -0.25p, 10 -> -p.
+    lengths = torch.tensor([1, 6, 7, 8, 10])
+    assert overlong_penalty(lengths, 10, 4, 2.0).tolist() == pytest.approx([0, 0, -0.5, -1.0, -2.0])
+    assert overlong_penalty(lengths, 10, 10, 1.0).tolist() == pytest.approx([-0.1, -0.6, -0.7, -0.8, -1.0])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, 10, 0, 1.0)
+
+
+def test_group_spread_marks_the_groups_that_teach():
+    rewards = torch.tensor([1.0, 1, 0, 1, 0.5, 0.5, 0, 0])
+    assert group_spread(rewards, 2).tolist() == [False, True, False, False]
+    assert group_spread(rewards, 4).tolist() == [True, True]

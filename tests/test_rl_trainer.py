@@ -3,6 +3,8 @@ completion, plain SGD), the batch it builds, the reference model, reward-functio
 metrics, and exact resume after SIGKILL (between rollout batches, during generation, between updates)."""
 
 import copy
+import json
+import math
 import os
 import statistics
 import subprocess
@@ -25,7 +27,8 @@ from paperloop.lm.sampling import Samples, sample
 from helpers import straight_and_resumed
 from paperloop.checkpoint import committed
 
-from rl_helpers import (DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, make_lm, make_prompts, make_rl_trainer,
+from rl_helpers import (DDP_DAPO, DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, first_digit_reward, make_lm,
+                        make_prompts, make_rl_trainer,
                         make_tokenizer, run_rl_worker)
 
 # ---- the update against a naive loop ----------------------------------------------------------------------
@@ -247,6 +250,13 @@ def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
     (dict(aggregation="mean"), "aggregation"), (dict(temperature=0.0), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(clip_low=1.0), "clip_low"), (dict(inner_epochs=0), "inner_epochs"),
     (dict(beta=-0.1), "beta"), (dict(micro_batch_size=0), "micro_batch_size"),
+    (dict(delta=1.1), "delta"), (dict(clip_high=0.3, delta=1.3), "delta"), (dict(sapo_tau_neg=0.0), "sapo_tau_neg"),
+    (dict(policy_loss="grpo"), "policy_loss"), (dict(entropy_coef=-0.1), "entropy_coef"),
+    (dict(top_entropy_quantile=0.0), "top_entropy_quantile"), (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+    (dict(dynamic_sampling=True), "max_steps"), (dict(max_sample_rounds=0), "max_sample_rounds"),
+    (dict(overlong_buffer=-1), "overlong_buffer"), (dict(overlong_buffer=65), "overlong_buffer"),
+    (dict(overlong_penalty=-1.0), "overlong_penalty"), (dict(eval_num_generations=-1), "eval_num_generations"),
+    (dict(eval_temperature=0.0), "eval_temperature"), (dict(eval_pass_threshold=math.inf), "eval_pass_threshold"),
 ])
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
@@ -422,6 +432,9 @@ def assert_same_run(resumed, reference):
     ("mu1", ["--kill-in-generate", "7"], "step-000006"),    # in the middle of sampling step 8's completions
     ("mu2", ["--kill-in-generate", "3"], "step-000002"),    # in the middle of sampling step 4's completions
     ("mu2", ["--kill-after-update", "14"], "step-000002"),  # after update 2 of step 4's 4
+    ("dapo", ["--kill-at-step", "3"], "step-000002"),        # dynamic sampling: between steps
+    ("dapo", ["--kill-in-generate", "2", "--kill-in-round", "2"], "step-000002"),  # in step 3's second round
+    ("dapo", ["--kill-in-generate", "4", "--kill-in-round", "3"], "step-000004"),  # in step 5's third and last
 ])
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, run, kill, checkpoint):
     proc = run_rl_worker(tmp_path, "--run", run, *kill)
@@ -454,6 +467,16 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
     straight, resumed = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("straight", "resumed"))
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+    # Dynamic sampling decides on every process's rewards and deals the kept groups out in draw order: 2 processes
+    # keep and train the groups 1 process does.
+    ddp = load_file(str(tmp_path / "layout_free_dapo.safetensors"))
+    rounds = []
+    single = make_rl_trainer(tmp_path / "single_dapo", cls=LayoutFreeSampling, **{**DDP_RUN, **DDP_DAPO}, callbacks=[
+        LambdaCallback(on_batch_end=lambda t, o: rounds.append(o["rollout/sample_rounds"]))])
+    single.fit()
+    assert max(rounds) == 2  # some step drew a second round
+    for name, value in single.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5)
 
 
 def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_path):
@@ -708,3 +731,91 @@ def test_a_trainer_for_validation_alone_needs_no_training_prompts(tmp_path):
     trainer = RLTrainer(make_lm(make_tokenizer()), RLConfig(output_dir=str(tmp_path), max_new_tokens=3),
                         tokenizer=make_tokenizer(), val_data=make_prompts(4), reward_fns=[digit_reward])
     assert set(trainer.validate()) == {"val/reward", "val/reward/digit_reward", "val/completion_len"}
+
+
+# ---- sampled evaluation ------------------------------------------------------------------------------------
+
+
+def test_sampled_validation_reports_unbiased_pass_at_k_from_its_own_stream(tmp_path):
+    """val/pass@k from n sampled completions per prompt equals the exact combinatorial pass@k of the rewards the
+    reward function gave them; the samples come from a stream of the evaluation's own: a run that validates every
+    step trains exactly as one that never does, and validating twice at a step gives the same numbers."""
+    scored = []
+
+    def recording(prompt, completion, example):
+        scored.append(first_digit_reward(prompt, completion, example))
+        return scored[-1]
+
+    trainer = make_rl_trainer(tmp_path / "a", reward_fns=[recording], eval_num_generations=6, batch_size=4,
+                              val_every_steps=1, max_steps=3, max_epochs=None, val_data=make_prompts(6, seed=3))
+    del scored[:]
+    metrics = trainer.validate()
+    assert sorted(k for k in metrics if "pass@" in k) == ["val/pass@1", "val/pass@2", "val/pass@4", "val/pass@6"]
+    # batches of 4 then 2 prompts: each scores its greedy completions, then 6 samples per prompt
+    sampled = scored[4:4 + 24] + scored[4 + 24 + 2:]
+    assert len(scored) == 4 + 24 + 2 + 12
+    correct = [int(sum(sampled[p * 6:(p + 1) * 6])) for p in range(6)]
+    assert 0 < sum(correct) < 36  # some pass, some fail: the estimator is exercised
+    for k in (1, 2, 4, 6):
+        exact = sum(1 - math.comb(6 - c, k) / math.comb(6, k) for c in correct) / 6
+        assert metrics[f"val/pass@{k}"] == pytest.approx(exact, abs=1e-12)
+    assert metrics["val/reward_mean"] == pytest.approx(sum(sampled) / 36)
+    assert metrics["val/pass@1"] == pytest.approx(metrics["val/reward_mean"])  # 0/1 rewards, threshold 1
+    assert trainer.validate() == metrics
+
+    stream = trainer.sampling_generator.get_state()
+    trainer.fit()
+    plain = make_rl_trainer(tmp_path / "b", reward_fns=[first_digit_reward], batch_size=4, max_steps=3,
+                            max_epochs=None)
+    assert torch.equal(plain.sampling_generator.get_state(), stream)  # validating took nothing from it
+    plain.fit()
+    assert [h["step"] for h in trainer.state.val_history] == [1, 2, 3]
+    assert torch.equal(plain.sampling_generator.get_state(), trainer.sampling_generator.get_state())
+    for name, value in plain.unwrapped_model.state_dict().items():
+        assert torch.equal(trainer.unwrapped_model.state_dict()[name], value), name
+
+
+def test_pass_threshold_decides_what_passes_and_model_checkpoint_keeps_the_best_pass_at_1(tmp_path):
+    from paperloop.callbacks import ModelCheckpoint
+
+    keeper = ModelCheckpoint(monitor="val/pass@1", mode="max", every_n_epochs=None, every_n_steps=1, save_top_k=1)
+    trainer = make_rl_trainer(tmp_path, eval_num_generations=4, eval_pass_threshold=-0.03, max_steps=3,
+                              max_epochs=None, val_every_steps=1, callbacks=[keeper], val_data=make_prompts(4, seed=5))
+    trainer.fit()
+    history = [h["val/pass@1"] for h in trainer.state.val_history]
+    assert len(history) == 3 and max(history) > 0  # digit_reward >= -0.03: short wrong answers pass too
+    best = max(range(3), key=lambda i: (history[i], -i))
+    assert keeper.best[0][0] == pytest.approx(history[best])
+    strict = make_rl_trainer(tmp_path / "strict", eval_num_generations=4, eval_pass_threshold=2.0)
+    strict.val_data = trainer.val_data
+    assert strict.validate()["val/pass@4"] == 0  # no digit_reward reaches 2
+
+
+# ---- rollouts you can read ---------------------------------------------------------------------------------
+
+
+def test_rollout_records_hold_each_completions_rewards_shaping_advantage_and_ending(tmp_path):
+    seen, outputs = [], []
+    trainer = make_rl_trainer(tmp_path, max_steps=1, max_epochs=None, log_completions=16, overlong_buffer=2,
+                              overlong_penalty=0.5, callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    score = trainer.score
+    trainer.score = lambda *args: seen.append(score(*args)) or seen[-1]
+    trainer.fit()
+    records = outputs[0]["records/rollouts"]
+    assert len(records) == 16 and json.loads(json.dumps(records)) == records  # JSON as it is
+    rewards = seen[0][:, 0].tolist()
+    # a truncated completion ran the whole budget; one token per character, so the text (special tokens skipped)
+    # is never longer than the completion
+    assert all(r["length"] == 5 for r in records if r["truncated"])
+    assert all(len(r["completion"]) + r["stopped"] <= r["length"] <= 5 for r in records)
+    assert [r["truncated"] for r in records] == [not r["stopped"] for r in records]
+    assert any(r["truncated"] for r in records) and any(r["stopped"] for r in records)
+    shaped = [reward - 0.5 * min(max(r["length"] - 3, 0), 2) / 2 for reward, r in zip(rewards, records)]
+    assert [r["rewards"] for r in records] == [{"digit_reward": reward} for reward in rewards]
+    assert [r["reward"] for r in records] == pytest.approx(shaped)
+    assert [r["advantage"] for r in records] == pytest.approx(naive_advantages(shaped, 4, "group_std"), abs=1e-6)
+    prompts = make_prompts()
+    order = epoch_permutation(24, 0, 0)[:4].tolist()
+    assert [r["prompt"] for r in records] == [prompts[i]["prompt"] for i in order for _ in range(4)]
+    assert float(outputs[0]["reward/overlong_penalty"]) == pytest.approx(sum(shaped) / 16 - sum(rewards) / 16)
+    assert float(outputs[0]["rollout/truncated_frac"]) == pytest.approx(sum(r["truncated"] for r in records) / 16)

@@ -44,15 +44,22 @@ def evaluate(trainer, dataset, prefix: str, step_fn) -> dict:
                 metrics = as_metrics(step_fn(trainer.fetch(indices, dataset)), owner)
             for key, value in metrics.items():
                 if not isinstance(value, Weighted):
-                    value = Weighted(torch.as_tensor(value, device=device).double() * len(indices), len(indices))
-                pair = torch.stack([torch.as_tensor(value.total, device=device).double().reshape(()),
-                                    torch.as_tensor(value.weight, device=device).double().reshape(())])
+                    value = Weighted(float64(value, device) * len(indices), len(indices))
+                pair = torch.stack([float64(value.total, device).reshape(()), float64(value.weight, device).reshape(())])
                 sums[key] = sums[key] + pair if key in sums else pair
     finally:
         model.train(was_training)
     keys = sorted(sums)
     totals = trainer.reduce_sum(torch.stack([sums[k] for k in keys])).tolist() if keys else []
     return {f"{prefix}/{k}": total / weight if weight else float("nan") for k, (total, weight) in zip(keys, totals)}
+
+
+def float64(value, device) -> torch.Tensor:
+    """A metric as a float64 tensor on `device`; a python float keeps its 53 bits (torch.as_tensor would make it
+    float32 first)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64)
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def as_metrics(result, owner: str) -> dict:

@@ -213,7 +213,8 @@ def sapo(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T:
     objective's (4σ(1 - σ) < 1/2: |ρ - 1| > 1.76/τ), on the side of the ratio. TRL's `loss_type="sapo"` with
     `sapo_temperature_pos`/`_neg` computes the same term."""
     ratio_B_T = torch.exp(log_ratio_B_T)
-    tau_B_1 = torch.where(advantages_B_1 > 0, options.sapo_tau_pos, options.sapo_tau_neg).to(log_ratio_B_T.dtype)
+    # in the advantages' dtype (float64 stays float64: torch.where of two python floats would round them to float32)
+    tau_B_1 = torch.full_like(advantages_B_1, options.sapo_tau_neg).masked_fill(advantages_B_1 > 0, options.sapo_tau_pos)
     gate_B_T = torch.sigmoid(tau_B_1 * (ratio_B_T - 1))
     loss_B_T = -(4 / tau_B_1) * gate_B_T * advantages_B_1
     with torch.no_grad():
