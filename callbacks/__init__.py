@@ -3,9 +3,10 @@
 from .base import HOOKS, Callback, LambdaCallback
 from .early_stopping import EarlyStopping
 from .guards import SignalCheckpoint, TerminateOnNonFinite, TimeLimit
-from .loggers import TensorBoardLogger
+from .jsonl import JSONLLogger
+from .loggers import StepLogger, TensorBoardLogger
 from .progress import PlainProgress, ProgressBar
 from .model_checkpoint import ModelCheckpoint
 
-__all__ = ["HOOKS", "Callback", "LambdaCallback", "EarlyStopping", "ModelCheckpoint", "TensorBoardLogger",
-           "ProgressBar", "PlainProgress", "TerminateOnNonFinite", "SignalCheckpoint", "TimeLimit"]
+__all__ = ["HOOKS", "Callback", "LambdaCallback", "EarlyStopping", "ModelCheckpoint", "StepLogger", "TensorBoardLogger",
+           "JSONLLogger", "ProgressBar", "PlainProgress", "TerminateOnNonFinite", "SignalCheckpoint", "TimeLimit"]

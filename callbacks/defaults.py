@@ -1,11 +1,12 @@
 """The callbacks a config asks for (`early_stopping_patience`, `checkpoint_every_steps`, `time_limit_s`) and
-the ones every run gets (`SignalCheckpoint`), where the user has not attached one of that kind."""
+the ones every run gets (`SignalCheckpoint`, `JSONLLogger`), where the user has not attached one of that kind."""
 
 from __future__ import annotations
 
 from .base import Callback
 from .early_stopping import EarlyStopping
 from .guards import SignalCheckpoint, TimeLimit
+from .jsonl import JSONLLogger
 from .model_checkpoint import ModelCheckpoint
 
 
@@ -22,4 +23,6 @@ def default_callbacks(config, attached) -> list[Callback]:
         extra.append(TimeLimit(config.time_limit_s))
     if not has(SignalCheckpoint):
         extra.append(SignalCheckpoint())
+    if not has(JSONLLogger):  # last: should it raise at the run's end, the others' on_train_end ran
+        extra.append(JSONLLogger())
     return extra

@@ -1,5 +1,7 @@
-"""TensorBoardLogger: metrics as TensorBoard event files. It acts on the main process only, and reads tensors (a
-device sync each) only when a log is due (every `log_every_steps` steps, and at epoch and run ends)."""
+"""Loggers: `StepLogger`, what is logged when and under which name, and `TensorBoardLogger`, which writes it as
+TensorBoard event files (`JSONLLogger`, in jsonl.py, writes the same as JSON lines). They act on the main process
+only, and read tensors (a device sync each) only when a log is due (every `log_every_steps` steps, and at epoch and
+run ends)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,16 @@ import torch
 
 from .base import Callback
 
+RECORDS = "records/"  # an output under this prefix is a list of dicts, one per rollout or example: not a metric
+
 
 def scalar(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+def is_scalar(value) -> bool:
+    """A number a logger writes as a scalar (a bool, such as `train/finite`, is a flag, not a curve)."""
+    return isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
 
 
 class Throughput:
@@ -28,33 +37,32 @@ class Throughput:
         return rate
 
 
-class TensorBoardLogger(Callback):
-    """Event files under `log_dir` (default `<output_dir>/tensorboard`). Per step, at the first step,
-    every `every_n_steps` (default `log_every_steps`), and the last step of each epoch and of the run:
-    `train/loss`, `optim/lr`, `optim/grad_norm` (when the step computed it: with clipping, or at the
-    config's `log_every_steps`), `perf/samples_per_s` and every other numeric output of the step
-    (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as `reward/mean`,
-    as they are; strings, such as `text/samples`, as text). `val/*` whenever a validation
-    ran; each epoch's mean train loss as `epoch/train_loss`; the resolved config as text."""
+class StepLogger(Callback):
+    """When a log is due and what it holds, for every logger, so that two loggers never disagree. Per step, at
+    the first step, every `every_n_steps` (default `log_every_steps`), and the last step of each epoch and of the
+    run: `perf/samples_per_s` and the step's outputs but `loss` (this process's) and `train/samples`
+    (training_step's own values as `train/<name>`; a trainer's namespaced ones, such as `reward/mean`, as they
+    are), `records/*` apart. `val/*` whenever a validation ran; each epoch's mean train loss as
+    `epoch/train_loss`.
 
-    def __init__(self, log_dir: str | None = None, every_n_steps: int | None = None):
-        self.log_dir, self.every_n_steps = log_dir, every_n_steps
+    A subclass writes `_open(trainer)` (on the main process, when a run begins), `_write(metrics, step)`,
+    and, where it keeps them, `_write_records(records, step)` and `_close()`."""
+
+    def __init__(self, every_n_steps: int | None = None):
+        self.every_n_steps = every_n_steps
+        self.active = False
 
     def on_train_begin(self, trainer):
-        self.writer = None
-        if not trainer.is_main_process:
+        self.active = trainer.is_main_process
+        if not self.active:
             return
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
-
         self.every = self.every_n_steps or trainer.config.log_every_steps
-        self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
-                                    purge_step=trainer.state.global_step or None)
-        self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
         self.throughput = Throughput()
         self.last, self.logged_step, self.val_step = None, None, None
+        self._open(trainer)
 
     def on_batch_end(self, trainer, outputs):
-        if self.writer is None:
+        if not self.active:
             return
         self.throughput.samples += outputs.get("train/samples", 0)
         step = trainer.state.global_step
@@ -67,16 +75,22 @@ class TensorBoardLogger(Callback):
             self._write_step(outputs, step)
 
     def _write_step(self, outputs: dict, step: int):
+        self.logged_step = step  # first: a write that raises is not tried again at the run's end
         metrics = {"perf/samples_per_s": self.throughput.take()}
+        records = {}
         for key, value in outputs.items():
             if key in ("loss", "train/samples") or key.startswith("val/"):
                 continue  # "loss" is this process's; train/loss is the step's over every process
-            metrics[key if "/" in key else f"train/{key}"] = value
+            if key.startswith(RECORDS):
+                records[key] = value
+            else:
+                metrics[key if "/" in key else f"train/{key}"] = value
         self._write(metrics, step)
-        self.logged_step = step
+        if records:
+            self._write_records(records, step)
 
     def on_epoch_end(self, trainer, logs):
-        if self.writer is None:
+        if not self.active:
             return
         step = trainer.state.global_step
         if self.last is not None and self.logged_step != step:
@@ -86,18 +100,60 @@ class TensorBoardLogger(Callback):
         if self.val_step != step:  # not already written by this step's validation
             metrics.update({k: v for k, v in logs.items() if k.startswith("val/")})
         self._write(metrics, step)
-        self.writer.flush()
+
+    def on_train_end(self, trainer):
+        if not self.active:
+            return
+        self.active = False
+        try:
+            if self.last is not None and self.logged_step != trainer.state.global_step:
+                self._write_step(self.last, trainer.state.global_step)
+        finally:
+            self._close()
+
+    def _open(self, trainer) -> None: ...
+
+    def _write(self, metrics: dict, step: int) -> None:
+        raise NotImplementedError
+
+    def _write_records(self, records: dict, step: int) -> None:
+        """`records`: {"records/<name>": [dict, ...]} of a logged step; a logger that keeps no records ignores them."""
+
+    def _close(self) -> None: ...
+
+
+class TensorBoardLogger(StepLogger):
+    """Event files under `log_dir` (default `<output_dir>/tensorboard`), at StepLogger's steps: `train/loss`,
+    `optim/lr`, `optim/grad_norm` (when the step computed it: with clipping, or at the config's
+    `log_every_steps`), `perf/samples_per_s` and every other numeric output of the step (training_step's own
+    values as `train/<name>`; a trainer's namespaced ones, such as `reward/mean`, as they are; strings, such as
+    `text/samples`, as text; `records/*` not at all). `val/*` whenever a validation ran; each epoch's mean train
+    loss as `epoch/train_loss`; the resolved config as text."""
+
+    def __init__(self, log_dir: str | None = None, every_n_steps: int | None = None):
+        super().__init__(every_n_steps)
+        self.log_dir = log_dir
+        self.writer = None
+
+    def _open(self, trainer):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+
+        self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
+                                    purge_step=trainer.state.global_step or None)
+        self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
+
+    def on_epoch_end(self, trainer, logs):
+        super().on_epoch_end(trainer, logs)
+        if self.writer is not None:
+            self.writer.flush()
 
     def _write(self, metrics: dict, step: int):
         for key, value in metrics.items():
             if isinstance(value, str):  # e.g. a trainer's sampled completions, as "text/samples"
                 self.writer.add_text(key, value, step)
-            elif isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+            elif is_scalar(value):
                 self.writer.add_scalar(key, scalar(value), step)
 
-    def on_train_end(self, trainer):
-        if self.writer is not None:
-            if self.last is not None and self.logged_step != trainer.state.global_step:
-                self._write_step(self.last, trainer.state.global_step)
-            self.writer.close()
-            self.writer = None
+    def _close(self):
+        self.writer.close()
+        self.writer = None
