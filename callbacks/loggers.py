@@ -138,8 +138,11 @@ class TensorBoardLogger(StepLogger):
     def _open(self, trainer):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 
+        # A resumed run writes from the step after its checkpoint's: the killed run's events from there on go (its
+        # events at the checkpoint's step are the ones the checkpoint holds, and stay).
+        start = trainer.state.global_step
         self.writer = SummaryWriter(self.log_dir or str(Path(trainer.config.output_dir) / "tensorboard"),
-                                    purge_step=trainer.state.global_step or None)
+                                    purge_step=start + 1 if start else None)
         self.writer.add_text("config", "```\n" + trainer.config_yaml() + "\n```", trainer.state.global_step)
 
     def on_epoch_end(self, trainer, logs):

@@ -211,3 +211,22 @@ def test_a_run_stopped_between_logged_steps_logs_its_last_step_once(tmp_path):
         got = without_timings(lines(tmp_path / "run" / f"{name}.jsonl"))
         assert [r for r in got if r["step"] != 9] == without_timings(expected[name]), name
         assert [r["step"] for r in got].count(9) == (1 if name == "metrics" else 8), name
+
+
+def test_tensorboard_keeps_the_resume_steps_own_events_and_drops_the_killed_runs_later_ones(tmp_path):
+    """Resumed from the checkpoint at step 12 (a logged step) of a run that went on to 14: TensorBoard's curves are
+    the straight run's, step 12 included (purging from the checkpoint's own step would hide it) and 13-14 once."""
+    def scalars(folder):
+        return {k: [step for step, _ in v] for k, v in tensorboard_scalars(folder / "tensorboard").items()
+                if not k.startswith(("perf/", "time/"))}
+
+    straight_run = tmp_path / "straight"
+    make_resume_trainer(straight_run, cls=RecordingScheduled, callbacks=[TensorBoardLogger()], **RESUME_CFG).fit()
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 14 and t.request_stop("test"))
+    make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[TensorBoardLogger(), stop],
+                        **RESUME_CFG).fit()
+    make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[TensorBoardLogger()], **RESUME_CFG).fit(
+        resume=tmp_path / "run" / "checkpoints" / "step-000012")
+    expected = scalars(straight_run)
+    assert 12 in expected["train/loss"]
+    assert scalars(tmp_path / "run") == expected

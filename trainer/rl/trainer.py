@@ -222,6 +222,7 @@ class RLTrainer(LMTrainer):
                 p for p in self.unwrapped_model.parameters() if not p.requires_grad)
             self._reference_sum = weight_checksum(frozen)
         # Each process draws its own completions; its stream is checkpointed with the RNG state.
+        self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
         self.sampling_generator = self.register_generator(
             "sampling", torch.Generator(device=self.device).manual_seed(sampling_seed(config.seed, self.rank)))
 
@@ -288,6 +289,9 @@ class RLTrainer(LMTrainer):
         first = self.rollout(indices)
         if not c.dynamic_sampling:
             return first, 1
+        if not callable(getattr(self.plan, "draw_extra", None)):
+            raise TypeError(f"dynamic_sampling draws further prompts from the data plan's draw_extra(); "
+                            f"{type(self.plan).__name__} (from make_plan) has none: subclass WholeStepsPlan")
         wanted = c.batch_size * self.world_size
         drawn = [first]  # this process's rounds
         rounds = [self.gathered(first)]  # the same rounds, every process's rows: (indices_K, samples, rewards_N_F)
@@ -484,9 +488,12 @@ class RLTrainer(LMTrainer):
         """The engine's evaluation; with `eval_num_generations`, its sampled completions come from a generator of
         their own, seeded by (run seed, step, process): evaluating never moves the training stream, and a
         resumed run evaluates exactly as the uninterrupted one did."""
-        self.eval_generator = torch.Generator(device=self.device).manual_seed(
-            mixed_seed(self.config.seed, self.state.global_step, self.rank, 0xE7A1))
+        self.eval_generator = self.new_eval_generator()
         return super().evaluate(dataset, prefix, step_fn)
+
+    def new_eval_generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(
+            mixed_seed(self.config.seed, self.state.global_step, self.rank, 0xE7A1))
 
     def validation_step(self, batch: list) -> dict:
         """Greedy completions of the validation prompts, scored: `val/reward` (weighted total), `val/reward/<fn>`,
@@ -506,6 +513,8 @@ class RLTrainer(LMTrainer):
                    **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)}}
         n = c.eval_num_generations
         if n:
+            if self.eval_generator is None:  # called outside evaluate(): a stream of its own all the same
+                self.eval_generator = self.new_eval_generator()
             sampled = self.generate(prompt_ids_P, n, max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
                                     generator=self.eval_generator)
             texts_N = self.tokenizer.batch_decode(sampled.completions(), skip_special_tokens=True)
