@@ -296,26 +296,37 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
         total = total - entropy_coef * entropy_sum / _nonzero(normalizer.to(entropy_sum))
 
     with torch.no_grad():
+        mean = masked_means(weights_B_T)  # the mask and the normalizer once for every metric
         anything_B_T = torch.zeros_like(trained_B_T)
         metrics = {}
         for side, clipped_B_T in clipped.items():
-            metrics[f"policy/clip_frac_{side}"] = masked_mean(clipped_B_T, weights_B_T)
+            metrics[f"policy/clip_frac_{side}"] = mean(clipped_B_T)
             anything_B_T = anything_B_T | clipped_B_T
-        metrics["policy/clip_frac"] = masked_mean(anything_B_T, weights_B_T)
-        metrics["policy/ratio_mean"] = masked_mean(torch.exp(log_ratio_B_T), weights_B_T)
+        metrics["policy/clip_frac"] = mean(anything_B_T)
+        metrics["policy/ratio_mean"] = mean(torch.exp(log_ratio_B_T))
         if kl_B_T is not None:
-            metrics["policy/kl"] = masked_mean(kl_B_T, weights_B_T)
+            metrics["policy/kl"] = mean(kl_B_T)
         if entropy_B_T is not None:
-            metrics["policy/entropy"] = masked_mean(entropy_B_T, weights_B_T)
+            metrics["policy/entropy"] = mean(entropy_B_T)
         if policy_mask_B_T is not None:
-            metrics["policy/pg_token_frac"] = masked_mean(policy_mask_B_T, weights_B_T)
+            metrics["policy/pg_token_frac"] = mean(policy_mask_B_T)
     return total, metrics
 
 
 def masked_mean(values_B_T: torch.Tensor, weights_B_T: torch.Tensor) -> torch.Tensor:
     """Σ values · weights / Σ weights, detached; values where the weight is 0 may be anything (-inf, NaN)."""
-    values_B_T = torch.where(weights_B_T != 0, values_B_T.detach().to(weights_B_T.dtype), 0.0)
-    return (values_B_T * weights_B_T).sum() / _nonzero(weights_B_T.sum())
+    return masked_means(weights_B_T)(values_B_T)
+
+
+def masked_means(weights_B_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`masked_mean(·, weights_B_T)` as a function of the values, its mask and normalizer computed once: the same
+    numbers, for the several metrics a loss takes over one batch's weights."""
+    trained_B_T, total = weights_B_T != 0, _nonzero(weights_B_T.sum())
+
+    def mean(values_B_T: torch.Tensor) -> torch.Tensor:
+        values_B_T = torch.where(trained_B_T, values_B_T.detach().to(weights_B_T.dtype), 0.0)
+        return (values_B_T * weights_B_T).sum() / total
+    return mean
 
 
 def _as_weights(weights_B_T: torch.Tensor) -> torch.Tensor:

@@ -347,17 +347,18 @@ class RLTrainer(LMTrainer):
     def score(self, examples: list, completions_N: list[str], names: list[str]) -> torch.Tensor:
         """(N, F) rewards: each reward function on each completion (G consecutive per example)."""
         G = len(completions_N) // len(examples)
-        # float64: rewards are python floats, and their group statistics should not round before the advantages do
-        rewards_N_F = torch.empty(len(completions_N), len(self.reward_fns), dtype=torch.float64)
+        rewards = []  # python floats, made one tensor at the end (writing each into a tensor costs ~15 us)
         for n, completion in enumerate(completions_N):
             example = examples[n // G]
             prompt = example.get("prompt", example.get("messages"))
             where = f"{names[n // G]} (prompt {prompt!r:.80}, completion {completion!r:.80})"
-            for f, (fn, fn_name) in enumerate(zip(self.reward_fns, self.reward_names)):
+            for fn, fn_name in zip(self.reward_fns, self.reward_names):
                 # Copies: a reward function that edits what it is given must not edit train_data (a resumed run,
                 # which reads the data afresh, would then score other examples) nor the next function's view.
-                rewards_N_F[n, f] = call_scorer(fn, copy.deepcopy(prompt), completion, copy.deepcopy(example),
-                                                name=f"reward function {fn_name!r}", where=where)
+                rewards.append(call_scorer(fn, copy.deepcopy(prompt), completion, copy.deepcopy(example),
+                                           name=f"reward function {fn_name!r}", where=where))
+        # float64: rewards are python floats, and their group statistics should not round before the advantages do
+        rewards_N_F = torch.tensor(rewards, dtype=torch.float64).reshape(len(completions_N), len(self.reward_fns))
         return rewards_N_F.to(self.device)
 
     def update_shares(self, minibatches: list[list[dict]]) -> list[list[float]]:
