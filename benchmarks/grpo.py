@@ -3,6 +3,9 @@
     python benchmarks/grpo.py                      # 8 prompts x 4 completions, 16 new tokens, beta 0 and 0.04
     python benchmarks/grpo.py --repeats 7 --steps 10
 
+A fourth row runs RLTrainer with DAPO's dynamic sampling on a reward where about half the groups tie: the extra
+prompts it draws are its cost.
+
 One intra-op thread, one process, a tiny Llama (hidden 128, 4 layers, MLP 256, vocab 101) saved to a temporary
 folder that all three load. Its output layer gives EOS (id 100) a logit of -1e9 in every contender (`never_eos`, a
 forward hook; TRL rebuilds its reference from the folder, without it: another KL value, the same cost), so
@@ -82,6 +85,11 @@ def reward_count(text: str) -> float:
     return float(text.split().count("w7") + text.split().count("w42"))  # any cheap score that varies in a group
 
 
+def reward_has_w7(text: str) -> float:
+    """1 when w7 is among the 16 words (~15% of completions): about half the groups of 4 tie, all 0."""
+    return float("w7" in text.split())
+
+
 def fresh_accelerate_state() -> None:
     """transformers' Trainer leaves Accelerate's process-wide state set with its own precision flag, which a later
     Accelerator refuses to change; each contender starts from a clean one."""
@@ -105,6 +113,14 @@ class Clock:
         self.wall.append(self.wall.pop() + time.perf_counter())
         self.cpu.append(self.cpu.pop() + time.thread_time())
 
+    def mark(self) -> None:
+        """Begin a step: `collapse` will sum the intervals taken from here (dynamic sampling generates each round)."""
+        self.since = len(self.wall)
+
+    def collapse(self) -> None:
+        for times in (self.wall, self.cpu):
+            times[self.since:] = [sum(times[self.since:])]
+
     def timing(self, fn):
         def timed(*args, **kwargs):
             self.start()
@@ -115,20 +131,30 @@ class Clock:
         return timed
 
 
-def run_ours(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+def run_ours(model_dir, prompts, args, beta, out, dynamic=False) -> tuple[Clock, Clock]:
     fresh_accelerate_state()
     steps, generate = Clock(), Clock()
     config = RLConfig(batch_size=args.prompts, num_generations=args.generations, max_new_tokens=args.new_tokens,
                       beta=beta, lr=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps, output_dir=out,
-                      log_completions=0, seed=0)
+                      log_completions=0, seed=0, dynamic_sampling=dynamic, max_sample_rounds=4)
+    reward = reward_has_w7 if dynamic else reward_count
+    steps.rounds = []
     trainer = RLTrainer(never_eos(LlamaForCausalLM.from_pretrained(model_dir)), config, tokenizer=make_tokenizer(),
                         train_data=[{"prompt": p} for p in prompts],
-                        reward_fns=[lambda prompt, completion, example: reward_count(completion)],
-                        callbacks=[LambdaCallback(on_batch_begin=lambda t, s: steps.start(),
-                                                  on_batch_end=lambda t, o: steps.stop())])
+                        reward_fns=[lambda prompt, completion, example: reward(completion)],
+                        callbacks=[LambdaCallback(on_batch_begin=lambda t, s: (steps.start(), generate.mark()),
+                                                  on_batch_end=lambda t, o: (steps.stop(), generate.collapse(),
+                                                                             steps.rounds.append(
+                                                                                 o["rollout/sample_rounds"])))])
     trainer.generate = generate.timing(trainer.generate)
     trainer.fit()
     return steps, generate
+
+
+def run_ours_dynamic(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    """RLTrainer with DAPO's dynamic sampling, on a reward where about half the groups tie (`reward_has_w7`): each
+    step draws further rounds of prompts (at most 4) until it has `--prompts` groups with a spread."""
+    return run_ours(model_dir, prompts, args, beta, out, dynamic=True)
 
 
 class _StepClock(TrainerCallback):
@@ -215,7 +241,8 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     return steps, generate
 
 
-CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl, "hand-written loop": run_hand}
+CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl, "hand-written loop": run_hand,
+              "paperloop, dynamic sampling": run_ours_dynamic}
 
 
 def main() -> None:
@@ -233,7 +260,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    prompts = make_prompts(args.prompts * (args.warmup + args.steps))
+    prompts = make_prompts(4 * args.prompts * (args.warmup + args.steps))  # dynamic sampling draws up to 4 rounds
     results: dict[tuple[str, float], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model")
@@ -245,7 +272,7 @@ def main() -> None:
                     results.setdefault((name, beta), []).append(
                         {key: statistics.median(values[skip]) for key, values in (
                             ("step", steps.wall), ("step_cpu", steps.cpu), ("generate", generate.wall),
-                            ("generate_cpu", generate.cpu))})
+                            ("generate_cpu", generate.cpu), ("rounds", getattr(steps, "rounds", [1] * len(steps.wall))))})
             print(f"round {round_ + 1}/{args.repeats} done", flush=True)
     print_table(results, args)
 
@@ -267,6 +294,10 @@ def print_table(results, args) -> None:
                   f"{median('TRL GRPOTrainer', beta, 'step') / step:.2f}x | "
                   f"{median('TRL GRPOTrainer', beta, 'step_cpu') / cpu:.2f}x | "
                   f"{median('hand-written loop', beta, 'step_cpu') / cpu:.2f}x |")
+    rounds = statistics.median(r["rounds"] for beta in args.betas for r in results[("paperloop, dynamic sampling", beta)])
+    print(f"\nDynamic sampling: on a reward where about half the groups of {args.generations} tie, a step drew a median "
+          f"of {rounds:g} rounds of {args.prompts} prompts (at most 4) to train {args.prompts} groups with a spread: "
+          "its s/step against paperloop's row above is what the extra prompts cost.")
 
 
 if __name__ == "__main__":
