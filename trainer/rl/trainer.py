@@ -19,10 +19,12 @@ prompts, one optimizer update each, through the engine's `update`. A run killed 
 checkpoint and redraws exactly the same completions, so it ends on bitwise the same weights.
 
 The recipes of `paperloop.rl` are config values: GRPO (advantage=group_std, aggregation=sequence_mean), DAPO
-(token_mean, clip_high=0.28), Dr. GRPO (advantage=none, aggregation=constant); the per-token loss is
-`policy_loss` (default `ppo_clip`), a name in `rl.losses.POLICY_LOSSES`. Each update's normalizer is the whole
-update's, over every micro-batch and process (token_mean: its trained tokens, all-reduced once a step), so
-`micro_batch_size` and the process count change memory and speed, not the update.
+(token_mean, clip_high=0.28, dynamic_sampling, overlong_buffer), Dr. GRPO (advantage=none, aggregation=constant),
+GSPO, CISPO and SAPO (`policy_loss`, a name in `rl.losses.POLICY_LOSSES`, default `ppo_clip`). Each update's
+normalizer is the whole update's, over every micro-batch and process (token_mean: its trained tokens, all-reduced
+once a step), and so are the entropy bonus's and the top-entropy quantile: `micro_batch_size` and the process
+count change memory and speed, not the update. With `dynamic_sampling` a step may draw several rounds of prompts
+(`sample_step`); the data plan's position moves past all of them, so a resumed run draws the same ones.
 
 A new algorithm's step is written the same way, with the same public pieces: `rollout(indices)` (sample and
 score), `Rollouts.batch(advantages_N)`, `update(batches, shares, loss_fn)`.
