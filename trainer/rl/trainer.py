@@ -371,8 +371,10 @@ class RLTrainer(LMTrainer):
         c = self.config
         weights_M_K = [torch.stack([aggregation_weights(b["weights"].double(), c.aggregation, c.max_new_tokens).sum()
                                     for b in micro_batches]) for micro_batches in minibatches]
-        tokens_M = torch.stack([sum(b["weights"].double().sum() for b in micro_batches) for micro_batches in minibatches])
-        totals_M, tokens_M = self.reduce_sum(torch.stack([torch.stack([w_K.sum() for w_K in weights_M_K]), tokens_M]))
+        local_tokens_M = torch.stack([sum(b["weights"].double().sum() for b in micro_batches)
+                                      for micro_batches in minibatches])
+        totals_M, tokens_M = self.reduce_sum(torch.stack([torch.stack([w_K.sum() for w_K in weights_M_K]),
+                                                          local_tokens_M]))  # every process's, one all-reduce
         shares = [(w_K / total.clamp_min(1e-12)).tolist() for w_K, total in zip(weights_M_K, totals_M)]
         if c.entropy_coef > 0:
             for micro_batches, micro_shares, tokens in zip(minibatches, shares, tokens_M.tolist()):
