@@ -5,6 +5,7 @@ by test_rl_trainer.py and by the worker scripts it runs (and kills) in subproces
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from paperloop import RLConfig, RLTrainer
+from paperloop.envs import Env, StepResult
 from paperloop.lm.sampling import Samples, sample
 from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
 
@@ -55,13 +57,43 @@ class SGDRLTrainer(RLTrainer):
 
 
 def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=(digit_reward,), reward_weights=None,
-                    model=None, prompt_seed=0, val_data=None, **overrides) -> RLTrainer:
+                    model=None, prompt_seed=0, val_data=None, env=None, **overrides) -> RLTrainer:
     tok = make_tokenizer()
     cfg = dict(batch_size=4, num_generations=4, max_new_tokens=5, lr=0.05, max_epochs=2, seed=0,
                output_dir=str(out), log_completions=2)
     cfg.update(overrides)
+    if env is not None:
+        reward_fns = ()
     return cls(model or make_lm(tok), RLConfig(**cfg), tokenizer=tok, train_data=make_prompts(prompts, prompt_seed),
-               reward_fns=reward_fns, reward_weights=reward_weights, callbacks=list(callbacks), val_data=val_data)
+               reward_fns=reward_fns, reward_weights=reward_weights, callbacks=list(callbacks), val_data=val_data,
+               env=env)
+
+
+class Retry(Env):
+    """Single-digit addition with retries, a multi-turn episode: a wrong answer earns `digit_reward`'s partial credit
+    and the observation "<d>=" (d a digit drawn from the episode's seed), the right one 1 and the end. Each episode
+    appends what it saw to `Retry.log` when that is a list, so that a test can rebuild its transcript."""
+
+    log = None
+
+    def __init__(self, example):
+        self.example = example
+
+    def reset(self, seed):
+        self.rng = random.Random(seed)
+        self.record = {"seed": seed, "example": self.example, "actions": [], "observations": [], "rewards": []}
+        if Retry.log is not None:
+            Retry.log.append(self.record)
+        return self.example["prompt"]
+
+    def step(self, action):
+        done = action == self.example["answer"]
+        reward = digit_reward(None, action, self.example)
+        observation = "" if done else f"{self.rng.randrange(10)}="
+        for key, value in (("actions", action), ("observations", observation), ("rewards", reward)):
+            self.record[key].append(value)
+        return StepResult(reward=reward, done=done, observation=observation,
+                          metrics={"solved": float(done), "action_chars": len(action)})
 
 
 # The resume tests' runs: 16 prompts, 4 a step, 2 epochs = 8 steps, a checkpoint every 2. "mu2": two passes over
@@ -74,6 +106,8 @@ RESUME_RUNS = {
     "dapo": dict(prompts=16, checkpoint_every_steps=2, dynamic_sampling=True, max_sample_rounds=3, max_steps=6,
                  max_epochs=None, reward_fns=(first_digit_reward,), aggregation="token_mean", clip_high=0.28,
                  overlong_buffer=2),
+    # a multi-turn environment: up to 3 actions an episode, two updates a step
+    "env": dict(prompts=16, checkpoint_every_steps=2, env=Retry, max_turns=3, inner_epochs=2, minibatch_size=2),
 }
 
 

@@ -1,6 +1,6 @@
 """Run by test_rl_trainer.py in a subprocess: train the RL fixture (checkpoints every 2 steps) and SIGKILL it
-between rollout batches, in the middle of generating one (in any of a step's sampling rounds), or between two
-updates of one step."""
+between rollout batches, in the middle of generating one (in any of a step's sampling rounds, or an episode's turns),
+in an environment's step, or between two updates of one step."""
 
 import argparse
 import os
@@ -9,7 +9,7 @@ import signal
 import torch
 
 from helpers import KillAt
-from rl_helpers import RESUME_RUNS, SGDRLTrainer, make_rl_trainer
+from rl_helpers import RESUME_RUNS, Retry, SGDRLTrainer, make_rl_trainer
 
 
 def main():
@@ -22,6 +22,9 @@ def main():
     p.add_argument("--kill-in-round", type=int, default=1, help="with --kill-in-generate: in this sampling round "
                    "of the step (dynamic sampling draws several)")
     p.add_argument("--kill-after-update", type=int, help="SIGKILL right after the Nth optimizer update")
+    p.add_argument("--kill-in-env-step", type=int, help="SIGKILL in an environment's step (run env) of the step "
+                   "that starts at this global_step ...")
+    p.add_argument("--kill-at-turn", type=int, default=1, help="... on the first episode's this-th turn")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -44,6 +47,14 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
 
     trainer.unwrapped_model.register_forward_pre_hook(kill_in_generation, with_kwargs=True)
+    step = Retry.step
+
+    def killing_step(env, action):
+        if trainer.state.global_step == args.kill_in_env_step and len(env.record["actions"]) + 1 == args.kill_at_turn:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(env, action)
+
+    Retry.step = killing_step
     trainer.fit()
 
 

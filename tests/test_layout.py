@@ -12,7 +12,8 @@ PACKAGE = ROOT / "trainer"  # installed as `paperloop`
 
 # The one place the engine reaches into a room, lazily, inside a function: the CLI's `merge`, the language-model
 # room's one subcommand. (`from paperloop import SFTTrainer` loads through the package's __getattr__, no import.)
-LAZY_EXCEPTIONS = {"cli.py": "paperloop.lm.lora"}
+LAZY_EXCEPTIONS = {"cli.py": "paperloop.lm.lora",
+                   "envs.py": "paperloop.rl"}  # `paperloop.envs`: the short public name of the rl room's environments
 
 
 def imports(path: Path, package: str) -> set[str]:
@@ -61,7 +62,7 @@ def test_the_checker_sees_an_import_against_the_grain(tmp_path):
 
 def test_the_rooms_are_folders_and_the_root_stays_small():
     assert (PACKAGE / "lm" / "__init__.py").is_file() and (PACKAGE / "rl" / "__init__.py").is_file()
-    assert len(list(PACKAGE.glob("*.py"))) <= 14
+    assert len(list(PACKAGE.glob("*.py"))) <= 15  # the engine, and envs.py: the short name of rl.envs
 
 
 def test_importing_the_engine_does_not_import_transformers():

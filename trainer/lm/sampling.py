@@ -19,6 +19,7 @@ with padding (dropping them would reallocate the cache for little gain at RL len
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -35,8 +36,8 @@ from .data import ChatTemplateTimeout, render_chat
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Samples", "sample", "default_stop_token_ids", "draw", "top_p_filter", "left_pad", "GrowingLayer",
-           "growing_cache", "cache_argument"]
+__all__ = ["Samples", "sample", "TurnSampler", "default_stop_token_ids", "draw", "top_p_filter", "left_pad",
+           "GrowingLayer", "growing_cache", "cache_argument"]
 
 # How often (in tokens) the loop asks whether every row has finished: on an accelerator the check is a host sync.
 FINISHED_CHECK_EVERY = 4
@@ -94,22 +95,34 @@ def sample(model, prompts: list[list[int]], num_samples: int, max_new_tokens: in
     """
     eos_ids = _check_sample_args(prompts, num_samples, max_new_tokens, temperature, top_p, eos_token_id,
                                  pad_token_id)
+    device = _check_device(model, generator)
+    # inference_mode skips autograd's bookkeeping (~7% faster than no_grad here); the results are copied out of it so
+    # that callers may use them in autograd graphs.
+    with _inference(model):
+        raw = _sample_loop(model, prompts, num_samples, max_new_tokens, generator, temperature, top_p,
+                           torch.tensor(eos_ids, device=device), pad_token_id, device)
+    return Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=num_samples)
+
+
+def _check_device(model, generator: torch.Generator) -> torch.device:
     device = next(model.parameters()).device
     if generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, the model on {device}: they must match")
+    return device
+
+
+@contextlib.contextmanager
+def _inference(model):
+    """Inference mode with `model` in eval mode; each module's training flag is restored afterwards."""
     # eval() walks every module: skip it (and the restore) for a model already in eval mode
     modes = {module: module.training for module in model.modules()} if model.training else {}
     model.eval()
     try:
-        # inference_mode skips autograd's bookkeeping (~7% faster than no_grad here); the results are copied out
-        # of it so that callers may use them in autograd graphs.
         with torch.inference_mode():
-            raw = _sample_loop(model, prompts, num_samples, max_new_tokens, generator, temperature, top_p,
-                               torch.tensor(eos_ids, device=device), pad_token_id, device)
+            yield
     finally:
         for module, training in modes.items():
             module.training = training
-    return Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=num_samples)
 
 
 def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperature, top_p, eos_E, pad_id,
@@ -147,6 +160,113 @@ def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperat
                            position_ids=next_position_N_1 + t, **cache_arg, use_cache=True).logits[:, -1]
     width = int(lengths_N.max())  # columns after the last row stopped are all padding
     return tokens_N_L[:, :width], logprobs_N_L[:, :width], lengths_N, finished_N
+
+
+class TurnSampler:
+    """Sampling over several turns for a batch of rows, each turn continuing the rows' KV cache: a multi-turn
+    episode's transcript is prefilled once, token by token as it grows, never again from its start.
+
+        sampler = TurnSampler(model, first_ids_N, generator=generator, temperature=1.0, top_p=1.0,
+                              eos_token_id=stop_ids, pad_token_id=pad)
+        turn = sampler.sample(max_new_tokens)      # the live rows' next actions (a Samples, group size 1)
+        sampler.keep(rows)                         # rows (indices into first_ids_N) that go on; the others end
+        sampler.extend(observation_ids_R)          # each kept row's observation, prefilled onto its cache
+
+    `sample` draws exactly as `sample` does (the same generator use, log-probs and stop rule), so a row's first
+    turn is the single-turn completion. The rows share one cache of one width: where a row is padding (a row that
+    stopped while others went on, a shorter observation), its columns are masked out, and explicit position ids
+    count only its real tokens. A row's last sampled token is not fed until its observation is (one forward a turn
+    saved). Rows whose first observations are equal (a group's episodes often start alike) are prefilled once.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], *, generator: torch.Generator, temperature: float = 1.0,
+                 top_p: float = 1.0, eos_token_id: int | Sequence[int], pad_token_id: int):
+        eos_ids = _check_sample_args(prompts, 1, 1, temperature, top_p, eos_token_id, pad_token_id)
+        self.model, self.generator, self.temperature, self.top_p = model, generator, temperature, top_p
+        self.device = _check_device(model, generator)
+        self.eos_E, self.pad_id = torch.tensor(eos_ids, device=self.device), pad_token_id
+        self.rows = list(range(len(prompts)))  # the live rows, as indices into `prompts`, in the cache's order
+        self.cache = growing_cache(model.config)
+        self.cache_arg = {cache_argument(model): self.cache}
+        unique = {tuple(p): i for i, p in reversed(list(enumerate(prompts)))}  # first row of each distinct prompt
+        firsts = sorted(unique.values())
+        ids_U_S, attention_U_S = left_pad([prompts[i] for i in firsts], pad_token_id, self.device)
+        with _inference(model):
+            logits_U_V = model(input_ids=ids_U_S, attention_mask=attention_U_S,
+                               position_ids=(attention_U_S.cumsum(dim=1) - 1).clamp(min=0), **self.cache_arg,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
+            where_R = torch.tensor([firsts.index(unique[tuple(p)]) for p in prompts], device=self.device)
+            if len(firsts) < len(prompts):
+                self.cache.batch_select_indices(where_R)
+            self.logits_R_V = logits_U_V[where_R]  # each row's next-token logits
+            self.attention_R_S = attention_U_S[where_R]  # 1 where a cache column is the row's real token
+        self.next_position_R = self.attention_R_S.sum(dim=1)
+        self.pending_R = torch.full((len(prompts),), pad_token_id, device=self.device)  # last drawn, not yet fed
+        self.pending_valid_R = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+
+    def sample(self, max_new_tokens: int) -> Samples:
+        """Each live row's next action: up to `max_new_tokens` tokens, ending at a stop token."""
+        if not self.rows:
+            raise ValueError("TurnSampler.sample: every row has ended")
+        R, L = len(self.rows), max_new_tokens
+        with _inference(self.model):
+            tokens_R_L = torch.full((R, L), self.pad_id, dtype=torch.long, device=self.device)
+            logprobs_R_L = torch.zeros(R, L, dtype=_score_dtype(self.logits_R_V), device=self.device)
+            lengths_R = torch.zeros(R, dtype=torch.long, device=self.device)
+            finished_R = torch.zeros(R, dtype=torch.bool, device=self.device)
+            for t in range(L):
+                token_R, logprob_R = draw(self.logits_R_V, self.generator, self.temperature, self.top_p)
+                live_R = ~finished_R
+                tokens_R_L[:, t] = token_R.masked_fill(finished_R, self.pad_id)
+                logprobs_R_L[:, t] = logprob_R.masked_fill(finished_R, 0.0)
+                lengths_R += live_R
+                finished_R = finished_R | torch.isin(token_R, self.eos_E)
+                if t + 1 == L or ((t + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished_R.all())):
+                    self.pending_R, self.pending_valid_R = tokens_R_L[:, t].clone(), live_R
+                    break
+                self._feed(tokens_R_L[:, t:t + 1], live_R[:, None])
+            width = int(lengths_R.max())
+            raw = tokens_R_L[:, :width], logprobs_R_L[:, :width], lengths_R, finished_R
+        return Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=1)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` (a subset of the live rows, in their order) go on; the others' cache is freed."""
+        at = {row: i for i, row in enumerate(self.rows)}
+        if any(row not in at for row in rows) or sorted(rows, key=at.get) != list(rows):
+            raise ValueError(f"TurnSampler.keep: {rows!r:.80} is not a subsequence of the live rows")
+        if len(rows) == len(self.rows):
+            return
+        index_K = torch.tensor([at[row] for row in rows], dtype=torch.long, device=self.device)
+        self.rows = list(rows)
+        if rows:
+            self.cache.batch_select_indices(index_K)
+        for name in ("logits_R_V", "attention_R_S", "next_position_R", "pending_R", "pending_valid_R"):
+            setattr(self, name, getattr(self, name)[index_K])
+
+    def extend(self, observations_R: list[list[int]]) -> None:
+        """Append each live row's observation (token ids, possibly none) after its last action, in one forward."""
+        if len(observations_R) != len(self.rows):
+            raise ValueError(f"TurnSampler.extend: {len(observations_R)} observations for {len(self.rows)} live rows")
+        pending = self.pending_R.tolist()
+        blocks = [[pending[r]] * bool(valid) + list(ids)
+                  for r, (valid, ids) in enumerate(zip(self.pending_valid_R.tolist(), observations_R))]
+        self.pending_valid_R = torch.zeros_like(self.pending_valid_R)
+        if not any(blocks):
+            return
+        # left-padded inside the block, so that every row's last real token is the block's last column
+        ids_R_W, valid_R_W = left_pad([block or [self.pad_id] for block in blocks], self.pad_id, self.device)
+        valid_R_W[[r for r, block in enumerate(blocks) if not block]] = 0
+        with _inference(self.model):
+            self._feed(ids_R_W, valid_R_W.bool())
+
+    def _feed(self, ids_R_W: torch.Tensor, valid_R_W: torch.Tensor) -> None:
+        """Prefill a block of columns onto the cache; a row's logits move on only if the block holds a real token."""
+        attention_R_S = torch.cat([self.attention_R_S, valid_R_W.to(self.attention_R_S.dtype)], dim=1)
+        positions_R_W = self.next_position_R[:, None] + valid_R_W.long().cumsum(dim=1) - 1
+        logits_R_V = self.model(input_ids=ids_R_W, attention_mask=attention_R_S, position_ids=positions_R_W.clamp(min=0),
+                                **self.cache_arg, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.logits_R_V = torch.where(valid_R_W.any(dim=1)[:, None], logits_R_V, self.logits_R_V)
+        self.attention_R_S, self.next_position_R = attention_R_S, self.next_position_R + valid_R_W.sum(dim=1)
 
 
 def cache_argument(model) -> str:

@@ -13,11 +13,14 @@ import torch
 
 from ..lm.sampling import Samples
 from ..plans import EpochPlan, Step
+from .envs import Episodes
 
 
 @dataclass(frozen=True)
 class Rollouts:
-    """One process's rollout batch: P prompts with G completions each; prompt p's are rows p*G .. p*G+G-1."""
+    """One process's rollout batch: P prompts with G completions each; prompt p's are rows p*G .. p*G+G-1. With an
+    environment, the rows are episodes (`episodes`; `samples` is None and `prompt_ids_P` empty), `completions_N`
+    their transcripts after the first observation, and `rewards_N_F` their returns (F = 1)."""
 
     examples: list  # the prompts' examples, as train_data holds them
     prompt_ids_P: list[list[int]]
@@ -29,9 +32,30 @@ class Rollouts:
     generate_s: float
     score_s: float
     indices_P: torch.Tensor | None = None  # the prompts' indices in train_data, when they come from there
+    episodes: Episodes | None = None
+
+    @property
+    def group_size(self) -> int:
+        return (self.episodes or self.samples).group_size
+
+    @property
+    def lengths_N(self) -> torch.Tensor:
+        """(N,) tokens each row's policy sampled (a completion's length; an episode's actions together)."""
+        if self.episodes is None:
+            return self.samples.lengths_N
+        return self.episodes.policy_tokens_N.to(self.rewards_N.device)
+
+    @property
+    def stopped_N(self) -> torch.Tensor:
+        """(N,) bool: the completion ended at a stop token; the episode ended by the environment, not max_turns."""
+        if self.episodes is None:
+            return self.samples.stopped_N
+        return torch.tensor(self.episodes.done_N, device=self.rewards_N.device)
 
     def batch(self, advantages_N: torch.Tensor, trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The shared batch of these rollouts with `advantages_N`: see `rollout_batch`."""
+        """The shared batch of these rollouts with `advantages_N`: see `rollout_batch` and `transcript_batch`."""
+        if self.episodes is not None:
+            return transcript_batch(self.episodes, advantages_N, self.pad_id, trained_N)
         return rollout_batch(self.prompt_ids_P, self.samples, advantages_N, self.pad_id, trained_N)
 
 
@@ -78,6 +102,32 @@ def rollout_batch(prompt_ids_P: list[list[int]], samples: Samples, advantages_N:
     device = samples.tokens_N_L.device
     return {**{k: v.to(device) for k, v in batch.items()}, "advantages": advantages_N,
             "sampling_logprobs": sampling_N_T.to(device)}
+
+
+def transcript_batch(episodes: Episodes, advantages_N: torch.Tensor, pad_id: int,
+                     trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """N multi-turn transcripts in `rollout_batch`'s shape: a target carries weight 1 where the policy sampled it
+    and 0 where the environment (an observation, the chat template's framing) put it, so the environment's tokens
+    are never trained and never counted by a normalizer; `sampling_logprobs` are the sampler's on policy targets."""
+    N = len(episodes)
+    if advantages_N.shape != (N,) or not N:
+        raise ValueError(f"{N} episodes do not match advantages of shape {tuple(advantages_N.shape)}")
+    T = max(len(tokens) for tokens in episodes.tokens_N) - 1
+
+    def padded(rows, value):  # position i predicts token i + 1: drop each row's first entry, pad to T
+        return [row[1:] + [value] * (T + 1 - len(row)) for row in rows]
+
+    input_ids = torch.tensor([t[:-1] + [pad_id] * (T + 1 - len(t)) for t in episodes.tokens_N], dtype=torch.long)
+    weights = torch.tensor(padded(episodes.policy_N, 0), dtype=torch.float32)
+    if trained_N is not None:
+        weights *= trained_N.cpu().float()[:, None]
+    device = advantages_N.device
+    return {"input_ids": input_ids.to(device),
+            "target_tokens": torch.tensor(padded(episodes.tokens_N, pad_id), dtype=torch.long, device=device),
+            "weights": weights.to(device), "position_ids": torch.arange(T, device=device).repeat(N, 1),
+            "advantages": advantages_N,
+            "sampling_logprobs": torch.tensor(padded(episodes.logprobs_N, 0.0), dtype=episodes.logprob_dtype,
+                                              device=device)}
 
 
 def concat_samples(parts: list[Samples], pad_id: int) -> Samples:

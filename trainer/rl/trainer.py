@@ -48,6 +48,7 @@ import torch
 from ..config import ConfigError
 from ..plans import Step, check_dataset, mixed_seed
 from ..lm.base import LMConfig, LMTrainer, call_scorer, digest
+from .envs import Episodes, env_name, episode_seed, play
 from ..lm.data import check_messages, prompt_ids
 from ..lm.sampling import Samples
 from ..lm.losses import at_positions, entropy, token_entropy
@@ -55,12 +56,16 @@ from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, group_spread, o
 from .losses import AGGREGATIONS, POLICY_LOSSES, LossOptions, aggregation_weights, masked_mean, policy_loss
 from .metrics import pass_at_k
 from .rollouts import Rollouts, WholeStepsPlan, concat_samples, split_rows, take_groups
+from accelerate.utils import gather_object
 
 __all__ = ["RLConfig", "RLTrainer"]
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[object, str, Mapping], float]
+
+# The "step" in validation episodes' seeds: past any real step, so that no training episode shares a seed with one.
+VALIDATION_STEP = 2 ** 62
 
 # logits / temperature must stay finite in float32 and bfloat16 (~3e38) for logits of any size a model produces.
 MIN_TEMPERATURE = 1e-4
@@ -97,6 +102,7 @@ class RLConfig(LMConfig):
     eval_num_generations: int = 0  # validate(): n sampled completions per prompt for val/pass@k (0: greedy only)
     eval_temperature: float = 1.0  # their temperature
     eval_pass_threshold: float = 1.0  # a sampled completion passes when its total reward is at least this
+    max_turns: int = 1  # with an environment (RLTrainer(env=...)): at most this many actions an episode
     log_completions: int = 4  # rollouts written per logged step: TensorBoard text and rollouts.jsonl (0: none)
     disable_dropout: bool = True  # sampling runs without dropout; training must too, or the ratio is not 1 (TRL: same)
 
@@ -163,6 +169,8 @@ class RLConfig(LMConfig):
             raise ConfigError(f"eval_temperature: must be >= {MIN_TEMPERATURE:g}, got {self.eval_temperature}")
         if not math.isfinite(self.eval_pass_threshold):
             raise ConfigError(f"eval_pass_threshold: must be a finite number, got {self.eval_pass_threshold}")
+        if self.max_turns < 1:
+            raise ConfigError(f"max_turns: must be >= 1, got {self.max_turns}")
 
     @property
     def loss_options(self) -> LossOptions:
@@ -196,19 +204,25 @@ class RLTrainer(LMTrainer):
 
     def __init__(self, model: torch.nn.Module, config: RLConfig, tokenizer, train_data=None,
                  reward_fns: Sequence[RewardFn] = (), reward_weights: Sequence[float] | None = None, val_data=None,
-                 callbacks=(), stop_token_ids: Sequence[int] | None = None):
+                 callbacks=(), stop_token_ids: Sequence[int] | None = None, env: Callable | None = None):
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
-        self.reward_fns, self.reward_names, weights_F = check_rewards(reward_fns, reward_weights)
+        self.env = check_env(env, config, reward_fns, reward_weights)
+        if env is None:
+            self.reward_fns, self.reward_names, weights_F = check_rewards(reward_fns, reward_weights)
+        else:  # the episode's return is the one reward
+            self.reward_fns, self.reward_names, weights_F = [], ["env"], torch.ones(1, dtype=torch.float64)
         # Every prompt tokenized up front, before anything is built: a bad one is an error naming it now, not at
-        # the step that first samples it; the training prompts' ids are kept for the rollouts.
+        # the step that first samples it; the training prompts' ids are kept for the rollouts. (An environment's
+        # first observations exist only once an episode is reset: they are checked then.)
         split = config.split_special_tokens
-        self.train_prompt_ids = tokenize_prompts(train_data, tokenizer, "train_data", split)
-        val_prompt_ids = tokenize_prompts(val_data, tokenizer, "val_data", split)
+        self.train_prompt_ids = tokenize_prompts(train_data, tokenizer, "train_data", split) if env is None else []
+        val_prompt_ids = tokenize_prompts(val_data, tokenizer, "val_data", split) if env is None else []
         super().__init__(model, config, tokenizer, train_data=train_data, val_data=val_data, callbacks=callbacks,
                          stop_token_ids=stop_token_ids)
-        longest = max(map(len, self.train_prompt_ids + val_prompt_ids), default=0) + config.max_new_tokens
-        self.check_positions(longest, "the longest prompt plus max_new_tokens")
+        if env is None:
+            longest = max(map(len, self.train_prompt_ids + val_prompt_ids), default=0) + config.max_new_tokens
+            self.check_positions(longest, "the longest prompt plus max_new_tokens")
         self.reward_weights_F = weights_F.to(self.device)
         _ = self.stop_token_ids  # every rollout needs them: found (or refused) now, not at the first step
         if config.disable_dropout:
@@ -235,8 +249,9 @@ class RLTrainer(LMTrainer):
                          for i in range(len(self.train_data)))
         rewards = digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()])
         stops = digest([json.dumps(self.stop_token_ids).encode()])
+        envs = {} if self.env is None else {"env": digest([env_factory_name(self.env).encode()])}
         return {**super().compute_fingerprints(), "train_data": prompts, "reward_fns": rewards,
-                "stop_token_ids": stops}
+                "stop_token_ids": stops, **envs}
 
     # ---- one loop step ------------------------------------------------------------------------
 
@@ -247,12 +262,12 @@ class RLTrainer(LMTrainer):
         rollouts, rounds = self.sample_step(torch.cat(step.micro_batches))
         start = time.perf_counter()
         rewards_N_F = self.gather(rollouts.rewards_N_F)  # every process's rows, in rank order
-        lengths_N = self.gather(rollouts.samples.lengths_N)
+        lengths_N = self.gather(rollouts.lengths_N)
         rewards_N = rewards_N_F @ self.reward_weights_F  # what the reward functions said: the filter's
         shaped_N = rewards_N if not c.overlong_buffer else rewards_N + overlong_penalty(
             lengths_N, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
         advantages_N = group_advantages(shaped_N, c.num_generations, c.advantage)
-        trained_N = rollouts.samples.stopped_N if c.mask_truncated else None
+        trained_N = rollouts.stopped_N if c.mask_truncated else None
         batch = rollouts.batch(advantages_N.chunk(self.world_size)[self.rank], trained_N)
         rows_per_update = (c.minibatch_size or c.batch_size) * c.num_generations
         minibatches = [split_rows(minibatch, c.micro_batch_size or rows_per_update)
@@ -311,19 +326,28 @@ class RLTrainer(LMTrainer):
         order_K = torch.cat([torch.nonzero(spread_K).flatten(), torch.nonzero(~spread_K).flatten()])[:wanted]
         mine = order_K.chunk(self.world_size)[self.rank].tolist()  # this process's groups, in the order chosen
         chosen_P = torch.cat([r[0] for r in rounds])[mine]
-        samples = take_groups(concat_samples([r[1] for r in rounds], self.pad_id), mine)
         rewards_N_F = torch.cat([r[2] for r in rounds]).unflatten(0, (len(spread_K), c.num_generations))[mine]
         rewards_N_F = rewards_N_F.flatten(0, 1)
+        seconds = sum(r.generate_s for r in drawn), sum(r.score_s for r in drawn)
+        if self.env is not None:
+            G = c.num_generations
+            episodes = Episodes.concat([r[1] for r in rounds]).take([g * G + i for g in mine for i in range(G)])
+            return Rollouts(self.fetch(chosen_P), [], None, self.transcripts(episodes), rewards_N_F,
+                            rewards_N_F @ self.reward_weights_F, self.pad_id, *seconds, chosen_P, episodes), len(rounds)
+        samples = take_groups(concat_samples([r[1] for r in rounds], self.pad_id), mine)
         return Rollouts(self.fetch(chosen_P), [self.train_prompt_ids[i] for i in chosen_P.tolist()], samples,
                         self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True), rewards_N_F,
-                        rewards_N_F @ self.reward_weights_F, self.pad_id, sum(r.generate_s for r in drawn),
-                        sum(r.score_s for r in drawn), chosen_P), len(rounds)
+                        rewards_N_F @ self.reward_weights_F, self.pad_id, *seconds, chosen_P), len(rounds)
 
-    def gathered(self, rollouts: Rollouts) -> tuple[torch.Tensor, Samples, torch.Tensor]:
-        """A round's prompt indices (on the CPU), samples and (N, F) rewards from every process, in rank order."""
-        samples = rollouts.samples
+    def gathered(self, rollouts: Rollouts) -> tuple[torch.Tensor, Samples | Episodes, torch.Tensor]:
+        """A round's prompt indices (on the CPU), samples (or episodes) and (N, F) rewards from every process, in
+        rank order."""
+        samples = rollouts.samples or rollouts.episodes
         if self.world_size == 1:
             return rollouts.indices_P, samples, rollouts.rewards_N_F
+        if rollouts.episodes is not None:
+            return (self.gather(rollouts.indices_P.to(self.device)).cpu(),
+                    Episodes.concat(gather_object([rollouts.episodes])), self.gather(rollouts.rewards_N_F))
         pad = self.accelerator.pad_across_processes
         every = Samples(self.gather(pad(samples.tokens_N_L, dim=1, pad_index=self.pad_id)),
                         self.gather(pad(samples.logprobs_N_L, dim=1, pad_index=0)), self.gather(samples.lengths_N),
@@ -331,10 +355,20 @@ class RLTrainer(LMTrainer):
         return self.gather(rollouts.indices_P.to(self.device)).cpu(), every, self.gather(rollouts.rewards_N_F)
 
     def rollout(self, indices: torch.Tensor) -> Rollouts:
-        """Sample G completions for each train prompt at `indices` (this process's), decode and score them."""
+        """Sample G completions for each train prompt at `indices` (this process's), decode and score them; with an
+        environment, play G episodes of each example."""
         c = self.config
         examples = self.fetch(indices)
         names = [f"train example {i}" for i in indices.tolist()]
+        if self.env is not None:
+            G = c.num_generations
+            seeds = [episode_seed(c.seed, self.state.global_step, i, g) for i in indices.tolist() for g in range(G)]
+            start = time.perf_counter()
+            episodes = self.play(examples, seeds, names, G, temperature=c.temperature, top_p=c.top_p,
+                                 generator=self.sampling_generator)
+            rewards_N_F = torch.tensor(episodes.returns_N, dtype=torch.float64, device=self.device)[:, None]
+            return Rollouts(examples, [], None, self.transcripts(episodes), rewards_N_F, rewards_N_F[:, 0],
+                            self.pad_id, time.perf_counter() - start, 0.0, indices.cpu(), episodes)
         prompt_ids_P = [self.train_prompt_ids[i] for i in indices.tolist()]
         start = time.perf_counter()
         samples = self.generate(prompt_ids_P, c.num_generations, max_new_tokens=c.max_new_tokens,
@@ -345,6 +379,31 @@ class RLTrainer(LMTrainer):
         return Rollouts(examples, prompt_ids_P, samples, completions_N, rewards_N_F,
                         rewards_N_F @ self.reward_weights_F, self.pad_id, generated - start,
                         time.perf_counter() - generated, indices.cpu())
+
+    def play(self, examples: list, seeds_N: list[int], names: list[str], group_size: int, *, temperature: float,
+             top_p: float = 1.0, generator: torch.Generator | None = None) -> Episodes:
+        """`group_size` episodes of each example in a fresh environment from `env(example)` (a copy: an environment
+        that edits its example must not edit train_data), reset with `seeds_N`, played by the policy."""
+        envs = []
+        for n, seed in enumerate(seeds_N):
+            example, name = examples[n // group_size], names[n // group_size]
+            try:
+                envs.append(self.env(copy.deepcopy(example)))
+            except Exception as e:
+                raise RuntimeError(f"env {env_factory_name(self.env)} raised {type(e).__name__} building the "
+                                   f"environment of {name}: {e}") from e
+        config = getattr(self.unwrapped_model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return play(self.unwrapped_model, self.tokenizer, envs, seeds_N, [names[n // group_size] for n in
+                    range(len(seeds_N))], group_size=group_size, max_turns=self.config.max_turns,
+                    max_new_tokens=self.config.max_new_tokens, generator=generator or torch.Generator(self.device),
+                    temperature=temperature, top_p=top_p, stop_token_ids=self.stop_token_ids,
+                    pad_token_id=self.pad_id, max_positions=limit,
+                    split_special_tokens=self.config.split_special_tokens)
+
+    def transcripts(self, episodes: Episodes) -> list[str]:
+        """Each episode's transcript after its first observation, as text (special tokens kept: the turns' framing)."""
+        return self.tokenizer.batch_decode([t[f:] for t, f in zip(episodes.tokens_N, episodes.first_len_N)])
 
     def score(self, examples: list, completions_N: list[str], names: list[str]) -> torch.Tensor:
         """(N, F) rewards: each reward function on each completion (G consecutive per example)."""
@@ -455,8 +514,8 @@ class RLTrainer(LMTrainer):
         statistics over every process, policy metrics, timings, and a few rollouts as text and as records."""
         c = self.config
         rewards_N = rewards_N_F @ self.reward_weights_F
-        lengths_N = self.gather(rollouts.samples.lengths_N.float())
-        stopped_N = self.gather(rollouts.samples.stopped_N.float())
+        lengths_N = self.gather(rollouts.lengths_N.float())
+        stopped_N = self.gather(rollouts.stopped_N.float())
         step_s = rollouts.generate_s + rollouts.score_s + train_s
         outputs = {
             "train/loss": torch.stack([u["train/loss"] for u in updates]).mean(),
@@ -473,6 +532,8 @@ class RLTrainer(LMTrainer):
         }
         if c.overlong_buffer:
             outputs["reward/overlong_penalty"] = (shaped_N - rewards_N).mean()
+        if rollouts.episodes is not None:
+            outputs.update(self.episode_metrics(rollouts.episodes))
         if "optim/grad_norm" in updates[0]:  # when clipping, or when a log may be due
             outputs["optim/grad_norm"] = torch.stack([u["optim/grad_norm"] for u in updates]).mean()
         if c.log_completions:
@@ -481,6 +542,22 @@ class RLTrainer(LMTrainer):
             outputs["records/rollouts"] = rollout_records(rollouts, self.reward_names, shaped_N[mine],
                                                           advantages_N[mine], c.log_completions)
         return outputs
+
+    def episode_metrics(self, episodes: Episodes) -> dict:
+        """Over every process: `rollout/turns_mean`, `rollout/env_tokens_frac` (the share of the transcripts'
+        tokens after the first observation that the environment put there) and `env/<key>`, the mean of each
+        number the steps reported under that key."""
+        totals = torch.tensor([sum(episodes.turns_N), len(episodes), int(episodes.env_tokens_N.sum()),
+                               int(episodes.policy_tokens_N.sum())], dtype=torch.float64, device=self.device)
+        turns, count, env_tokens, policy_tokens = self.reduce_sum(totals).tolist()
+        metrics: dict = {}
+        for part in gather_object([episodes.metrics]) if self.world_size > 1 else [episodes.metrics]:
+            for key, (total, n) in part.items():
+                old = metrics.get(key, (0.0, 0))
+                metrics[key] = (old[0] + total, old[1] + n)
+        return {"rollout/turns_mean": turns / count,
+                "rollout/env_tokens_frac": env_tokens / max(env_tokens + policy_tokens, 1),
+                **{f"env/{key}": total / n for key, (total, n) in sorted(metrics.items())}}
 
     def policy_metrics(self, parts: list[dict]) -> dict:
         """Token-weighted means of the micro-batches' policy metrics over every update and process."""
@@ -505,30 +582,44 @@ class RLTrainer(LMTrainer):
         `val/completion_len`. With `eval_num_generations` = n: n completions per prompt sampled at
         `eval_temperature` (no top-p), and `val/pass@k` for k = 1, 2, 4, ..., n (the unbiased estimator of Chen et
         al. 2021; a completion passes when its total reward is at least `eval_pass_threshold`) and
-        `val/reward_mean`, their mean total reward."""
+        `val/reward_mean`, their mean total reward. With an environment, the same of its episodes (their returns,
+        `completion_len` their policy tokens) and `val/turns_mean`; an example's episodes are reset with seeds
+        from (run seed, the example's content), the same at every validation."""
         c = self.config
-        prompt_ids_P = [prompt_of(example, self.tokenizer, "validation example", c.split_special_tokens)
-                        for example in batch]
-        names = [f"validation example {p!r:.60}" for p in prompt_ids_P]
-        samples = self.generate(prompt_ids_P, max_new_tokens=c.max_new_tokens)  # greedy
-        completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
-        rewards_N_F = self.score(batch, completions_N, names)
-        metrics = {"reward": (rewards_N_F @ self.reward_weights_F).mean(),
-                   "completion_len": samples.lengths_N.float().mean(),
+        rewards_N_F, lengths_N, turns_N = self.score_validation(batch, 1, 0.0, None)
+        metrics = {"reward": (rewards_N_F @ self.reward_weights_F).mean(), "completion_len": lengths_N.float().mean(),
                    **{f"reward/{name}": rewards_N_F[:, f].mean() for f, name in enumerate(self.reward_names)}}
+        if turns_N is not None:
+            metrics["turns_mean"] = turns_N.float().mean()
         n = c.eval_num_generations
         if n:
             if self.eval_generator is None:  # called outside evaluate(): a stream of its own all the same
                 self.eval_generator = self.new_eval_generator()
-            sampled = self.generate(prompt_ids_P, n, max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
-                                    generator=self.eval_generator)
-            texts_N = self.tokenizer.batch_decode(sampled.completions(), skip_special_tokens=True)
-            rewards_N = self.score(batch, texts_N, names) @ self.reward_weights_F
+            rewards_N = self.score_validation(batch, n, c.eval_temperature, self.eval_generator)[0] @ self.reward_weights_F
             passed_P = (rewards_N >= c.eval_pass_threshold).reshape(len(batch), n).sum(dim=1).cpu()
             ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
             metrics.update({f"pass@{k}": float(pass_at_k(n, passed_P, k).mean()) for k in ks})
             metrics["reward_mean"] = rewards_N.mean()
         return metrics
+
+    def score_validation(self, batch: list, n: int, temperature: float, generator: torch.Generator | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """n completions (or episodes) of each validation example: (N, F) rewards, (N,) lengths, (N,) turns."""
+        c = self.config
+        if self.env is not None:
+            keys = [int(digest([json.dumps(e, sort_keys=True, default=_jsonable).encode()])[:15], 16) for e in batch]
+            names = [f"validation example {e!r:.60}" for e in batch]
+            seeds = [episode_seed(c.seed, VALIDATION_STEP, key, g) for key in keys for g in range(n)]
+            episodes = self.play(batch, seeds, names, n, temperature=temperature, generator=generator)
+            rewards_N_F = torch.tensor(episodes.returns_N, dtype=torch.float64, device=self.device)[:, None]
+            return rewards_N_F, episodes.policy_tokens_N, torch.tensor(episodes.turns_N)
+        prompt_ids_P = [prompt_of(example, self.tokenizer, "validation example", c.split_special_tokens)
+                        for example in batch]
+        names = [f"validation example {p!r:.60}" for p in prompt_ids_P]
+        samples = self.generate(prompt_ids_P, n, max_new_tokens=c.max_new_tokens, temperature=temperature,
+                                generator=generator)
+        completions_N = self.tokenizer.batch_decode(samples.completions(), skip_special_tokens=True)
+        return self.score(batch, completions_N, names), samples.lengths_N, None
 
     # ---- engine hooks -------------------------------------------------------------------------
 
@@ -560,6 +651,31 @@ class RLTrainer(LMTrainer):
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows of `tensor`, concatenated in rank order."""
         return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
+
+
+def check_env(env, config: RLConfig, reward_fns, reward_weights):
+    """The environment factory (or None), checked against what the rest of the arguments say."""
+    if env is None:
+        if config.max_turns != 1:
+            raise ConfigError(f"max_turns: a prompt's completion is one turn; max_turns={config.max_turns} needs an "
+                              "environment (RLTrainer(env=...))")
+        return None
+    if not callable(env):
+        raise TypeError(f"env: a callable example -> Env (an Env subclass works), got {type(env).__name__}")
+    if list(reward_fns) or reward_weights is not None:
+        raise ValueError("reward_fns: with env, an episode's reward is the sum of its steps' rewards; give no "
+                         "reward_fns (score the final answer in the environment's step)")
+    if config.overlong_buffer:
+        raise ConfigError("overlong_buffer: DAPO's overlong punishment measures a completion against max_new_tokens; "
+                          "an episode has several actions, each bounded by it: use mask_truncated or a penalty in the "
+                          "environment's reward")
+    return env
+
+
+def env_factory_name(env) -> str:
+    """What a resume compares: the factory's module and name (its code is not seen)."""
+    target = getattr(env, "func", env)  # functools.partial
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
 
 
 def check_rewards(reward_fns, reward_weights) -> tuple[list, list[str], torch.Tensor]:
@@ -652,27 +768,36 @@ def rollout_records(rollouts: Rollouts, reward_names: list[str], shaped_N: torch
                     count: int) -> list[dict]:
     """The first `count` rollouts as JSON-ready dicts (`rollouts.jsonl`): prompt, completion, each reward function's
     value, the total reward the advantages used (shaping included), the advantage, length in tokens, and whether
-    it stopped at a stop token or was truncated at max_new_tokens."""
-    G, count = rollouts.samples.group_size, min(count, len(rollouts.completions_N))
+    it stopped at a stop token or was truncated at max_new_tokens. An episode's prompt is its first observation,
+    its completion the transcript after it; it also has its number of turns, and stopped means ended by the
+    environment (truncated: by max_turns)."""
+    count = min(count, len(rollouts.completions_N))
     rewards = rollouts.rewards_N_F[:count].tolist()
-    lengths, stopped = rollouts.samples.lengths_N[:count].tolist(), rollouts.samples.stopped_N[:count].tolist()
+    lengths, stopped = rollouts.lengths_N[:count].tolist(), rollouts.stopped_N[:count].tolist()
     records = []
     for n in range(count):
-        example = rollouts.examples[n // G]
-        records.append({"prompt": example.get("prompt", example.get("messages")), "completion": rollouts.completions_N[n],
+        records.append({"prompt": prompt_text(rollouts, n), "completion": rollouts.completions_N[n],
                         "rewards": dict(zip(reward_names, rewards[n])), "reward": float(shaped_N[n]),
                         "advantage": float(advantages_N[n]), "length": lengths[n], "stopped": stopped[n],
                         "truncated": not stopped[n]})
+        if rollouts.episodes is not None:
+            records[-1]["turns"] = rollouts.episodes.turns_N[n]
     return records
+
+
+def prompt_text(rollouts: Rollouts, n: int):
+    """Row n's prompt: the example's "prompt" (or "messages"), or the episode's first observation."""
+    if rollouts.episodes is not None:
+        return rollouts.episodes.first_N[n]
+    example = rollouts.examples[n // rollouts.group_size]
+    return example.get("prompt", example.get("messages"))
 
 
 def completions_text(rollouts: Rollouts, count: int) -> str:
     """The first `count` completions with their rewards, as a markdown table (TensorBoard renders it)."""
-    G = rollouts.samples.group_size
     lines = ["| prompt | completion | reward |", "|---|---|---|"]
     for n in range(min(count, len(rollouts.completions_N))):
-        example = rollouts.examples[n // G]
-        prompt = str(example.get("prompt", example.get("messages")))
-        cells = [text.replace("|", "\\|").replace("\n", " ") for text in (prompt, rollouts.completions_N[n])]
+        cells = [str(text).replace("|", "\\|").replace("\n", " ")
+                 for text in (prompt_text(rollouts, n), rollouts.completions_N[n])]
         lines.append(f"| {cells[0]} | {cells[1]} | {float(rollouts.rewards_N[n]):.4g} |")
     return "\n".join(lines)

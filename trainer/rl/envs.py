@@ -1,0 +1,286 @@
+"""Multi-turn environments: the `Env` interface, and the episodes a policy plays in them (`play`).
+
+    from paperloop.envs import Env, StepResult
+
+    class Guess(Env):
+        def __init__(self, example):                  # one episode of one train example
+            self.secret = example["secret"]
+        def reset(self, seed: int) -> str:            # the first observation: prompt text, or chat messages
+            return "Guess a digit: "
+        def step(self, action: str) -> StepResult:    # the action: the decoded turn, special tokens skipped
+            if action.strip() == self.secret:
+                return StepResult(reward=1.0, done=True)
+            return StepResult(observation=" no, again: ", metrics={"wrong": 1.0})
+
+    trainer = RLTrainer(model, RLConfig(max_turns=4, ...), tokenizer=tok, train_data=examples, env=Guess)
+
+An episode alternates: the policy samples an action (up to `max_new_tokens`, ending at a stop token), the
+environment steps on it, and its observation is appended, until the step says `done` or `max_turns` actions were
+taken (then the episode is truncated). Its reward is the sum of its steps' rewards. A text observation is tokenized
+and appended as it is; in an episode that began with chat messages, an observation is a list of messages (a user
+turn, a tool result), rendered by the chat template as the next turn. The transcript is one token sequence: the
+policy's tokens are trained (weight 1), the environment's — observations and the template's framing — are not.
+
+All of an episode's randomness must come from `reset(seed)`: the trainer derives the seed from (run seed, step,
+example index, generation), so a resumed run replays the same episodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lm.base import as_score
+from ..lm.data import check_messages, render_chat
+from ..lm.sampling import TurnSampler
+from ..plans import mixed_seed
+
+__all__ = ["Env", "StepResult", "Episodes", "play", "episode_seed", "env_name"]
+
+@dataclass(frozen=True)
+class StepResult:
+    """What an environment answers to an action: its reward, whether the episode is over, the next observation
+    (text, or chat messages in a chat episode; ignored when done) and numbers to log as `env/<key>`."""
+
+    reward: float = 0.0
+    done: bool = False
+    observation: str | list = ""
+    metrics: Mapping = field(default_factory=dict)
+
+
+class Env:
+    """One episode. Subclass it, or give RLTrainer any callable `example -> object` with these methods."""
+
+    def reset(self, seed: int) -> str | list[dict]:
+        """The first observation: a prompt (text, tokenized with the tokenizer's special tokens, e.g. BOS) or chat
+        messages (rendered with the generation prompt). Draw any randomness from `seed` alone."""
+        raise NotImplementedError(f"{type(self).__name__} has no reset(self, seed)")
+
+    def step(self, action: str) -> StepResult:
+        raise NotImplementedError(f"{type(self).__name__} has no step(self, action)")
+
+    def close(self) -> None:
+        """Called once the episode is over (done, truncated, or stopped by an error)."""
+
+
+def env_name(env) -> str:
+    return type(env).__qualname__
+
+
+def episode_seed(seed: int, step: int, index: int, generation: int) -> int:
+    """The seed of an episode's `reset`: one per (run seed, loop step, example index, generation)."""
+    return mixed_seed(seed, step, index, generation, 0xE1B)
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """N played episodes, G consecutive per example. Lists, one entry per episode:
+
+    tokens_N: the whole transcript's ids — the first observation, then each action and observation in turn.
+    policy_N: 1 where a token was sampled by the policy, 0 where the environment (or the template) put it.
+    logprobs_N: the sampler's log-prob of each policy token, 0.0 elsewhere.
+    first_len_N: the first observation's length. first_N: the first observation as `reset` returned it.
+    turns_N: actions taken. done_N: ended by the environment (False: truncated at max_turns). returns_N: the sum of
+    the step rewards. metrics: key -> (sum, count) of the steps' `metrics` over every episode.
+    """
+
+    tokens_N: list[list[int]]
+    policy_N: list[list[int]]
+    logprobs_N: list[list[float]]
+    first_len_N: list[int]
+    first_N: list
+    turns_N: list[int]
+    done_N: list[bool]
+    returns_N: list[float]
+    metrics: dict
+    group_size: int
+    logprob_dtype: torch.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return len(self.tokens_N)
+
+    @property
+    def policy_tokens_N(self) -> torch.Tensor:
+        return torch.tensor([sum(p) for p in self.policy_N], dtype=torch.long)
+
+    @property
+    def env_tokens_N(self) -> torch.Tensor:
+        return torch.tensor([len(p) - f - sum(p) for p, f in zip(self.policy_N, self.first_len_N)], dtype=torch.long)
+
+    def take(self, rows: Sequence[int]) -> "Episodes":
+        """The episodes at `rows`, in that order (their metrics stay the whole set's)."""
+        pick = lambda values: [values[r] for r in rows]  # noqa: E731
+        return Episodes(pick(self.tokens_N), pick(self.policy_N), pick(self.logprobs_N), pick(self.first_len_N),
+                        pick(self.first_N), pick(self.turns_N), pick(self.done_N), pick(self.returns_N), self.metrics,
+                        self.group_size, self.logprob_dtype)
+
+    @staticmethod
+    def concat(parts: Sequence["Episodes"]) -> "Episodes":
+        """Several sets' episodes in order; their metrics summed."""
+        metrics: dict = {}
+        for part in parts:
+            for key, (total, count) in part.metrics.items():
+                old = metrics.get(key, (0.0, 0))
+                metrics[key] = (old[0] + total, old[1] + count)
+        joined = [sum((getattr(p, name) for p in parts), []) for name in
+                  ("tokens_N", "policy_N", "logprobs_N", "first_len_N", "first_N", "turns_N", "done_N", "returns_N")]
+        return Episodes(*joined, metrics, parts[0].group_size, parts[0].logprob_dtype)
+
+
+def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str], *, group_size: int, max_turns: int,
+         max_new_tokens: int, generator: torch.Generator, temperature: float, top_p: float, stop_token_ids: list[int],
+         pad_token_id: int, max_positions: int | None, split_special_tokens: bool = False) -> Episodes:
+    """Play one episode in each of `envs_N` (seeded by `seeds_N`; `names_N` name their examples in errors): every
+    live episode's action sampled in one batch, each turn continuing its KV cache (`lm.sampling.TurnSampler`).
+    Every environment is closed at the end, also when one of them fails."""
+    N = len(envs_N)
+    try:
+        first_N = [_reset(env, seed, name) for env, seed, name in zip(envs_N, seeds_N, names_N)]
+        chats_N = [list(obs) if isinstance(obs, list) else None for obs in first_N]  # a chat episode's messages
+        tokens_N = [_first_ids(obs, tokenizer, split_special_tokens, env, name)
+                    for obs, env, name in zip(first_N, envs_N, names_N)]
+        for n in range(N):
+            _check_room(len(tokens_N[n]), max_new_tokens, max_positions, envs_N[n], names_N[n], 0, "first observation")
+        policy_N = [[0] * len(t) for t in tokens_N]
+        logprobs_N = [[0.0] * len(t) for t in tokens_N]
+        first_len_N = [len(t) for t in tokens_N]
+        turns_N, done_N, returns_N, metrics = [0] * N, [False] * N, [0.0] * N, {}
+        dtype = torch.float32
+        sampler = TurnSampler(model, tokens_N, generator=generator, temperature=temperature, top_p=top_p,
+                              eos_token_id=stop_token_ids, pad_token_id=pad_token_id)
+        for turn in range(1, max_turns + 1):
+            actions = sampler.sample(max_new_tokens)
+            ids_R = actions.completions()
+            texts_R = tokenizer.batch_decode(ids_R, skip_special_tokens=True)
+            logprobs_R, dtype = actions.logprobs_N_L.tolist(), actions.logprobs_N_L.dtype
+            stopped_R = actions.stopped_N.tolist()
+            going, observations = [], []
+            for r, n in enumerate(sampler.rows):
+                env, name = envs_N[n], names_N[n]
+                tokens_N[n] += ids_R[r]
+                policy_N[n] += [1] * len(ids_R[r])
+                logprobs_N[n] += logprobs_R[r][:len(ids_R[r])]
+                turns_N[n] = turn
+                result = _step(env, texts_R[r], name, turn)
+                returns_N[n] += float(result.reward)
+                for key, value in result.metrics.items():
+                    total, count = metrics.get(key, (0.0, 0))
+                    metrics[key] = (total + value, count + 1)
+                if result.done:
+                    done_N[n] = True
+                    continue
+                if turn == max_turns:
+                    continue  # truncated: no observation is needed after the last action
+                ids = _observation_ids(result.observation, chats_N[n], texts_R[r], ids_R[r][-1] if stopped_R[r]
+                                       else None, tokenizer, split_special_tokens, env, name, turn)
+                _check_room(len(tokens_N[n]) + len(ids), max_new_tokens, max_positions, env, name, turn,
+                            "the transcript with this observation")
+                tokens_N[n] += ids
+                policy_N[n] += [0] * len(ids)
+                logprobs_N[n] += [0.0] * len(ids)
+                going.append(n)
+                observations.append(ids)
+            sampler.keep(going)
+            if not going:
+                break
+            sampler.extend(observations)
+    finally:
+        for env in envs_N:
+            close = getattr(env, "close", None)
+            if callable(close):
+                close()
+    return Episodes(tokens_N, policy_N, logprobs_N, first_len_N, first_N, turns_N, done_N, returns_N, metrics,
+                    group_size, dtype)
+
+
+def _where(env, name: str, turn: int | None = None) -> str:
+    return f"environment {env_name(env)} on {name}" + (f", turn {turn}" if turn is not None else "")
+
+
+def _reset(env, seed: int, name: str):
+    try:
+        observation = env.reset(seed)
+    except Exception as e:
+        raise RuntimeError(f"{_where(env, name)}: reset raised {type(e).__name__}: {e}") from e
+    if isinstance(observation, str) and observation:
+        return observation
+    if isinstance(observation, list) and observation:
+        check_messages(observation, f"{_where(env, name)}: reset's messages")
+        return observation
+    raise TypeError(f"{_where(env, name)}: reset must return the first observation, a non-empty str or a non-empty "
+                    f"list of chat messages; got {observation!r:.80}")
+
+
+def _step(env, action: str, name: str, turn: int) -> StepResult:
+    try:
+        result = env.step(action)
+    except Exception as e:
+        raise RuntimeError(f"{_where(env, name, turn)}: step raised {type(e).__name__}: {e} (action {action!r:.80})"
+                           ) from e
+    if not isinstance(result, StepResult):
+        raise TypeError(f"{_where(env, name, turn)}: step must return a paperloop.envs.StepResult, got "
+                        f"{type(result).__name__} {result!r:.80}")
+    if as_score(result.reward) is None:
+        raise ValueError(f"{_where(env, name, turn)}: step's reward must be a finite number, got {result.reward!r:.40}")
+    if not isinstance(result.done, (bool, int)) or isinstance(result.done, float):
+        raise TypeError(f"{_where(env, name, turn)}: step's done must be a bool, got {result.done!r:.40}")
+    if not isinstance(result.metrics, Mapping) or not all(
+            isinstance(k, str) and k and as_score(v) is not None for k, v in result.metrics.items()):
+        raise ValueError(f"{_where(env, name, turn)}: step's metrics must map names to finite numbers, got "
+                         f"{result.metrics!r:.80}")
+    return StepResult(as_score(result.reward), bool(result.done), result.observation,
+                      {k: as_score(v) for k, v in result.metrics.items()})
+
+
+def _first_ids(observation, tokenizer, split: bool, env, name: str) -> list[int]:
+    if isinstance(observation, str):
+        ids = tokenizer(observation, split_special_tokens=split)["input_ids"]
+    else:
+        text = render_chat(tokenizer, observation, True, _where(env, name) + ": the first observation")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{_where(env, name)}: the first observation tokenizes to no tokens at all")
+    return ids
+
+
+def _observation_ids(observation, chat: list | None, action: str, stop_token: int | None, tokenizer, split: bool,
+                     env, name: str, turn: int) -> list[int]:
+    """The tokens an observation appends after the action: text as it is; in a chat episode, the template's text
+    from the end of the action's content through the observation's messages and the next generation prompt — less
+    the stop token the policy itself sampled (the template's end-of-turn marker, written by the policy)."""
+    where = _where(env, name, turn)
+    if chat is None:
+        if not isinstance(observation, str):
+            raise TypeError(f"{where}: the episode began with text, so an observation is a str; got "
+                            f"{type(observation).__name__} {observation!r:.80}")
+        return tokenizer(observation, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+    if not isinstance(observation, list) or not observation:
+        raise TypeError(f"{where}: the episode began with chat messages, so an observation is a non-empty list of "
+                        f"messages (e.g. [{{'role': 'user', 'content': ...}}]); got {observation!r:.80}")
+    for message in observation:
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise TypeError(f"{where}: an observation message is a dict with 'role' and 'content' strings; got "
+                            f"{message!r:.80}")
+    before = render_chat(tokenizer, chat, True, where)
+    chat.append({"role": "assistant", "content": action})
+    through = render_chat(tokenizer, chat, False, where)
+    chat.extend(dict(m) for m in observation)
+    after = render_chat(tokenizer, chat, True, where)
+    if not (through.startswith(before + action) and after.startswith(through)):
+        raise ValueError(f"{where}: the chat template does not render the conversation so far as a prefix of the "
+                         "next turn's (it rewrites earlier turns or the assistant's content), so the transcript "
+                         "cannot be continued token for token")
+    ids = tokenizer(after[len(before) + len(action):], add_special_tokens=False)["input_ids"]
+    return ids[1:] if ids and ids[0] == stop_token else ids
+
+
+def _check_room(length: int, max_new_tokens: int, max_positions: int | None, env, name: str, turn: int,
+                what: str) -> None:
+    if max_positions is not None and length + max_new_tokens > max_positions:
+        raise ValueError(f"{_where(env, name, turn if turn else None)}: {what} is {length} tokens; with max_new_tokens="
+                         f"{max_new_tokens} the next action would pass the model's max_position_embeddings="
+                         f"{max_positions}; shorten the observations, or lower max_turns or max_new_tokens")
+
