@@ -11,6 +11,7 @@
 - `metrics.py`: pass@k
 - `rollouts.py`: sampled completions (or played episodes) with their rewards, and the training batch built from them
 - `envs.py`: multi-turn environments (`Env`, `StepResult`, also `paperloop.envs`) and `play`, which runs episodes
+- `tools.py`: `ToolEnv`, tool use as an environment (Python functions called from the action, with time limits)
 - `trainer.py`: `RLTrainer` and `RLConfig`
 """
 
@@ -20,10 +21,11 @@ from .losses import (AGGREGATIONS, POLICY_LOSSES, LossOptions, aggregation_weigh
                      policy_loss, ppo_clip, register_aggregation, register_policy_loss, sapo)
 from .envs import Env, Episodes, StepResult, play
 from .metrics import pass_at_k
+from .tools import ToolEnv
 from .rollouts import Rollouts, WholeStepsPlan, rollout_batch, split_rows
 from .trainer import RLConfig, RLTrainer
 
 __all__ = ["group_advantages", "group_spread", "overlong_penalty", "zero_std_fraction", "register_advantage", "ADVANTAGE_NORMALIZERS", "STD_EPS",
            "policy_loss", "ppo_clip", "gspo", "cispo", "sapo", "LossOptions", "aggregation_weights", "k3_kl", "masked_mean", "register_aggregation",
            "register_policy_loss", "AGGREGATIONS", "POLICY_LOSSES", "pass_at_k", "Rollouts", "WholeStepsPlan",
-           "rollout_batch", "split_rows", "RLConfig", "RLTrainer", "Env", "StepResult", "Episodes", "play"]
+           "rollout_batch", "split_rows", "RLConfig", "RLTrainer", "Env", "StepResult", "Episodes", "play", "ToolEnv"]
