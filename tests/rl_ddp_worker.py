@@ -1,6 +1,6 @@
 """Run under torchrun by test_rl_trainer.py: RL on 2 CPU processes (gloo). Three runs in one launch (a launch costs
 more than the runs): sampling seeded per (step, prompt), to compare with one process holding the same global
-batch (and with dynamic sampling); then, with the trainer's own per-process sampling, a run stopped with a checkpoint at step 2 and resumed,
+batch (and with dynamic sampling, and with a multi-turn environment); then, with the trainer's own per-process sampling, a run stopped with a checkpoint at step 2 and resumed,
 and the same run uninterrupted. Rank 0 writes the final weights of each."""
 
 import argparse
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from paperloop.callbacks import LambdaCallback
-from rl_helpers import DDP_DAPO, DDP_RUN, LayoutFreeSampling, SGDRLTrainer, make_rl_trainer
+from rl_helpers import DDP_DAPO, DDP_ENV, DDP_RUN, LayoutFreeEpisodes, LayoutFreeSampling, SGDRLTrainer, make_rl_trainer
 
 
 def stop_at(step):
@@ -39,6 +39,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     run(out, "layout_free", LayoutFreeSampling)
     run(out, "layout_free_dapo", LayoutFreeSampling, **DDP_DAPO)
+    run(out, "layout_free_env", LayoutFreeEpisodes, **DDP_ENV)
     run(out, "straight", SGDRLTrainer)
     run(out, "resumed", SGDRLTrainer, callbacks=[stop_at(2)])
     run(out, "resumed", SGDRLTrainer, resume="latest")

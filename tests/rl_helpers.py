@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from paperloop import RLConfig, RLTrainer
 from paperloop.envs import Env, StepResult
+from paperloop.rl import Episodes
 from paperloop.lm.sampling import Samples, sample
 from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
 
@@ -137,6 +138,35 @@ class LayoutFreeSampling(SGDRLTrainer):
                                   for p in parts]),
                        torch.cat([F.pad(p.logprobs_N_L, (0, width - p.logprobs_N_L.shape[1])) for p in parts]),
                        torch.cat([p.lengths_N for p in parts]), torch.cat([p.stopped_N for p in parts]), num_samples)
+
+
+class ExactRetry(Retry):
+    """Retry with a 0/1 reward: an untrained policy's groups mostly tie (dynamic sampling has groups to drop)."""
+
+    def step(self, action):
+        result = super().step(action)
+        return StepResult(reward=float(result.done), done=result.done, observation=result.observation,
+                          metrics=result.metrics)
+
+
+# Two processes with a multi-turn environment, dynamic sampling and the environment's metrics (all gathered)
+DDP_ENV = dict(env=ExactRetry, max_turns=3, dynamic_sampling=True, max_sample_rounds=2, max_steps=3)
+
+
+class LayoutFreeEpisodes(SGDRLTrainer):
+    """Each example's training episodes come from a generator seeded by its first episode's seed (from the run seed,
+    the step and the example's index): the same whichever process plays them, as LayoutFreeSampling's."""
+
+    def play(self, examples, seeds_N, names, group_size, *, temperature, top_p=1.0, generator=None):
+        if generator is not self.sampling_generator:
+            return super().play(examples, seeds_N, names, group_size, temperature=temperature, top_p=top_p,
+                                generator=generator)
+        G = group_size
+        return Episodes.concat([
+            super(LayoutFreeEpisodes, self).play(examples[p:p + 1], seeds_N[p * G:(p + 1) * G], names[p:p + 1], G,
+                                                 temperature=temperature, top_p=top_p,
+                                                 generator=torch.Generator().manual_seed(seeds_N[p * G]))
+            for p in range(len(examples))])
 
 
 def run_rl_worker(out, *args) -> subprocess.CompletedProcess:

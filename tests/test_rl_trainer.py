@@ -27,7 +27,7 @@ from paperloop.lm.sampling import Samples, sample
 from helpers import straight_and_resumed
 from paperloop.checkpoint import committed
 
-from rl_helpers import (DDP_DAPO, DDP_RUN, RESUME_RUNS, LayoutFreeSampling, digit_reward, first_digit_reward, make_lm,
+from rl_helpers import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, LayoutFreeSampling, digit_reward, first_digit_reward, make_lm,
                         make_prompts, make_rl_trainer,
                         make_tokenizer, run_rl_worker)
 
@@ -477,6 +477,18 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
     assert max(rounds) == 2  # some step drew a second round
     for name, value in single.unwrapped_model.state_dict().items():
         torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5)
+    # ... and so with a multi-turn environment: episodes gathered for the filter and dealt out the same way
+    ddp = load_file(str(tmp_path / "layout_free_env.safetensors"))
+    outputs = []
+    single = make_rl_trainer(tmp_path / "single_env", cls=LayoutFreeEpisodes, **{**DDP_RUN, **DDP_ENV}, callbacks=[
+        LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    single.fit()
+    assert max(o["rollout/sample_rounds"] for o in outputs) == 2 and max(o["rollout/turns_mean"] for o in outputs) > 1
+    moved = 0.0
+    for name, value in single.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5)
+        moved = max(moved, (value - make_lm(make_tokenizer()).state_dict()[name]).abs().max().item())
+    assert moved > 1e-3
 
 
 def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_path):
