@@ -43,8 +43,10 @@ def written(trainer) -> set[str]:
 def test_every_metric_written_is_documented_once_and_every_documented_one_is_written(tmp_path):
     base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
     sft = written(_sft(tmp_path / "sft"))
-    rl = written(_rl(tmp_path / "rl"))
+    rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env"))
     keys = {re.sub(r"pass@\d+", "pass@<k>", k.replace("digit_reward", "<function>")) for k in base | sft | rl}
+    # an environment's steps' own metrics; its return is the one reward, named "env" like a reward function
+    keys = {"env/<key>" if k.startswith("env/") else k.replace("reward/env", "reward/<function>") for k in keys}
     table = documented()
     assert keys - table == set(), "written but not in the README's Metrics table"
     assert table - keys - ONLY_WITH == set(), "in the README's Metrics table but written by no trainer"
@@ -63,6 +65,14 @@ def _sft(out):
     config = SFTConfig(max_length=24, batch_size=8, max_epochs=1, output_dir=str(out), eval_max_new_tokens=4)
     return SFTTrainer(model(), config, tokenizer=tokenizer(), train_data=sorting_examples(16),
                       val_data=sorting_examples(4, seed=1), eval_fn=lambda example, text: 0.0)
+
+
+def _rl_env(out):
+    """A multi-turn environment: its turns, its share of the transcript, its steps' own metrics."""
+    from rl_helpers import Retry
+    trainer = make_rl_trainer(out, max_steps=2, env=Retry, max_turns=2)
+    trainer.val_data = make_prompts(4, seed=3)
+    return trainer
 
 
 def _rl(out):

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-LM_SECTIONS = ("Fine-tuning a language model", "Reinforcement learning with verifiable rewards")
+LM_SECTIONS = ("Fine-tuning a language model", "Reinforcement learning with verifiable rewards",
+               "Multi-turn environments and tools")
 
 # After the engine's blocks: the custom step the README shows is used, not only defined.
 ENGINE_EPILOGUE = """
@@ -23,7 +24,7 @@ print("README blocks ran")
 """
 
 # The language-model blocks at test length; what they learned is printed as JSON for the test to check.
-SHORTER = {"max_steps=300": "max_steps=60", "max_steps=600": "max_steps=10"}
+SHORTER = {"max_steps=300": "max_steps=60", "max_steps=600": "max_steps=10", "max_steps=40": "max_steps=2"}
 LM_EPILOGUE = """
 import copy, json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,7 +64,11 @@ print(json.dumps({"sft_loss": scalars("runs/sft-addition/tensorboard", "train/lo
                   "rl_val": rl.validate(), "rl_reward": scalars("runs/grpo-addition/tensorboard", "reward/mean"),
                   "reinforce_updates": reinforce.state.updates,
                   "reinforce_reward": scalars("runs/reinforce/tensorboard", "reward/mean"),
-                  "reinforce_rewards_vary": rewards_N.std().item() > 0, "reinforce_vs_estimator": moved}))
+                  "reinforce_rewards_vary": rewards_N.std().item() > 0, "reinforce_vs_estimator": moved,
+                  "retry_steps": retry.state.global_step,
+                  "retry_turns": scalars("runs/retry/tensorboard", "rollout/turns_mean"),
+                  "calculator": calculator({"prompt": "12+7=", "answer": "19"}).step("<call>add(12, 7)</call>")
+                  .observation}))
 """
 
 
@@ -99,7 +104,7 @@ def test_every_engine_block_of_the_readme_runs(tmp_path):
 def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     readme = README.read_text()
     blocks = [code for section, code in python_blocks(readme) if is_lm(section)]
-    assert len(blocks) == 3  # SFT, GRPO from the SFT model, REINFORCE as a custom step
+    assert len(blocks) == 4  # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment
     code = "\n\n".join(blocks)
     for full, short in SHORTER.items():
         assert full in code, full
@@ -118,3 +123,6 @@ def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     assert result["reinforce_updates"] == 10 and len(result["reinforce_reward"]) == 2
     # The custom step's update is the REINFORCE estimator's: its sign, its baseline and its mean.
     assert result["reinforce_rewards_vary"] and result["reinforce_vs_estimator"] < 1e-6, result
+    # The environment's block: episodes of up to two turns, and the calculator answers a call.
+    assert result["retry_steps"] == 2 and all(1 <= t <= 2 for t in result["retry_turns"]), result
+    assert result["calculator"] == "<result>19</result>"

@@ -26,8 +26,12 @@ once a step), and so are the entropy bonus's and the top-entropy quantile: `micr
 count change memory and speed, not the update. With `dynamic_sampling` a step may draw several rounds of prompts
 (`sample_step`); the data plan's position moves past all of them, so a resumed run draws the same ones.
 
+Multi-turn episodes: `RLTrainer(..., env=factory)` plays G episodes of each example in `factory(example)`
+environments (`paperloop.envs`), each turn continuing the KV cache, and trains on the transcripts with the
+environment's tokens at weight 0 (`rl.envs`, `rl.rollouts.transcript_batch`); everything above applies unchanged.
+
 A new algorithm's step is written the same way, with the same public pieces: `rollout(indices)` (sample and
-score), `Rollouts.batch(advantages_N)`, `update(batches, shares, loss_fn)`.
+score, or play), `Rollouts.batch(advantages_N)`, `update(batches, shares, loss_fn)`.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class RLConfig(LMConfig):
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards all tie, draw more prompts to fill the step
     max_sample_rounds: int = 10  # dynamic sampling: at most this many draws of batch_size prompts per step
     mask_truncated: bool = False  # DAPO: completions that hit max_new_tokens without a stop token get weight 0
+    #                               (with an environment: episodes cut by max_turns)
     overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last this-many tokens (0: off)
     overlong_penalty: float = 1.0  # its reward at max_new_tokens: -overlong_penalty
     eval_num_generations: int = 0  # validate(): n sampled completions per prompt for val/pass@k (0: greedy only)
@@ -200,6 +205,10 @@ class RLTrainer(LMTrainer):
     model (beta > 0) is the initial policy: a frozen copy of `model` as given here, or with LoRA the base itself
     (the adapters switched off, no copy). It is rebuilt, not checkpointed, so a resumed run must be built with the
     same initial model (checked on resume).
+
+    `env`: a callable `example -> Env` (`paperloop.envs`). Then `train_data` examples are whatever it takes,
+    `reward_fns` is empty (an episode's reward is the sum of its steps'), each example's G episodes are played up
+    to `max_turns` actions, and `val_data` episodes are played greedily (and sampled, with eval_num_generations).
     """
 
     def __init__(self, model: torch.nn.Module, config: RLConfig, tokenizer, train_data=None,
