@@ -289,7 +289,7 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, wh
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     try:
-        with _time_limit(RENDER_SECONDS):
+        with time_limit(RENDER_SECONDS, _TemplateTimeout):
             return render()
     except _TemplateTimeout:
         raise ChatTemplateTimeout(f"{where}: the tokenizer's chat template ran for more than {RENDER_SECONDS:g} s rendering "
@@ -307,15 +307,22 @@ class ChatTemplateTimeout(ValueError):
     """A chat template ran past RENDER_SECONDS."""
 
 
+def alarm_usable() -> bool:
+    """SIGALRM can bound a call here: on the main thread, with no other timer set."""
+    return threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
 @contextlib.contextmanager
-def _time_limit(seconds: float):
-    usable = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-    if not usable:
+def time_limit(seconds: float, error: type[BaseException]):
+    """Raise `error` (an exception class) in the block once it has run `seconds`, through SIGALRM: it interrupts
+    Python code and sleeps, not a C routine that never returns to the interpreter. Where SIGALRM is not usable
+    (`alarm_usable`), the block runs unbounded."""
+    if not alarm_usable():
         yield
         return
 
     def expire(signum, frame):
-        raise _TemplateTimeout
+        raise error
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)

@@ -33,14 +33,13 @@ the interpreter: run untrusted code in a process of its own inside the tool.
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import json
 import re
-import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
+from ..lm.data import alarm_usable, time_limit
 from .envs import Env, StepResult
 
 __all__ = ["ToolEnv", "parse_tag_calls", "parse_json_calls", "run_tool"]
@@ -114,8 +113,8 @@ def run_tool(fn: Callable, args: tuple, kwargs: dict, timeout_s: float, max_char
 
 
 def _within(fn: Callable[[], str], seconds: float) -> str:
-    if threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0:
-        with _alarm(seconds):
+    if alarm_usable():
+        with time_limit(seconds, ToolTimeout):
             return fn()
     box: dict = {}
 
@@ -133,20 +132,6 @@ def _within(fn: Callable[[], str], seconds: float) -> str:
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-@contextlib.contextmanager
-def _alarm(seconds: float):
-    def expire(signum, frame):
-        raise ToolTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class ToolEnv(Env):
