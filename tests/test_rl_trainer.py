@@ -257,10 +257,22 @@ def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
     (dict(overlong_buffer=-1), "overlong_buffer"), (dict(overlong_buffer=65), "overlong_buffer"),
     (dict(overlong_penalty=-1.0), "overlong_penalty"), (dict(eval_num_generations=-1), "eval_num_generations"),
     (dict(eval_temperature=0.0), "eval_temperature"), (dict(eval_pass_threshold=math.inf), "eval_pass_threshold"),
+    (dict(top_entropy_quantile=0.2, policy_loss="gspo"), "top_entropy_quantile"), (dict(max_turns=0), "max_turns"),
 ])
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         RLConfig(batch_size=4, **overrides)
+
+
+def test_the_entropy_threshold_is_torch_quantile_and_takes_more_than_its_2_24_elements():
+    from paperloop.rl.trainer import linear_quantile
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        values = torch.rand(n, generator=g, dtype=torch.float64)
+        for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+            torch.testing.assert_close(linear_quantile(values, q), torch.quantile(values, q), rtol=0, atol=1e-15)
+    many = torch.arange(2 ** 24 + 1, dtype=torch.float32)  # torch.quantile refuses this many
+    assert float(linear_quantile(many, 0.75)) == 0.75 * 2 ** 24
 
 
 def test_reward_function_errors_name_the_function_and_the_example(tmp_path):

@@ -157,6 +157,10 @@ class RLConfig(LMConfig):
         if not 0 < self.top_entropy_quantile <= 1:
             raise ConfigError(f"top_entropy_quantile: must be in (0, 1] (1: every token), got "
                               f"{self.top_entropy_quantile}")
+        if self.top_entropy_quantile < 1 and self.policy_loss == "gspo":
+            raise ConfigError("top_entropy_quantile: gspo gives every token of a sequence its one sequence ratio and "
+                              "loss, so masking tokens by entropy would only reweight sequences; use it with a "
+                              "per-token loss (ppo_clip, cispo, sapo)")
         if self.max_sample_rounds < 1:
             raise ConfigError(f"max_sample_rounds: must be >= 1, got {self.max_sample_rounds}")
         if self.dynamic_sampling and self.max_steps is None:
@@ -483,7 +487,7 @@ class RLTrainer(LMTrainer):
         if self.world_size > 1:  # entropies are >= 0: -1 marks the padding that evens out the processes' counts
             entropies_n = self.gather(self.accelerator.pad_across_processes(entropies_n, dim=0, pad_index=-1.0))
             entropies_n = entropies_n[entropies_n >= 0]
-        threshold = torch.quantile(entropies_n, 1 - self.config.top_entropy_quantile) if len(entropies_n) else 0.0
+        threshold = linear_quantile(entropies_n, 1 - self.config.top_entropy_quantile) if len(entropies_n) else 0.0
         for batch in micro_batches:
             batch["policy_mask"] = (batch["entropy"].double() >= threshold) & (batch["weights"] != 0)
 
@@ -660,6 +664,16 @@ class RLTrainer(LMTrainer):
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows of `tensor`, concatenated in rank order."""
         return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
+
+
+def linear_quantile(values_n: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile(values_n, q)` (linear interpolation) by a sort: torch.quantile refuses inputs of more than
+    2^24 elements, which an update over long transcripts reaches."""
+    sorted_n = values_n.sort().values
+    position = q * (len(sorted_n) - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, len(sorted_n) - 1)
+    return sorted_n[low] + (sorted_n[high] - sorted_n[low]) * (position - low)
 
 
 def check_env(env, config: RLConfig, reward_fns, reward_weights):
