@@ -19,24 +19,13 @@ from paperloop.lm.sampling import TurnSampler, sample
 from paperloop.rl import Episodes
 from paperloop.rl.envs import episode_seed
 from paperloop.rl.rollouts import transcript_batch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_helpers import RESUME_RUNS, Retry, SGDRLTrainer, make_lm, make_prompts, make_rl_trainer, make_tokenizer, \
     run_rl_worker
 
 # ---- the turn sampler ----------------------------------------------------------------------------------------
 
-VOCAB, PAD, BOS = 50, 0, 1
-PROMPTS = [[BOS, 5, 6, 7, 8, 9], [BOS, 10], [BOS, 11, 12, 13]]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
-    return LlamaForCausalLM(config).eval()
+from test_sampling import BOS, PAD, PROMPTS, VOCAB, model  # noqa: F401 (model: the sampler tests' fixture)
 
 
 def test_a_first_turn_is_the_single_turn_sample(model):
