@@ -22,11 +22,9 @@ from paperloop.rl.rollouts import transcript_batch
 
 from rl_helpers import RESUME_RUNS, Retry, SGDRLTrainer, make_lm, make_prompts, make_rl_trainer, make_tokenizer, \
     run_rl_worker
-
-# ---- the turn sampler ----------------------------------------------------------------------------------------
-
 from test_sampling import BOS, PAD, PROMPTS, VOCAB, model  # noqa: F401 (model: the sampler tests' fixture)
 
+# ---- the turn sampler ----------------------------------------------------------------------------------------
 
 def test_a_first_turn_is_the_single_turn_sample(model):
     """Same generator, same draws: distinct prompts, and a group's repeated prompt (prefilled once)."""
