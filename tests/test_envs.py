@@ -26,6 +26,7 @@ from test_sampling import BOS, PAD, PROMPTS, VOCAB, model  # noqa: F401 (model: 
 
 # ---- the turn sampler ----------------------------------------------------------------------------------------
 
+
 def test_a_first_turn_is_the_single_turn_sample(model):
     """Same generator, same draws: distinct prompts, and a group's repeated prompt (prefilled once)."""
     for prompts, group in ((PROMPTS, 1), ([p for p in PROMPTS for _ in range(3)], 3)):
