@@ -114,8 +114,8 @@ def test_each_example_has_the_same_loss_packed_and_padded_with_the_default_confi
     packed = pack_batch(examples, row_len=40, pad_id=tok.pad_token_id)
     assert packed["input_ids"].shape[0] < len(examples)  # rows really hold several examples
     padded = pad_batch(_in_packed_order(examples, 40), pad_id=tok.pad_token_id)
-    loss_packed = per_example_losses(forward_logprobs(model, packed)[0], packed)
-    loss_padded = per_example_losses(forward_logprobs(model, padded)[0], padded)
+    loss_packed = per_example_losses(forward_logprobs(model, packed).logprobs, packed)
+    loss_padded = per_example_losses(forward_logprobs(model, padded).logprobs, padded)
     # transformers' eager attention takes its softmax in float32 even for a float64 model: ~1e-8 of rounding there
     atol = {"sdpa": 1e-12, "eager": 1e-6}[attn]
     torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=atol)
@@ -142,32 +142,74 @@ def test_the_same_comparison_catches_the_leak_when_use_cache_is_left_to_the_conf
     assert gap[0] < 1e-12  # a row's first example sees nothing before it: only later ones leak
 
 
-def test_the_output_layer_runs_on_trained_positions_only_and_scores_them_as_the_full_logits_do(packing_setup):
-    """The prompts and the padding cost nothing past the last layer: the output layer sees N trained positions,
-    and their log-probs and gradients are those of the full (B, T, V) computation, in float64 to 1e-12."""
+def full_scores(model, batch, temperature=1.0):
+    """The reference: every position's logits made whole by the model, then log-softmax over them."""
+    logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    logprobs_B_T_V = torch.log_softmax(logits_B_T_V.double() / temperature, dim=-1)
+    trained = batch["weights"] != 0
+    logprobs = logprobs_B_T_V.gather(-1, batch["target_tokens"][..., None]).squeeze(-1) * trained
+    entropy = -(logprobs_B_T_V.exp() * logprobs_B_T_V).sum(-1) * trained
+    greedy = (logits_B_T_V.argmax(-1) == batch["target_tokens"]) & trained
+    return logprobs, entropy, greedy
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_scores_and_their_gradients_are_those_of_the_full_logits(packing_setup, monkeypatch, tied):
+    """The output layer runs on the trained positions only, in chunks (3 rows here), each recomputed in the
+    backward; log-probs, entropy, argmax and every gradient are those of the full (B, T, V) logits, in float64."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * 28)  # V = 28: three rows per chunk
     tok, examples = packing_setup
-    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2).double()
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2, tie_word_embeddings=tied).double()
+    assert model.lm_head.out_features == 28
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
     trained = batch["weights"] != 0
+    N = int(trained.sum())
     seen = []
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
-    logprobs, logits = forward_logprobs(model, batch)
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    scores = forward_logprobs(model, batch, temperature=0.7, entropy="trained", greedy=True)
+    assert seen[:2] == [(1, 1, 32), (1, 32)]  # the model's own call on one row, and ours to check it by
+    assert [rows for rows, _ in seen[2:]] == [3] * (N // 3) + ([N % 3] if N % 3 else [])
+    logprobs, entropy, greedy = full_scores(model, batch, temperature=0.7)
+    torch.testing.assert_close(scores.logprobs, logprobs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(scores.entropy, entropy, rtol=0, atol=1e-12)
+    assert torch.equal(scores.greedy, greedy) and bool(greedy.any()) and not bool(greedy.all())
+    upstream = torch.randn(trained.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen.clear()
+    grads = torch.autograd.grad((scores.logprobs * upstream).sum() + scores.entropy.sum(), list(model.parameters()))
     handle.remove()
-    assert seen == [torch.Size([1, int(trained.sum()), 32])] and int(trained.sum()) < trained.numel()
-    assert logits.shape == (int(trained.sum()), len(tok)) and bool((logprobs[~trained] == 0).all())
-    full, full_logits = forward_logprobs(model, batch, only_trained=False)
-    assert full_logits.shape == (*trained.shape, len(tok))
-    torch.testing.assert_close(logprobs[trained], full[trained], rtol=0, atol=1e-12)
-    loss, full_loss = cross_entropy(logprobs, batch), cross_entropy(full, batch)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
+    assert len(seen) == len(range(0, N, 3))  # the backward recomputed each chunk
+    full_grads = torch.autograd.grad((logprobs * upstream).sum() + entropy.sum(), list(model.parameters()))
     for g, f in zip(grads, full_grads):
         torch.testing.assert_close(g, f, rtol=0, atol=1e-12)
 
 
-def test_a_model_whose_output_layer_cannot_be_hooked_gives_the_same_trained_logits(packing_setup):
-    """A wrapper that hides get_output_embeddings (as a compiled model does): every position is computed, then
-    cut to the trained ones, so the caller sees the same (N, V) logits either way."""
+def test_no_tensor_of_tokens_by_vocabulary_is_made_or_kept(packing_setup, monkeypatch):
+    """What would fail if the full logits came back: every output of the output layer is at most one chunk
+    (forward and backward), and what autograd keeps for the backward holds no logits at all."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4 * 28)
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    sizes, kept = [], []
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:  # the output layer's weight (V, H) is kept, of course
+            kept.append(tuple(t.shape))
+        return t
+
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: sizes.append(out.numel()))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        scores = forward_logprobs(model, batch, entropy="detached", greedy=True)
+    cross_entropy(scores.logprobs, batch).backward()
+    handle.remove()
+    assert len(sizes) > 2 and max(sizes) <= 4 * 28
+    assert not [shape for shape in kept if shape[-1] == 28], kept  # a (.., V) tensor kept for the backward
+
+
+def test_a_model_whose_output_layer_cannot_be_hooked_gives_the_same_scores(packing_setup):
+    """A wrapper that hides get_output_embeddings (as a compiled model does): every position's logits are made
+    by the model and scored by the same chunks, so the caller sees the same numbers either way."""
     tok, examples = packing_setup
     model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2).double()
 
@@ -180,11 +222,66 @@ def test_a_model_whose_output_layer_cannot_be_hooked_gives_the_same_trained_logi
             return self.inner(**kwargs)
 
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
-    hooked, hooked_logits = forward_logprobs(model, batch)
-    opaque, opaque_logits = forward_logprobs(Opaque(model), batch)
-    assert opaque_logits.shape == hooked_logits.shape == (int((batch["weights"] != 0).sum()), len(tok))
-    torch.testing.assert_close(opaque_logits, hooked_logits, rtol=0, atol=1e-12)
-    torch.testing.assert_close(opaque, hooked, rtol=0, atol=1e-12)
+    hooked = forward_logprobs(model, batch, entropy="detached", greedy=True)
+    opaque = forward_logprobs(Opaque(model), batch, entropy="detached", greedy=True)
+    for ours, theirs in zip(opaque, hooked):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_only_trained_false_scores_every_position(packing_setup):
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2).double()
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    everywhere = dict(batch, weights=torch.ones_like(batch["weights"]))
+    torch.testing.assert_close(forward_logprobs(model, batch, only_trained=False).logprobs,
+                               full_scores(model, everywhere)[0], rtol=0, atol=1e-12)
+
+
+def test_final_logit_softcapping_is_applied_as_the_model_does(packing_setup):
+    """Gemma 2 caps its logits (cap * tanh(logits / cap)) in its forward, after the output layer: the chunks do it
+    too, so the scores are the model's own."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tok, examples = packing_setup
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                           head_dim=16, final_logit_softcapping=0.5, pad_token_id=0,
+                                           initializer_range=0.5)).double()
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    logprobs, entropy, _ = full_scores(model, batch)
+    scores = forward_logprobs(model, batch, entropy="detached")
+    torch.testing.assert_close(scores.logprobs, logprobs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(scores.entropy, entropy, rtol=0, atol=1e-12)
+    model.config.final_logit_softcapping = None  # the same model, uncapped: visibly other numbers
+    assert (forward_logprobs(model, batch).logprobs - logprobs).abs().max() > 1e-2
+
+
+def test_a_model_that_post_processes_its_logits_otherwise_is_refused_by_name(packing_setup):
+    """Logits changed after the output layer in a way not known here would make the chunks score another
+    model: the one row the model scores itself gives it away, and the forward is refused, naming the class."""
+    tok, examples = packing_setup
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = 2 * out.logits
+            return out
+
+    batch = pad_batch(examples, pad_id=tok.pad_token_id)
+    with pytest.raises(RuntimeError, match=r"Doubled: its forward changes the output layer's logits in a way the "
+                                           r"chunked scoring does not know"):
+        forward_logprobs(Doubled(model), batch)
+    assert not model.lm_head._forward_pre_hooks  # the hook is gone after the error
+    forward_logprobs(model, batch)  # the plain model passes
 
 
 @pytest.mark.parametrize("second_input", ["hidden_states", "other_shape"])
@@ -210,9 +307,6 @@ def test_a_model_that_calls_its_output_layer_twice_is_refused_by_name(packing_se
             return out
 
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
-    with pytest.raises(RuntimeError, match=r"TwoHeads calls its output layer 2 times in one forward; score it with "
-                                           r"forward_logprobs\(\.\.\., only_trained=False\)"):
+    with pytest.raises(RuntimeError, match=r"TwoHeads calls its output layer 2 times in one forward"):
         forward_logprobs(TwoHeads(model), batch)
     assert not model.lm_head._forward_pre_hooks  # the hook is gone after the error
-    logprobs, _ = forward_logprobs(TwoHeads(model), batch, only_trained=False)
-    assert logprobs.shape == batch["weights"].shape

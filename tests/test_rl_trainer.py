@@ -24,7 +24,7 @@ from paperloop.rl import rollout_batch, split_rows
 from paperloop.rl.trainer import disable_dropout
 from paperloop.models.lm import tiny_causal_lm
 from paperloop.lm.sampling import Samples, sample
-from helpers import straight_and_resumed
+from helpers import assert_bitwise_equal, straight_and_resumed, weights
 from paperloop.checkpoint import committed
 
 from rl_helpers import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, LayoutFreeSampling, digit_reward, first_digit_reward, make_lm,
@@ -552,10 +552,23 @@ def test_bf16_autocast_trains_with_finite_outputs(tmp_path):
 # ---- the shared language-model layer: LoRA and the tokenizer in checkpoints ------------------------------
 
 
-def lora_rl_trainer(out, callbacks=()):
+def lora_rl_trainer(out, callbacks=(), **cfg):
     pytest.importorskip("peft")
     return make_rl_trainer(out, callbacks, prompts=16, max_steps=4, checkpoint_every_steps=2, inner_epochs=2,
-                           minibatch_size=2, beta=0.04, lr=0.2, lora={"r": 4, "alpha": 8})
+                           minibatch_size=2, beta=0.04, lr=0.2, lora={"r": 4, "alpha": 8}, **cfg)
+
+
+def test_gradient_checkpointing_with_lora_trains_the_same_adapters(tmp_path):
+    """Rollouts sample without it (no gradient), the updates recompute each layer: the adapters after four steps
+    (two updates each, a reference forward) are bitwise those of the run without checkpointing, and moved."""
+    plain = lora_rl_trainer(tmp_path / "plain")
+    plain.fit()
+    checkpointed = lora_rl_trainer(tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert checkpointed.unwrapped_model.get_base_model().model.layers[0].gradient_checkpointing
+    checkpointed.fit()
+    adapters = {k: v for k, v in checkpointed.unwrapped_model.state_dict().items() if "lora_B" in k}
+    assert adapters and max(v.abs().max().item() for v in adapters.values()) > 0
+    assert_bitwise_equal(weights(checkpointed.unwrapped_model), weights(plain.unwrapped_model))
 
 
 def test_lora_dropout_under_disable_dropout_is_switched_off_and_said(tmp_path, caplog):

@@ -17,13 +17,14 @@ from .base import LMConfig, LMTrainer, call_scorer, pad_token_id
 from .data import TokenizedExample, first_fit, load_examples, pack_batch, pad_batch, prompt_ids, show_mask, \
     tokenize_example, tokenize_examples
 from .lora import LoraSettings, merge_checkpoint
-from .losses import cross_entropy, forward_logprobs, token_entropy, token_logprobs
+from .losses import TokenScores, chunked_scores, cross_entropy, forward_logprobs, token_entropy, token_logprobs
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
 from .sampling import Samples, TurnSampler, default_stop_token_ids, sample
 from .sft import SFTConfig, SFTTrainer
 
 __all__ = ["LMConfig", "LMTrainer", "call_scorer", "pad_token_id", "TokenizedExample", "first_fit", "load_examples",
            "pack_batch", "pad_batch", "prompt_ids", "show_mask", "tokenize_example", "tokenize_examples",
-           "LoraSettings", "merge_checkpoint", "cross_entropy", "forward_logprobs", "token_entropy", "token_logprobs",
+           "LoraSettings", "merge_checkpoint", "TokenScores", "chunked_scores", "cross_entropy", "forward_logprobs",
+           "token_entropy", "token_logprobs",
            "BucketedPlan", "PackedPlan", "PaddedPlan", "Samples", "TurnSampler", "default_stop_token_ids", "sample", "SFTConfig",
            "SFTTrainer"]

@@ -5,8 +5,9 @@
 - the tokenizer and one pad rule (`pad_token_id`: the tokenizer's pad token, else its EOS, as TRL does);
 - optional LoRA adapters through peft (`config.lora`): only the adapters train, checkpoints hold only them;
 - the tokenizer written into every checkpoint, so `AutoTokenizer.from_pretrained(checkpoint)` loads it;
-- one forward, `forward(batch)`: the targets' log-probs and the logits (`lm.losses.forward_logprobs`, under the
-  trainer's autocast), the one place a language model is scored;
+- one forward, `forward(batch)`: the targets' log-probs, and on request their entropy and whether each is the
+  argmax (`lm.losses.forward_logprobs`, under the trainer's autocast), the one place a language model is scored,
+  with no (tokens x vocabulary) logits ever made;
 - one `generate`: KV-cached sampling (`lm.sampling.sample`) with the trainer's stop and pad ids;
 - `call_scorer`: a user's function (a reward, an `eval_fn`) called so that a failure names the example.
 """
@@ -27,11 +28,11 @@ import numpy as np
 import torch
 
 from ..base import BaseTrainer
-from ..config import TrainerConfig
+from ..config import ConfigError, TrainerConfig
 from ..steps import adamw
 from .data import prompt_ids
 from .lora import LoraSettings, apply_lora
-from .losses import forward_logprobs
+from .losses import TokenScores, forward_logprobs
 from .sampling import Samples, default_stop_token_ids, sample
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class LMConfig(TrainerConfig):
 
     lora: Optional[LoraSettings] = None  # LoRA adapters through peft (the `lora` extra); None: full fine-tuning
     split_special_tokens: bool = False  # read control tokens typed in prompts, completions and texts as plain text
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant): less memory
+    # Checkpointing recomputes the same operations, so it changes memory, not the numbers: a resume may switch it.
+    resume_may_change = TrainerConfig.resume_may_change + ("gradient_checkpointing",)
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # SFTConfig(lora={"r": 8}) from Python, as YAML allows
@@ -117,6 +121,8 @@ class LMTrainer(BaseTrainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 model = apply_lora(model, config.lora, config.output_dir, write=PartialState().is_main_process)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         super().__init__(model, config, train_data=train_data, val_data=val_data, callbacks=callbacks)
         self._stop_token_ids = _check_ids(stop_token_ids) if stop_token_ids is not None else None
 
@@ -153,12 +159,15 @@ class LMTrainer(BaseTrainer):
     def write_artifacts(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
 
-    def forward(self, batch: dict, model=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs (B, T) of the batch's targets, logits (N, V) of its N trained positions) under
-        softmax(logits / temperature), from `model` (default: the trained one), under autocast when `precision`
-        asks: `lm.losses.forward_logprobs`, which runs the output layer on trained positions only."""
+    def forward(self, batch: dict, model=None, temperature: float = 1.0, *, entropy: str | None = None,
+                greedy: bool = False) -> TokenScores:
+        """`TokenScores` (log-probs (B, T) of the batch's targets under softmax(logits / temperature); with
+        `entropy` "detached" or "trained" their entropy, with `greedy` whether each is the argmax) from `model`
+        (default: the trained one), under autocast when `precision` asks: `lm.losses.forward_logprobs`, which
+        runs the output layer on trained positions only, in chunks."""
         with self.autocast():
-            return forward_logprobs(self.model if model is None else model, batch, temperature)
+            return forward_logprobs(self.model if model is None else model, batch, temperature, entropy=entropy,
+                                    greedy=greedy)
 
     def generate(self, prompt_ids_P: list[list[int]], num_samples: int = 1, *, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Samples:
@@ -176,6 +185,25 @@ class LMTrainer(BaseTrainer):
         """The ids a completion continues: a prompt string with the tokenizer's special tokens (BOS), or chat
         messages rendered with the template's generation prompt."""
         return prompt_ids(prompt, self.tokenizer)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' gradient checkpointing of every decoder layer, non-reentrant, and the model in train mode.
+
+    Non-reentrant, because the reentrant kind gives no gradient through a layer whose inputs need none: with LoRA
+    (frozen embeddings) it would silently train nothing, unless the embeddings' outputs were made to require grad.
+    Train mode, because transformers checkpoints only while `model.training` (a `from_pretrained` model starts in
+    eval mode): otherwise the flag would be set and nothing recomputed."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(inner).__name__} does not support it (transformers' "
+                          "supports_gradient_checkpointing is False)")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2's name for it
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
 
 
 def check_vocabulary(model, tokenizer) -> None:

@@ -1,7 +1,7 @@
 """The one language-model forward, per-token log-probabilities, and the supervised loss: pure functions.
 
-    logprobs_B_T, logits_B_T_V = forward_logprobs(model, batch)   # batch: lm.data's input_ids/target_tokens/
-    loss = cross_entropy(logprobs_B_T, batch)                     #   weights/position_ids; mean per trained token
+    scores = forward_logprobs(model, batch)       # batch: lm.data's input_ids/target_tokens/weights/position_ids
+    loss = cross_entropy(scores.logprobs, batch)  # mean per trained token; no (tokens x vocabulary) logits made
 
 SFTTrainer and RLTrainer both score tokens with `forward_logprobs`; the policy losses of RL are in
 `paperloop.rl`, chosen by name there.
@@ -9,12 +9,17 @@ SFTTrainer and RLTrainer both score tokens with `forward_logprobs`; the policy l
 
 from __future__ import annotations
 
+import functools
+import weakref
+from typing import NamedTuple, Optional
+
 import torch
+import torch.utils.checkpoint
 from torch.autograd.function import once_differentiable
 
-# Rows of logits turned into float32 at a time: bounds the temporary float32 copy to CHUNK_ELEMENTS values
-# (64 MiB) however large B * T * V is.
-CHUNK_ELEMENTS = 1 << 24
+# Logits made (and turned into float32) at a time: bounds each temporary to CHUNK_ELEMENTS values (32 MiB in
+# float32) however large tokens x vocabulary is. At a 152k vocabulary a chunk is 55 rows.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def token_logprobs(logits_B_T_V: torch.Tensor, target_tokens_B_T: torch.Tensor) -> torch.Tensor:
@@ -104,41 +109,51 @@ def cross_entropy(logprobs_B_T: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     return -(logprobs_B_T * weights_B_T).sum() / weights_B_T.sum().clamp_min(torch.finfo(weights_B_T.dtype).tiny)
 
 
-def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, only_trained: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each target token's log-probability under a transformers causal LM, softmax(logits / temperature): returns
-    (logprobs (B, T) in float32 at least, logits divided by the temperature). `model` is the module or a
-    wrapper of it (DDP, peft, torch.compile).
+class TokenScores(NamedTuple):
+    """What `forward_logprobs` computes per position: (B, T) each, 0 (False) at the positions it does not score."""
 
-    Only positions with a nonzero weight are scored (`only_trained`): a hook on the model's output layer hands it
-    just those positions' hidden states, so the output layer and the log-softmax run on them alone (an SFT batch
-    trains ~1/4 of its positions: the prompts and the padding cost nothing past the last layer). The logits
-    returned are then (N, V), N = the trained positions in row-major order of `weights != 0`, and the log-probs
-    of untrained positions are 0. A model without an output layer to hook, or a compiled one (whose graph would
-    break on the data-dependent shape), computes every position's logits, cut to the same (N, V). With
-    `only_trained=False` the logits are (B, T, V) and every position is scored.
+    logprobs: torch.Tensor  # log softmax(logits / temperature)[target], float32 at least; differentiable
+    entropy: Optional[torch.Tensor] = None  # entropy of softmax(logits / temperature), when asked
+    greedy: Optional[torch.Tensor] = None  # bool: the target is the argmax (what greedy decoding would pick)
+
+
+def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, *, entropy: str | None = None,
+                     greedy: bool = False, only_trained: bool = True) -> TokenScores:
+    """Each target token's log-probability under a transformers causal LM, softmax(logits / temperature), without
+    ever holding the (tokens x vocabulary) logits. `model` is the module or a wrapper of it (DDP, peft).
+    `entropy`: None, "detached" (a metric, a token filter) or "trained" (an entropy bonus: it carries a gradient);
+    `greedy`: also say, per position, whether the target is the argmax.
+
+    The output layer is taken out of the model's forward: a hook on it keeps the final hidden states of the scored
+    positions (those with a nonzero weight, or every position with `only_trained=False`) and hands the layer one
+    row only, so the model's forward makes (1, 1, V) logits. The output layer and log-softmax then run on chunks of
+    at most CHUNK_ELEMENTS logits (`chunked_scores`), each recomputed in the backward instead of kept: memory past
+    the last layer is (tokens x hidden) plus one chunk. The one row the model did score is compared with ours once
+    per output layer, so a model that post-processes its logits in a way not known here (known: Gemma's final
+    soft-capping, Cohere's logit_scale, Granite's logits_scaling) is refused instead of trained on other numbers.
+
+    A model without an output layer to hook, or a compiled one (a hook would break its graph), computes every
+    position's logits as it always does; they are scored by the same chunks.
 
     `use_cache=False` is what keeps packed examples apart: without a cache, transformers reads example
     boundaries from `position_ids` (restarting at 0) and builds a block-diagonal causal mask; with the
     config's default `use_cache=True` it makes a cache, skips that, and packed examples attend to each other.
     No attention mask is passed: padding is only ever at the end of a row or of its own block.
     """
+    if entropy not in (None, "detached", "trained"):
+        raise ValueError(f"entropy: None, 'detached' or 'trained', got {entropy!r}")
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    if not only_trained:
-        logits_B_T_V = model(**kwargs).logits
-        if temperature != 1.0:
-            logits_B_T_V = logits_B_T_V / temperature
-        return token_logprobs(logits_B_T_V, batch["target_tokens"]), logits_B_T_V
-    trained_B_T = batch["weights"] != 0
+    scored_B_T = batch["weights"] != 0 if only_trained else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    targets_N = batch["target_tokens"][scored_B_T]
     head, calls = _output_layer(model), []
 
-    def trained_rows(module, args):
-        calls.append(module)
+    def keep_hidden(module, args):
+        calls.append(args[0])
         if len(calls) > 1:  # refused below: leave a second call's input (of any shape) alone
             return None
-        return (args[0][trained_B_T][None], *args[1:])
+        return (args[0][scored_B_T][None, :1], *args[1:])  # one row through the model's own path: the check
 
-    handle = head.register_forward_pre_hook(trained_rows) if head is not None else None
+    handle = head.register_forward_pre_hook(keep_hidden) if head is not None else None
     try:
         logits = model(**kwargs).logits
     finally:
@@ -146,13 +161,119 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
             handle.remove()
     if len(calls) > 1:
         raise RuntimeError(f"{type(model).__name__} calls its output layer {len(calls)} times in one forward; score it "
-                           "with forward_logprobs(..., only_trained=False)")
-    # Hooked: (1, N, V). Not (a compiled model, or one whose output layer is no module call): (B, T, V), cut here.
-    logits_N_V = logits[0] if calls else logits[trained_B_T]
+                           "with a forward of your own (lm.losses.chunked_scores scores hidden states or logits)")
+    if calls:
+        hidden_N_H = calls[0][scored_B_T]
+        logits_fn = output_logits_fn(model, head)
+        _check_output_layer(model, head, logits_fn, hidden_N_H[:1], logits.reshape(-1, logits.shape[-1])[:1])
+    else:  # no hook: (B, T, V) logits, scored as they are
+        hidden_N_H, logits_fn = logits[scored_B_T], None
+    logprobs_N, entropy_N, greedy_N = chunked_scores(hidden_N_H, targets_N, logits_fn, temperature,
+                                                     entropy=entropy, greedy=greedy)
+    return TokenScores(at_positions(logprobs_N, scored_B_T),
+                       at_positions(entropy_N, scored_B_T) if entropy_N is not None else None,
+                       at_positions(greedy_N, scored_B_T) if greedy_N is not None else None)
+
+
+def chunked_scores(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, logits_fn=None, temperature: float = 1.0, *,
+                   entropy: str | None = None, greedy: bool = False):
+    """(logprobs (N,), entropy (N,) or None, greedy (N,) bool or None) of `targets_N` under
+    softmax(logits_fn(hidden) / temperature), in chunks of rows holding at most CHUNK_ELEMENTS logits each.
+    `logits_fn` None: `hidden_N_H` are the logits themselves.
+
+    With a gradient, each chunk runs under non-reentrant activation checkpointing: its forward keeps nothing but
+    its inputs, and the backward recomputes that chunk's logits, so at most one chunk of (rows x V) logits (and
+    its log-softmax) is alive at any time, in the forward and in the backward."""
+    N = len(targets_N)
+    fn = functools.partial(_score_chunk, logits_fn=logits_fn, temperature=temperature, entropy=entropy, greedy=greedy)
+    V = _vocabulary(hidden_N_H, logits_fn)
+    checkpointed = torch.is_grad_enabled() and hidden_N_H.requires_grad
+    parts = []
+    for rows in _chunks(N, V) or [slice(0, 0)]:  # no position at all: still a result in the graph (a loss of 0)
+        args = (hidden_N_H[rows], targets_N[rows])
+        parts.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args))
+    columns = list(zip(*parts))
+    logprobs_N = torch.cat(columns[0])
+    entropy_N = torch.cat(columns[1]) if entropy else None
+    greedy_N = torch.cat(columns[2]) if greedy else None
+    return logprobs_N, entropy_N, greedy_N
+
+
+def _score_chunk(hidden_n_H, targets_n, *, logits_fn, temperature, entropy, greedy):
+    logits_n_V = logits_fn(hidden_n_H) if logits_fn is not None else hidden_n_H
+    logits_n_V = logits_n_V.to(torch.promote_types(logits_n_V.dtype, torch.float32))
     if temperature != 1.0:
-        logits_N_V = logits_N_V / temperature
-    logprobs_N = token_logprobs(logits_N_V, batch["target_tokens"][trained_B_T])
-    return at_positions(logprobs_N, trained_B_T), logits_N_V
+        logits_n_V = logits_n_V / temperature
+    logprobs_n_V = torch.log_softmax(logits_n_V, dim=-1)
+    logprobs_n = logprobs_n_V.gather(1, targets_n[:, None]).squeeze(1)
+    entropy_n = greedy_n = None
+    if entropy:
+        p_logp_n_V = logprobs_n_V if entropy == "trained" else logprobs_n_V.detach()
+        entropy_n = -(p_logp_n_V.exp() * p_logp_n_V).sum(dim=-1)
+    if greedy:
+        greedy_n = logits_n_V.detach().argmax(-1) == targets_n
+    return logprobs_n, entropy_n, greedy_n
+
+
+def _vocabulary(hidden_N_H, logits_fn) -> int:
+    if logits_fn is None:
+        return hidden_N_H.shape[-1]
+    return logits_fn.vocabulary
+
+
+class OutputLogits:
+    """hidden (n, H) -> logits (n, V) as the model makes them: its output layer, then the post-processing of the
+    logits that some families do in their forward (soft-capping, a scale)."""
+
+    def __init__(self, head: torch.nn.Module, vocabulary: int, scale: float = 1.0, softcap: float | None = None):
+        self.head, self.vocabulary, self.scale, self.softcap = head, vocabulary, scale, softcap
+
+    def __call__(self, hidden_n_H: torch.Tensor) -> torch.Tensor:
+        logits_n_V = self.head(hidden_n_H)
+        if self.scale != 1.0:
+            logits_n_V = logits_n_V * self.scale
+        if self.softcap:  # Gemma 2/3: cap * tanh(logits / cap), in float32 (at least) as they do
+            logits_n_V = logits_n_V.to(torch.promote_types(logits_n_V.dtype, torch.float32))
+            logits_n_V = torch.tanh(logits_n_V / self.softcap) * self.softcap
+        return logits_n_V
+
+
+def output_logits_fn(model, head: torch.nn.Module) -> OutputLogits:
+    """The model's hidden -> logits map, from its config: Gemma's `final_logit_softcapping`, Cohere's
+    `logit_scale` (a multiplier), Granite's `logits_scaling` (a divisor)."""
+    inner = _transformers_model(model)
+    config = getattr(inner, "config", None)
+    scale = float(getattr(inner, "logit_scale", None) or 1.0)  # Cohere keeps it on the model
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    vocabulary = getattr(head, "out_features", None) or getattr(config, "vocab_size", None)
+    if vocabulary is None:
+        weight = getattr(head, "weight", None)
+        vocabulary = weight.shape[0] if weight is not None else None
+    if vocabulary is None:
+        raise RuntimeError(f"{type(inner).__name__}: its output layer ({type(head).__name__}) has no out_features or "
+                           "weight, and its config no vocab_size: the vocabulary size to chunk by is unknown")
+    return OutputLogits(head, int(vocabulary), scale, getattr(config, "final_logit_softcapping", None))
+
+
+_CHECKED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _check_output_layer(model, head, logits_fn: OutputLogits, hidden_1_H, model_logits_1_V) -> None:
+    """Once per output layer: our logits of the one row the model scored itself must be the model's."""
+    if head in _CHECKED_HEADS or len(hidden_1_H) == 0:
+        return
+    with torch.no_grad():
+        ours_1_V = logits_fn(hidden_1_H.detach()).float()
+        theirs_1_V = model_logits_1_V.detach().float()
+    if ours_1_V.shape != theirs_1_V.shape or not torch.allclose(ours_1_V, theirs_1_V, rtol=1e-2, atol=1e-3):
+        gap = (ours_1_V - theirs_1_V).abs().max().item() if ours_1_V.shape == theirs_1_V.shape else float("nan")
+        raise RuntimeError(
+            f"{type(_transformers_model(model)).__name__}: its forward changes the output layer's logits in a way "
+            f"the chunked scoring does not know (largest gap {gap:.3g} on one row; known: final_logit_softcapping, "
+            "logit_scale, logits_scaling), so the log-probs would not be the model's. Score it with a forward of "
+            "your own, or tell us which post-processing it does")
+    _CHECKED_HEADS.add(head)
 
 
 def at_positions(values_N: torch.Tensor, trained_B_T: torch.Tensor) -> torch.Tensor:
@@ -169,3 +290,10 @@ def _output_layer(model) -> torch.nn.Module | None:
     inner = getattr(model, "module", model)  # DistributedDataParallel
     get = getattr(inner, "get_output_embeddings", None)
     return get() if callable(get) else None
+
+
+def _transformers_model(model) -> torch.nn.Module:
+    """The transformers model under DDP and peft wrappers."""
+    inner = getattr(model, "module", model)
+    get_base = getattr(inner, "get_base_model", None)  # peft
+    return get_base() if callable(get_base) else inner

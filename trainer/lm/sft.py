@@ -40,7 +40,7 @@ from ..evaluation import Weighted
 from ..plans import EpochPlan, eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
-from .losses import at_positions, cross_entropy
+from .losses import cross_entropy
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class SFTTrainer(LMTrainer):
         return pad_batch(samples, self.pad_id)
 
     def training_step(self, batch):
-        logprobs_B_T, _ = self.forward(batch, self._scoring_model)
-        return cross_entropy(logprobs_B_T, batch)  # mean over the micro-batch's trained tokens
+        return cross_entropy(self.forward(batch, self._scoring_model).logprobs, batch)  # mean over the micro-batch's trained tokens
 
     def train_step(self, step) -> dict:
         graphs = compiled_graphs() if self.config.compile else 0
@@ -193,12 +192,10 @@ class SFTTrainer(LMTrainer):
     def validation_step(self, batch) -> dict:
         """`loss`: the NLL per trained token; `exact_match`: the fraction of examples whose every trained token
         is the argmax (what greedy decoding of the completion would reproduce)."""
-        logprobs_B_T, logits_N_V = self.forward(batch)  # logits of the trained positions only
+        scores = self.forward(batch, greedy=True)
         weights_B_T = batch["weights"]
-        trained_B_T = weights_B_T != 0
-        wrong_N = logits_N_V.argmax(-1) != batch["target_tokens"][trained_B_T]
-        exact_B = ~at_positions(wrong_N, trained_B_T).any(1)
-        return {"loss": Weighted(-(logprobs_B_T * weights_B_T).sum(), weights_B_T.sum()),
+        exact_B = (scores.greedy | (weights_B_T == 0)).all(1)
+        return {"loss": Weighted(-(scores.logprobs * weights_B_T).sum(), weights_B_T.sum()),
                 "exact_match": exact_B.float().mean()}
 
     def validate(self) -> dict:

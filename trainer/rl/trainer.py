@@ -55,7 +55,6 @@ from ..lm.base import LMConfig, LMTrainer, call_scorer, digest
 from .envs import Episodes, env_name, episode_seed, play
 from ..lm.data import check_messages, prompt_ids
 from ..lm.sampling import Samples
-from ..lm.losses import at_positions, entropy, token_entropy
 from .advantages import ADVANTAGE_NORMALIZERS, group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .losses import AGGREGATIONS, POLICY_LOSSES, LossOptions, aggregation_weights, masked_mean, policy_loss
 from .metrics import pass_at_k
@@ -466,11 +465,12 @@ class RLTrainer(LMTrainer):
         several, by_entropy = c.updates_per_step > 1, c.top_entropy_quantile < 1
         for batch in (b for micro_batches in minibatches for b in micro_batches):
             if several or by_entropy:
-                logprobs_B_T, logits_N_V = self.forward(batch, self.unwrapped_model, c.temperature)
+                scores = self.forward(batch, self.unwrapped_model, c.temperature,
+                                      entropy="detached" if by_entropy else None)
                 if several:
-                    batch["old_logprobs"] = logprobs_B_T
+                    batch["old_logprobs"] = scores.logprobs
                 if by_entropy:
-                    batch["entropy"] = at_positions(token_entropy(logits_N_V), batch["weights"] != 0)
+                    batch["entropy"] = scores.entropy
             if c.beta > 0:
                 batch["ref_logprobs"] = self.reference_logprobs(batch)
         if by_entropy:
@@ -494,23 +494,24 @@ class RLTrainer(LMTrainer):
     def reference_logprobs(self, batch: dict) -> torch.Tensor:
         """The reference policy's log-probs of the batch's targets: the frozen copy's, or with LoRA the base's."""
         if self.reference is not None:
-            return self.forward(batch, self.reference, self.config.temperature)[0]
+            return self.forward(batch, self.reference, self.config.temperature).logprobs
         with self.unwrapped_model.disable_adapter():
-            return self.forward(batch, self.unwrapped_model, self.config.temperature)[0]
+            return self.forward(batch, self.unwrapped_model, self.config.temperature).logprobs
 
     def training_step(self, batch: dict) -> dict:
         """The policy loss of one micro-batch of rollouts, and its metrics."""
         c = self.config
-        logprobs_B_T, logits_N_V = self.forward(batch, temperature=c.temperature)  # logits of completion tokens
+        # An entropy bonus trains the entropy; otherwise it is a metric
+        scores = self.forward(batch, temperature=c.temperature, entropy="trained" if c.entropy_coef > 0 else "detached")
+        logprobs_B_T = scores.logprobs
         # One update per rollout batch: the policy that sampled is the one trained, so its own log-probs, detached,
         # are the old ones (ratio exactly 1, gradient that of the plain policy gradient).
         old_B_T = batch["old_logprobs"] if "old_logprobs" in batch else logprobs_B_T.detach()
-        entropy_N = entropy(logits_N_V) if c.entropy_coef > 0 else token_entropy(logits_N_V)  # a gradient if trained
         loss, metrics = policy_loss(logprobs_B_T, old_B_T, batch["advantages"], batch["weights"], loss=c.policy_loss,
                                     aggregation=c.aggregation, max_tokens=c.max_new_tokens, clip_low=c.clip_low,
                                     clip_high=c.clip_high, delta=c.delta, sapo_tau_pos=c.sapo_tau_pos,
                                     sapo_tau_neg=c.sapo_tau_neg, ref_logprobs_B_T=batch.get("ref_logprobs"),
-                                    beta=c.beta, entropy_B_T=at_positions(entropy_N, batch["weights"] != 0),
+                                    beta=c.beta, entropy_B_T=scores.entropy,
                                     entropy_coef=c.entropy_coef, entropy_normalizer=batch.get("entropy_normalizer"),
                                     policy_mask_B_T=batch.get("policy_mask"))
         # How far the sampler's log-probs (KV-cached, batched differently) are from the trainer's: numerical noise
