@@ -142,6 +142,19 @@ def test_the_same_comparison_catches_the_leak_when_use_cache_is_left_to_the_conf
     assert gap[0] < 1e-12  # a row's first example sees nothing before it: only later ones leak
 
 
+def spy_on_chunks(monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, V) of every chunk of logits made, forward and backward."""
+    made, make = [], losses._chunk_logits
+
+    def recording(*args):
+        x_n_V, tanh_n_V = make(*args)
+        made.append(tuple(x_n_V.shape))
+        return x_n_V, tanh_n_V
+
+    monkeypatch.setattr(losses, "_chunk_logits", recording)
+    return made
+
+
 def full_scores(model, batch, temperature=1.0):
     """The reference: every position's logits made whole by the model, then log-softmax over them."""
     logits_B_T_V = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -153,31 +166,50 @@ def full_scores(model, batch, temperature=1.0):
     return logprobs, entropy, greedy
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_chunked_scores_and_their_gradients_are_those_of_the_full_logits(packing_setup, monkeypatch, tied):
+class OwnHead(torch.nn.Linear):
+    """An output layer that is not a plain nn.Linear (as a LoRA-wrapped one is not): the autograd path."""
+
+
+@pytest.mark.parametrize("head", ["untied", "tied", "with a bias", "own head class"])
+def test_chunked_scores_and_their_gradients_are_those_of_the_full_logits(packing_setup, monkeypatch, head):
     """The output layer runs on the trained positions only, in chunks (3 rows here), each recomputed in the
     backward; log-probs, entropy, argmax and every gradient are those of the full (B, T, V) logits, in float64."""
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * 28)  # V = 28: three rows per chunk
     tok, examples = packing_setup
-    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2, tie_word_embeddings=tied).double()
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2,
+                           tie_word_embeddings=head == "tied").double()
+    if head in ("with a bias", "own head class"):
+        own = (OwnHead if head == "own head class" else torch.nn.Linear)(32, len(tok), bias=True, dtype=torch.float64)
+        with torch.no_grad():
+            own.weight.copy_(model.lm_head.weight)
+            own.bias.normal_(generator=torch.Generator().manual_seed(1))
+        model.lm_head = own
+    if head == "own head class":
+        made = []
+        monkeypatch.setattr(model.lm_head, "forward", lambda h, f=model.lm_head.forward: made.append((len(h), 0)) or f(h))
     assert model.lm_head.out_features == 28
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
     trained = batch["weights"] != 0
     N = int(trained.sum())
     seen = []
+    if head != "own head class":
+        made = spy_on_chunks(monkeypatch)
     handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
     scores = forward_logprobs(model, batch, temperature=0.7, entropy="trained", greedy=True)
-    assert seen[:2] == [(1, 1, 32), (1, 32)]  # the model's own call on one row, and ours to check it by
-    assert [rows for rows, _ in seen[2:]] == [3] * (N // 3) + ([N % 3] if N % 3 else [])
+    handle.remove()
+    assert seen[:2] == [(1, 1, 32), (1, 32)]  # the model's own call on one row, and ours to check the logits by
+    chunks = made[2:] if head == "own head class" else made  # the module's own calls: the two above, then chunks
+    assert [rows for rows, _ in chunks] == [3] * (N // 3) + ([N % 3] if N % 3 else [])
     logprobs, entropy, greedy = full_scores(model, batch, temperature=0.7)
     torch.testing.assert_close(scores.logprobs, logprobs, rtol=0, atol=1e-12)
     torch.testing.assert_close(scores.entropy, entropy, rtol=0, atol=1e-12)
     assert torch.equal(scores.greedy, greedy) and bool(greedy.any()) and not bool(greedy.all())
     upstream = torch.randn(trained.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    seen.clear()
+    made.clear()
     grads = torch.autograd.grad((scores.logprobs * upstream).sum() + scores.entropy.sum(), list(model.parameters()))
-    handle.remove()
-    assert len(seen) == len(range(0, N, 3))  # the backward recomputed each chunk
+    assert len(made) == len(range(0, N, 3))  # the backward recomputed each chunk
+    if head in ("with a bias", "own head class"):
+        assert grads[-1].shape == (len(tok),) and grads[-1].abs().sum() > 0  # the bias is trained too
     full_grads = torch.autograd.grad((logprobs * upstream).sum() + entropy.sum(), list(model.parameters()))
     for g, f in zip(grads, full_grads):
         torch.testing.assert_close(g, f, rtol=0, atol=1e-12)
@@ -190,7 +222,7 @@ def test_no_tensor_of_tokens_by_vocabulary_is_made_or_kept(packing_setup, monkey
     tok, examples = packing_setup
     model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
-    sizes, kept = [], []
+    kept, made = [], spy_on_chunks(monkeypatch)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def keep(t):
@@ -198,12 +230,10 @@ def test_no_tensor_of_tokens_by_vocabulary_is_made_or_kept(packing_setup, monkey
             kept.append(tuple(t.shape))
         return t
 
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: sizes.append(out.numel()))
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         scores = forward_logprobs(model, batch, entropy="detached", greedy=True)
     cross_entropy(scores.logprobs, batch).backward()
-    handle.remove()
-    assert len(sizes) > 2 and max(sizes) <= 4 * 28
+    assert len(made) > 4 and max(rows * V for rows, V in made) <= 4 * 28
     assert not [shape for shape in kept if shape[-1] == 28], kept  # a (.., V) tensor kept for the backward
 
 
@@ -237,24 +267,37 @@ def test_only_trained_false_scores_every_position(packing_setup):
                                full_scores(model, everywhere)[0], rtol=0, atol=1e-12)
 
 
-def test_final_logit_softcapping_is_applied_as_the_model_does(packing_setup):
-    """Gemma 2 caps its logits (cap * tanh(logits / cap)) in its forward, after the output layer: the chunks do it
-    too, so the scores are the model's own."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    tok, examples = packing_setup
+def post_processing_model(kind: str, vocab: int):
+    """Gemma 2 caps its logits (cap * tanh(logits / cap)) after the output layer; Cohere scales them."""
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                           head_dim=16, final_logit_softcapping=0.5, pad_token_id=0,
-                                           initializer_range=0.5)).double()
+    if kind == "final_logit_softcapping":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                              head_dim=16, final_logit_softcapping=0.5, pad_token_id=0,
+                                              initializer_range=0.5)).double()
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereForCausalLM(CohereConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, logit_scale=0.25,
+                                          pad_token_id=0, initializer_range=0.5)).double()
+
+
+@pytest.mark.parametrize("kind", ["final_logit_softcapping", "logit_scale"])
+def test_logits_post_processed_by_the_model_are_scored_as_the_model_does(packing_setup, kind):
+    """The chunks apply the model's own post-processing, in the forward and in the gradient."""
+    tok, examples = packing_setup
+    model = post_processing_model(kind, len(tok))
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
     logprobs, entropy, _ = full_scores(model, batch)
-    scores = forward_logprobs(model, batch, entropy="detached")
+    scores = forward_logprobs(model, batch, entropy="trained")
     torch.testing.assert_close(scores.logprobs, logprobs, rtol=0, atol=1e-12)
     torch.testing.assert_close(scores.entropy, entropy, rtol=0, atol=1e-12)
-    model.config.final_logit_softcapping = None  # the same model, uncapped: visibly other numbers
-    assert (forward_logprobs(model, batch).logprobs - logprobs).abs().max() > 1e-2
+    grads = torch.autograd.grad(scores.logprobs.sum() + scores.entropy.sum(), list(model.parameters()))
+    full_grads = torch.autograd.grad(logprobs.sum() + entropy.sum(), list(model.parameters()))
+    for g, f in zip(grads, full_grads):
+        torch.testing.assert_close(g, f, rtol=0, atol=1e-12)
 
 
 def test_a_model_that_post_processes_its_logits_otherwise_is_refused_by_name(packing_setup):

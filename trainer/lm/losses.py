@@ -9,6 +9,7 @@ SFTTrainer and RLTrainer both score tokens with `forward_logprobs`; the policy l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from typing import NamedTuple, Optional
@@ -183,17 +184,29 @@ def chunked_scores(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, logits_fn=
     softmax(logits_fn(hidden) / temperature), in chunks of rows holding at most CHUNK_ELEMENTS logits each.
     `logits_fn` None: `hidden_N_H` are the logits themselves.
 
-    With a gradient, each chunk runs under non-reentrant activation checkpointing: its forward keeps nothing but
-    its inputs, and the backward recomputes that chunk's logits, so at most one chunk of (rows x V) logits (and
-    its log-softmax) is alive at any time, in the forward and in the backward."""
+    Nothing of a chunk's (rows x V) logits is kept for the backward: it recomputes them from the chunk's hidden
+    states, so at most one chunk is alive at any time. An output layer that is a plain `nn.Linear` (every
+    transformers causal LM's) goes through `_LinearScores`, whose backward is written out and works in place (two
+    chunk-sized buffers); any other (a LoRA-wrapped head, say) runs each chunk under non-reentrant activation
+    checkpointing, which recomputes it through autograd."""
     N = len(targets_N)
-    fn = functools.partial(_score_chunk, logits_fn=logits_fn, temperature=temperature, entropy=entropy, greedy=greedy)
-    V = _vocabulary(hidden_N_H, logits_fn)
-    checkpointed = torch.is_grad_enabled() and hidden_N_H.requires_grad
+    V = logits_fn.vocabulary if logits_fn is not None else hidden_N_H.shape[-1]
+    head = logits_fn.head if logits_fn is not None else None
+    linear = head is None or type(head) is torch.nn.Linear
+    grad = torch.is_grad_enabled() and (hidden_N_H.requires_grad or any(p.requires_grad for p in _params(head)))
     parts = []
     for rows in _chunks(N, V) or [slice(0, 0)]:  # no position at all: still a result in the graph (a loss of 0)
-        args = (hidden_N_H[rows], targets_N[rows])
-        parts.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args))
+        hidden_n_H, targets_n = hidden_N_H[rows], targets_N[rows]
+        if linear:
+            spec = _Spec.of(logits_fn, temperature, entropy, greedy, hidden_N_H)
+            weight, bias = (head.weight, head.bias) if head is not None else (None, None)
+            parts.append(_LinearScores.apply(hidden_n_H, weight, bias, targets_n, spec) if grad
+                         else _linear_scores(hidden_n_H, weight, bias, targets_n, spec)[:3])
+        else:
+            fn = functools.partial(_score_chunk, logits_fn=logits_fn, temperature=temperature, entropy=entropy,
+                                   greedy=greedy)
+            parts.append(torch.utils.checkpoint.checkpoint(fn, hidden_n_H, targets_n, use_reentrant=False) if grad
+                         else fn(hidden_n_H, targets_n))
     columns = list(zip(*parts))
     logprobs_N = torch.cat(columns[0])
     entropy_N = torch.cat(columns[1]) if entropy else None
@@ -201,8 +214,110 @@ def chunked_scores(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, logits_fn=
     return logprobs_N, entropy_N, greedy_N
 
 
+def _params(module) -> list[torch.Tensor]:
+    return list(module.parameters()) if module is not None else []
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """How a chunk's logits are made from its hidden states: x = softcap(scale * (h W^T + b)) / temperature,
+    the matmul in `dtype` (autocast's, else the weight's), the rest in float32 at least."""
+
+    scale: float
+    softcap: float | None
+    temperature: float
+    dtype: torch.dtype
+    entropy: str | None
+    greedy: bool
+
+    @staticmethod
+    def of(logits_fn, temperature, entropy, greedy, hidden) -> "_Spec":
+        device = hidden.device.type
+        weight_dtype = logits_fn.head.weight.dtype if logits_fn is not None else hidden.dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and logits_fn else weight_dtype
+        return _Spec(logits_fn.scale if logits_fn else 1.0, logits_fn.softcap if logits_fn else None,
+                     float(temperature), dtype, entropy, greedy)
+
+
+def _chunk_logits(hidden_n_H, weight_V_H, bias_V, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x (n, V) in float32 at least, tanh(scale * z / softcap) (n, V) or None): the chunk's logits as the
+    model's softmax sees them, made in place wherever the dtype allows."""
+    if weight_V_H is None:
+        z_n_V = hidden_n_H
+    else:
+        with torch.autocast(hidden_n_H.device.type, enabled=False):  # the casts are explicit: the backward repeats them
+            z_n_V = torch.nn.functional.linear(hidden_n_H.to(spec.dtype), weight_V_H.to(spec.dtype),
+                                               bias_V.to(spec.dtype) if bias_V is not None else None)
+    x_n_V = z_n_V.to(torch.promote_types(z_n_V.dtype, torch.float32), copy=weight_V_H is None)
+    if spec.softcap:
+        tanh_n_V = x_n_V.mul_(spec.scale / spec.softcap).tanh_()
+        return tanh_n_V * (spec.softcap / spec.temperature), tanh_n_V
+    if spec.scale / spec.temperature != 1.0:
+        x_n_V.mul_(spec.scale / spec.temperature)
+    return x_n_V, None
+
+
+def _linear_scores(hidden_n_H, weight_V_H, bias_V, targets_n, spec: _Spec):
+    """(logprobs (n,), entropy (n,) or empty, greedy (n,) or empty, log-normalizer (n,)) of one chunk."""
+    x_n_V, _ = _chunk_logits(hidden_n_H, weight_V_H, bias_V, spec)
+    logprobs_n_V = torch.log_softmax(x_n_V, dim=-1)
+    logprobs_n = logprobs_n_V.gather(1, targets_n[:, None]).squeeze(1)
+    lse_n = x_n_V.gather(1, targets_n[:, None]).squeeze(1) - logprobs_n
+    del x_n_V
+    empty = logprobs_n.new_zeros(0)
+    greedy_n = logprobs_n_V.argmax(-1) == targets_n if spec.greedy else empty.bool()
+    entropy_n = -logprobs_n_V.exp().mul_(logprobs_n_V).sum(-1) if spec.entropy else empty
+    return logprobs_n, entropy_n, greedy_n, lse_n
+
+
+class _LinearScores(torch.autograd.Function):
+    """One chunk's scores through a linear output layer; the backward recomputes the chunk's logits and writes
+    d(logprob, entropy)/d logits out: g_lp (onehot - p) - g_H p (log p + H), times the chain of the scale,
+    soft-cap and temperature, then into the hidden states, the weight and the bias by two matmuls."""
+
+    @staticmethod
+    def forward(ctx, hidden_n_H, weight_V_H, bias_V, targets_n, spec):
+        logprobs_n, entropy_n, greedy_n, lse_n = _linear_scores(hidden_n_H, weight_V_H, bias_V, targets_n, spec)
+        ctx.spec = spec
+        ctx.save_for_backward(hidden_n_H, weight_V_H, bias_V, targets_n, lse_n,
+                              entropy_n if spec.entropy == "trained" else None)
+        ctx.mark_non_differentiable(greedy_n, *([entropy_n] if spec.entropy != "trained" else []))
+        return logprobs_n, entropy_n, greedy_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs_n, grad_entropy_n, _):
+        hidden_n_H, weight_V_H, bias_V, targets_n, lse_n, entropy_n = ctx.saved_tensors
+        spec = ctx.spec
+        x_n_V, tanh_n_V = _chunk_logits(hidden_n_H, weight_V_H, bias_V, spec)
+        logp_n_V = x_n_V.sub_(lse_n[:, None])
+        g_lp_n = grad_logprobs_n.to(logp_n_V.dtype) if grad_logprobs_n is not None else lse_n.new_zeros(lse_n.shape)
+        p_n_V = logp_n_V.exp()
+        if entropy_n is not None and grad_entropy_n is not None:  # -(g_lp + g_H (log p + H)) p, in logp's buffer
+            g_H_n = grad_entropy_n.to(logp_n_V.dtype)
+            g_n_V = logp_n_V.add_(entropy_n[:, None]).mul_(g_H_n[:, None]).add_(g_lp_n[:, None]).mul_(p_n_V).neg_()
+            del p_n_V
+        else:
+            del logp_n_V
+            g_n_V = p_n_V.mul_(-g_lp_n[:, None])
+        g_n_V.scatter_add_(1, targets_n[:, None], g_lp_n[:, None])
+        if tanh_n_V is not None:  # d/dz softcap(scale z) / T = scale (1 - tanh^2) / T
+            g_n_V.mul_(tanh_n_V.square_().neg_().add_(1))
+        if spec.scale / spec.temperature != 1.0:
+            g_n_V.mul_(spec.scale / spec.temperature)
+        if weight_V_H is None:
+            return g_n_V.to(hidden_n_H.dtype), None, None, None, None
+        g_n_V = g_n_V.to(spec.dtype)
+        grad_hidden = (g_n_V @ weight_V_H.to(spec.dtype)).to(hidden_n_H.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (g_n_V.T @ hidden_n_H.to(spec.dtype)).to(weight_V_H.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = g_n_V.sum(0).to(bias_V.dtype) if bias_V is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
 def _score_chunk(hidden_n_H, targets_n, *, logits_fn, temperature, entropy, greedy):
-    logits_n_V = logits_fn(hidden_n_H) if logits_fn is not None else hidden_n_H
+    """One chunk through any output layer (autograd does the backward): the path of heads that are not a plain
+    nn.Linear."""
+    logits_n_V = logits_fn(hidden_n_H)
     logits_n_V = logits_n_V.to(torch.promote_types(logits_n_V.dtype, torch.float32))
     if temperature != 1.0:
         logits_n_V = logits_n_V / temperature
@@ -215,12 +330,6 @@ def _score_chunk(hidden_n_H, targets_n, *, logits_fn, temperature, entropy, gree
     if greedy:
         greedy_n = logits_n_V.detach().argmax(-1) == targets_n
     return logprobs_n, entropy_n, greedy_n
-
-
-def _vocabulary(hidden_N_H, logits_fn) -> int:
-    if logits_fn is None:
-        return hidden_N_H.shape[-1]
-    return logits_fn.vocabulary
 
 
 class OutputLogits:
