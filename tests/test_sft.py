@@ -104,6 +104,25 @@ def token_logprobs_of(trainer, batch):
         return forward_logprobs(trainer.model, batch)[0]
 
 
+def test_training_and_validation_never_make_the_logits_of_more_than_one_chunk(tmp_path, monkeypatch):
+    """What would fail if SFT's steps scored through the model's full logits: the output layer's own output is one
+    row per forward (the post-processing check), every chunk of logits at most CHUNK_ELEMENTS."""
+    import paperloop.lm.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * 21)
+    chunks, make = [], losses._chunk_logits
+    monkeypatch.setattr(losses, "_chunk_logits", lambda *args: chunks.append(make(*args)[0].numel()) or make(*args))
+    t = make_trainer(tmp_path, n=16, val=8, max_epochs=1, val_every=1)
+    V = t.unwrapped_model.config.vocab_size
+    assert V == 21
+    rows = []
+    t.unwrapped_model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.numel() // V))
+    t.fit()
+    assert t.state.global_step == 2 and "val/loss" in t.state.val_history[-1]
+    assert rows and max(rows) == 1
+    assert len(chunks) > 10 and max(chunks) <= 5 * 21
+
+
 def test_fill_micro_batches_by_a_token_budget_hand_computed():
     order = torch.arange(5)
     lengths = [5, 3, 4, 2, 6]
