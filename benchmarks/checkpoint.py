@@ -1,4 +1,4 @@
-"""Checkpoint save/load time and resume cost, against plain torch.save/torch.load and safetensors.
+"""Checkpoint save/load time, resume cost, and how long training waits for saves, synchronous or async.
 
     python benchmarks/checkpoint.py            # median of 5, one thread
 
@@ -9,11 +9,17 @@ Model: ~25M parameters (4 x Linear(2500, 2500)) with AdamW state after one step,
     load_checkpoint (verify every file's sha256, then load weights, optimizer, RNG, ...)
 Resume cost: time from a saved data position to the first batch, at offset 10 and 100,000 of a
 1,000,000-sample in-memory dataset (it must not grow with the offset).
+Training waits: wall time of a 99-step fit() of the same model (batches of 64) with no saves, with a synchronous
+save every 20 steps, and with an async one (`async_checkpoint=True`) every 20 steps (4 saves; the last has 19
+steps to land before fit() returns), the three interleaved; "training waits" is a run's time minus the no-save
+run's. An async save costs training the copy to CPU memory (and the pruning of an old checkpoint, as a
+synchronous one does); its write overlaps the steps when a core is free for the writer thread.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -25,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from paperloop import BaseTrainer, TrainerConfig
+from paperloop.callbacks import ModelCheckpoint
 from paperloop.plans import EpochPlan, fetch
 
 
@@ -44,6 +51,45 @@ def flat_tensors(model, optimizer):
     for pid, s in optimizer.state_dict()["state"].items():
         flat.update({f"opt.{pid}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
     return flat
+
+
+def big_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(2500, 2500) for _ in range(4)])
+
+
+def timed_fit(out: Path, saves: str, every: int, steps: int, batch: int) -> float:
+    """Seconds of one fit() of `steps` steps with `saves` ("none", "sync" or "async") every `every` steps."""
+    data = TensorDataset(torch.randn(batch, 2500), torch.randn(batch, 2500))
+    callbacks = [] if saves == "none" else [ModelCheckpoint(every_n_steps=every, every_n_epochs=None,
+                                                            save_last=False, keep_last=1)]
+    cfg = TrainerConfig(max_steps=steps, batch_size=batch, output_dir=str(out), async_checkpoint=saves == "async")
+    t = Regress(big_model(), cfg, train_data=data, callbacks=callbacks)
+    start = time.perf_counter()
+    t.fit()
+    return time.perf_counter() - start
+
+
+def training_waits(tmp: Path, repeats: int, every: int = 20, saves: int = 4, batch: int = 64) -> None:
+    steps = every * (saves + 1) - 1  # no save at the last step: its write would have no training to overlap
+    modes = ("none", "sync", "async")
+    times = {mode: [] for mode in modes}
+    timed_fit(tmp / "warmup", "async", every, every + 1, batch)
+    for i in range(repeats):  # interleaved: disk and machine noise hit every mode alike
+        for mode in modes:
+            times[mode].append(timed_fit(tmp / f"{mode}-{i}", mode, every, steps, batch))
+            shutil.rmtree(tmp / f"{mode}-{i}")
+    run = {mode: statistics.median(t) for mode, t in times.items()}
+    waits = {mode: run[mode] - run["none"] for mode in modes}
+    print(f"\ntraining waits for saves: {steps}-step fit() of the same model, batches of {batch}, a save every {every} "
+          f"steps ({saves} saves), 1 thread, median of {repeats}")
+    print("| saves                    | run s  | training waits s | per save s |")
+    print("|--------------------------|--------|------------------|------------|")
+    for mode, label in zip(modes, ("none", f"synchronous, every {every}", f"async, every {every}")):
+        wait = "" if mode == "none" else f"{waits[mode]:16.3f}"
+        per = "" if mode == "none" else f"{waits[mode] / saves:10.3f}"
+        print(f"| {label:24s} | {run[mode]:6.2f} | {wait:>16s} | {per:>10s} |")
+    print(f"async / sync training waits: {waits['async'] / waits['sync']:.2f}x (goal: at most 0.2x)")
 
 
 def median_time(fn, repeats):
@@ -116,6 +162,9 @@ def main(repeats: int = 5):
     print("|----------------|---------|")
     for offset in (1, 3_125, 31_000):
         print(f"| {offset:>14,} | {median_time(lambda: first_batch_at(offset), repeats):7.4f} |")
+
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        training_waits(Path(tmp), repeats)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_and_stop(trainer, reason: str) -> None:
-    """Checkpoint, then stop in a way a resume undoes: the run is interrupted, not finished."""
+    """Checkpoint, then stop in a way a resume undoes: the run is interrupted, not finished. An async
+    checkpoint is committed before the run stops: train() waits for it before on_train_end."""
     trainer.save_checkpoint()
     trainer.request_stop(reason, resumable=True)
 

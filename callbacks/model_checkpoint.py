@@ -65,7 +65,8 @@ class ModelCheckpoint(Callback):
             self._save(trainer, {})
 
     def _save(self, trainer, metrics: dict):
-        path = trainer.save_checkpoint(on_commit=lambda p: self._prune(trainer))
+        doomed: list[str] = []  # filled below, once the lists hold this save
+        path = trainer.save_checkpoint(on_commit=lambda p: self._prune(trainer, doomed))
         if path.name not in self.saved:
             self.saved.append(path.name)
             self.recent = (self.recent + [path.name])[-self.keep_last:]
@@ -76,11 +77,14 @@ class ModelCheckpoint(Callback):
         elif self.monitor and not self.warned and missing_monitor(self.monitor, metrics):
             warn_missing_monitor("ModelCheckpoint", self.monitor, metrics)
             self.warned = True
-
-    def _prune(self, trainer):
-        """Remove our checkpoints that are neither recent nor best; only after a newer one is committed."""
         keep = set(self.recent) | {name for _, name in self.best}
-        for name in [n for n in self.saved if n not in keep]:
+        doomed += [name for name in self.saved if name not in keep]
+
+    def _prune(self, trainer, doomed: list[str]):
+        """Remove our checkpoints that are neither recent nor best; only after a newer one is committed.
+        What goes is decided when that one is asked for: an async save's commit is seen steps later, when the
+        lists may hold a newer save still being written, and its own predecessor must stay until it lands."""
+        for name in [n for n in doomed if n in self.saved]:
             trainer.remove_checkpoint(name)
             self.saved.remove(name)
 

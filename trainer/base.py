@@ -168,12 +168,16 @@ class BaseTrainer(Checkpointing, ABC):
                 if self._run_epoch():
                     self._call("on_epoch_end", self._close_epoch())
             self._check_something_trained(first_step, first_update)
+            self.wait_for_checkpoint()  # an async save: committed before on_train_end, its failure the run's error
         except BaseException as e:
             self.error = e
             self._abandon_step()
             raise
         finally:
-            self._call("on_train_end")
+            try:
+                self._call("on_train_end")
+            finally:
+                self.finish_checkpoints()  # returns only once the last save (on_train_end's too) is committed
         return self.state
 
     def _check_something_trained(self, first_step: int, first_update: int) -> None:

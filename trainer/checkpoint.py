@@ -20,11 +20,17 @@ before use (a garbled one is skipped by `read_latest`, or a CheckpointError nami
 read from checkpoint data must be a plain entry of the checkpoint folder; each index entry carries
 the id of the run that wrote it, and `record_removal` deletes only checkpoints of the calling run.
 The next save cleans up what interrupted writes left (`remove_leftovers`).
+
+A write is two halves: `take` (at the step boundary: the temporary folder, config.yaml and artifacts)
+and `finish` (weights and state files, manifest, rename, index). `write` runs both at once; an async
+save (`TrainerConfig.async_checkpoint`) takes a `copy` to CPU memory and finishes it in a background
+thread while training goes on (trainer/resume.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy as copying
 import hashlib
 import json
 import logging
@@ -33,7 +39,8 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -144,6 +151,37 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
             model.save_pretrained(directory)
     else:
         save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_model_state expects
+
+
+def detached(obj):
+    """A state dict with every tensor cloned to CPU memory and every container and array copied: what an
+    async save writes while training changes the originals (an optimizer step works in place)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, tuple):
+        return tuple(detached(v) for v in obj)
+    if isinstance(obj, list):
+        return [detached(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: detached(v) for k, v in obj.items()}
+    return obj  # numbers, strings, None: immutable
+
+
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` to write while the original trains on: every trainable parameter and every buffer
+    cloned to CPU memory, the rest of the object (a `transformers` config, a peft adapter's settings) deep-copied,
+    so `save_weights` of the copy writes the same files as of the model at this moment. One clone per tensor
+    object: tied weights stay tied, so the same duplicates are dropped. Frozen parameters (a LoRA base) are
+    shared, not copied: no training step writes them, and a base model can be most of the memory."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in model.parameters():
+        clone = t.detach().to("cpu", copy=True) if t.requires_grad else t.detach()
+        memo[id(t)] = torch.nn.Parameter(clone, requires_grad=t.requires_grad)
+    for t in model.buffers():  # running statistics change in training whether or not they require grad
+        memo.setdefault(id(t), t.detach().to("cpu", copy=True))
+    return copying.deepcopy(model, memo)
 
 
 @contextlib.contextmanager
@@ -346,7 +384,8 @@ def _removal_refusal(folder: Path, name, run_id: str, latest: dict | None) -> st
 def remove_leftovers(folder: Path, run_id: str) -> list[str]:
     """Remove what interrupted writes left in `folder`, log each, and return their names:
     - `.NAME.tmp-PID` folders whose writer is not running (or is this process: nothing of ours is in
-      flight when a save begins, and in a container a restarted run may get its predecessor's pid);
+      flight when a save begins, as an async one is committed before the next is taken, and in a
+      container a restarted run may get its predecessor's pid);
     - orphans: checkpoints renamed into place whose index line was never appended (a kill in
       between), told apart from any other folder by this run's id in their manifest. An orphan of
       another run, or an unknown folder, is left alone: a run deletes only what it wrote.
@@ -522,6 +561,18 @@ def read_latest(folder: Path) -> tuple[Path | None, dict | None, list[tuple[Path
 # A trainer's state dict <-> a checkpoint folder
 
 
+@dataclass
+class Snapshot:
+    """A checkpoint taken at a step boundary and not yet written: its final and temporary folders (config.yaml
+    and the artifacts already in the latter), the model to `save_weights`, the rest of the state."""
+    path: Path
+    tmp: Path
+    model: torch.nn.Module
+    state: dict  # without "model"
+    record: dict
+    run_id: str
+
+
 def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
           artifacts=None) -> None:
     """Write `state` (a trainer's `state_dict()`) as the checkpoint `path`, atomically, for the run
@@ -532,17 +583,43 @@ def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, rec
     JSON + safetensors codec. `artifacts(folder)` may add files for people and tools (a tokenizer);
     they are sealed in the manifest like the rest and never read back. `record` is added to the
     folder's index entry."""
+    finish(take(path, state, model, config_yaml, record, run_id=run_id, artifacts=artifacts))
+
+
+def take(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
+         artifacts=None, copy: bool = False) -> Snapshot:
+    """`write`'s first half, run at the step boundary: clear leftovers, make the temporary folder, write
+    config.yaml and the artifacts there (they may read the trainer, which moves on). `copy`: the state and
+    the model are copied to CPU memory (`detached`, `cpu_copy`), so `finish` may run in another thread while
+    training changes the originals."""
     if path.exists():
         raise FileExistsError(f"{path}: a checkpoint there exists already")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent, run_id)
     tmp = temporary_dir(path)
-    save_weights(model, tmp)
-    save_state(tmp, {k: v for k, v in state.items() if k != "model"})
     (tmp / "config.yaml").write_text(config_yaml)  # for people: never read back
     if artifacts is not None:
         artifacts(tmp)
-    commit(tmp, path, record, run_id=run_id)
+    state = {k: v for k, v in state.items() if k != "model"}
+    if copy:
+        state, model = detached(state), cpu_copy(model)
+    return Snapshot(path, tmp, model, state, dict(record), run_id)
+
+
+def finish(snapshot: Snapshot) -> None:
+    """`write`'s second half: the weights and state files, then `commit` (manifest, rename, index)."""
+    save_weights(snapshot.model, snapshot.tmp)
+    save_state(snapshot.tmp, snapshot.state)
+    commit(snapshot.tmp, snapshot.path, snapshot.record, run_id=snapshot.run_id)
+
+
+def finish_in_background(snapshot: Snapshot) -> Future:
+    """`finish(snapshot)` in a thread of its own; the future holds its error, if any. Not a daemon thread: a
+    program that ends normally still commits the checkpoint it asked for."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paperloop-checkpoint")
+    future = pool.submit(finish, snapshot)
+    pool.shutdown(wait=False)  # the thread ends with this one write
+    return future
 
 
 def read(path: Path, verified: bool = False) -> dict:

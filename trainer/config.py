@@ -57,6 +57,7 @@ class TrainerConfig:
     val_every_steps: Optional[int] = None  # loop steps (an RL step holds several updates), in addition to val_every
     log_every_steps: int = 50  # loop steps between logged training metrics (optim/grad_norm is computed on these)
     checkpoint_every_steps: Optional[int] = None  # installs a ModelCheckpoint when none is attached
+    async_checkpoint: bool = False  # training waits only for a copy to CPU memory; a thread writes the checkpoint
     time_limit_s: Optional[float] = None  # checkpoint and stop after this much wall time; the same command continues
     early_stopping_patience: Optional[int] = None  # installs an EarlyStopping when none is attached
     early_stopping_monitor: str = "val/loss"  # the metric early_stopping_patience watches
@@ -71,8 +72,8 @@ class TrainerConfig:
     # since the resumed run would no longer be the one that was checkpointed. A subclass extends the tuple.
     resume_may_change: ClassVar[tuple[str, ...]] = (
         "max_epochs", "max_steps", "output_dir", "val_every", "val_every_steps", "log_every_steps",
-        "checkpoint_every_steps", "time_limit_s", "early_stopping_patience", "early_stopping_monitor",
-        "early_stopping_mode")
+        "checkpoint_every_steps", "async_checkpoint", "time_limit_s", "early_stopping_patience",
+        "early_stopping_monitor", "early_stopping_mode")
 
     def __post_init__(self):
         check_types(self)

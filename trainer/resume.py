@@ -4,13 +4,20 @@ and where checkpoints of it are written.
 `trainer.state_dict()` is everything a resume needs; `load_state_dict()` puts it back; `checkpoint.py`
 writes and reads that dict (files, crash safety, verification) and nothing else. This mixin reaches
 the trainer only through its public attributes (model, optimizer, scheduler, plan, state,
-epoch_loss, callbacks, generators, config, accelerator).
+epoch_loss, callbacks, generators, config, accelerator, error).
+
+Async saves (`config.async_checkpoint`): a save asked for in a hook is taken when the hook ends (the state
+and the model copied to CPU memory, on the training thread) and written by a background thread while
+training goes on. At most one is in flight: the next save, and the end of `train()`, first wait for it to
+be committed (`wait_for_checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +32,19 @@ from .state import TrainState
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class InFlight:
+    """A checkpoint being written in the background: where, what to run once it is committed, and the
+    writer's future (None on processes other than the main one, which write nothing but wait alike)."""
+    path: Path
+    on_commits: list = field(default_factory=list)
+    writing: Future | None = None
+
+    def failed(self) -> bool:
+        """Has the writer ended with an error (without blocking)?"""
+        return self.writing is not None and self.writing.done() and self.writing.exception() is not None
+
+
 class Checkpointing:
     # Config keys a resume takes from the checkpoint: the restored optimizer and schedule state carry
     # them on, so a changed value here could only be recorded, never used. A resume reports each change
@@ -36,7 +56,8 @@ class Checkpointing:
 
     def __init__(self):
         self.in_hook = False  # set by the trainer while callbacks handle a hook
-        self._pending_saves: list[tuple[Path, object]] = []
+        self._pending_saves: list[tuple[Path, object]] = []  # (path, on_commit), asked for in a hook
+        self._in_flight: InFlight | None = None  # the async save being written
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
         self._pending_callback_states: dict | None = None  # loaded, waiting for on_train_begin
 
@@ -169,50 +190,107 @@ class Checkpointing:
         """Write a checkpoint to `path` (default `checkpoint_dir/step-<global_step>`) and return it.
 
         Called from a hook, the write waits until every callback has handled that hook, so the
-        checkpoint holds their updated state; `on_commit(path)` runs once it is committed.
+        checkpoint holds their updated state; `on_commit(path)` runs once it is committed. With
+        `config.async_checkpoint`, such a save is copied to CPU memory when the hook ends and written in
+        the background: `on_commit` then runs on the training thread when the trainer next waits for it
+        (the next save, or the end of `train()`, which returns only once it is committed), never in the
+        writer thread, as callbacks are not thread-safe. Called outside a hook, the checkpoint is
+        committed when this returns.
         """
         path = Path(path) if path is not None else self._next_checkpoint_path()
         if self.in_hook:
             self._pending_saves.append((path, on_commit))
             return path
-        self._write_checkpoint(path)
-        if on_commit is not None:
-            on_commit(path)
+        self._write_checkpoint(path, [on_commit] if on_commit is not None else [], background=False)
         return path
 
     def end_hook(self, write: bool) -> None:
         """The hook is over: write the checkpoints asked for inside it, once each, in order (or drop
-        them, when a callback raised: the state they would hold is not one the run reached)."""
+        them, when a callback raised: the state they would hold is not one the run reached). One process
+        alone: first, a background write that failed stops the run here, at the first hook end after it
+        (unless the run is ending by an exception already: `finish_checkpoints` logs it then)."""
         self.in_hook = False
         pending, self._pending_saves = self._pending_saves, []
-        if not write or not pending:
+        if not write:
             return
-        for path in dict.fromkeys(p for p, _ in pending):
-            self._write_checkpoint(path)
+        if self.world_size == 1 and self.error is None and self._in_flight is not None and self._in_flight.failed():
+            self.wait_for_checkpoint()  # raises its error
+        on_commits: dict[Path, list] = {}
         for path, on_commit in pending:
-            if on_commit is not None:
-                on_commit(path)
+            on_commits.setdefault(path, []).extend([on_commit] if on_commit is not None else [])
+        for path, commits in on_commits.items():
+            self._write_checkpoint(path, commits, background=self.config.async_checkpoint)
 
     def _next_checkpoint_path(self) -> Path:
         base = self.checkpoint_dir / f"step-{self.state.global_step:06d}"
         for path, _ in self._pending_saves:  # asked for twice in one hook: the same state, one write
             if path.parent == base.parent and (path.name == base.name or path.name.startswith(base.name + ".")):
                 return path
+        writing = self._in_flight.path if self._in_flight is not None else None  # not in its place yet
         path, i = base, 0
-        while path.exists():
+        while path.exists() or path == writing:
             i += 1
             path = base.with_name(f"{base.name}.{i}")
         return path
 
-    def _write_checkpoint(self, path: Path) -> None:
-        state = self.state_dict()  # every process: it gathers their RNG states
+    def _write_checkpoint(self, path: Path, on_commits: list, background: bool) -> None:
+        """Take the state on every process (it gathers their RNG states: a collective, so it stays on the
+        training thread) and have the main process write it: here, or (`background`) in a thread."""
+        self.wait_for_checkpoint()  # at most one in flight: the previous one is committed first
+        state = self.state_dict()
+        snapshot = None
         if self.is_main_process:
-            ckpt.write(path, state, self.unwrapped_model, self.config_yaml(),
-                       {"global_step": self.state.global_step, "epoch": self.state.epoch},
-                       run_id=self.state.run_id, artifacts=self.write_artifacts)
+            snapshot = ckpt.take(path, state, self.unwrapped_model, self.config_yaml(),
+                                 {"global_step": self.state.global_step, "epoch": self.state.epoch},
+                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background)
+        if background:
+            writing = ckpt.finish_in_background(snapshot) if snapshot is not None else None
+            self._in_flight = InFlight(path, on_commits, writing)
+            self._checkpointed_at = (self.state.global_step, self.state.epoch)
+            return
+        if snapshot is not None:
+            ckpt.finish(snapshot)
             log.info("checkpoint written: %s", path)
         self.accelerator.wait_for_everyone()
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
+        for on_commit in on_commits:
+            on_commit(path)
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait until the checkpoint being written in the background, if any, is committed; then run its
+        `on_commit` callbacks here, on the training thread. A failed write raises a CheckpointError naming
+        it, chained to the writer's error.
+
+        Every process calls this at the same points (the next save, the end of `train()`), and the
+        processes pass it together: the main one only once its writer is done, so no process takes the
+        checkpoint for committed (and looks for it with `resume="latest"`) before it is, and all of them
+        learn whether the write failed, so they stop together instead of waiting on each other."""
+        saving = self._in_flight
+        if saving is None:
+            return
+        error = saving.writing.exception() if saving.writing is not None else None  # blocks until it is done
+        self._in_flight = None
+        failed = error is not None
+        if self.world_size > 1:  # a collective: the main process joins it once its writer is done
+            failed = self.any_process(failed)
+        if error is not None:
+            raise ckpt.CheckpointError(f"{saving.path}: writing the checkpoint in the background failed "
+                                       f"({type(error).__name__}: {error}); it was not committed") from error
+        if failed:
+            raise ckpt.CheckpointError(f"{saving.path}: the main process failed to write the checkpoint")
+        log.info("checkpoint written: %s", saving.path)
+        for on_commit in saving.on_commits:
+            on_commit(saving.path)
+
+    def finish_checkpoints(self) -> None:
+        """The end of `train()`: wait for the checkpoint in flight. When the run ends by an exception
+        already (`self.error`), a failed write is logged, and that exception is the one raised."""
+        if self.error is None:
+            return self.wait_for_checkpoint()
+        try:
+            self.wait_for_checkpoint()
+        except ckpt.CheckpointError:
+            log.exception("while the run was ending with %s", type(self.error).__name__)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Verify the checkpoint at `path` and restore everything it holds (`load_state_dict`). "latest" is
@@ -239,7 +317,8 @@ class Checkpointing:
         return bool(ckpt.committed(self.checkpoint_dir))
 
     def has_current_checkpoint(self) -> bool:
-        """Was a checkpoint written (or loaded) at this very step and epoch?"""
+        """Was a checkpoint written (or loaded) at this very step and epoch? An async one counts once it is
+        taken: `train()` returns only once it is committed, or raises."""
         return self._checkpointed_at == (self.state.global_step, self.state.epoch)
 
     def remove_checkpoint(self, name: str) -> None:
