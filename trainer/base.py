@@ -15,7 +15,7 @@ from .callbacks.base import check_state_keys
 from .callbacks.defaults import default_callbacks
 from .config import ConfigError, TrainerConfig, config_to_yaml
 from .plans import EpochPlan, Step, check_dataset, fetch
-from .distributed import backward_fn, make_accelerator, prepare_optimizer
+from .distributed import backward_fn, make_accelerator, no_sync, prepare_optimizer, shard_model, total_norm
 from .evaluation import evaluate
 from .lock import OutputLock
 from .resume import Checkpointing
@@ -83,7 +83,9 @@ class BaseTrainer(Checkpointing, ABC):
         self.world_size: int = self.accelerator.num_processes
         self.rank: int = self.accelerator.process_index
         self.is_main_process: bool = self.accelerator.is_main_process
-        self.model = self.accelerator.prepare_model(model)
+        # FSDP2 shards the weights over the processes (`distributed.shard_model`); otherwise DDP through Accelerate
+        self.sharded: bool = config.strategy == "fsdp" and self.world_size > 1
+        self.model = shard_model(model.to(self.device)) if self.sharded else self.accelerator.prepare_model(model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._finite_check = FiniteCheck(self._params, self.device)
         self._backward = backward_fn(self.accelerator)
@@ -247,7 +249,7 @@ class BaseTrainer(Checkpointing, ABC):
         last. Returns the loss function's outputs, detached.
         """
         loss_fn = loss_fn or self.training_step
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+        with contextlib.nullcontext() if sync else no_sync(self.accelerator, self.model):
             with self.autocast():  # the forward only: PyTorch's AMP guidance keeps backward outside
                 outputs = as_outputs(loss_fn(batch), type(self).__name__)
             loss = outputs["loss"]
@@ -276,9 +278,10 @@ class BaseTrainer(Checkpointing, ABC):
         self._pending_loss = None
         out = {"train/loss": loss, "optim/lr": self.optimizer.param_groups[0]["lr"]}
         if self.config.max_grad_norm is not None:
-            out["optim/grad_norm"] = self.accelerator.clip_grad_norm_(self._params, self.config.max_grad_norm)
+            out["optim/grad_norm"] = total_norm(self.accelerator.clip_grad_norm_(self._params,
+                                                                                 self.config.max_grad_norm))
         elif (self.state.global_step + 1) % self.config.log_every_steps in (0, 1):  # a log may be due
-            out["optim/grad_norm"] = grad_norm(self._params)
+            out["optim/grad_norm"] = total_norm(grad_norm(self._params))
         # The one host sync per update: a NaN/inf loss or gradient must never reach the weights.
         out["train/finite"] = finite = self._finite_check(loss)
         if finite:

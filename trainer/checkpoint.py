@@ -143,12 +143,16 @@ def load_state(directory: Path) -> dict:
 # Weights
 
 
-def save_weights(model: torch.nn.Module, directory: Path) -> None:
+def save_weights(model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+    """The model's weights into `directory`: `save_pretrained` for a transformers or peft model, else one
+    safetensors file. `state_dict`: the weights to write instead of the model's own (FSDP's, gathered whole)."""
     transformers = sys.modules.get("transformers")  # a PreTrainedModel means it is already imported
     if is_peft(model) or (transformers is not None and isinstance(model, transformers.PreTrainedModel)):
         # A peft model saves the trained adapter only: the frozen base is rebuilt, not saved.
         with no_shard_progress_bar():
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, state_dict=state_dict)
+    elif state_dict is not None:
+        raise TypeError(f"{type(model).__name__}: gathered weights are written for transformers models only")
     else:
         save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_model_state expects
 
@@ -571,6 +575,7 @@ class Snapshot:
     state: dict  # without "model"
     record: dict
     run_id: str
+    weights: dict | None = None  # the weights to write instead of the model's own (FSDP's, gathered whole)
 
 
 def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
@@ -587,11 +592,12 @@ def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, rec
 
 
 def take(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
-         artifacts=None, copy: bool = False) -> Snapshot:
+         artifacts=None, copy: bool = False, gathered: bool = False) -> Snapshot:
     """`write`'s first half, run at the step boundary: clear leftovers, make the temporary folder, write
     config.yaml and the artifacts there (they may read the trainer, which moves on). `copy`: the state and
     the model are copied to CPU memory (`detached`, `cpu_copy`), so `finish` may run in another thread while
-    training changes the originals."""
+    training changes the originals. `gathered`: `state["model"]` is the whole model's weights gathered from
+    its shards (FSDP), written instead of the model's own (which are shards); they are copies already."""
     if path.exists():
         raise FileExistsError(f"{path}: a checkpoint there exists already")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -600,15 +606,16 @@ def take(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, reco
     (tmp / "config.yaml").write_text(config_yaml)  # for people: never read back
     if artifacts is not None:
         artifacts(tmp)
+    weights = state["model"] if gathered else None
     state = {k: v for k, v in state.items() if k != "model"}
     if copy:
-        state, model = detached(state), cpu_copy(model)
-    return Snapshot(path, tmp, model, state, dict(record), run_id)
+        state, model = detached(state), model if gathered else cpu_copy(model)
+    return Snapshot(path, tmp, model, state, dict(record), run_id, weights)
 
 
 def finish(snapshot: Snapshot) -> None:
     """`write`'s second half: the weights and state files, then `commit` (manifest, rename, index)."""
-    save_weights(snapshot.model, snapshot.tmp)
+    save_weights(snapshot.model, snapshot.tmp, snapshot.weights)
     save_state(snapshot.tmp, snapshot.state)
     commit(snapshot.tmp, snapshot.path, snapshot.record, run_id=snapshot.run_id)
 

@@ -52,6 +52,7 @@ class TrainerConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_grad_norm: Optional[float] = None  # clip the gradient's total norm to this; null: no clipping
     precision: str = "32"  # "32" or "bf16"
+    strategy: str = "ddp"  # several processes: "ddp" (a full copy each) or "fsdp" (FSDP2: weights, grads, Adam sharded)
     shuffle: bool = True  # a new seeded order of train_data every epoch
     val_every: Optional[int] = None  # epochs; None: every epoch when val_data is given; 0: never
     val_every_steps: Optional[int] = None  # loop steps (an RL step holds several updates), in addition to val_every
@@ -72,7 +73,7 @@ class TrainerConfig:
     # since the resumed run would no longer be the one that was checkpointed. A subclass extends the tuple.
     resume_may_change: ClassVar[tuple[str, ...]] = (
         "max_epochs", "max_steps", "output_dir", "val_every", "val_every_steps", "log_every_steps",
-        "checkpoint_every_steps", "async_checkpoint", "time_limit_s", "early_stopping_patience",
+        "checkpoint_every_steps", "async_checkpoint", "strategy", "time_limit_s", "early_stopping_patience",
         "early_stopping_monitor", "early_stopping_mode")
 
     def __post_init__(self):
@@ -93,6 +94,8 @@ class TrainerConfig:
             raise ConfigError(f"val_every: must be >= 0 (0 turns validation off), got {self.val_every}")
         if self.precision not in ("32", "bf16"):
             raise ConfigError(f"precision: must be '32' or 'bf16', got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy: must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.early_stopping_mode not in ("min", "max"):
             raise ConfigError(f"early_stopping_mode: must be 'min' or 'max', got {self.early_stopping_mode!r}")
 

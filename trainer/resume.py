@@ -26,7 +26,9 @@ from accelerate.utils import gather_object
 from . import checkpoint as ckpt
 from .callbacks.base import is_stateful
 from .checkpoint import load_model_state
-from .rng import rng_state, set_rng_state
+from .distributed import full_state, load_full_state
+from .plans import mixed_seed
+from .rng import reseed, rng_state, set_rng_state
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,12 @@ class Checkpointing:
             raise RuntimeError("the state can only be taken between steps, not between forward_backward() and "
                                "optimizer_step()")
         rng = rng_state(self.generators)
+        # FSDP: gathered whole to the main process (a collective), in the format every other run writes
+        model, optimizer = (full_state(self.model, self.optimizer) if self.sharded
+                            else (self.unwrapped_model.state_dict(), self.optimizer.state_dict()))
         return {
-            "model": self.unwrapped_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "train_state": self.state.to_dict(),
@@ -96,15 +101,19 @@ class Checkpointing:
         self._check_same_run(state)  # before anything is loaded: an error leaves the trainer as it was
         self._keep_checkpoint_config(state["config"])
         self.setup()
-        if len(state["processes"]) != self.world_size:
-            raise ValueError(f"processes: written by {len(state['processes'])} process(es), this run has "
-                             f"{self.world_size}")
+        # Another process count: the plan checks that a step's global samples are the same (batch_size x
+        # grad_accum_steps x processes) and refuses otherwise; what cannot follow is each process's random streams.
+        written_by = len(state["processes"])
         self.plan.load_state_dict(state["data"])  # checks seed and shape first: nothing loaded yet on error
         try:
-            load_model_state(self.unwrapped_model, state["model"])
+            if self.sharded:
+                load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            else:
+                load_model_state(self.unwrapped_model, state["model"])
         except ValueError as e:
             raise ValueError(f"model: {e}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
@@ -113,7 +122,15 @@ class Checkpointing:
         if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
             self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
         self.epoch_loss.load_state_dict(state["epoch_loss"])
-        set_rng_state(state["processes"][self.rank], self.generators)
+        if written_by != self.world_size:
+            log.warning("resume: the checkpoint was written by %d process(es), this run has %d: the data order and "
+                        "each step's samples are the checkpoint's, but per-process random streams (dropout, each "
+                        "process's sampling generator) cannot be continued; processes beyond the checkpoint's are "
+                        "seeded from (seed, rank, step)", written_by, self.world_size)
+        if self.rank < written_by:
+            set_rng_state(state["processes"][self.rank], self.generators)
+        else:
+            reseed(mixed_seed(self.config.seed, self.rank, self.state.global_step), self.generators)
         self.load_extra_state(state["extra"])
         self._pending_callback_states = state["callbacks"]
 
@@ -242,7 +259,8 @@ class Checkpointing:
         if self.is_main_process:
             snapshot = ckpt.take(path, state, self.unwrapped_model, self.config_yaml(),
                                  {"global_step": self.state.global_step, "epoch": self.state.epoch},
-                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background)
+                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background,
+                                 gathered=self.sharded)
         if background:
             writing = ckpt.finish_in_background(snapshot) if snapshot is not None else None
             self._in_flight = InFlight(path, on_commits, writing)

@@ -29,3 +29,15 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = N
             raise ValueError(f"rng: the checkpoint holds no state for the generator {name!r} "
                              f"(it holds {sorted(saved)})")
         generator.set_state(saved[name])
+
+
+def reseed(seed: int, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Seed every stream afresh from `seed` (a process a checkpoint holds no streams for); each generator from
+    its own mix of it and its name, so no two draw the same numbers."""
+    from accelerate.utils import set_seed
+
+    from .plans import mixed_seed
+
+    set_seed(seed % 2**32)
+    for name, generator in (generators or {}).items():
+        generator.manual_seed(mixed_seed(seed, *name.encode()))

@@ -74,7 +74,7 @@ def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if len({(g.device, g.dtype) for g in grads}) > 1:
+    if len({(g.device, g.dtype) for g in grads}) > 1 or hasattr(grads[0], "full_tensor"):  # or FSDP's DTensors
         return torch.nn.utils.get_total_norm(grads)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 

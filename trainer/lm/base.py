@@ -113,6 +113,9 @@ class LMTrainer(BaseTrainer):
             raise TypeError(f"config must be an LMConfig (SFTConfig, RLConfig), got {type(config).__name__}")
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
         check_vocabulary(model, tokenizer)
+        if config.lora is not None and config.strategy == "fsdp":
+            raise ConfigError("strategy: 'fsdp' with lora is not supported (the adapters are a small share of the "
+                              "weights: DDP holds them cheaply); use strategy='ddp'")
         if config.lora is not None:
             from accelerate import PartialState  # the trainer's Accelerator is made after the model is wrapped
 

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..checkpoint import is_peft
+from ..distributed import is_sharded
 from .data import ChatTemplateTimeout, render_chat
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,9 @@ def _inference(model):
     modes = {module: module.training for module in model.modules()} if model.training else {}
     model.eval()
     try:
-        with torch.inference_mode():
+        # FSDP allocates its unsharded weights inside the forward: made in inference mode, they could not be
+        # written again by the training forward after it
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
             yield
     finally:
         for module, training in modes.items():
@@ -154,12 +157,24 @@ def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperat
         logprobs_N_L[:, t] = logprob_N.masked_fill(finished_N, 0.0)
         lengths_N += ~finished_N
         finished_N |= torch.isin(token_N, eos_E)
-        if t + 1 == max_new_tokens or ((t + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished_N.all())):
+        if t + 1 == max_new_tokens or ((t + 1) % FINISHED_CHECK_EVERY == 0 and finished_everywhere(model, finished_N)):
             break
         logits_N_V = model(input_ids=tokens_N_L[:, t:t + 1], attention_mask=attention_N_S[:, :prompt_len + t + 1],
                            position_ids=next_position_N_1 + t, **cache_arg, use_cache=True).logits[:, -1]
     width = int(lengths_N.max())  # columns after the last row stopped are all padding
     return tokens_N_L[:, :width], logprobs_N_L[:, :width], lengths_N, finished_N
+
+
+def finished_everywhere(model, finished_N: torch.Tensor) -> bool:
+    """Has every row stopped, on every process that samples with `model`? A sharded (FSDP) model's forward is
+    a collective, so its processes stop together, when the last of them is done; any other model samples on its
+    own process."""
+    done = bool(finished_N.all())
+    if not is_sharded(model):
+        return done
+    flag = torch.tensor(float(done), device=finished_N.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 class TurnSampler:

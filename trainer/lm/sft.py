@@ -37,7 +37,7 @@ import torch
 
 from ..config import ConfigError
 from ..evaluation import Weighted
-from ..plans import EpochPlan, eval_batches
+from ..plans import EpochPlan, eval_batches, lockstep_eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
 from .losses import cross_entropy
@@ -209,10 +209,13 @@ class SFTTrainer(LMTrainer):
     def score_generations(self) -> float:
         """Mean `eval_fn(example, text)` over greedy generations from every validation prompt."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for indices in eval_batches(len(self.val_data), self.config.batch_size, self.world_size, self.rank):
+        batches = (lockstep_eval_batches(len(self.val_data), self.config.batch_size, self.world_size, self.rank)
+                   if self.sharded else [(b, True) for b in eval_batches(len(self.val_data), self.config.batch_size,
+                                                                          self.world_size, self.rank)])
+        for indices, real in batches:  # sharded: as many generations on every process (each forward a collective)
             indices = indices.tolist()
             samples = self.generate([self._prompts[i] for i in indices], max_new_tokens=self.config.eval_max_new_tokens)
-            for i, completion in zip(indices, samples.completions()):
+            for i, completion in zip(indices, samples.completions() if real else []):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 index = self.val_data[i].index
                 total += call_scorer(self.eval_fn, self.val_source[index], text, name="eval_fn",

@@ -686,6 +686,10 @@ def check_env(env, config: RLConfig, reward_fns, reward_weights):
         return None
     if not callable(env):
         raise TypeError(f"env: a callable example -> Env (an Env subclass works), got {type(env).__name__}")
+    if config.strategy == "fsdp":
+        raise ConfigError("strategy: 'fsdp' with an environment is not supported: every forward of a sharded model "
+                          "is a collective, and episodes end after different numbers of turns on each process; "
+                          "use strategy='ddp'")
     if list(reward_fns) or reward_weights is not None:
         raise ValueError("reward_fns: with env, an episode's reward is the sum of its steps' rewards; give no "
                          "reward_fns (score the final answer in the environment's step)")
