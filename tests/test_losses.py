@@ -300,20 +300,24 @@ def test_logits_post_processed_by_the_model_are_scored_as_the_model_does(packing
         torch.testing.assert_close(g, f, rtol=0, atol=1e-12)
 
 
+class HeadExposed(torch.nn.Module):
+    """A wrapper of a causal LM that shows its output layer (so the hook finds it) and forwards as subclasses say."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.lm_head
+
+
 def test_a_model_that_post_processes_its_logits_otherwise_is_refused_by_name(packing_setup):
     """Logits changed after the output layer in a way not known here would make the chunks score another
     model: the one row the model scores itself gives it away, and the forward is refused, naming the class."""
     tok, examples = packing_setup
     model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
 
-    class Doubled(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def get_output_embeddings(self):
-            return self.inner.lm_head
-
+    class Doubled(HeadExposed):
         def forward(self, **kwargs):
             out = self.inner(**kwargs)
             out.logits = 2 * out.logits
@@ -335,14 +339,7 @@ def test_a_model_that_calls_its_output_layer_twice_is_refused_by_name(packing_se
     tok, examples = packing_setup
     model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
 
-    class TwoHeads(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def get_output_embeddings(self):
-            return self.inner.lm_head
-
+    class TwoHeads(HeadExposed):
         def forward(self, **kwargs):
             out = self.inner(**kwargs, output_hidden_states=True)
             hidden = out.hidden_states[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plans import eval_batches, lockstep_eval_batches
+from .plans import lockstep_eval_batches
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ def evaluate(trainer, dataset, prefix: str, step_fn) -> dict:
     sums: dict[str, torch.Tensor] = {}  # key -> (Σ total, Σ weight)
     try:
         # Sharded (FSDP): the same number of batches on every process, the fillers counting nothing
-        batches = (lockstep_eval_batches if getattr(trainer, "sharded", False) else _real)(
-            len(dataset), trainer.config.batch_size, trainer.world_size, trainer.rank)
+        batches = lockstep_eval_batches(len(dataset), trainer.config.batch_size, trainer.world_size, trainer.rank,
+                                        lockstep=trainer.sharded)
         for indices, real in batches:
             with trainer.autocast():
                 metrics = as_metrics(step_fn(trainer.fetch(indices, dataset)), owner)
@@ -56,10 +56,6 @@ def evaluate(trainer, dataset, prefix: str, step_fn) -> dict:
     keys = sorted(sums)
     totals = trainer.reduce_sum(torch.stack([sums[k] for k in keys])).tolist() if keys else []
     return {f"{prefix}/{k}": total / weight if weight else float("nan") for k, (total, weight) in zip(keys, totals)}
-
-
-def _real(num_samples: int, batch_size: int, world_size: int, rank: int) -> list[tuple[torch.Tensor, bool]]:
-    return [(indices, True) for indices in eval_batches(num_samples, batch_size, world_size, rank)]
 
 
 def float64(value, device) -> torch.Tensor:

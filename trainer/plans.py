@@ -168,13 +168,13 @@ def eval_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: i
     return list(torch.split(shard, batch_size))
 
 
-def lockstep_eval_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0
-                          ) -> list[tuple[torch.Tensor, bool]]:
-    """(indices, real) of this rank's evaluation batches, as many on every rank: where a sharded (FSDP) model's
-    every forward is a collective, a rank with fewer batches than rank 0 (whose shard is the largest) runs
-    batches of sample 0, `real` False, whose results it throws away."""
+def lockstep_eval_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                          lockstep: bool = True) -> list[tuple[torch.Tensor, bool]]:
+    """(indices, real) of this rank's evaluation batches. `lockstep` (a sharded (FSDP) model, whose every forward
+    is a collective): as many on every rank, a rank with fewer batches than rank 0 (whose shard is the largest)
+    running batches of sample 0, `real` False, whose results it throws away."""
     mine = [(indices, True) for indices in eval_batches(num_samples, batch_size, world_size, rank)]
-    most = len(eval_batches(num_samples, batch_size, world_size, 0))
+    most = len(eval_batches(num_samples, batch_size, world_size, 0)) if lockstep else len(mine)
     return mine + [(torch.zeros(1, dtype=torch.long), False)] * (most - len(mine))
 
 

@@ -89,13 +89,6 @@ def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     return entropy_N.view(logits_B_T_V.shape[:-1])
 
 
-def entropy(logits_N_V: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per row, (N,) in float32 at least, differentiable (an entropy bonus trains it).
-    Keeps an (N, V) float32 copy for backward: use `token_entropy` where no gradient is needed."""
-    logprobs_N_V = torch.log_softmax(logits_N_V.to(torch.promote_types(logits_N_V.dtype, torch.float32)), dim=-1)
-    return -(logprobs_N_V.exp() * logprobs_N_V).sum(dim=-1)
-
-
 def _chunks(N: int, V: int) -> list[slice]:
     rows = max(1, CHUNK_ELEMENTS // V)
     return [slice(start, start + rows) for start in range(0, N, rows)]
@@ -194,17 +187,19 @@ def chunked_scores(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, logits_fn=
     head = logits_fn.head if logits_fn is not None else None
     linear = head is None or type(head) is torch.nn.Linear
     grad = torch.is_grad_enabled() and (hidden_N_H.requires_grad or any(p.requires_grad for p in _params(head)))
+    if linear:
+        spec = _Spec.of(logits_fn, temperature, entropy, greedy, hidden_N_H)
+        weight, bias = (head.weight, head.bias) if head is not None else (None, None)
+    else:
+        fn = functools.partial(_score_chunk, logits_fn=logits_fn, temperature=temperature, entropy=entropy,
+                               greedy=greedy)
     parts = []
     for rows in _chunks(N, V) or [slice(0, 0)]:  # no position at all: still a result in the graph (a loss of 0)
         hidden_n_H, targets_n = hidden_N_H[rows], targets_N[rows]
         if linear:
-            spec = _Spec.of(logits_fn, temperature, entropy, greedy, hidden_N_H)
-            weight, bias = (head.weight, head.bias) if head is not None else (None, None)
             parts.append(_LinearScores.apply(hidden_n_H, weight, bias, targets_n, spec) if grad
                          else _linear_scores(hidden_n_H, weight, bias, targets_n, spec)[:3])
         else:
-            fn = functools.partial(_score_chunk, logits_fn=logits_fn, temperature=temperature, entropy=entropy,
-                                   greedy=greedy)
             parts.append(torch.utils.checkpoint.checkpoint(fn, hidden_n_H, targets_n, use_reentrant=False) if grad
                          else fn(hidden_n_H, targets_n))
     columns = list(zip(*parts))

@@ -37,7 +37,7 @@ import torch
 
 from ..config import ConfigError
 from ..evaluation import Weighted
-from ..plans import EpochPlan, eval_batches, lockstep_eval_batches
+from ..plans import EpochPlan, lockstep_eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
 from .losses import cross_entropy
@@ -209,9 +209,8 @@ class SFTTrainer(LMTrainer):
     def score_generations(self) -> float:
         """Mean `eval_fn(example, text)` over greedy generations from every validation prompt."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        batches = (lockstep_eval_batches(len(self.val_data), self.config.batch_size, self.world_size, self.rank)
-                   if self.sharded else [(b, True) for b in eval_batches(len(self.val_data), self.config.batch_size,
-                                                                          self.world_size, self.rank)])
+        batches = lockstep_eval_batches(len(self.val_data), self.config.batch_size, self.world_size, self.rank,
+                                        lockstep=self.sharded)
         for indices, real in batches:  # sharded: as many generations on every process (each forward a collective)
             indices = indices.tolist()
             samples = self.generate([self._prompts[i] for i in indices], max_new_tokens=self.config.eval_max_new_tokens)
