@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from paperloop import SFTConfig, SFTTrainer
 from paperloop.callbacks import LambdaCallback
-from rl_helpers import DDP_RUN, LayoutFreeSampling, make_rl_trainer
+from rl_helpers import DDP_RUN, LayoutFreeEpisodes, make_rl_trainer
 from sft_helpers import model, sorting_examples, tokenizer
 
 SFT_RUN = dict(max_length=24, batch_size=8, max_epochs=2, lr=3e-3, checkpoint_every_steps=3)
@@ -56,7 +56,7 @@ def main():
         t = sft_trainer(out / "straight", 2, strategy="fsdp")
         t.fit()
         write_weights(t, out / "straight.safetensors")
-        rl = make_rl_trainer(out / "rl", cls=LayoutFreeSampling, strategy="fsdp",
+        rl = make_rl_trainer(out / "rl", cls=LayoutFreeEpisodes, strategy="fsdp",
                              **{**DDP_RUN, "batch_size": DDP_RUN["batch_size"] // 2})
         rl.fit()
         write_weights(rl, out / "rl.safetensors")

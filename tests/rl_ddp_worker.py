@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from paperloop.callbacks import LambdaCallback
-from rl_helpers import DDP_DAPO, DDP_ENV, DDP_RUN, LayoutFreeEpisodes, LayoutFreeSampling, SGDRLTrainer, make_rl_trainer
+from rl_helpers import DDP_DAPO, DDP_ENV, DDP_RUN, LayoutFreeEpisodes, SGDRLTrainer, make_rl_trainer
 
 
 def stop_at(step):
@@ -37,8 +37,8 @@ def main():
     out = Path(p.parse_args().out)
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
-    run(out, "layout_free", LayoutFreeSampling)
-    run(out, "layout_free_dapo", LayoutFreeSampling, **DDP_DAPO)
+    run(out, "layout_free", LayoutFreeEpisodes)
+    run(out, "layout_free_dapo", LayoutFreeEpisodes, **DDP_DAPO)
     run(out, "layout_free_env", LayoutFreeEpisodes, **DDP_ENV)
     run(out, "straight", SGDRLTrainer)
     run(out, "resumed", SGDRLTrainer, callbacks=[stop_at(2)])

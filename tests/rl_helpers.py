@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from paperloop import RLConfig, RLTrainer
 from paperloop.envs import Env, StepResult
 from paperloop.rl import Episodes
-from paperloop.lm.sampling import Samples, sample
 from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
 
 DIGITS = list("0123456789+=")
@@ -120,26 +118,6 @@ DDP_RUN = dict(batch_size=4, prompts=16, max_epochs=1, aggregation="token_mean",
 DDP_DAPO = dict(dynamic_sampling=True, max_sample_rounds=2, max_steps=3, reward_fns=(first_digit_reward,))
 
 
-class LayoutFreeSampling(SGDRLTrainer):
-    """Each prompt's completions come from a generator seeded by (step, prompt), the same whichever process holds
-    the prompt: a 2-process run then sees exactly the rollouts of a 1-process run of the same global batch."""
-
-    def generate(self, prompt_ids_P, num_samples=1, *, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
-        def seeded(prompt):
-            seed = 1000 * self.state.global_step + sum(i * t for i, t in enumerate(prompt))
-            return torch.Generator().manual_seed(seed)
-
-        parts = [sample(self.unwrapped_model, [prompt], num_samples, max_new_tokens, generator=seeded(prompt),
-                        temperature=temperature, top_p=top_p, eos_token_id=self.stop_token_ids,
-                        pad_token_id=self.pad_id)
-                 for prompt in prompt_ids_P]
-        width = max(part.tokens_N_L.shape[1] for part in parts)
-        return Samples(torch.cat([F.pad(p.tokens_N_L, (0, width - p.tokens_N_L.shape[1]), value=self.pad_id)
-                                  for p in parts]),
-                       torch.cat([F.pad(p.logprobs_N_L, (0, width - p.logprobs_N_L.shape[1])) for p in parts]),
-                       torch.cat([p.lengths_N for p in parts]), torch.cat([p.stopped_N for p in parts]), num_samples)
-
-
 class ExactRetry(Retry):
     """Retry with a 0/1 reward: an untrained policy's groups mostly tie (dynamic sampling has groups to drop)."""
 
@@ -155,7 +133,8 @@ DDP_ENV = dict(env=ExactRetry, max_turns=3, dynamic_sampling=True, max_sample_ro
 
 class LayoutFreeEpisodes(SGDRLTrainer):
     """Each example's training episodes come from a generator seeded by its first episode's seed (from the run seed,
-    the step and the example's index): the same whichever process plays them, as LayoutFreeSampling's."""
+    the step and the example's index): the same whichever process plays them, so a 2-process run sees exactly the
+    rollouts of a 1-process run of the same global batch."""
 
     def play(self, examples, seeds_N, names, group_size, *, temperature, top_p=1.0, generator=None):
         if generator is not self.sampling_generator:

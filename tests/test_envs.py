@@ -18,7 +18,7 @@ from paperloop.envs import Env, StepResult
 from paperloop.lm.sampling import TurnSampler, sample
 from paperloop.rl import Episodes
 from paperloop.rl.envs import episode_seed
-from paperloop.rl.rollouts import transcript_batch
+from paperloop.rl.rollouts import rollout_batch
 
 from rl_helpers import RESUME_RUNS, Retry, SGDRLTrainer, make_lm, make_prompts, make_rl_trainer, make_tokenizer, \
     run_rl_worker
@@ -163,7 +163,7 @@ def test_updates_on_transcripts_match_a_naive_loop_from_what_the_environment_saw
 
         def recording_play(*args, **kwargs):
             episodes = play(*args, **kwargs)
-            transcripts.extend(episodes.tokens_N)
+            transcripts.extend(episodes.transcripts())
             return episodes
 
         trainer.play = recording_play
@@ -194,17 +194,17 @@ def test_updates_on_transcripts_match_a_naive_loop_from_what_the_environment_saw
     assert first["rollout/env_tokens_frac"] == pytest.approx(env_tokens / after_prompt)
 
 
-def test_transcript_batch_trains_the_policy_tokens_only_by_hand():
-    episodes = Episodes(tokens_N=[[1, 5, 6, 2, 7, 8, 9], [1, 5, 3]], policy_N=[[0, 0, 1, 1, 0, 1, 1], [0, 0, 1]],
-                        logprobs_N=[[0.0, 0.0, -0.5, -0.25, 0.0, -1.0, -2.0], [0.0, 0.0, -3.0]], first_len_N=[2, 2],
-                        first_N=["a", "b"], turns_N=[2, 1], done_N=[True, False], returns_N=[1.0, 0.0], metrics={},
-                        group_size=2)
-    batch = transcript_batch(episodes, torch.tensor([0.5, -0.5]), pad_id=0, trained_N=torch.tensor([True, True]))
+def test_the_batch_trains_the_policy_tokens_only_by_hand():
+    episodes = Episodes.from_lists([[1, 5, 6, 2, 7, 8, 9], [1, 5, 3]], [[0, 0, 1, 1, 0, 1, 1], [0, 0, 1]],
+                                   [[0.0, 0.0, -0.5, -0.25, 0.0, -1.0, -2.0], [0.0, 0.0, -3.0]], [2, 2], [2, 1],
+                                   [True, False], [True, True], [1.0, 0.0], ["a", "b"], metrics={}, group_size=2,
+                                   pad_id=0)
+    batch = rollout_batch(episodes, torch.tensor([0.5, -0.5]), trained_N=torch.tensor([True, True]))
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 7, 8], [1, 5, 0, 0, 0, 0]]
     assert batch["target_tokens"].tolist() == [[5, 6, 2, 7, 8, 9], [5, 3, 0, 0, 0, 0]]
     assert batch["weights"].tolist() == [[0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 0]]
     assert batch["sampling_logprobs"].tolist() == [[0, -0.5, -0.25, 0, -1, -2], [0, -3, 0, 0, 0, 0]]
-    masked = transcript_batch(episodes, torch.zeros(2), pad_id=0, trained_N=torch.tensor([True, False]))
+    masked = rollout_batch(episodes, torch.zeros(2), trained_N=torch.tensor([True, False]))
     assert masked["weights"][1].sum() == 0
 
 
@@ -275,10 +275,11 @@ def test_chat_observations_are_the_templates_next_turn_and_carry_no_weight(tmp_p
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     end = tok.convert_tokens_to_ids("<|end|>")
     kept_end = truncated = 0
-    for n, (tokens, policy) in enumerate(zip(episodes.tokens_N, episodes.policy_N)):
+    policies = [row[:len(tokens)] for row, tokens in zip(episodes.policy_N_T.tolist(), episodes.transcripts())]
+    for n, (tokens, policy) in enumerate(zip(episodes.transcripts(), policies)):
         example = trainer.train_data[n // 4]
         first = [tok.bos_token_id] + ids(f"<|user|>{example['prompt']}<|end|><|assistant|>")
-        assert tokens[:len(first)] == first and episodes.first_len_N[n] == len(first)
+        assert tokens[:len(first)] == first and episodes.first_lengths_N[n] == len(first)
         segments, current, mine = [], [], True  # alternating policy / environment runs after the first observation
         for token, flag in zip(tokens[len(first):], policy[len(first):]):
             if bool(flag) != mine:
@@ -388,8 +389,8 @@ def test_what_cannot_go_with_an_environment_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reward_fns: with env"):
         SGDRLTrainer(make_lm(make_tokenizer()), RLConfig(output_dir=str(tmp_path)), tokenizer=make_tokenizer(),
                      train_data=make_prompts(8), reward_fns=[lambda p, c, e: 0.0], env=Retry)
-    with pytest.raises(ConfigError, match="overlong_buffer"):
-        make_rl_trainer(tmp_path, env=Retry, overlong_buffer=2)
+    with pytest.raises(ConfigError, match="overlong_buffer"):  # one action's length is a completion's; several's not
+        make_rl_trainer(tmp_path, env=Retry, max_turns=2, overlong_buffer=2)
     with pytest.raises(TypeError, match="env: a callable"):
         make_rl_trainer(tmp_path, env="Retry")
 

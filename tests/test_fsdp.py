@@ -15,7 +15,7 @@ from paperloop import ConfigError, RLConfig, SFTConfig, SFTTrainer
 from paperloop.checkpoint import CheckpointError, committed
 
 from fsdp_worker import SFT_RUN, sft_trainer
-from rl_helpers import DDP_RUN, ExactRetry, LayoutFreeSampling, make_lm, make_rl_trainer, make_tokenizer
+from rl_helpers import DDP_RUN, ExactRetry, LayoutFreeEpisodes, make_lm, make_rl_trainer, make_tokenizer
 from sft_helpers import model, sorting_examples, tokenizer
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -70,7 +70,7 @@ def test_fsdp_matches_one_process_resumes_bitwise_and_continues_in_one_process(t
 
     # RL (token_mean and batch_std across processes, sampling seeded per prompt): 2 x 2 prompts = 1 x 4
     rl = load_file(str(tmp_path / "rl.safetensors"))
-    alone = make_rl_trainer(tmp_path / "rl_single", cls=LayoutFreeSampling, **DDP_RUN)
+    alone = make_rl_trainer(tmp_path / "rl_single", cls=LayoutFreeEpisodes, **DDP_RUN)
     alone.fit()
     moved = 0.0
     for name, value in alone.unwrapped_model.state_dict().items():
@@ -92,7 +92,7 @@ def test_strategy_is_checked_and_what_fsdp_cannot_do_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="strategy: 'fsdp' with lora is not supported"):
         SFTTrainer(model(), SFTConfig(strategy="fsdp", lora={"r": 4}, output_dir=str(tmp_path)), tokenizer=tokenizer(),
                    train_data=sorting_examples(8))
-    with pytest.raises(ConfigError, match="strategy: 'fsdp' with an environment is not supported"):
+    with pytest.raises(ConfigError, match="strategy: 'fsdp' with max_turns > 1 is not supported"):
         make_rl_trainer(tmp_path, env=ExactRetry, max_turns=2, strategy="fsdp")
     assert RLConfig(strategy="fsdp").strategy == "fsdp"
     assert SFT_RUN["batch_size"] == 8

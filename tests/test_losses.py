@@ -6,8 +6,14 @@ import torch
 
 import paperloop.lm.losses as losses
 from paperloop.lm.data import pack_batch, pad_batch, tokenize_examples
-from paperloop.lm.losses import cross_entropy, forward_logprobs, token_logprobs
+from paperloop.lm.losses import chunked_scores, cross_entropy, forward_logprobs
 from paperloop.models import tiny_causal_lm, word_level_tokenizer
+
+
+def token_logprobs(logits_B_T_V, target_tokens_B_T):
+    """`chunked_scores` of logits given whole (no output layer), as (B, T)."""
+    V = logits_B_T_V.shape[-1]
+    return chunked_scores(logits_B_T_V.reshape(-1, V), target_tokens_B_T.reshape(-1))[0].view(target_tokens_B_T.shape)
 
 
 def naive_logprobs(logits_B_T_V, target_tokens_B_T):

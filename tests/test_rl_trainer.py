@@ -19,15 +19,16 @@ from paperloop import CheckpointError, RLConfig, RLTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.config import ConfigError
 from paperloop.plans import epoch_permutation
-from paperloop.lm.losses import token_entropy
-from paperloop.rl import rollout_batch, split_rows
+from paperloop.lm.losses import chunked_scores
+from paperloop.rl import Episodes, rollout_batch, split_rows
 from paperloop.rl.trainer import disable_dropout
 from paperloop.models.lm import tiny_causal_lm
-from paperloop.lm.sampling import Samples, sample
+from paperloop.lm.data import prompt_ids
+from paperloop.lm.sampling import sample
 from helpers import assert_bitwise_equal, straight_and_resumed, weights
 from paperloop.checkpoint import committed
 
-from rl_helpers import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, LayoutFreeSampling, digit_reward, first_digit_reward, make_lm,
+from rl_helpers import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, digit_reward, first_digit_reward, make_lm,
                         make_prompts, make_rl_trainer,
                         make_tokenizer, run_rl_worker)
 
@@ -212,11 +213,14 @@ def test_updates_match_a_naive_loop_from_the_formulas(tmp_path, recipe):
 
 def test_rollout_batch_aligns_completions_weights_and_sampling_logprobs_by_hand():
     # two prompts of different lengths, G = 2; completions of 2, 1, 3 and 2 tokens (padding 0 after each)
-    samples = Samples(tokens_N_L=torch.tensor([[7, 2, 0], [2, 0, 0], [8, 9, 2], [9, 9, 0]]),
-                      logprobs_N_L=torch.tensor([[-.1, -.2, 0], [-.3, 0, 0], [-.4, -.5, -.6], [-.7, -.8, 0]]),
-                      lengths_N=torch.tensor([2, 1, 3, 2]), stopped_N=torch.tensor([True, True, True, False]),
-                      group_size=2)
-    batch = rollout_batch([[1, 5, 6], [1, 4]], samples, torch.tensor([1.0, -1.0, 0.5, -0.5]), pad_id=0)
+    prompts, completions = [[1, 5, 6], [1, 5, 6], [1, 4], [1, 4]], [[7, 2], [2], [8, 9, 2], [9, 9]]
+    logprobs = [[-.1, -.2], [-.3], [-.4, -.5, -.6], [-.7, -.8]]
+    episodes = Episodes.from_lists([p + c for p, c in zip(prompts, completions)],
+                                   [[False] * len(p) + [True] * len(c) for p, c in zip(prompts, completions)],
+                                   [[0.0] * len(p) + lp for p, lp in zip(prompts, logprobs)], [3, 3, 2, 2], [1] * 4,
+                                   [True] * 4, [True, True, True, False], [0.0] * 4, ["a", "a", "b", "b"],
+                                   metrics={}, group_size=2, pad_id=0)
+    batch = rollout_batch(episodes, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     # row 0: tokens 1 5 6 | 7 2  -> input 1 5 6 7, targets 5 6 7 2, trained: the targets 7 and 2
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 5, 6, 0], [1, 4, 8, 9], [1, 4, 9, 0]]
     assert batch["target_tokens"].tolist() == [[5, 6, 7, 2], [5, 6, 2, 0], [4, 8, 9, 2], [4, 9, 9, 0]]
@@ -230,6 +234,12 @@ def test_rollout_batch_aligns_completions_weights_and_sampling_logprobs_by_hand(
     assert first["input_ids"].shape == (2, 4) and second["input_ids"].shape == (2, 4)
     short = split_rows({k: v[1:2] for k, v in batch.items()}, 1)[0]
     assert short["input_ids"].tolist() == [[1, 5, 6]] and short["advantages"].tolist() == [-1.0]
+
+
+def token_entropy(logits_B_T_V):
+    V = logits_B_T_V.shape[-1]
+    targets_N = torch.zeros(logits_B_T_V.shape[:-1], dtype=torch.long).reshape(-1)
+    return chunked_scores(logits_B_T_V.reshape(-1, V), targets_N, entropy="detached")[1].view(logits_B_T_V.shape[:-1])
 
 
 def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
@@ -265,7 +275,7 @@ def test_config_errors_name_the_key(overrides, key):
 
 
 def test_the_entropy_threshold_is_torch_quantile_and_takes_more_than_its_2_24_elements():
-    from paperloop.rl.trainer import linear_quantile
+    from paperloop.rl.losses import linear_quantile
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 1000):
         values = torch.rand(n, generator=g, dtype=torch.float64)
@@ -469,7 +479,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = load_file(str(tmp_path / "layout_free.safetensors"))
-    single = make_rl_trainer(tmp_path / "single", cls=LayoutFreeSampling, **DDP_RUN)
+    single = make_rl_trainer(tmp_path / "single", cls=LayoutFreeEpisodes, **DDP_RUN)
     single.fit()
     moved = 0.0
     for name, value in single.unwrapped_model.state_dict().items():
@@ -483,7 +493,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
     # keep and train the groups 1 process does.
     ddp = load_file(str(tmp_path / "layout_free_dapo.safetensors"))
     rounds = []
-    single = make_rl_trainer(tmp_path / "single_dapo", cls=LayoutFreeSampling, **{**DDP_RUN, **DDP_DAPO}, callbacks=[
+    single = make_rl_trainer(tmp_path / "single_dapo", cls=LayoutFreeEpisodes, **{**DDP_RUN, **DDP_DAPO}, callbacks=[
         LambdaCallback(on_batch_end=lambda t, o: rounds.append(o["rollout/sample_rounds"]))])
     single.fit()
     assert max(rounds) == 2  # some step drew a second round
@@ -506,9 +516,9 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
 def test_chat_prompts_render_the_generation_prompt_and_stop_at_end_of_turn(tmp_path):
     trainer = make_rl_trainer(tmp_path, max_steps=1)
     tok = trainer.tokenizer
-    ids = trainer.prompt_ids([{"role": "user", "content": "1+2="}])
+    ids = prompt_ids([{"role": "user", "content": "1+2="}], tok)
     assert tok.decode(ids) == "<bos><|user|>1+2=<|end|><|assistant|>"
-    assert trainer.prompt_ids("1+2=") == tok("1+2=")["input_ids"]
+    assert prompt_ids("1+2=", tok) == tok("1+2=")["input_ids"]
     assert trainer.stop_token_ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     chats = [{"messages": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in make_prompts()]
     seen = []
@@ -602,7 +612,7 @@ def test_rl_with_lora_trains_only_adapters_checkpoints_only_them_and_resumes_bit
     assert straight.reference is None
     batch = next(iter(straight.plan.steps()))
     rollouts = straight.rollout(torch.cat(batch.micro_batches))
-    rows = rollouts.batch(torch.zeros(len(rollouts.completions_N)))
+    rows = rollouts.batch(torch.zeros(len(rollouts.episodes)))
     with torch.no_grad():
         base_logprobs = torch.log_softmax(make_lm(make_tokenizer())(
             input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits, -1)
@@ -757,7 +767,7 @@ def test_each_process_samples_its_own_stream(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "make_accelerator", lambda: Rank1(real()))
     second = make_rl_trainer(tmp_path / "rank1")
     assert second.rank == 1 and second.sampling_generator.initial_seed() == sampling_seed(0, 1)
-    prompt = [trainer.train_prompt_ids[0]]
+    prompt = [prompt_ids(make_prompts()[0]["prompt"], make_tokenizer())]
     drawn = [trainer.generate(prompt, 16, max_new_tokens=5, temperature=1.0,
                               generator=torch.Generator().manual_seed(sampling_seed(0, rank))).completions()
              for rank in (0, 1)]
@@ -835,12 +845,12 @@ def test_rollout_records_hold_each_completions_rewards_shaping_advantage_and_end
     seen, outputs = [], []
     trainer = make_rl_trainer(tmp_path, max_steps=1, max_epochs=None, log_completions=16, overlong_buffer=2,
                               overlong_penalty=0.5, callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
-    score = trainer.score
-    trainer.score = lambda *args: seen.append(score(*args)) or seen[-1]
+    play = trainer.play
+    trainer.play = lambda *args, **kwargs: seen.append(play(*args, **kwargs)) or seen[-1]
     trainer.fit()
     records = outputs[0]["records/rollouts"]
     assert len(records) == 16 and json.loads(json.dumps(records)) == records  # JSON as it is
-    rewards = seen[0][:, 0].tolist()
+    rewards = seen[0].rewards_N_F[:, 0].tolist()
     # a truncated completion ran the whole budget; one token per character, so the text (special tokens skipped)
     # is never longer than the completion
     assert all(r["length"] == 5 for r in records if r["truncated"])

@@ -27,11 +27,12 @@ def evaluate(model, tokenizer, pairs, samples: int, temperature: float, max_new_
     sampled = episodes(model, tokenizer, pairs, samples, temperature, max_new_tokens, max_turns, generator)
 
     def tool_rate(played: Episodes) -> float:  # an action without a call ends an episode: more turns, a call
-        return float(np.mean([turns > 1 for turns in played.turns_N]))
+        return float(np.mean(played.turns_N.numpy() > 1))
 
-    return {"greedy_acc": round(float(np.mean(greedy.returns_N)), 4), "greedy_tool_rate": round(tool_rate(greedy), 4),
-            "pass@1": round(float(np.mean(sampled.returns_N)), 4), "tool_rate": round(tool_rate(sampled), 4),
-            "turns_mean": round(float(np.mean(sampled.turns_N)), 3)}
+    return {"greedy_acc": round(float(np.mean(greedy.returns_N.numpy())), 4),
+            "greedy_tool_rate": round(tool_rate(greedy), 4),
+            "pass@1": round(float(np.mean(sampled.returns_N.numpy())), 4), "tool_rate": round(tool_rate(sampled), 4),
+            "turns_mean": round(float(np.mean(sampled.turns_N.numpy())), 3)}
 
 
 def episodes(model, tokenizer, pairs, n: int, temperature: float, max_new_tokens: int, max_turns: int,

@@ -30,7 +30,6 @@ import torch
 from ..base import BaseTrainer
 from ..config import ConfigError, TrainerConfig
 from ..steps import adamw
-from .data import prompt_ids
 from .lora import LoraSettings, apply_lora
 from .losses import TokenScores, forward_logprobs
 from .sampling import Samples, default_stop_token_ids, sample
@@ -65,6 +64,19 @@ def pad_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a pad_token nor an eos_token; set one (e.g. tokenizer.pad_token = ...)")
 
 
+class ScoreError(Exception):
+    """A user's scoring function (a reward function, an `eval_fn`) failed; the message names the function and the
+    example, so a caller passes it on as it is."""
+
+
+class ScorerRaised(ScoreError, RuntimeError):
+    """The scoring function raised (the original exception is the cause)."""
+
+
+class NotAScore(ScoreError, ValueError):
+    """The scoring function returned something that is not a finite number."""
+
+
 def call_scorer(fn, *args, name: str, where: str) -> float:
     """`fn(*args)` as a float: what a reward function or an `eval_fn` returns. An exception, or a value that is
     not a finite number, is an error naming the function (`name`) and the example (`where`): a NaN would
@@ -72,11 +84,11 @@ def call_scorer(fn, *args, name: str, where: str) -> float:
     try:
         value = fn(*args)
     except Exception as e:
-        raise RuntimeError(f"{name} raised {type(e).__name__} on {where}: {e}") from e
+        raise ScorerRaised(f"{name} raised {type(e).__name__} on {where}: {e}") from e
     number = as_score(value)
     if number is None:
-        raise ValueError(f"{name} returned {value!r:.40} on {where}: a score is a finite number, at most "
-                         f"{SCORE_LIMIT:.3g} in size (bool, int, float, a numpy number or a one-element tensor)")
+        raise NotAScore(f"{name} returned {value!r:.40} on {where}: a score is a finite number, at most "
+                        f"{SCORE_LIMIT:.3g} in size (bool, int, float, a numpy number or a one-element tensor)")
     return number
 
 
@@ -183,11 +195,6 @@ class LMTrainer(BaseTrainer):
             generator = torch.Generator(device=self.device)
         return sample(self.unwrapped_model, prompt_ids_P, num_samples, max_new_tokens, generator=generator,
                       temperature=temperature, top_p=top_p, eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id)
-
-    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
-        """The ids a completion continues: a prompt string with the tokenizer's special tokens (BOS), or chat
-        messages rendered with the template's generation prompt."""
-        return prompt_ids(prompt, self.tokenizer)
 
 
 def enable_gradient_checkpointing(model) -> None:

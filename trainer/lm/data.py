@@ -266,13 +266,16 @@ def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, li
     return full, spans
 
 
-def prompt_ids(prompt: str | list[dict], tokenizer, split_special_tokens: bool = False) -> list[int]:
-    """The token ids a model continues from: a prompt string with the tokenizer's special tokens (BOS), or
+def prompt_ids(prompt: str | list[dict], tokenizer, split_special_tokens: bool = False,
+               where: str = "a conversation") -> list[int]:
+    """The token ids a model continues from — the one way a prompt becomes ids (SFT's generation prompts, RL's
+    prompts, an environment's first observation): a prompt string with the tokenizer's special tokens (BOS), or
     chat messages rendered with the template's generation prompt (the template adds its own specials).
-    `split_special_tokens`: control tokens typed in a prompt string are read as text."""
+    `split_special_tokens`: control tokens typed in a prompt string are read as text. `where` names the prompt in
+    a chat template's error."""
     if isinstance(prompt, str):
         return tokenizer(prompt, split_special_tokens=split_special_tokens)["input_ids"]
-    text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

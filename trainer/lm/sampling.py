@@ -11,15 +11,19 @@ Why not `model.generate`: it samples from the global torch RNG and takes no gene
 checkpoint could not draw the same completions as the uninterrupted run. Here every random number comes from
 `generator`, the global RNG is never touched, and the same generator state gives the same samples.
 
-The loop: left-pad the prompts (attention mask and explicit position ids), prefill each prompt once, repeat its
-KV cache G times (cheaper than prefilling G copies; see `benchmarks/sampling.py`), then one token per step for
-all rows until every row has emitted EOS or `max_new_tokens` is reached. Rows that have finished keep running
-with padding (dropping them would reallocate the cache for little gain at RL lengths) and are masked out.
+One decode loop, `TurnSampler`, serves a single completion and a multi-turn episode alike (`sample` is its one
+turn): left-pad the prompts (attention mask and explicit position ids), prefill each distinct prompt once and
+repeat its KV cache for its rows (cheaper than prefilling G copies; see `benchmarks/sampling.py`), then one token
+per step for all rows until every row has emitted a stop token or `max_new_tokens` is reached. Rows that have
+finished keep running with padding (dropping them would reallocate the cache for little gain at RL lengths) and
+are masked out. A sharded (FSDP) model's processes stop together (`finished_everywhere`): its forward is a
+collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -64,11 +68,6 @@ class Samples:
     def __len__(self) -> int:
         return self.tokens_N_L.shape[0]
 
-    @property
-    def mask_N_L(self) -> torch.Tensor:
-        """(N, L) bool: True on completion tokens, False on padding."""
-        return torch.arange(self.tokens_N_L.shape[1], device=self.lengths_N.device) < self.lengths_N[:, None]
-
     def completions(self) -> list[list[int]]:
         """Each row's completion ids as a python list (one host transfer for the whole batch)."""
         return [row[:n] for row, n in zip(self.tokens_N_L.tolist(), self.lengths_N.tolist())]
@@ -77,7 +76,8 @@ class Samples:
 def sample(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *, generator: torch.Generator,
            temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | Sequence[int],
            pad_token_id: int) -> Samples:
-    """Draw `num_samples` completions for each prompt (lists of token ids) from `model`, a transformers causal LM.
+    """Draw `num_samples` completions for each prompt (lists of token ids) from `model`, a transformers causal LM:
+    one turn of a `TurnSampler` whose rows are each prompt repeated `num_samples` times (prefilled once).
 
     temperature > 0 samples from softmax(logits / temperature), truncated to the smallest set of tokens whose
     probability reaches `top_p` (nucleus sampling) when top_p < 1; temperature == 0 is greedy (argmax).
@@ -94,15 +94,11 @@ def sample(model, prompts: list[list[int]], num_samples: int, max_new_tokens: in
     and a fresh KV cache, whatever `model.config.use_cache` says. Only `generator` is drawn from; it must live on
     the model's device. Pass the unwrapped model (not a DDP wrapper): sampling needs no gradient synchronization.
     """
-    eos_ids = _check_sample_args(prompts, num_samples, max_new_tokens, temperature, top_p, eos_token_id,
-                                 pad_token_id)
-    device = _check_device(model, generator)
-    # inference_mode skips autograd's bookkeeping (~7% faster than no_grad here); the results are copied out of it so
-    # that callers may use them in autograd graphs.
-    with _inference(model):
-        raw = _sample_loop(model, prompts, num_samples, max_new_tokens, generator, temperature, top_p,
-                           torch.tensor(eos_ids, device=device), pad_token_id, device)
-    return Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=num_samples)
+    _check_sample_args(prompts, num_samples, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
+    rows = [prompt for prompt in prompts for _ in range(num_samples)]
+    samples = TurnSampler(model, rows, generator=generator, temperature=temperature, top_p=top_p,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id).sample(max_new_tokens)
+    return dataclasses.replace(samples, group_size=num_samples)
 
 
 def _check_device(model, generator: torch.Generator) -> torch.device:
@@ -126,43 +122,6 @@ def _inference(model):
     finally:
         for module, training in modes.items():
             module.training = training
-
-
-def _sample_loop(model, prompts, group_size, max_new_tokens, generator, temperature, top_p, eos_E, pad_id,
-                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    input_ids_P_S, attention_P_S = left_pad(prompts, pad_id, device)
-    positions_P_S = (attention_P_S.cumsum(dim=1) - 1).clamp(min=0)
-    cache = growing_cache(model.config)
-    cache_arg = {cache_argument(model): cache}
-    logits_P_V = model(input_ids=input_ids_P_S, attention_mask=attention_P_S, position_ids=positions_P_S,
-                       **cache_arg, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    # Each prompt's G samples share its prefill: repeat the cache, the last logits and the mask per row.
-    cache.batch_repeat_interleave(group_size)
-    logits_N_V = logits_P_V.repeat_interleave(group_size, dim=0)
-    n_rows, prompt_len = logits_N_V.shape[0], input_ids_P_S.shape[1]
-    # The mask for the whole run, allocated once; step t attends to its first prompt_len + t + 1 columns.
-    attention_N_S = torch.ones(n_rows, prompt_len + max_new_tokens, dtype=attention_P_S.dtype, device=device)
-    attention_N_S[:, :prompt_len] = attention_P_S.repeat_interleave(group_size, dim=0)
-    next_position_N_1 = positions_P_S[:, -1:].repeat_interleave(group_size, dim=0) + 1
-
-    tokens_N_L = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    # log-probs in float32 at least (bf16 logits are upcast), float64 for a float64 model
-    logprobs_N_L = torch.zeros(n_rows, max_new_tokens, dtype=_score_dtype(logits_N_V), device=device)
-    lengths_N = torch.zeros(n_rows, dtype=torch.long, device=device)
-    finished_N = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        token_N, logprob_N = draw(logits_N_V, generator, temperature, top_p)
-        tokens_N_L[:, t] = token_N.masked_fill(finished_N, pad_id)
-        logprobs_N_L[:, t] = logprob_N.masked_fill(finished_N, 0.0)
-        lengths_N += ~finished_N
-        finished_N |= torch.isin(token_N, eos_E)
-        if t + 1 == max_new_tokens or ((t + 1) % FINISHED_CHECK_EVERY == 0 and finished_everywhere(model, finished_N)):
-            break
-        logits_N_V = model(input_ids=tokens_N_L[:, t:t + 1], attention_mask=attention_N_S[:, :prompt_len + t + 1],
-                           position_ids=next_position_N_1 + t, **cache_arg, use_cache=True).logits[:, -1]
-    width = int(lengths_N.max())  # columns after the last row stopped are all padding
-    return tokens_N_L[:, :width], logprobs_N_L[:, :width], lengths_N, finished_N
 
 
 def finished_everywhere(model, finished_N: torch.Tensor) -> bool:
@@ -236,7 +195,8 @@ class TurnSampler:
                 logprobs_R_L[:, t] = logprob_R.masked_fill(finished_R, 0.0)
                 lengths_R += live_R
                 finished_R = finished_R | torch.isin(token_R, self.eos_E)
-                if t + 1 == L or ((t + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished_R.all())):
+                if t + 1 == L or ((t + 1) % FINISHED_CHECK_EVERY == 0
+                                  and finished_everywhere(self.model, finished_R)):
                     self.pending_R, self.pending_valid_R = tokens_R_L[:, t].clone(), live_R
                     break
                 self._feed(tokens_R_L[:, t:t + 1], live_R[:, None])
@@ -275,7 +235,8 @@ class TurnSampler:
             self._feed(ids_R_W, valid_R_W.bool())
 
     def _feed(self, ids_R_W: torch.Tensor, valid_R_W: torch.Tensor) -> None:
-        """Prefill a block of columns onto the cache; a row's logits move on only if the block holds a real token."""
+        """Prefill a block of columns onto the cache; a row's logits move on only if the block holds a real token
+        (a row that stopped early keeps the logits after its stop token, for an observation of no tokens)."""
         attention_R_S = torch.cat([self.attention_R_S, valid_R_W.to(self.attention_R_S.dtype)], dim=1)
         positions_R_W = self.next_position_R[:, None] + valid_R_W.long().cumsum(dim=1) - 1
         logits_R_V = self.model(input_ids=ids_R_W, attention_mask=attention_R_S, position_ids=positions_R_W.clamp(min=0),

@@ -9,23 +9,30 @@
   `cispo`, `sapo`), registered by name, and `policy_loss`, which combines them with the KL penalty and the entropy
   bonus and reports metrics
 - `metrics.py`: pass@k
-- `rollouts.py`: sampled completions (or played episodes) with their rewards, and the training batch built from them
-- `envs.py`: multi-turn environments (`Env`, `StepResult`, also `paperloop.envs`) and `play`, which runs episodes
+- `envs.py`: environments (`Env`, `StepResult`, also `paperloop.envs`), `Episodes` and `play`, which runs them: the
+  one rollout path (sampling, stepping, the KV cache carried across turns)
+- `prompts.py`: where episodes come from (`Source`): a prompt scored by reward functions is a one-turn environment
+  (`PromptEnv`); the checks of prompts, reward functions and environment factories
+- `rollouts.py`: a step's rollouts with their rewards, the one training batch built from them, the data plan
+- `records.py`: a few rollouts as records (`rollouts.jsonl`) and text
 - `tools.py`: `ToolEnv`, tool use as an environment (Python functions called from the action, with time limits)
-- `trainer.py`: `RLTrainer` and `RLConfig`
+- `config.py`: `RLConfig`
+- `trainer.py`: `RLTrainer`
 """
 
 from .advantages import (ADVANTAGE_NORMALIZERS, STD_EPS, group_advantages, group_spread, overlong_penalty,
                          register_advantage, zero_std_fraction)
-from .losses import (AGGREGATIONS, POLICY_LOSSES, LossOptions, aggregation_weights, cispo, gspo, k3_kl, masked_mean,
-                     policy_loss, ppo_clip, register_aggregation, register_policy_loss, sapo)
+from .losses import (AGGREGATIONS, POLICY_LOSSES, LossOptions, aggregation_weights, cispo, gspo, k3_kl, loss_traits,
+                     masked_mean, policy_loss, ppo_clip, register_aggregation, register_policy_loss, sapo)
 from .envs import Env, Episodes, StepResult, play
 from .metrics import pass_at_k
+from .prompts import PromptEnv
 from .tools import ToolEnv
 from .rollouts import Rollouts, WholeStepsPlan, rollout_batch, split_rows
-from .trainer import RLConfig, RLTrainer
+from .config import RLConfig
+from .trainer import RLTrainer
 
 __all__ = ["group_advantages", "group_spread", "overlong_penalty", "zero_std_fraction", "register_advantage", "ADVANTAGE_NORMALIZERS", "STD_EPS",
-           "policy_loss", "ppo_clip", "gspo", "cispo", "sapo", "LossOptions", "aggregation_weights", "k3_kl", "masked_mean", "register_aggregation",
+           "policy_loss", "ppo_clip", "gspo", "cispo", "sapo", "LossOptions", "loss_traits", "aggregation_weights", "k3_kl", "masked_mean", "register_aggregation",
            "register_policy_loss", "AGGREGATIONS", "POLICY_LOSSES", "pass_at_k", "Rollouts", "WholeStepsPlan",
-           "rollout_batch", "split_rows", "RLConfig", "RLTrainer", "Env", "StepResult", "Episodes", "play", "ToolEnv"]
+           "rollout_batch", "split_rows", "RLConfig", "RLTrainer", "Env", "StepResult", "Episodes", "play", "PromptEnv", "ToolEnv"]

@@ -27,13 +27,16 @@ example index, generation), so a resumed run replays the same episodes.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from ..lm.base import as_score
-from ..lm.data import check_messages, render_chat
+from ..lm.base import ScoreError, as_score
+from ..lm.data import check_messages, prompt_ids, render_chat
 from ..lm.sampling import TurnSampler
 from ..plans import mixed_seed
 
@@ -76,57 +79,105 @@ def episode_seed(seed: int, step: int, index: int, generation: int) -> int:
 
 @dataclass(frozen=True)
 class Episodes:
-    """N played episodes, G consecutive per example. Lists, one entry per episode:
+    """N played episodes, G consecutive per example, as right-padded (N, T) tensors on the CPU:
 
-    tokens_N: the whole transcript's ids — the first observation, then each action and observation in turn.
-    policy_N: 1 where a token was sampled by the policy, 0 where the environment (or the template) put it.
-    logprobs_N: the sampler's log-prob of each policy token, 0.0 elsewhere.
-    first_len_N: the first observation's length. first_N: the first observation as `reset` returned it.
-    turns_N: actions taken. done_N: ended by the environment (False: truncated at max_turns). returns_N: the sum of
-    the step rewards. metrics: key -> (sum, count) of the steps' `metrics` over every episode.
+    tokens_N_T: each transcript's ids — the first observation, then each action and observation in turn — padded
+        with `pad_id` after its `lengths_N` tokens.
+    policy_N_T: True where the policy sampled the token, False where the environment (or the template) put it.
+    logprobs_N_T: the sampler's log-prob of each policy token, 0 elsewhere (float32; float64 for a float64 model).
+    first_lengths_N: the first observation's length. turns_N: actions taken. done_N: ended by the environment
+    (False: truncated at max_turns). last_stopped_N: the last action ended at a stop token (False: it ran out of
+    max_new_tokens). returns_N: the sum of the step rewards (float64). rewards_N_F: the reward in parts, float64
+    (here the return alone, F = 1; a prompt's one-turn episode: each reward function's value, `rl.prompts`).
+    first_N: the first observations as `reset` returned them. metrics: key -> (sum, count) of the steps' `metrics`
+    over every episode. env_s: seconds spent in the environments (reset, step, close).
     """
 
-    tokens_N: list[list[int]]
-    policy_N: list[list[int]]
-    logprobs_N: list[list[float]]
-    first_len_N: list[int]
+    tokens_N_T: torch.Tensor
+    policy_N_T: torch.Tensor
+    logprobs_N_T: torch.Tensor
+    lengths_N: torch.Tensor
+    first_lengths_N: torch.Tensor
+    turns_N: torch.Tensor
+    done_N: torch.Tensor
+    last_stopped_N: torch.Tensor
+    returns_N: torch.Tensor
+    rewards_N_F: torch.Tensor
     first_N: list
-    turns_N: list[int]
-    done_N: list[bool]
-    returns_N: list[float]
     metrics: dict
     group_size: int
-    logprob_dtype: torch.dtype = torch.float32
+    pad_id: int
+    env_s: float = 0.0
 
     def __len__(self) -> int:
-        return len(self.tokens_N)
+        return len(self.lengths_N)
 
     @property
     def policy_tokens_N(self) -> torch.Tensor:
-        return torch.tensor([sum(p) for p in self.policy_N], dtype=torch.long)
+        return self.policy_N_T.sum(dim=1)
+
+    @property
+    def stopped_N(self) -> torch.Tensor:
+        """(N,) bool: the episode ended as the environment and the policy meant it to — done, its last action at a
+        stop token — and was not cut by a budget (max_turns, max_new_tokens)."""
+        return self.done_N & self.last_stopped_N
 
     @property
     def env_tokens_N(self) -> torch.Tensor:
-        return torch.tensor([len(p) - f - sum(p) for p, f in zip(self.policy_N, self.first_len_N)], dtype=torch.long)
+        """(N,) tokens after the first observation that the environment (or the template) put there."""
+        return self.lengths_N - self.first_lengths_N - self.policy_tokens_N
+
+    def transcripts(self) -> list[list[int]]:
+        """Each transcript's ids, unpadded (one host transfer)."""
+        return [row[:n] for row, n in zip(self.tokens_N_T.tolist(), self.lengths_N.tolist())]
 
     def take(self, rows: Sequence[int]) -> "Episodes":
-        """The episodes at `rows`, in that order (their metrics stay the whole set's)."""
-        pick = lambda values: [values[r] for r in rows]  # noqa: E731
-        return Episodes(pick(self.tokens_N), pick(self.policy_N), pick(self.logprobs_N), pick(self.first_len_N),
-                        pick(self.first_N), pick(self.turns_N), pick(self.done_N), pick(self.returns_N), self.metrics,
-                        self.group_size, self.logprob_dtype)
+        """The episodes at `rows`, in that order, cut to their longest (their metrics and time stay the whole set's)."""
+        index_K = torch.tensor(list(rows), dtype=torch.long)
+        width = int(self.lengths_N[index_K].max()) if len(index_K) else 0
+        return dataclasses.replace(self, **{name: getattr(self, name)[index_K, :width] for name in _PER_TOKEN},
+                                   **{name: getattr(self, name)[index_K] for name in _PER_EPISODE},
+                                   first_N=[self.first_N[r] for r in rows])
+
+    @staticmethod
+    def from_lists(tokens_N: list[list[int]], policy_N: list[list[bool]], logprobs_N: list[list[float]],
+                   first_lengths_N: list[int], turns_N: list[int], done_N: list[bool], last_stopped_N: list[bool],
+                   returns_N: list[float], first_N: list, *, metrics: dict, group_size: int, pad_id: int,
+                   env_s: float = 0.0, logprob_dtype: torch.dtype = torch.float32) -> "Episodes":
+        """Episodes from one python list per episode and field (what `play` builds turn by turn), padded into one
+        tensor per field at once (a tensor op per row would cost more); the reward's one part is the return."""
+        lengths_N = [len(tokens) for tokens in tokens_N]
+        width = max(lengths_N)
+
+        def padded(rows, value, dtype):
+            return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=dtype)
+
+        returns = torch.tensor(returns_N, dtype=torch.float64)
+        return Episodes(padded(tokens_N, pad_id, torch.long), padded(policy_N, False, torch.bool),
+                        padded(logprobs_N, 0.0, logprob_dtype), torch.tensor(lengths_N), torch.tensor(first_lengths_N),
+                        torch.tensor(turns_N), torch.tensor(done_N, dtype=torch.bool),
+                        torch.tensor(last_stopped_N, dtype=torch.bool), returns, returns[:, None].clone(), list(first_N),
+                        metrics, group_size, pad_id, env_s)
 
     @staticmethod
     def concat(parts: Sequence["Episodes"]) -> "Episodes":
-        """Several sets' episodes in order; their metrics summed."""
+        """Several sets' episodes in order, padded to the widest; their metrics and times summed."""
+        width = max(part.tokens_N_T.shape[1] for part in parts)
+        pad = {"tokens_N_T": parts[0].pad_id, "policy_N_T": False, "logprobs_N_T": 0.0}
         metrics: dict = {}
         for part in parts:
             for key, (total, count) in part.metrics.items():
                 old = metrics.get(key, (0.0, 0))
                 metrics[key] = (old[0] + total, old[1] + count)
-        joined = [sum((getattr(p, name) for p in parts), []) for name in
-                  ("tokens_N", "policy_N", "logprobs_N", "first_len_N", "first_N", "turns_N", "done_N", "returns_N")]
-        return Episodes(*joined, metrics, parts[0].group_size, parts[0].logprob_dtype)
+        return dataclasses.replace(
+            parts[0], **{name: torch.cat([F.pad(getattr(p, name), (0, width - p.tokens_N_T.shape[1]), value=value)
+                                          for p in parts]) for name, value in pad.items()},
+            **{name: torch.cat([getattr(p, name) for p in parts]) for name in _PER_EPISODE},
+            first_N=[first for p in parts for first in p.first_N], metrics=metrics, env_s=sum(p.env_s for p in parts))
+
+
+_PER_TOKEN = ("tokens_N_T", "policy_N_T", "logprobs_N_T")
+_PER_EPISODE = ("lengths_N", "first_lengths_N", "turns_N", "done_N", "last_stopped_N", "returns_N", "rewards_N_F")
 
 
 def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str], *, group_size: int, max_turns: int,
@@ -135,18 +186,19 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
     """Play one episode in each of `envs_N` (seeded by `seeds_N`; `names_N` name their examples in errors): every
     live episode's action sampled in one batch, each turn continuing its KV cache (`lm.sampling.TurnSampler`).
     Every environment is closed at the end, also when one of them fails."""
-    N = len(envs_N)
+    N, clock = len(envs_N), _Clock()
     try:
-        first_N = [_reset(env, seed, name) for env, seed, name in zip(envs_N, seeds_N, names_N)]
+        with clock:
+            first_N = [_reset(env, seed, name) for env, seed, name in zip(envs_N, seeds_N, names_N)]
         chats_N = [list(obs) if isinstance(obs, list) else None for obs in first_N]  # a chat episode's messages
         tokens_N = [_first_ids(obs, tokenizer, split_special_tokens, env, name)
                     for obs, env, name in zip(first_N, envs_N, names_N)]
         for n in range(N):
             _check_room(len(tokens_N[n]), max_new_tokens, max_positions, envs_N[n], names_N[n], 0, "first observation")
-        policy_N = [[0] * len(t) for t in tokens_N]
+        first_lengths = [len(t) for t in tokens_N]
+        policy_N = [[False] * len(t) for t in tokens_N]
         logprobs_N = [[0.0] * len(t) for t in tokens_N]
-        first_len_N = [len(t) for t in tokens_N]
-        turns_N, done_N, returns_N, metrics = [0] * N, [False] * N, [0.0] * N, {}
+        turns_N, done_N, last_stopped_N, returns_N, metrics = [0] * N, [False] * N, [False] * N, [0.0] * N, {}
         dtype = torch.float32
         sampler = TurnSampler(model, tokens_N, generator=generator, temperature=temperature, top_p=top_p,
                               eos_token_id=stop_token_ids, pad_token_id=pad_token_id)
@@ -160,10 +212,11 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
             for r, n in enumerate(sampler.rows):
                 env, name = envs_N[n], names_N[n]
                 tokens_N[n] += ids_R[r]
-                policy_N[n] += [1] * len(ids_R[r])
+                policy_N[n] += [True] * len(ids_R[r])
                 logprobs_N[n] += logprobs_R[r][:len(ids_R[r])]
-                turns_N[n] = turn
-                result = _step(env, texts_R[r], name, turn)
+                turns_N[n], last_stopped_N[n] = turn, stopped_R[r]
+                with clock:
+                    result = _step(env, texts_R[r], name, turn)
                 returns_N[n] += float(result.reward)
                 for key, value in result.metrics.items():
                     total, count = metrics.get(key, (0.0, 0))
@@ -178,7 +231,7 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
                 _check_room(len(tokens_N[n]) + len(ids), max_new_tokens, max_positions, env, name, turn,
                             "the transcript with this observation")
                 tokens_N[n] += ids
-                policy_N[n] += [0] * len(ids)
+                policy_N[n] += [False] * len(ids)
                 logprobs_N[n] += [0.0] * len(ids)
                 going.append(n)
                 observations.append(ids)
@@ -187,12 +240,27 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
                 break
             sampler.extend(observations)
     finally:
-        for env in envs_N:
-            close = getattr(env, "close", None)
-            if callable(close):
-                close()
-    return Episodes(tokens_N, policy_N, logprobs_N, first_len_N, first_N, turns_N, done_N, returns_N, metrics,
-                    group_size, dtype)
+        with clock:
+            for env in envs_N:
+                close = getattr(env, "close", None)
+                if callable(close):
+                    close()
+    return Episodes.from_lists(tokens_N, policy_N, logprobs_N, first_lengths, turns_N, done_N, last_stopped_N,
+                               returns_N, first_N, metrics=metrics, group_size=group_size, pad_id=pad_token_id,
+                               env_s=clock.seconds, logprob_dtype=dtype)
+
+
+class _Clock:
+    """Seconds spent inside its `with` blocks, summed."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._start
 
 
 def _where(env, name: str, turn: int | None = None) -> str:
@@ -216,6 +284,8 @@ def _reset(env, seed: int, name: str):
 def _step(env, action: str, name: str, turn: int) -> StepResult:
     try:
         result = env.step(action)
+    except ScoreError:  # a reward function's error (a prompt's one-turn environment) names it and the example
+        raise
     except Exception as e:
         raise RuntimeError(f"{_where(env, name, turn)}: step raised {type(e).__name__}: {e} (action {action!r:.80})"
                            ) from e
@@ -235,11 +305,7 @@ def _step(env, action: str, name: str, turn: int) -> StepResult:
 
 
 def _first_ids(observation, tokenizer, split: bool, env, name: str) -> list[int]:
-    if isinstance(observation, str):
-        ids = tokenizer(observation, split_special_tokens=split)["input_ids"]
-    else:
-        text = render_chat(tokenizer, observation, True, _where(env, name) + ": the first observation")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(observation, tokenizer, split, where=_where(env, name) + ": the first observation")
     if not ids:
         raise ValueError(f"{_where(env, name)}: the first observation tokenizes to no tokens at all")
     return ids

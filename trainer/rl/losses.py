@@ -54,11 +54,47 @@ register_aggregation = registrar(AGGREGATIONS, "aggregation", """Register `fn(we
 (weight_B, denominator_B)` under a new name for `policy_loss` (a taken name is refused). The loss is
 Σ_b weight_b · (Σ_t ℓ_bt m_bt / denominator_b) / Σ_b weight_b; see the module docstring.""")
 
-register_policy_loss = registrar(POLICY_LOSSES, "policy loss", """Register `fn(log_ratio_B_T, advantages_B_1,
-weights_B_T, options) -> (loss_B_T, clipped)` under a new name for `policy_loss` (a taken name is refused).
-`log_ratio_B_T` is logπ - logπ_old, with gradient through logπ and 0 at untrained positions; `weights_B_T` the
-float token weights (0 off the completion); `options` a `LossOptions`; `clipped` maps each side the loss clips
-(e.g. "low", "high") to the (B, T) bool tokens it clips, reported as `policy/clip_frac_<side>`.""")
+_register_policy_loss = registrar(POLICY_LOSSES, "policy loss", "")
+
+
+def register_policy_loss(name: str, *, reads: tuple[str, ...] = (), one_per_sequence: bool = False):
+    """Register `fn(log_ratio_B_T, advantages_B_1, weights_B_T, options) -> (loss_B_T, clipped)` under a new name
+    for `policy_loss` (a taken name is refused). `log_ratio_B_T` is logπ - logπ_old, with gradient through logπ and
+    0 at untrained positions; `weights_B_T` the float token weights (0 off the completion); `options` a
+    `LossOptions`; `clipped` maps each side the loss clips (e.g. "low", "high") to the (B, T) bool tokens it clips,
+    reported as `policy/clip_frac_<side>`.
+
+    What the loss is, declared here and nowhere else: `reads`, the `LossOptions` fields it uses (RLConfig refuses a
+    setting changed from its default that the chosen loss does not read: it would be ignored in silence; a new
+    setting is a new `LossOptions` field and RLConfig key of the same name), and `one_per_sequence`, whether every
+    token of a sequence shares one loss value (GSPO: masking tokens by entropy would then only reweight sequences)."""
+    unknown = set(reads) - {f.name for f in dataclasses.fields(LossOptions)}
+    if unknown:
+        raise ValueError(f"policy loss {name!r}: reads {sorted(unknown)}, which are not LossOptions fields "
+                         f"({[f.name for f in dataclasses.fields(LossOptions)]})")
+
+    def add(fn: Callable) -> Callable:
+        _register_policy_loss(name)(fn)
+        POLICY_LOSS_TRAITS[name] = LossTraits(tuple(reads), one_per_sequence)
+        return fn
+    return add
+
+
+@dataclass(frozen=True)
+class LossTraits:
+    """What a registered policy loss declares about itself (see `register_policy_loss`)."""
+
+    reads: tuple[str, ...]
+    one_per_sequence: bool
+
+
+POLICY_LOSS_TRAITS: dict[str, LossTraits] = {}
+
+
+def loss_traits(name: str) -> LossTraits:
+    """The traits of the registered policy loss `name` (a function put in POLICY_LOSSES by hand declares none)."""
+    lookup(POLICY_LOSSES, name, "policy loss")
+    return POLICY_LOSS_TRAITS.get(name, LossTraits((), False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +172,7 @@ class LossOptions:
                 raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)!r}")
 
 
-@register_policy_loss("ppo_clip")
+@register_policy_loss("ppo_clip", reads=("clip_low", "clip_high", "delta"))
 def ppo_clip(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T: torch.Tensor,
              options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) with separate low/high clip (DAPO's clip-higher):
@@ -163,7 +199,7 @@ def ppo_clip(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_
     return loss_B_T, clipped
 
 
-@register_policy_loss("gspo")
+@register_policy_loss("gspo", reads=("clip_low", "clip_high"), one_per_sequence=True)
 def gspo(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T: torch.Tensor,
          options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 5-7): one importance ratio per sequence,
@@ -181,7 +217,7 @@ def gspo(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T:
                     dataclasses.replace(options, delta=None))
 
 
-@register_policy_loss("cispo")
+@register_policy_loss("cispo", reads=("clip_high",))
 def cispo(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T: torch.Tensor,
           options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CISPO (MiniMax-M1, 2025, eq. 4-5): clip the importance weight, not the update. ℓ = -sg(min(ρ, 1 +
@@ -201,7 +237,7 @@ def cispo(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T
     return loss_B_T, {"low": torch.zeros_like(high_B_T), "high": high_B_T}
 
 
-@register_policy_loss("sapo")
+@register_policy_loss("sapo", reads=("sapo_tau_pos", "sapo_tau_neg"))
 def sapo(log_ratio_B_T: torch.Tensor, advantages_B_1: torch.Tensor, weights_B_T: torch.Tensor,
          options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization", eq. 5-6): a smooth gate in place of the hard
@@ -238,12 +274,10 @@ def _k3(log_ratio_B_T: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, advantages_B: torch.Tensor,
                 weights_B_T: torch.Tensor, *, loss: str = "ppo_clip", aggregation: str = "sequence_mean",
-                max_tokens: int | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
-                delta: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
-                ref_logprobs_B_T: torch.Tensor | None = None, beta: float = 0.0,
+                max_tokens: int | None = None, ref_logprobs_B_T: torch.Tensor | None = None, beta: float = 0.0,
                 entropy_B_T: torch.Tensor | None = None, entropy_coef: float = 0.0,
                 entropy_normalizer: torch.Tensor | float | None = None,
-                policy_mask_B_T: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                policy_mask_B_T: torch.Tensor | None = None, **settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss `loss` (a name in POLICY_LOSSES) per token, plus beta · k3 KL to the reference, aggregated
     by `aggregation` (a name in AGGREGATIONS), minus an entropy bonus: (loss, metrics).
 
@@ -251,8 +285,8 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
     unset). Aggregations: "sequence_mean" (GRPO) mean over sequences of Σ_t ℓ·m / Σ_t m; "token_mean" (DAPO)
     Σ ℓ·m / Σ m; "constant" (Dr. GRPO) Σ ℓ·m / (B · max_tokens). `weights_B_T` (m) is 1 on trained (completion)
     tokens and 0 on prompt and padding; fractional values weigh tokens. Gradient flows only through
-    `logprobs_B_T` (and `entropy_B_T`, when it has one). `clip_low`, `clip_high`, `delta`, `sapo_tau_pos` and
-    `sapo_tau_neg` are the losses' settings (`LossOptions`).
+    `logprobs_B_T` (and `entropy_B_T`, when it has one). `settings` are the losses' settings by name, the fields of
+    `LossOptions` (`clip_low`, `clip_high`, `delta`, `sapo_tau_pos`, `sapo_tau_neg`); unset ones take its defaults.
 
     `policy_mask_B_T` (bool): the tokens that carry the policy gradient ("Beyond the 80/20 rule", Wang et al.
     2025, eq. 5: the top-entropy tokens); the others keep their KL term and still count in the normalizer, as in
@@ -267,8 +301,7 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
     `policy/entropy` (when `entropy_B_T` is given), `policy/pg_token_frac` (with a policy mask).
     """
     options = _check_loss_inputs(logprobs_B_T, old_logprobs_B_T, advantages_B, weights_B_T, ref_logprobs_B_T, beta,
-                                 entropy_B_T, entropy_coef, policy_mask_B_T, clip_low=clip_low, clip_high=clip_high,
-                                 delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+                                 entropy_B_T, entropy_coef, policy_mask_B_T, **settings)
     token_loss = lookup(POLICY_LOSSES, loss, "loss")
     aggregate = lookup(AGGREGATIONS, aggregation, "aggregation")
     weights_B_T = _as_weights(weights_B_T).to(logprobs_B_T.dtype)
@@ -363,3 +396,13 @@ def _check_loss_inputs(logprobs_B_T, old_logprobs_B_T, advantages_B, weights_B_T
     if entropy_coef > 0 and (entropy_B_T is None or torch.is_grad_enabled() and not entropy_B_T.requires_grad):
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy_B_T with a gradient (the bonus trains it)")
     return options
+
+
+def linear_quantile(values_n: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile(values_n, q)` (linear interpolation) by a sort: torch.quantile refuses inputs of more than
+    2^24 elements, which an update over long transcripts reaches (the top-entropy mask's threshold)."""
+    sorted_n = values_n.sort().values
+    position = q * (len(sorted_n) - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, len(sorted_n) - 1)
+    return sorted_n[low] + (sorted_n[high] - sorted_n[low]) * (position - low)

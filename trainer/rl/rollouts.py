@@ -1,8 +1,12 @@
 """Rollouts and the training batch built from them: pure, except the data plan that feeds them.
 
-    rollouts = trainer.rollout(indices)                  # G completions of each prompt, decoded and scored
+    rollouts = trainer.rollout(indices)                  # G episodes of each example, played and scored
     batch = rollouts.batch(advantages_N)                 # the shared LM batch shape, plus advantages and
     micro_batches = split_rows(batch, rows=8)            #   the sampler's log-probs; cut to memory
+
+Every rollout is an episode (`rl.envs.Episodes`): a prompt's completion is a one-turn episode (`rl.prompts`), a
+multi-turn environment's transcript a longer one, and both become a batch through the one `rollout_batch`. A new
+rollout feature (a sampling rule, per-token rewards, a teacher's score) goes into `play` and this batch once.
 """
 
 from __future__ import annotations
@@ -11,147 +15,80 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lm.sampling import Samples
 from ..plans import EpochPlan, Step
 from .envs import Episodes
 
 
 @dataclass(frozen=True)
 class Rollouts:
-    """One process's rollout batch: P prompts with G completions each; prompt p's are rows p*G .. p*G+G-1. With an
-    environment, the rows are episodes (`episodes`; `samples` is None and `prompt_ids_P` empty), `completions_N`
-    their transcripts after the first observation, and `rewards_N_F` their returns (F = 1)."""
+    """One process's rollout batch: P examples with G episodes each; example p's are rows p*G .. p*G+G-1."""
 
-    examples: list  # the prompts' examples, as train_data holds them
-    prompt_ids_P: list[list[int]]
-    samples: Samples  # completion ids, sampling log-probs, lengths, stopped (EOS) flags
-    completions_N: list[str]  # decoded, special tokens skipped: what the reward functions read
-    rewards_N_F: torch.Tensor  # (N, F) each reward function's value
+    examples: list  # as train_data holds them
+    indices_P: torch.Tensor | None  # their indices in train_data (on the CPU), when they come from there
+    episodes: Episodes
+    rewards_N_F: torch.Tensor  # (N, F) float64: each reward part (a reward function's value; an environment's return)
     rewards_N: torch.Tensor  # (N,) Σ_f weight_f · reward_f
-    pad_id: int
-    generate_s: float
-    score_s: float
-    indices_P: torch.Tensor | None = None  # the prompts' indices in train_data, when they come from there
-    episodes: Episodes | None = None
+    generate_s: float  # seconds spent sampling (and tokenizing observations)
+    score_s: float  # seconds spent in the environments (the reward functions, for prompts)
 
     @property
     def group_size(self) -> int:
-        return (self.episodes or self.samples).group_size
+        return self.episodes.group_size
 
     @property
     def lengths_N(self) -> torch.Tensor:
-        """(N,) tokens each row's policy sampled (a completion's length; an episode's actions together)."""
-        if self.episodes is None:
-            return self.samples.lengths_N
+        """(N,) tokens each episode's policy sampled (a completion's length; an episode's actions together)."""
         return self.episodes.policy_tokens_N.to(self.rewards_N.device)
 
     @property
     def stopped_N(self) -> torch.Tensor:
-        """(N,) bool: the completion ended at a stop token; the episode ended by the environment, not max_turns."""
-        if self.episodes is None:
-            return self.samples.stopped_N
-        return torch.tensor(self.episodes.done_N, device=self.rewards_N.device)
+        """(N,) bool: ended by the environment after an action that ended at a stop token (not cut by a budget)."""
+        return self.episodes.stopped_N.to(self.rewards_N.device)
 
     def batch(self, advantages_N: torch.Tensor, trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The shared batch of these rollouts with `advantages_N`: see `rollout_batch` and `transcript_batch`."""
-        if self.episodes is not None:
-            return transcript_batch(self.episodes, advantages_N, self.pad_id, trained_N)
-        return rollout_batch(self.prompt_ids_P, self.samples, advantages_N, self.pad_id, trained_N)
+        return rollout_batch(self.episodes, advantages_N, trained_N)
 
 
-def rollout_batch(prompt_ids_P: list[list[int]], samples: Samples, advantages_N: torch.Tensor,
-                  pad_id: int, trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """N = P * G rows of prompt + completion, right-padded, in `lm.data`'s batch shape plus the RL fields:
+def rollout_batch(episodes: Episodes, advantages_N: torch.Tensor,
+                  trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """N episodes' transcripts (a prompt and its completion; a multi-turn transcript), right-padded, in `lm.data`'s
+    batch shape plus the RL fields, on the advantages' device:
 
         input_ids, target_tokens, position_ids  (N, T)  as `lm.data.pad_batch` builds them
-        weights            (N, T) float  1 where the target is a completion token (EOS included), else 0
-        advantages         (N,)          one per completion
-        sampling_logprobs  (N, T)        the sampler's log-prob of each completion target, 0 elsewhere
+        weights            (N, T) float  1 where the policy sampled the target, else 0: the prompt, an
+                                         environment's observations and the chat template's framing are never
+                                         trained and never counted by a normalizer
+        advantages         (N,)          one per episode
+        sampling_logprobs  (N, T)        the sampler's log-prob of each policy target, 0 elsewhere
 
-    `trained_N` (bool, default all): rows whose completion is trained; the others get weight 0 everywhere (DAPO's
-    overlong filtering masks truncated completions so). Right padding needs no attention mask: padding comes
-    after every real token of its row.
+    `trained_N` (bool, default all): episodes that are trained; the others get weight 0 everywhere (DAPO's overlong
+    filtering masks truncated ones so). Right padding needs no attention mask: padding comes after every real
+    token of its row.
     """
-    G = samples.group_size
-    completions_N = samples.completions()
-    if len(prompt_ids_P) * G != len(completions_N) or advantages_N.shape != (len(completions_N),):
-        raise ValueError(f"{len(prompt_ids_P)} prompts x G={G} do not match {len(completions_N)} completions and "
-                         f"advantages of shape {tuple(advantages_N.shape)}")
-    N = len(completions_N)
-    if not N:
-        raise ValueError("rollout_batch needs at least one completion")
-    # Built whole, not row by row (a tensor op per row per field cost ~4 ms a step at N = 32): one list per row,
-    # padded in python, one tensor per field; the numbers are those `pad_batch` of one example per row gives.
-    prompts_N = [prompt_ids_P[n // G] for n in range(N)]
-    ids_N = [prompt + completion for prompt, completion in zip(prompts_N, completions_N)]
-    T = max(len(ids) for ids in ids_N) - 1  # position i predicts token i + 1: a row of L tokens has L - 1
-    input_ids = torch.tensor([ids[:-1] + [pad_id] * (T + 1 - len(ids)) for ids in ids_N], dtype=torch.long)
-    target_tokens = torch.tensor([ids[1:] + [pad_id] * (T + 1 - len(ids)) for ids in ids_N], dtype=torch.long)
-    # The first completion token's target is at position len(prompt) - 1; a completion covers len(completion).
-    starts_N1 = torch.tensor([len(prompt) - 1 for prompt in prompts_N], dtype=torch.long)[:, None]
-    lengths_N1 = samples.lengths_N.cpu()[:, None]
-    positions_T = torch.arange(T)
-    completion_N_T = (positions_T >= starts_N1) & (positions_T < starts_N1 + lengths_N1)
-    trained_N1 = torch.ones(N, 1, dtype=torch.bool) if trained_N is None else trained_N.cpu().bool()[:, None]
-    batch = {"input_ids": input_ids, "target_tokens": target_tokens,
-             "weights": (completion_N_T & trained_N1).to(torch.float32),
-             "position_ids": positions_T.repeat(N, 1)}
-    logprobs_N_L = samples.logprobs_N_L.cpu()
-    sampling_N_T = torch.zeros(completion_N_T.shape, dtype=logprobs_N_L.dtype).masked_scatter_(
-        completion_N_T, logprobs_N_L[torch.arange(logprobs_N_L.shape[1]) < lengths_N1])
-    device = samples.tokens_N_L.device
-    return {**{k: v.to(device) for k, v in batch.items()}, "advantages": advantages_N,
-            "sampling_logprobs": sampling_N_T.to(device)}
-
-
-def transcript_batch(episodes: Episodes, advantages_N: torch.Tensor, pad_id: int,
-                     trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """N multi-turn transcripts in `rollout_batch`'s shape: a target carries weight 1 where the policy sampled it
-    and 0 where the environment (an observation, the chat template's framing) put it, so the environment's tokens
-    are never trained and never counted by a normalizer; `sampling_logprobs` are the sampler's on policy targets."""
     N = len(episodes)
     if advantages_N.shape != (N,) or not N:
         raise ValueError(f"{N} episodes do not match advantages of shape {tuple(advantages_N.shape)}")
-    T = max(len(tokens) for tokens in episodes.tokens_N) - 1
-
-    def padded(rows, value):  # position i predicts token i + 1: drop each row's first entry, pad to T
-        return [row[1:] + [value] * (T + 1 - len(row)) for row in rows]
-
-    input_ids = torch.tensor([t[:-1] + [pad_id] * (T + 1 - len(t)) for t in episodes.tokens_N], dtype=torch.long)
-    weights = torch.tensor(padded(episodes.policy_N, 0), dtype=torch.float32)
+    T = int(episodes.lengths_N.max()) - 1  # position i predicts token i + 1: a row of L tokens has L - 1
+    tokens_N_L, device = episodes.tokens_N_T[:, :T + 1], advantages_N.device
+    weights_N_T = episodes.policy_N_T[:, 1:T + 1].to(torch.float32)
     if trained_N is not None:
-        weights *= trained_N.cpu().float()[:, None]
-    device = advantages_N.device
-    return {"input_ids": input_ids.to(device),
-            "target_tokens": torch.tensor(padded(episodes.tokens_N, pad_id), dtype=torch.long, device=device),
-            "weights": weights.to(device), "position_ids": torch.arange(T, device=device).repeat(N, 1),
+        weights_N_T *= trained_N.cpu().to(torch.float32)[:, None]
+    positions_T = torch.arange(T)
+    # a row's last token predicts nothing: it is no input (as `lm.data.pad_batch`'s rows, padding from there on)
+    last_input_N1 = (episodes.lengths_N - 1)[:, None]
+    return {"input_ids": tokens_N_L[:, :-1].masked_fill(positions_T >= last_input_N1, episodes.pad_id).to(device),
+            "target_tokens": tokens_N_L[:, 1:].contiguous().to(device),
+            "weights": weights_N_T.to(device), "position_ids": positions_T.repeat(N, 1).to(device),
             "advantages": advantages_N,
-            "sampling_logprobs": torch.tensor(padded(episodes.logprobs_N, 0.0), dtype=episodes.logprob_dtype,
-                                              device=device)}
+            "sampling_logprobs": episodes.logprobs_N_T[:, 1:T + 1].contiguous().to(device)}
 
 
-def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
-    """The rows of several `Samples` of one group size, stacked in order, padded to the widest."""
-    width = max(part.tokens_N_L.shape[1] for part in parts)
-
-    def widened(tensor: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
-
-    return Samples(torch.cat([widened(p.tokens_N_L, pad_id) for p in parts]),
-                   torch.cat([widened(p.logprobs_N_L, 0.0) for p in parts]),
-                   torch.cat([p.lengths_N for p in parts]), torch.cat([p.stopped_N for p in parts]),
-                   group_size=parts[0].group_size)
-
-
-def take_groups(samples: Samples, groups: list[int]) -> Samples:
-    """The rows of groups `groups` (group g is rows g*G .. g*G+G-1), in that order, cut to their widest row."""
-    G = samples.group_size
-    rows_N = (torch.tensor(groups, dtype=torch.long)[:, None] * G + torch.arange(G)).reshape(-1)
-    rows_N = rows_N.to(samples.lengths_N.device)
-    lengths_N = samples.lengths_N[rows_N]
-    width = int(lengths_N.max()) if len(rows_N) else 0
-    return Samples(samples.tokens_N_L[rows_N, :width], samples.logprobs_N_L[rows_N, :width], lengths_N,
-                   samples.stopped_N[rows_N], group_size=G)
+def choose_groups(spread_K: torch.Tensor, wanted: int, world_size: int, rank: int) -> list[int]:
+    """Dynamic sampling's choice among K drawn groups (every process's, in the order drawn): the first `wanted`
+    groups with a spread of rewards, then tied ones in order when there are too few; dealt out to the processes in
+    order. This process's groups."""
+    order_K = torch.cat([torch.nonzero(spread_K).flatten(), torch.nonzero(~spread_K).flatten()])[:wanted]
+    return order_K.chunk(world_size)[rank].tolist()
 
 
 def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torch.Tensor]]:
