@@ -31,3 +31,20 @@ def weight_checksum(tensors) -> torch.Tensor:
     """A float64 fingerprint of weights (position-weighted sum of per-tensor sums), cheap to compare."""
     sums_K = torch.stack([t.detach().double().sum().cpu() for t in tensors])
     return (sums_K * torch.arange(1, len(sums_K) + 1, dtype=torch.float64)).sum()
+
+
+def frozen_reference(model: torch.nn.Module, lora: bool) -> tuple[torch.nn.Module | None, torch.Tensor]:
+    """The initial policy, to score against (a KL's reference): a frozen copy of `model`, or with LoRA None — the
+    base itself is the reference, its adapters switched off, no copy made; and the checksum of the reference's
+    weights, which a resumed run compares (`check_reference`): the reference is rebuilt, not checkpointed."""
+    reference = None if lora else frozen_copy(model)
+    frozen = reference.parameters() if reference is not None else (p for p in model.parameters() if not p.requires_grad)
+    return reference, weight_checksum(frozen)
+
+
+def check_reference(saved: torch.Tensor | None, mine: torch.Tensor | None, owner: str) -> None:
+    """A checkpoint's reference checksum against this run's: another initial model is an error."""
+    if saved is not None and mine is not None and not torch.allclose(saved.to(mine), mine, rtol=1e-9, atol=0):
+        raise ValueError(f"reference model: this run's initial model is not the one the checkpointed run started "
+                         f"from (the frozen reference is rebuilt from the model given to {owner}); build the "
+                         "trainer with the same initial model, not with trained weights")

@@ -66,38 +66,49 @@ class RLConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.grad_accum_steps != 1:
-            raise ConfigError(f"grad_accum_steps: RLTrainer takes batch_size prompts per step and splits them "
-                              f"itself; got {self.grad_accum_steps}, use micro_batch_size to bound memory")
+        self._check_sampling()
+        self._check_updates()
+        self._check_dapo()
+        self._check_validation()
+
+    def _check_sampling(self) -> None:
         if self.num_generations < 2:
             raise ConfigError(f"num_generations: must be >= 2 (a group of one has no baseline), got "
                               f"{self.num_generations}")
-        for key in ("max_new_tokens", "inner_epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if not MIN_TEMPERATURE <= self.temperature < math.inf:
             raise ConfigError(f"temperature: must be >= {MIN_TEMPERATURE:g} (training scores softmax(logits / "
                               "temperature), and a smaller one makes logits overflow to inf), got "
                               f"{self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.beta < math.inf:
-            raise ConfigError(f"beta: must be >= 0, got {self.beta}")
-        if not 0 <= self.clip_low < 1 or not 0 <= self.clip_high < math.inf:
-            raise ConfigError(f"clip_low: must be in [0, 1) and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.max_turns < 1:
+            raise ConfigError(f"max_turns: must be >= 1, got {self.max_turns}")
+        if self.max_turns > 1 and self.strategy == "fsdp":
+            raise ConfigError("strategy: 'fsdp' with max_turns > 1 is not supported: every forward of a sharded model "
+                              "is a collective, and episodes end after different numbers of turns on each process; "
+                              "use strategy='ddp' (one-turn episodes, prompts included, work under fsdp)")
+
+    def _check_updates(self) -> None:
+        if self.grad_accum_steps != 1:
+            raise ConfigError(f"grad_accum_steps: RLTrainer takes batch_size prompts per step and splits them "
+                              f"itself; got {self.grad_accum_steps}, use micro_batch_size to bound memory")
+        if self.inner_epochs < 1:
+            raise ConfigError(f"inner_epochs: must be >= 1, got {self.inner_epochs}")
         if self.minibatch_size is not None and not (1 <= self.minibatch_size <= self.batch_size
                                                     and self.batch_size % self.minibatch_size == 0):
             raise ConfigError(f"minibatch_size: must divide batch_size={self.batch_size}, got {self.minibatch_size}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size: must be >= 1 or null, got {self.micro_batch_size}")
-        if self.log_completions < 0:
-            raise ConfigError(f"log_completions: must be >= 0, got {self.log_completions}")
+        if not 0 <= self.beta < math.inf:
+            raise ConfigError(f"beta: must be >= 0, got {self.beta}")
         for key, registry in (("policy_loss", POLICY_LOSSES), ("advantage", ADVANTAGE_NORMALIZERS),
                               ("aggregation", AGGREGATIONS)):
             if getattr(self, key) not in registry:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; choose one of {sorted(registry)}")
         try:
-            LossOptions(**self.loss_settings)
+            LossOptions(**self.loss_settings)  # each setting's range
         except ValueError as e:
             raise ConfigError(str(e).replace(" must ", ": must ", 1)) from None
         self._check_loss_reads()
@@ -110,6 +121,8 @@ class RLConfig(LMConfig):
             raise ConfigError(f"top_entropy_quantile: {self.policy_loss} gives every token of a sequence its one "
                               "sequence ratio and loss, so masking tokens by entropy would only reweight sequences; "
                               "use it with a per-token loss (ppo_clip, cispo, sapo)")
+
+    def _check_dapo(self) -> None:
         if self.max_sample_rounds < 1:
             raise ConfigError(f"max_sample_rounds: must be >= 1, got {self.max_sample_rounds}")
         if self.dynamic_sampling and self.max_steps is None:
@@ -120,6 +133,12 @@ class RLConfig(LMConfig):
                               f"{self.overlong_buffer}")
         if not 0 <= self.overlong_penalty < math.inf:
             raise ConfigError(f"overlong_penalty: must be a finite number >= 0, got {self.overlong_penalty}")
+        if self.max_turns > 1 and self.overlong_buffer:
+            raise ConfigError("overlong_buffer: DAPO's overlong punishment measures a completion against "
+                              "max_new_tokens; an episode of max_turns > 1 has several actions, each bounded by it: "
+                              "use mask_truncated or a penalty in the environment's reward")
+
+    def _check_validation(self) -> None:
         if self.eval_num_generations < 0:
             raise ConfigError(f"eval_num_generations: must be >= 0 (0: greedy validation only), got "
                               f"{self.eval_num_generations}")
@@ -127,16 +146,8 @@ class RLConfig(LMConfig):
             raise ConfigError(f"eval_temperature: must be >= {MIN_TEMPERATURE:g}, got {self.eval_temperature}")
         if not math.isfinite(self.eval_pass_threshold):
             raise ConfigError(f"eval_pass_threshold: must be a finite number, got {self.eval_pass_threshold}")
-        if self.max_turns < 1:
-            raise ConfigError(f"max_turns: must be >= 1, got {self.max_turns}")
-        if self.max_turns > 1 and self.strategy == "fsdp":
-            raise ConfigError("strategy: 'fsdp' with max_turns > 1 is not supported: every forward of a sharded model "
-                              "is a collective, and episodes end after different numbers of turns on each process; "
-                              "use strategy='ddp' (one-turn episodes, prompts included, work under fsdp)")
-        if self.max_turns > 1 and self.overlong_buffer:
-            raise ConfigError("overlong_buffer: DAPO's overlong punishment measures a completion against "
-                              "max_new_tokens; an episode of max_turns > 1 has several actions, each bounded by it: "
-                              "use mask_truncated or a penalty in the environment's reward")
+        if self.log_completions < 0:
+            raise ConfigError(f"log_completions: must be >= 0, got {self.log_completions}")
 
     @property
     def loss_settings(self) -> dict:

@@ -135,8 +135,8 @@ class Episodes:
         """The episodes at `rows`, in that order, cut to their longest (their metrics and time stay the whole set's)."""
         index_K = torch.tensor(list(rows), dtype=torch.long)
         width = int(self.lengths_N[index_K].max()) if len(index_K) else 0
-        return dataclasses.replace(self, **{name: getattr(self, name)[index_K, :width] for name in _PER_TOKEN},
-                                   **{name: getattr(self, name)[index_K] for name in _PER_EPISODE},
+        return dataclasses.replace(self, **{name: getattr(self, name)[index_K, :width] for name in PER_TOKEN},
+                                   **{name: getattr(self, name)[index_K] for name in PER_EPISODE},
                                    first_N=[self.first_N[r] for r in rows])
 
     @staticmethod
@@ -172,12 +172,12 @@ class Episodes:
         return dataclasses.replace(
             parts[0], **{name: torch.cat([F.pad(getattr(p, name), (0, width - p.tokens_N_T.shape[1]), value=value)
                                           for p in parts]) for name, value in pad.items()},
-            **{name: torch.cat([getattr(p, name) for p in parts]) for name in _PER_EPISODE},
+            **{name: torch.cat([getattr(p, name) for p in parts]) for name in PER_EPISODE},
             first_N=[first for p in parts for first in p.first_N], metrics=metrics, env_s=sum(p.env_s for p in parts))
 
 
-_PER_TOKEN = ("tokens_N_T", "policy_N_T", "logprobs_N_T")
-_PER_EPISODE = ("lengths_N", "first_lengths_N", "turns_N", "done_N", "last_stopped_N", "returns_N", "rewards_N_F")
+PER_TOKEN = ("tokens_N_T", "policy_N_T", "logprobs_N_T")
+PER_EPISODE = ("lengths_N", "first_lengths_N", "turns_N", "done_N", "last_stopped_N", "returns_N", "rewards_N_F")
 
 
 def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str], *, group_size: int, max_turns: int,
@@ -186,55 +186,37 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
     """Play one episode in each of `envs_N` (seeded by `seeds_N`; `names_N` name their examples in errors): every
     live episode's action sampled in one batch, each turn continuing its KV cache (`lm.sampling.TurnSampler`).
     Every environment is closed at the end, also when one of them fails."""
-    N, clock = len(envs_N), _Clock()
+    clock, dtype = _Clock(), torch.float32
     try:
         with clock:
             first_N = [_reset(env, seed, name) for env, seed, name in zip(envs_N, seeds_N, names_N)]
         chats_N = [list(obs) if isinstance(obs, list) else None for obs in first_N]  # a chat episode's messages
-        tokens_N = [_first_ids(obs, tokenizer, split_special_tokens, env, name)
-                    for obs, env, name in zip(first_N, envs_N, names_N)]
-        for n in range(N):
-            _check_room(len(tokens_N[n]), max_new_tokens, max_positions, envs_N[n], names_N[n], 0, "first observation")
-        first_lengths = [len(t) for t in tokens_N]
-        policy_N = [[False] * len(t) for t in tokens_N]
-        logprobs_N = [[0.0] * len(t) for t in tokens_N]
-        turns_N, done_N, last_stopped_N, returns_N, metrics = [0] * N, [False] * N, [False] * N, [0.0] * N, {}
-        dtype = torch.float32
-        sampler = TurnSampler(model, tokens_N, generator=generator, temperature=temperature, top_p=top_p,
+        played = _Transcripts([_first_ids(obs, tokenizer, split_special_tokens, env, name)
+                               for obs, env, name in zip(first_N, envs_N, names_N)])
+        for n, tokens in enumerate(played.tokens_N):
+            _check_room(len(tokens), max_new_tokens, max_positions, envs_N[n], names_N[n], 0, "first observation")
+        sampler = TurnSampler(model, played.tokens_N, generator=generator, temperature=temperature, top_p=top_p,
                               eos_token_id=stop_token_ids, pad_token_id=pad_token_id)
         for turn in range(1, max_turns + 1):
             actions = sampler.sample(max_new_tokens)
-            ids_R = actions.completions()
+            ids_R, stopped_R, dtype = actions.completions(), actions.stopped_N.tolist(), actions.logprobs_N_L.dtype
             texts_R = tokenizer.batch_decode(ids_R, skip_special_tokens=True)
-            logprobs_R, dtype = actions.logprobs_N_L.tolist(), actions.logprobs_N_L.dtype
-            stopped_R = actions.stopped_N.tolist()
             going, observations = [], []
-            for r, n in enumerate(sampler.rows):
+            for r, (n, ids, logprobs) in enumerate(zip(sampler.rows, ids_R, actions.logprobs_N_L.tolist())):
                 env, name = envs_N[n], names_N[n]
-                tokens_N[n] += ids_R[r]
-                policy_N[n] += [True] * len(ids_R[r])
-                logprobs_N[n] += logprobs_R[r][:len(ids_R[r])]
-                turns_N[n], last_stopped_N[n] = turn, stopped_R[r]
+                played.add(n, ids, logprobs[:len(ids)])
                 with clock:
                     result = _step(env, texts_R[r], name, turn)
-                returns_N[n] += float(result.reward)
-                for key, value in result.metrics.items():
-                    total, count = metrics.get(key, (0.0, 0))
-                    metrics[key] = (total + value, count + 1)
-                if result.done:
-                    done_N[n] = True
-                    continue
-                if turn == max_turns:
-                    continue  # truncated: no observation is needed after the last action
-                ids = _observation_ids(result.observation, chats_N[n], texts_R[r], ids_R[r][-1] if stopped_R[r]
-                                       else None, tokenizer, split_special_tokens, env, name, turn)
-                _check_room(len(tokens_N[n]) + len(ids), max_new_tokens, max_positions, env, name, turn,
-                            "the transcript with this observation")
-                tokens_N[n] += ids
-                policy_N[n] += [False] * len(ids)
-                logprobs_N[n] += [0.0] * len(ids)
+                played.record(n, turn, stopped_R[r], result)
+                if result.done or turn == max_turns:
+                    continue  # over (truncated at max_turns: no observation is needed after the last action)
+                observation = _observation_ids(result.observation, chats_N[n], texts_R[r], ids[-1] if stopped_R[r]
+                                               else None, tokenizer, split_special_tokens, env, name, turn)
+                _check_room(len(played.tokens_N[n]) + len(observation), max_new_tokens, max_positions, env, name,
+                            turn, "the transcript with this observation")
+                played.add(n, observation)
                 going.append(n)
-                observations.append(ids)
+                observations.append(observation)
             sampler.keep(going)
             if not going:
                 break
@@ -245,9 +227,38 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
                 close = getattr(env, "close", None)
                 if callable(close):
                     close()
-    return Episodes.from_lists(tokens_N, policy_N, logprobs_N, first_lengths, turns_N, done_N, last_stopped_N,
-                               returns_N, first_N, metrics=metrics, group_size=group_size, pad_id=pad_token_id,
+    return Episodes.from_lists(played.tokens_N, played.policy_N, played.logprobs_N, played.first_lengths_N,
+                               played.turns_N, played.done_N, played.last_stopped_N, played.returns_N, first_N,
+                               metrics=played.metrics, group_size=group_size, pad_id=pad_token_id,
                                env_s=clock.seconds, logprob_dtype=dtype)
+
+
+class _Transcripts:
+    """N episodes as `play` builds them, turn by turn, in python lists (a tensor appended to would be copied every
+    turn): each transcript's tokens, who put each one there, the sampler's log-probs; and each outcome."""
+
+    def __init__(self, first_ids_N: list[list[int]]):
+        N = len(first_ids_N)
+        self.tokens_N = [list(ids) for ids in first_ids_N]
+        self.policy_N = [[False] * len(ids) for ids in first_ids_N]
+        self.logprobs_N = [[0.0] * len(ids) for ids in first_ids_N]
+        self.first_lengths_N = [len(ids) for ids in first_ids_N]
+        self.turns_N, self.done_N, self.last_stopped_N, self.returns_N = [0] * N, [False] * N, [False] * N, [0.0] * N
+        self.metrics: dict = {}  # key -> (sum, count) over every step
+
+    def add(self, n: int, ids: list[int], logprobs: list[float] | None = None) -> None:
+        """Tokens at the end of episode n's transcript: the policy's (with their log-probs), else the environment's."""
+        self.tokens_N[n] += ids
+        self.policy_N[n] += [logprobs is not None] * len(ids)
+        self.logprobs_N[n] += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    def record(self, n: int, turn: int, stopped: bool, result: StepResult) -> None:
+        """Episode n's action of `turn` (ended at a stop token or not) and what the environment answered."""
+        self.turns_N[n], self.last_stopped_N[n], self.done_N[n] = turn, stopped, result.done
+        self.returns_N[n] += float(result.reward)
+        for key, value in result.metrics.items():
+            total, count = self.metrics.get(key, (0.0, 0))
+            self.metrics[key] = (total + value, count + 1)
 
 
 class _Clock:

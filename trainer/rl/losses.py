@@ -328,22 +328,27 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
         normalizer = weights_B_T.sum() if entropy_normalizer is None else torch.as_tensor(entropy_normalizer)
         total = total - entropy_coef * entropy_sum / _nonzero(normalizer.to(entropy_sum))
 
-    with torch.no_grad():
-        mean = masked_means(weights_B_T)  # the mask and the normalizer once for every metric
-        anything_B_T = torch.zeros_like(trained_B_T)
-        metrics = {}
-        for side, clipped_B_T in clipped.items():
-            metrics[f"policy/clip_frac_{side}"] = mean(clipped_B_T)
-            anything_B_T = anything_B_T | clipped_B_T
-        metrics["policy/clip_frac"] = mean(anything_B_T)
-        metrics["policy/ratio_mean"] = mean(torch.exp(log_ratio_B_T))
-        if kl_B_T is not None:
-            metrics["policy/kl"] = mean(kl_B_T)
-        if entropy_B_T is not None:
-            metrics["policy/entropy"] = mean(entropy_B_T)
-        if policy_mask_B_T is not None:
-            metrics["policy/pg_token_frac"] = mean(policy_mask_B_T)
-    return total, metrics
+    return total, _loss_metrics(weights_B_T, clipped, log_ratio_B_T, kl_B_T, entropy_B_T, policy_mask_B_T)
+
+
+@torch.no_grad()
+def _loss_metrics(weights_B_T, clipped, log_ratio_B_T, kl_B_T, entropy_B_T, policy_mask_B_T) -> dict:
+    """`policy_loss`'s metrics, token means over the weights (see there)."""
+    mean = masked_means(weights_B_T)  # the mask and the normalizer once for every metric
+    anything_B_T = torch.zeros_like(weights_B_T, dtype=torch.bool)
+    metrics = {}
+    for side, clipped_B_T in clipped.items():
+        metrics[f"policy/clip_frac_{side}"] = mean(clipped_B_T)
+        anything_B_T = anything_B_T | clipped_B_T
+    metrics["policy/clip_frac"] = mean(anything_B_T)
+    metrics["policy/ratio_mean"] = mean(torch.exp(log_ratio_B_T))
+    if kl_B_T is not None:
+        metrics["policy/kl"] = mean(kl_B_T)
+    if entropy_B_T is not None:
+        metrics["policy/entropy"] = mean(entropy_B_T)
+    if policy_mask_B_T is not None:
+        metrics["policy/pg_token_frac"] = mean(policy_mask_B_T)
+    return metrics
 
 
 def masked_mean(values_B_T: torch.Tensor, weights_B_T: torch.Tensor) -> torch.Tensor:

@@ -39,3 +39,10 @@ def _as_count(value, name: str) -> np.ndarray:
     if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
         raise ValueError(f"{name} must be integer counts, got {value!r}")
     return array.astype(np.int64)
+
+
+def pass_at_powers(n: int, passed_P) -> dict[str, float]:
+    """{"pass@k": mean over problems} for k = 1, 2, 4, ..., n (and n itself): `passed_P` counts each problem's
+    passing samples out of n."""
+    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+    return {f"pass@{k}": float(pass_at_k(n, passed_P, k).mean()) for k in ks}

@@ -1,11 +1,24 @@
 """What a step shows of its rollouts: a few of them as JSON-ready records (`rollouts.jsonl`) and as a markdown table
-(TensorBoard's text), each with its prompt (the episode's first observation), what followed it, and its rewards."""
+(TensorBoard's text), each with its prompt (the episode's first observation), what followed it, and its rewards;
+the episodes' and the policy loss's metrics over every process."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from .envs import Episodes
 from .rollouts import Rollouts
+
+
+def transcript_texts(episodes: Episodes, tokenizer, count: int) -> list[str]:
+    """The first `count` episodes' transcripts after their first observation, as text (special tokens skipped: a
+    completion reads as the reward functions read it)."""
+    first = episodes.take(range(min(count, len(episodes))))
+    return tokenizer.batch_decode([tokens[start:] for tokens, start in zip(first.transcripts(),
+                                                                           first.first_lengths_N.tolist())],
+                                  skip_special_tokens=True)
 
 
 def rollout_records(rollouts: Rollouts, texts: list[str], reward_names: list[str], shaped_N: torch.Tensor,
@@ -33,3 +46,34 @@ def completions_text(rollouts: Rollouts, texts: list[str]) -> str:
         cells = [str(cell).replace("|", "\\|").replace("\n", " ") for cell in (rollouts.episodes.first_N[n], text)]
         lines.append(f"| {cells[0]} | {cells[1]} | {float(rollouts.rewards_N[n]):.4g} |")
     return "\n".join(lines)
+
+
+def episode_metrics(episodes: Episodes, reduce_sum: Callable, gather_objects: Callable, multi_turn: bool,
+                    device: torch.device) -> dict:
+    """Over every process: `env/<key>`, the mean of each number the environments' steps reported under that key
+    (their dicts gathered only when some process has one), and for multi-turn episodes `rollout/turns_mean` and
+    `rollout/env_tokens_frac` (the share of the transcripts' tokens after the first observation that the environment
+    put there). `reduce_sum` sums a tensor (on `device`) over the processes, `gather_objects` concatenates their
+    lists."""
+    totals = torch.tensor([int(episodes.turns_N.sum()), len(episodes), int(episodes.env_tokens_N.sum()),
+                           int(episodes.policy_tokens_N.sum()), len(episodes.metrics)], dtype=torch.float64)
+    turns, count, env_tokens, policy_tokens, keys = reduce_sum(totals.to(device)).tolist()
+    sums: dict = {}
+    for part in (gather_objects([episodes.metrics]) if keys else []):
+        for key, (total, n) in part.items():
+            old = sums.get(key, (0.0, 0))
+            sums[key] = (old[0] + total, old[1] + n)
+    metrics = {f"env/{key}": total / n for key, (total, n) in sorted(sums.items())}
+    if multi_turn:
+        metrics.update({"rollout/turns_mean": turns / count,
+                        "rollout/env_tokens_frac": env_tokens / max(env_tokens + policy_tokens, 1)})
+    return metrics
+
+
+def policy_metrics(parts: list[dict], reduce_sum: Callable) -> dict:
+    """Token-weighted means of the micro-batches' policy metrics over every update and process: `parts` holds each
+    micro-batch's metrics and its trained "tokens"."""
+    keys = sorted(k for k in parts[0] if k.startswith("policy/"))
+    sums = torch.stack([sum(p[k] * p["tokens"] for p in parts) for k in keys] + [sum(p["tokens"] for p in parts)])
+    *totals, tokens = reduce_sum(sums).unbind()
+    return {k: total / tokens.clamp_min(1) for k, total in zip(keys, totals)}

@@ -11,12 +11,14 @@ rollout feature (a sampling rule, per-token rewards, a teacher's score) goes int
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..plans import EpochPlan, Step
-from .envs import Episodes
+from .envs import PER_EPISODE, Episodes
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,18 @@ def rollout_batch(episodes: Episodes, advantages_N: torch.Tensor,
             "weights": weights_N_T.to(device), "position_ids": positions_T.repeat(N, 1).to(device),
             "advantages": advantages_N,
             "sampling_logprobs": episodes.logprobs_N_T[:, 1:T + 1].contiguous().to(device)}
+
+
+def gather_episodes(episodes: Episodes, gather: Callable, pad_across_processes: Callable, gather_objects: Callable,
+                    device: torch.device) -> Episodes:
+    """Every process's episodes in rank order, moved as tensors (on `device`, per-token ones padded to the widest
+    process's); the first observations (the rollout records' prompts) as objects. Metrics and time stay this
+    process's. `gather`, `pad_across_processes`, `gather_objects`: the trainer's collectives."""
+    widest = {"tokens_N_T": episodes.pad_id, "policy_N_T": False, "logprobs_N_T": 0.0}
+    tensors = {name: gather(pad_across_processes(getattr(episodes, name).to(device), dim=1, pad_index=value)).cpu()
+               for name, value in widest.items()}
+    tensors.update({name: gather(getattr(episodes, name).to(device)).cpu() for name in PER_EPISODE})
+    return dataclasses.replace(episodes, **tensors, first_N=gather_objects(list(episodes.first_N)))
 
 
 def choose_groups(spread_K: torch.Tensor, wanted: int, world_size: int, rank: int) -> list[int]:

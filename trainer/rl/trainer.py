@@ -53,16 +53,16 @@ import torch
 from accelerate.utils import gather_object
 
 from ..lm.base import LMTrainer, digest
-from ..lm.modules import disable_dropout, frozen_copy, weight_checksum
+from ..lm.modules import check_reference, disable_dropout, frozen_reference
 from ..plans import Step, mixed_seed
 from .advantages import group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .config import RLConfig
 from .envs import Episodes, episode_seed, play
 from .losses import aggregation_weights, linear_quantile, masked_mean, policy_loss
-from .metrics import pass_at_k
+from .metrics import pass_at_powers
 from .prompts import RewardFn, env_factory_name, example_json, rollout_source
-from .records import completions_text, rollout_records
-from .rollouts import Rollouts, WholeStepsPlan, choose_groups, split_rows
+from .records import completions_text, episode_metrics, policy_metrics, rollout_records, transcript_texts
+from .rollouts import Rollouts, WholeStepsPlan, choose_groups, gather_episodes, split_rows
 
 __all__ = ["RLConfig", "RLTrainer"]
 
@@ -121,13 +121,8 @@ class RLTrainer(LMTrainer):
                 log.warning("lora.dropout=%g is switched off with every other dropout (disable_dropout=True: the "
                             "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
-        lora = config.lora is not None
-        self.reference = frozen_copy(self.unwrapped_model) if config.beta > 0 and not lora else None
-        self._reference_sum = None
-        if config.beta > 0:  # the reference's weights: the copy's, or LoRA's frozen base
-            frozen = self.reference.parameters() if not lora else (
-                p for p in self.unwrapped_model.parameters() if not p.requires_grad)
-            self._reference_sum = weight_checksum(frozen)
+        self.reference, self._reference_sum = frozen_reference(self.unwrapped_model, config.lora is not None) \
+            if config.beta > 0 else (None, None)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
         self.sampling_generator = self.register_generator(
@@ -140,8 +135,8 @@ class RLTrainer(LMTrainer):
         envs = {} if factory is None else {"env": digest([env_factory_name(factory).encode()])}
         return {**super().compute_fingerprints(),
                 "train_data": digest(example_json(self.train_data[i]) for i in range(len(self.train_data))),
-                "reward_fns": digest([json_bytes([self.reward_names, self.reward_weights_F.tolist()])]),
-                "stop_token_ids": digest([json_bytes(self.stop_token_ids)]), **envs}
+                "reward_fns": digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()]),
+                "stop_token_ids": digest([json.dumps(self.stop_token_ids).encode()]), **envs}
 
     # ---- one loop step ------------------------------------------------------------------------
 
@@ -212,7 +207,7 @@ class RLTrainer(LMTrainer):
         mine = choose_groups(torch.cat(spread), wanted, self.world_size, self.rank)
         G = c.num_generations
         rows = [g * G + i for g in mine for i in range(G)]
-        chosen_P = torch.cat([self.gather_indices(r.indices_P) for r in drawn])[mine]
+        chosen_P = torch.cat([self.gather(r.indices_P.to(self.device)).cpu() for r in drawn])[mine]
         local = Episodes.concat([r.episodes for r in drawn])  # this process's metrics and time, every round
         episodes = dataclasses.replace(Episodes.concat([self.gather_episodes(r.episodes) for r in drawn]).take(rows),
                                        metrics=local.metrics, env_s=local.env_s)
@@ -255,13 +250,6 @@ class RLTrainer(LMTrainer):
                         pad_token_id=self.pad_id, max_positions=limit,
                         split_special_tokens=self.config.split_special_tokens)
         return dataclasses.replace(episodes, rewards_N_F=self.source.parts(envs, episodes))
-
-    def texts(self, episodes: Episodes, count: int) -> list[str]:
-        """The first `count` episodes' transcripts after their first observation, as text (special tokens skipped:
-        a completion reads as the reward functions read it)."""
-        return self.tokenizer.batch_decode([tokens[first:] for tokens, first in zip(
-            episodes.take(range(min(count, len(episodes)))).transcripts(), episodes.first_lengths_N.tolist())],
-            skip_special_tokens=True)
 
     # ---- the updates --------------------------------------------------------------------------
 
@@ -370,7 +358,8 @@ class RLTrainer(LMTrainer):
             "rollout/zero_std_frac": zero_std_fraction(shaped_N, c.num_generations),
             "rollout/completion_len": lengths_N.mean(), "rollout/stopped_frac": stopped_N.mean(),
             "rollout/truncated_frac": 1 - stopped_N.mean(),
-            **self.policy_metrics(parts), **self.episode_metrics(rollouts.episodes),
+            **policy_metrics(parts, self.reduce_sum),
+            **episode_metrics(rollouts.episodes, self.reduce_sum, self.gather_objects, c.max_turns > 1, self.device),
             "time/generate_s": rollouts.generate_s, "time/reward_s": rollouts.score_s, "time/train_s": train_s,
             "perf/completions_per_s": len(rewards_N) / step_s,
         }
@@ -380,35 +369,11 @@ class RLTrainer(LMTrainer):
             outputs["optim/grad_norm"] = torch.stack([u["optim/grad_norm"] for u in updates]).mean()
         if c.log_completions:
             mine = slice(self.rank * len(rollouts.rewards_N), (self.rank + 1) * len(rollouts.rewards_N))
-            texts = self.texts(rollouts.episodes, c.log_completions)
+            texts = transcript_texts(rollouts.episodes, self.tokenizer, c.log_completions)
             outputs["text/samples"] = completions_text(rollouts, texts)
             outputs["records/rollouts"] = rollout_records(rollouts, texts, self.reward_names, shaped_N[mine],
                                                           advantages_N[mine])
         return outputs
-
-    def episode_metrics(self, episodes: Episodes) -> dict:
-        """Over every process: `rollout/turns_mean`, `rollout/env_tokens_frac` (the share of the transcripts'
-        tokens after the first observation that the environment put there) and `env/<key>`, the mean of each
-        number the steps reported under that key (their dicts gathered only when some process has one)."""
-        totals = torch.tensor([int(episodes.turns_N.sum()), len(episodes), int(episodes.env_tokens_N.sum()),
-                               int(episodes.policy_tokens_N.sum()), len(episodes.metrics)], dtype=torch.float64,
-                              device=self.device)
-        turns, count, env_tokens, policy_tokens, keys = self.reduce_sum(totals).tolist()
-        metrics: dict = {}
-        for part in (gather_object([episodes.metrics]) if self.world_size > 1 and keys else [episodes.metrics]):
-            for key, (total, n) in part.items():
-                old = metrics.get(key, (0.0, 0))
-                metrics[key] = (old[0] + total, old[1] + n)
-        return {"rollout/turns_mean": turns / count,
-                "rollout/env_tokens_frac": env_tokens / max(env_tokens + policy_tokens, 1),
-                **{f"env/{key}": total / n for key, (total, n) in sorted(metrics.items())}}
-
-    def policy_metrics(self, parts: list[dict]) -> dict:
-        """Token-weighted means of the micro-batches' policy metrics over every update and process."""
-        keys = sorted(k for k in parts[0] if k.startswith("policy/"))
-        sums = torch.stack([sum(p[k] * p["tokens"] for p in parts) for k in keys] + [sum(p["tokens"] for p in parts)])
-        *totals, tokens = self.reduce_sum(sums).unbind()
-        return {k: total / tokens.clamp_min(1) for k, total in zip(keys, totals)}
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -425,11 +390,11 @@ class RLTrainer(LMTrainer):
 
     def validation_step(self, batch: list) -> dict:
         """Greedy episodes of the validation examples, scored: `val/reward` (weighted total), `val/reward/<part>`,
-        `val/completion_len` (the policy's tokens), with max_turns > 1 `val/turns_mean`. With `eval_num_generations` = n: n episodes per
-        example sampled at `eval_temperature` (no top-p), and `val/pass@k` for k = 1, 2, 4, ..., n (the unbiased
-        estimator of Chen et al. 2021; an episode passes when its total reward is at least `eval_pass_threshold`)
-        and `val/reward_mean`, their mean total reward. An example's episodes are reset with seeds from (run seed,
-        the example's content), the same at every validation."""
+        `val/completion_len` (the policy's tokens), with max_turns > 1 `val/turns_mean`. With `eval_num_generations`
+        = n: n episodes per example sampled at `eval_temperature` (no top-p), and `val/pass@k` for k = 1, 2, 4, ...,
+        n (the unbiased estimator of Chen et al. 2021; an episode passes when its total reward is at least
+        `eval_pass_threshold`) and `val/reward_mean`, their mean total reward. An example's episodes are reset with
+        seeds from (run seed, the example's content), the same at every validation."""
         c = self.config
         greedy = self.validation_episodes(batch, 1, 0.0, None)
         rewards_N_F = greedy.rewards_N_F.to(self.device)
@@ -445,9 +410,7 @@ class RLTrainer(LMTrainer):
             sampled = self.validation_episodes(batch, n, c.eval_temperature, self.eval_generator)
             rewards_N = sampled.rewards_N_F.to(self.device) @ self.reward_weights_F
             passed_P = (rewards_N >= c.eval_pass_threshold).reshape(len(batch), n).sum(dim=1).cpu()
-            ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
-            metrics.update({f"pass@{k}": float(pass_at_k(n, passed_P, k).mean()) for k in ks})
-            metrics["reward_mean"] = rewards_N.mean()
+            metrics.update({**pass_at_powers(n, passed_P), "reward_mean": rewards_N.mean()})
         return metrics
 
     def validation_episodes(self, batch: list, n: int, temperature: float, generator: torch.Generator | None
@@ -478,12 +441,7 @@ class RLTrainer(LMTrainer):
         return {} if self._reference_sum is None else {"reference_checksum": self._reference_sum}
 
     def load_extra_state(self, state: dict) -> None:
-        saved = state.get("reference_checksum")
-        if self._reference_sum is not None and saved is not None and not torch.allclose(
-                saved.to(self._reference_sum), self._reference_sum, rtol=1e-9, atol=0):
-            raise ValueError("reference model: this run's initial model is not the one the checkpointed run started "
-                             "from (the frozen reference is rebuilt from the model given to RLTrainer); build the "
-                             "trainer with the same initial model, not with trained weights")
+        check_reference(state.get("reference_checksum"), self._reference_sum, "RLTrainer")
 
     # ---- across processes ---------------------------------------------------------------------
 
@@ -491,22 +449,16 @@ class RLTrainer(LMTrainer):
         """Every process's rows of `tensor`, concatenated in rank order."""
         return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
 
-    def gather_indices(self, indices_P: torch.Tensor) -> torch.Tensor:
-        return self.gather(indices_P.to(self.device)).cpu()
+    def gather_objects(self, values: list) -> list:
+        """Every process's `values` (python objects, pickled), concatenated in rank order."""
+        return gather_object(values) if self.world_size > 1 else values
 
     def gather_episodes(self, episodes: Episodes) -> Episodes:
-        """Every process's episodes in rank order, moved as tensors (padded to the widest); the first observations
-        (for the rollout records) as objects. Metrics and time stay this process's."""
+        """Every process's episodes in rank order (`rollouts.gather_episodes`)."""
         if self.world_size == 1:
             return episodes
-        pad = self.accelerator.pad_across_processes
-        widest = {"tokens_N_T": episodes.pad_id, "policy_N_T": False, "logprobs_N_T": 0.0}
-        tensors = {name: self.gather(pad(getattr(episodes, name).to(self.device), dim=1, pad_index=value)).cpu()
-                   for name, value in widest.items()}
-        tensors.update({name: self.gather(getattr(episodes, name).to(self.device)).cpu() for name in (
-            "lengths_N", "first_lengths_N", "turns_N", "done_N", "last_stopped_N", "returns_N", "rewards_N_F")})
-        return dataclasses.replace(episodes, **tensors, first_N=[first for part in gather_object([episodes.first_N])
-                                                                   for first in part])
+        return gather_episodes(episodes, self.gather, self.accelerator.pad_across_processes, self.gather_objects,
+                               self.device)
 
 
 def sampling_seed(seed: int, rank: int) -> int:
@@ -514,6 +466,3 @@ def sampling_seed(seed: int, rank: int) -> int:
     completions of the same prompt."""
     return mixed_seed(seed, rank, 0x5A4D)
 
-
-def json_bytes(value) -> bytes:
-    return json.dumps(value).encode()
