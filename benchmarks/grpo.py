@@ -17,14 +17,17 @@ The hand-written loop is what a researcher writes without a framework (`run_hand
 update in plain torch, clip, AdamW; no checkpointable sampler, no metrics, no callbacks.
 
 Each round builds a fresh trainer of each kind for each beta, in turn (interleaved, so machine noise hits all
-alike), runs `--warmup` steps, then times `--steps` steps: each step between the loop's hooks, and generation
-around `RLTrainer.generate` (ours) or `model.generate` (TRL, hand), in wall seconds and in the thread's CPU seconds
-(robust to other processes on a shared machine). The table gives medians over rounds of each round's median.
+alike), runs `--warmup` steps, then times `--steps` steps: each step between the loop's hooks (wall seconds and the
+thread's CPU seconds, robust to other processes on a shared machine), and generation as the step reports it
+(`time/generate_s`, ours) or around `model.generate` (TRL, hand). The table gives medians over rounds of each
+round's median. `--only ours hand` runs a subset (e.g. to compare two versions of paperloop against the same hand
+loop, as `benchmarks/ab.py` does).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
@@ -113,14 +116,6 @@ class Clock:
         self.wall.append(self.wall.pop() + time.perf_counter())
         self.cpu.append(self.cpu.pop() + time.thread_time())
 
-    def mark(self) -> None:
-        """Begin a step: `collapse` will sum the intervals taken from here (dynamic sampling generates each round)."""
-        self.since = len(self.wall)
-
-    def collapse(self) -> None:
-        for times in (self.wall, self.cpu):
-            times[self.since:] = [sum(times[self.since:])]
-
     def timing(self, fn):
         def timed(*args, **kwargs):
             self.start()
@@ -139,14 +134,16 @@ def run_ours(model_dir, prompts, args, beta, out, dynamic=False) -> tuple[Clock,
                       log_completions=0, seed=0, dynamic_sampling=dynamic, max_sample_rounds=4)
     reward = reward_has_w7 if dynamic else reward_count
     steps.rounds = []
+
+    def step_end(trainer, outputs):
+        steps.stop()
+        steps.rounds.append(outputs["rollout/sample_rounds"])
+        generate.wall.append(outputs["time/generate_s"])  # every round's sampling (the reward functions excluded)
+
     trainer = RLTrainer(never_eos(LlamaForCausalLM.from_pretrained(model_dir)), config, tokenizer=make_tokenizer(),
                         train_data=[{"prompt": p} for p in prompts],
                         reward_fns=[lambda prompt, completion, example: reward(completion)],
-                        callbacks=[LambdaCallback(on_batch_begin=lambda t, s: (steps.start(), generate.mark()),
-                                                  on_batch_end=lambda t, o: (steps.stop(), generate.collapse(),
-                                                                             steps.rounds.append(
-                                                                                 o["rollout/sample_rounds"])))])
-    trainer.generate = generate.timing(trainer.generate)
+                        callbacks=[LambdaCallback(on_batch_begin=lambda t, s: steps.start(), on_batch_end=step_end)])
     trainer.fit()
     return steps, generate
 
@@ -241,6 +238,8 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     return steps, generate
 
 
+ONLY = {"ours": "paperloop RLTrainer", "trl": "TRL GRPOTrainer", "hand": "hand-written loop",
+        "dynamic": "paperloop, dynamic sampling"}
 CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl, "hand-written loop": run_hand,
               "paperloop, dynamic sampling": run_ours_dynamic}
 
@@ -254,7 +253,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write every round's medians to this file (for benchmarks/ab.py)")
+    parser.add_argument("--only", nargs="+", choices=["ours", "trl", "hand", "dynamic"],
+                        help="run only these contenders (default: all); the table's ratios need TRL and the hand loop")
     args = parser.parse_args()
+    if args.only:
+        keep = {ONLY[key] for key in args.only}
+        for name in list(CONTENDERS):
+            if name not in keep:
+                del CONTENDERS[name]
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -272,7 +279,7 @@ def main() -> None:
                     results.setdefault((name, beta), []).append(
                         {key: statistics.median(values[skip]) for key, values in (
                             ("step", steps.wall), ("step_cpu", steps.cpu), ("generate", generate.wall),
-                            ("generate_cpu", generate.cpu), ("rounds", getattr(steps, "rounds", [1] * len(steps.wall))))})
+                            ("rounds", getattr(steps, "rounds", [1] * len(steps.wall))))})
             print(f"round {round_ + 1}/{args.repeats} done", flush=True)
     print_table(results, args)
 
@@ -285,19 +292,27 @@ def print_table(results, args) -> None:
           "(wall) | vs TRL (CPU) | vs hand-written (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     median = lambda name, beta, key: statistics.median(r[key] for r in results[(name, beta)])  # noqa: E731
+
+    def ratio(reference, beta, key, mine):  # a contender left out by --only: no ratio to it
+        return f"{median(reference, beta, key) / mine:.2f}x" if (reference, beta) in results else "-"
+
     for beta in args.betas:
         for name in CONTENDERS:
             step, cpu = median(name, beta, "step"), median(name, beta, "step_cpu")
             generate = median(name, beta, "generate")
             print(f"| {beta:g} | {name} | {completions / step:.0f} | {step:.3f} | {generate:.3f} | "
-                  f"{step - generate:.3f} | {completions / cpu:.0f} | "
-                  f"{median('TRL GRPOTrainer', beta, 'step') / step:.2f}x | "
-                  f"{median('TRL GRPOTrainer', beta, 'step_cpu') / cpu:.2f}x | "
-                  f"{median('hand-written loop', beta, 'step_cpu') / cpu:.2f}x |")
-    rounds = statistics.median(r["rounds"] for beta in args.betas for r in results[("paperloop, dynamic sampling", beta)])
-    print(f"\nDynamic sampling: on a reward where about half the groups of {args.generations} tie, a step drew a median "
-          f"of {rounds:g} rounds of {args.prompts} prompts (at most 4) to train {args.prompts} groups with a spread: "
-          "its s/step against paperloop's row above is what the extra prompts cost.")
+                  f"{step - generate:.3f} | {completions / cpu:.0f} | {ratio('TRL GRPOTrainer', beta, 'step', step)} | "
+                  f"{ratio('TRL GRPOTrainer', beta, 'step_cpu', cpu)} | "
+                  f"{ratio('hand-written loop', beta, 'step_cpu', cpu)} |")
+    if "paperloop, dynamic sampling" in CONTENDERS:
+        rounds = statistics.median(r["rounds"] for beta in args.betas
+                                   for r in results[("paperloop, dynamic sampling", beta)])
+        print(f"\nDynamic sampling: on a reward where about half the groups of {args.generations} tie, a step drew a "
+              f"median of {rounds:g} rounds of {args.prompts} prompts (at most 4) to train {args.prompts} groups with "
+              "a spread: its s/step against paperloop's row above is what the extra prompts cost.")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"trainer": name, "beta": beta, **{k: v for k, v in r.items()}}
+                                               for (name, beta), rows in results.items() for r in rows]))
 
 
 if __name__ == "__main__":

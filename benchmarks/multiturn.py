@@ -18,8 +18,10 @@ re-read, it also prefills k turns of transcript again.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,6 +89,7 @@ def main() -> None:
     p.add_argument("--observation-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write each contender's per-turn medians to this file (for benchmarks/ab.py)")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = make_model()
@@ -117,6 +120,8 @@ def main() -> None:
     totals = {n: sum(medians[n]) for n in names}
     print("| all | | " + " | ".join(f"{1000 * totals[n]:.0f} ({totals[n] / totals[names[0]]:.2f}x ours)" for n in names)
           + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(medians))
 
 
 if __name__ == "__main__":
