@@ -151,6 +151,13 @@ class TurnSampler:
     stopped while others went on, a shorter observation), its columns are masked out, and explicit position ids
     count only its real tokens. A row's last sampled token is not fed until its observation is (one forward a turn
     saved). Rows whose first observations are equal (a group's episodes often start alike) are prefilled once.
+
+    A model with sliding-window attention layers (Mistral, Gemma 2/3, gpt-oss: transformers gives their cache
+    `is_sliding` layers) cannot be continued so: the window counts cache columns, and the masked columns between a
+    row's turns would push its own tokens out of it (log-probs off a full forward's by up to 0.16 nats, or NaN
+    where a window holds only masked columns). For such a model `extend` prefills each live row's whole transcript
+    afresh, left-padded so that its tokens are contiguous columns: slower, and the same numbers a training forward
+    computes.
     """
 
     def __init__(self, model, prompts: list[list[int]], *, generator: torch.Generator, temperature: float = 1.0,
@@ -160,23 +167,30 @@ class TurnSampler:
         self.device = _check_device(model, generator)
         self.eos_E, self.pad_id = torch.tensor(eos_ids, device=self.device), pad_token_id
         self.rows = list(range(len(prompts)))  # the live rows, as indices into `prompts`, in the cache's order
-        self.cache = growing_cache(model.config)
-        self.cache_arg = {cache_argument(model): self.cache}
-        unique = {tuple(p): i for i, p in reversed(list(enumerate(prompts)))}  # first row of each distinct prompt
+        self._prefill(prompts)
+        self.windowed = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        # a windowed model's live rows' transcripts so far, to prefill again each turn
+        self.transcripts_R = [list(prompt) for prompt in prompts] if self.windowed else None
+
+    def _prefill(self, prompts_R: list[list[int]]) -> None:
+        """A fresh cache holding `prompts_R` (one per live row), each distinct one prefilled once."""
+        self.cache = growing_cache(self.model.config)
+        self.cache_arg = {cache_argument(self.model): self.cache}
+        unique = {tuple(p): i for i, p in reversed(list(enumerate(prompts_R)))}  # first row of each distinct prompt
         firsts = sorted(unique.values())
-        ids_U_S, attention_U_S = left_pad([prompts[i] for i in firsts], pad_token_id, self.device)
-        with _inference(model):
-            logits_U_V = model(input_ids=ids_U_S, attention_mask=attention_U_S,
-                               position_ids=(attention_U_S.cumsum(dim=1) - 1).clamp(min=0), **self.cache_arg,
-                               use_cache=True, logits_to_keep=1).logits[:, -1]
-            where_R = torch.tensor([firsts.index(unique[tuple(p)]) for p in prompts], device=self.device)
-            if len(firsts) < len(prompts):
+        ids_U_S, attention_U_S = left_pad([prompts_R[i] for i in firsts], self.pad_id, self.device)
+        with _inference(self.model):
+            logits_U_V = self.model(input_ids=ids_U_S, attention_mask=attention_U_S,
+                                    position_ids=(attention_U_S.cumsum(dim=1) - 1).clamp(min=0), **self.cache_arg,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1]
+            where_R = torch.tensor([firsts.index(unique[tuple(p)]) for p in prompts_R], device=self.device)
+            if len(firsts) < len(prompts_R):
                 self.cache.batch_select_indices(where_R)
             self.logits_R_V = logits_U_V[where_R]  # each row's next-token logits
             self.attention_R_S = attention_U_S[where_R]  # 1 where a cache column is the row's real token
         self.next_position_R = self.attention_R_S.sum(dim=1)
-        self.pending_R = torch.full((len(prompts),), pad_token_id, device=self.device)  # last drawn, not yet fed
-        self.pending_valid_R = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        self.pending_R = torch.full((len(prompts_R),), self.pad_id, device=self.device)  # last drawn, not yet fed
+        self.pending_valid_R = torch.zeros(len(prompts_R), dtype=torch.bool, device=self.device)
 
     def sample(self, max_new_tokens: int) -> Samples:
         """Each live row's next action: up to `max_new_tokens` tokens, ending at a stop token."""
@@ -202,7 +216,11 @@ class TurnSampler:
                 self._feed(tokens_R_L[:, t:t + 1], live_R[:, None])
             width = int(lengths_R.max())
             raw = tokens_R_L[:, :width], logprobs_R_L[:, :width], lengths_R, finished_R
-        return Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=1)
+        samples = Samples(*(tensor.clone(memory_format=torch.contiguous_format) for tensor in raw), group_size=1)
+        if self.windowed:
+            for transcript, completion in zip(self.transcripts_R, samples.completions()):
+                transcript += completion
+        return samples
 
     def keep(self, rows: list[int]) -> None:
         """Only `rows` (a subset of the live rows, in their order) go on; the others' cache is freed."""
@@ -213,6 +231,8 @@ class TurnSampler:
             return
         index_K = torch.tensor([at[row] for row in rows], dtype=torch.long, device=self.device)
         self.rows = list(rows)
+        if self.windowed:
+            self.transcripts_R = [self.transcripts_R[at[row]] for row in rows]
         if rows:
             self.cache.batch_select_indices(index_K)
         for name in ("logits_R_V", "attention_R_S", "next_position_R", "pending_R", "pending_valid_R"):
@@ -222,6 +242,9 @@ class TurnSampler:
         """Append each live row's observation (token ids, possibly none) after its last action, in one forward."""
         if len(observations_R) != len(self.rows):
             raise ValueError(f"TurnSampler.extend: {len(observations_R)} observations for {len(self.rows)} live rows")
+        if self.windowed:  # the whole transcripts again, contiguous (see the class docstring)
+            self.transcripts_R = [transcript + list(ids) for transcript, ids in zip(self.transcripts_R, observations_R)]
+            return self._prefill(self.transcripts_R)
         pending = self.pending_R.tolist()
         blocks = [[pending[r]] * bool(valid) + list(ids)
                   for r, (valid, ids) in enumerate(zip(self.pending_valid_R.tolist(), observations_R))]
