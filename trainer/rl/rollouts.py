@@ -124,13 +124,16 @@ class WholeStepsPlan(EpochPlan):
     """The default data plan without the epoch's short last step: every step gives every process exactly
     `batch_size` prompts, so every process makes the same number of updates (DDP's all-reduces pair up).
 
-    Dynamic sampling: a loop step may take the prompts of the epoch's next steps too (`draw_extra`); once the loop
-    step is done, the position moves past every step it drew, so a checkpoint resumes after them all and a resumed
-    run draws the same prompts again. Draws stop at the epoch's end."""
+    Dynamic sampling: a loop step may take the prompts of the plan's next steps too (`draw_extra`), on into the next
+    epoch's (as verl's sampler does), so that a step trains tied groups only when `max_sample_rounds` is spent —
+    leaving the next epoch at least one step of its own. Once the loop step is done, the position moves past every
+    step it drew (an offset past the epoch's end is carried into the next epoch when it starts), so a checkpoint
+    resumes after them all and a resumed run draws the same prompts again."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.extra = 0  # steps drawn beyond the current one by the loop step in progress
+        self._next: tuple[int, list[torch.Tensor]] | None = None  # (epoch + 1, its steps), once drawn from
 
     def epoch_steps(self, epoch: int) -> list[torch.Tensor]:
         return [s for s in super().epoch_steps(epoch) if len(s) == self.samples_per_step]
@@ -143,14 +146,24 @@ class WholeStepsPlan(EpochPlan):
         return super().make_step(step_indices)
 
     def draw_extra(self) -> torch.Tensor | None:
-        """This process's prompts of the epoch's next undrawn step, or None when the epoch has none left."""
-        steps = self._steps_of(self.epoch)
+        """This process's prompts of the next undrawn step (this epoch's, then the next one's), or None when only
+        the next epoch's last step is left."""
         index = self.offset + 1 + self.extra
+        steps = self._steps_of(self.epoch)
         if index >= len(steps):
-            return None
+            if self._next is None or self._next[0] != self.epoch + 1:
+                self._next = (self.epoch + 1, self.epoch_steps(self.epoch + 1))
+            steps, index = self._next[1], index - len(steps)
+            if index >= len(steps) - 1:
+                return None
         self.extra += 1
         return torch.cat(self.split(steps[index]))
 
     def advance(self) -> None:
         self.offset += 1 + self.extra
         self.extra = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        carried = self.offset - len(self._steps_of(self.epoch)) if epoch == self.epoch + 1 else 0
+        super().start_epoch(epoch)
+        self.offset = max(carried, 0)  # the next epoch's steps a step of the last one drew

@@ -179,8 +179,9 @@ class RLTrainer(LMTrainer):
 
         Without dynamic sampling: G episodes of each of the step's examples, one round. With it (DAPO, Yu et al.
         2025, §3.2): a group whose rewards all tie has advantage 0 and teaches nothing, so each round draws the
-        examples of the data plan's next step, until the rounds hold `batch_size` groups with a spread per process
-        (over every process) or `max_sample_rounds` rounds have run or the epoch has no examples left. The step
+        examples of the data plan's next step (on into the next epoch's: `WholeStepsPlan.draw_extra`), until the
+        rounds hold `batch_size` groups with a spread per process (over every process) or `max_sample_rounds` rounds
+        have run (or only the next epoch's last step is left). The step
         trains on the first groups with a spread, in the order drawn, then (when there are too few) on tied ones
         in that order (`rollouts.choose_groups`): always `batch_size` groups a process, so every process makes the
         same updates. The filter reads the rewards before any shaping, gathered from every process, so every
@@ -197,7 +198,7 @@ class RLTrainer(LMTrainer):
         spread = [group_spread(rewards[0] @ self.reward_weights_F, c.num_generations)]
         while int(sum(s.sum() for s in spread)) < wanted and len(drawn) < c.max_sample_rounds:
             more = self.plan.draw_extra()
-            if more is None:  # the epoch's prompts are all drawn: train on what there is
+            if more is None:  # this epoch's and the next one's prompts are all drawn: train on what there is
                 break
             drawn.append(self.rollout(more))
             rewards.append(self.gather(drawn[-1].rewards_N_F))
