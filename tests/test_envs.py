@@ -375,7 +375,6 @@ class Faulty(Retry):
     ("tuple", "turn 2: step must return a paperloop.envs.StepResult, got tuple"),
     ("nan", "turn 2: step's reward must be a finite number"),
     ("messages", "turn 2: the episode began with text, so an observation is a str"),
-    ("huge", r"turn 2: the transcript with this observation is \d+ tokens; .*max_position_embeddings=512"),
 ])
 def test_a_failing_environment_stops_the_run_naming_its_class_the_example_and_the_turn(tmp_path, fault, message):
     trainer = make_rl_trainer(tmp_path, env=functools.partial(Faulty, fault=fault), max_turns=3, max_steps=1)

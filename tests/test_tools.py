@@ -94,9 +94,10 @@ def test_an_episode_runs_calls_until_an_answer_and_scores_it():
     step = env.step("<call>mul(12, 34)</call>")
     assert (step.observation, step.done, step.reward) == ("<result>408</result>", False, 0.0)
     step = env.step("<call>boom()</call><call>nope(1)</call><call>mul(1, 1)</call>")
+    # a call beyond max_calls adds nothing (issue 26: a policy writing thousands of calls must not grow the
+    # observation past the context), and counts as an error
     assert step.observation == ("<result>error: ZeroDivisionError: no</result><result>error: no tool named 'nope' "
-                                "(tools: boom, mul)</result><result>error: at most 2 calls a turn; this one was not "
-                                "run</result>")
+                                "(tools: boom, mul)</result>")
     assert step.metrics == {"tool_calls": 3.0, "tool_errors": 3.0}
     step = env.step("408")
     assert step.done and step.reward == 1.0 and step.metrics["used_tools"] == 1.0

@@ -200,7 +200,7 @@ def example_shape(example, index: int) -> str:
     for key in SHAPES[shape]:
         if not isinstance(example[key], str):
             raise ValueError(f"example {index}: {key!r} must be a string, got {type(example[key]).__name__}")
-        _check_text(example[key], f"example {index}: {key!r}")
+        check_text(example[key], f"example {index}: {key!r}")
     last = SHAPES[shape][-1]
     if not example[last]:
         raise ValueError(f"example {index}: empty {last!r}: nothing to train on")
@@ -226,10 +226,10 @@ def check_messages(messages, name: str) -> None:
             raise ValueError(f"{where}: unknown role {message['role']!r} (expected one of {ROLES})")
         if not isinstance(message["content"], str):
             raise ValueError(f"{where}: 'content' must be a string, got {type(message['content']).__name__}")
-        _check_text(message["content"], f"{where}: 'content'")
+        check_text(message["content"], f"{where}: 'content'")
 
 
-def _check_text(text: str, where: str) -> None:
+def check_text(text: str, where: str) -> None:
     """Text a tokenizer can take: a lone surrogate (from a JSON escape such as \\ud800) is not UTF-8, and would
     fail deep inside the tokenizer without saying which example holds it."""
     try:

@@ -28,6 +28,7 @@ example index, generation), so a resumed run replays the same episodes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +36,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..lm.base import ScoreError, as_score
-from ..lm.data import check_messages, prompt_ids, render_chat
+from ..lm.base import SCORE_LIMIT, ScoreError, as_score
+from ..lm.data import check_messages, check_text, prompt_ids, render_chat
 from ..lm.sampling import TurnSampler
 from ..plans import mixed_seed
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Env", "StepResult", "Episodes", "play", "episode_seed", "env_name"]
 
@@ -185,7 +188,9 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
          pad_token_id: int, max_positions: int | None, split_special_tokens: bool = False) -> Episodes:
     """Play one episode in each of `envs_N` (seeded by `seeds_N`; `names_N` name their examples in errors): every
     live episode's action sampled in one batch, each turn continuing its KV cache (`lm.sampling.TurnSampler`).
-    Every environment is closed at the end, also when one of them fails."""
+    An observation that, with a next action of max_new_tokens, would pass the model's context (`max_positions`)
+    truncates its episode (a warning says how many); a first observation that would is an error. Every environment
+    is closed at the end, also when one of them fails."""
     clock, dtype = _Clock(), torch.float32
     try:
         with clock:
@@ -201,7 +206,7 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
             actions = sampler.sample(max_new_tokens)
             ids_R, stopped_R, dtype = actions.completions(), actions.stopped_N.tolist(), actions.logprobs_N_L.dtype
             texts_R = tokenizer.batch_decode(ids_R, skip_special_tokens=True)
-            going, observations = [], []
+            going, observations, overflowed = [], [], []
             for r, (n, ids, logprobs) in enumerate(zip(sampler.rows, ids_R, actions.logprobs_N_L.tolist())):
                 env, name = envs_N[n], names_N[n]
                 played.add(n, ids, logprobs[:len(ids)])
@@ -212,21 +217,27 @@ def play(model, tokenizer, envs_N: list, seeds_N: list[int], names_N: list[str],
                     continue  # over (truncated at max_turns: no observation is needed after the last action)
                 observation = _observation_ids(result.observation, chats_N[n], texts_R[r], ids[-1] if stopped_R[r]
                                                else None, tokenizer, split_special_tokens, env, name, turn)
-                _check_room(len(played.tokens_N[n]) + len(observation), max_new_tokens, max_positions, env, name,
-                            turn, "the transcript with this observation")
+                if not _fits(len(played.tokens_N[n]) + len(observation), max_new_tokens, max_positions):
+                    overflowed.append(name)
+                    continue  # truncated: the observation and a next action would pass the model's context
                 played.add(n, observation)
                 going.append(n)
                 observations.append(observation)
+            if overflowed:
+                log.warning("turn %d: %d episode(s) truncated, their observation and a next action of max_new_tokens="
+                            "%d would pass the model's max_position_embeddings=%s (e.g. %s)", turn, len(overflowed),
+                            max_new_tokens, max_positions, overflowed[0])
             sampler.keep(going)
             if not going:
                 break
             sampler.extend(observations)
-    finally:
+    except BaseException:
         with clock:
-            for env in envs_N:
-                close = getattr(env, "close", None)
-                if callable(close):
-                    close()
+            _close_all(envs_N, names_N, failing=True)
+        raise
+    with clock:
+        _close_all(envs_N, names_N, failing=False)
+    _check_returns(played.returns_N, envs_N, names_N)
     return Episodes.from_lists(played.tokens_N, played.policy_N, played.logprobs_N, played.first_lengths_N,
                                played.turns_N, played.done_N, played.last_stopped_N, played.returns_N, first_N,
                                metrics=played.metrics, group_size=group_size, pad_id=pad_token_id,
@@ -281,9 +292,10 @@ def _where(env, name: str, turn: int | None = None) -> str:
 def _reset(env, seed: int, name: str):
     try:
         observation = env.reset(seed)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # an environment's sys.exit() must not end the run as if it succeeded
         raise RuntimeError(f"{_where(env, name)}: reset raised {type(e).__name__}: {e}") from e
     if isinstance(observation, str) and observation:
+        check_text(observation, f"{_where(env, name)}: reset's observation")
         return observation
     if isinstance(observation, list) and observation:
         check_messages(observation, f"{_where(env, name)}: reset's messages")
@@ -297,7 +309,7 @@ def _step(env, action: str, name: str, turn: int) -> StepResult:
         result = env.step(action)
     except ScoreError:  # a reward function's error (a prompt's one-turn environment) names it and the example
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # an environment's sys.exit() must not end the run as if it succeeded
         raise RuntimeError(f"{_where(env, name, turn)}: step raised {type(e).__name__}: {e} (action {action!r:.80})"
                            ) from e
     if not isinstance(result, StepResult):
@@ -332,6 +344,7 @@ def _observation_ids(observation, chat: list | None, action: str, stop_token: in
         if not isinstance(observation, str):
             raise TypeError(f"{where}: the episode began with text, so an observation is a str; got "
                             f"{type(observation).__name__} {observation!r:.80}")
+        check_text(observation, f"{where}: the observation")
         return tokenizer(observation, add_special_tokens=False, split_special_tokens=split)["input_ids"]
     if not isinstance(observation, list) or not observation:
         raise TypeError(f"{where}: the episode began with chat messages, so an observation is a non-empty list of "
@@ -341,6 +354,7 @@ def _observation_ids(observation, chat: list | None, action: str, stop_token: in
                 and isinstance(message.get("content"), str)):
             raise TypeError(f"{where}: an observation message is a dict with 'role' and 'content' strings; got "
                             f"{message!r:.80}")
+        check_text(message["content"], f"{where}: an observation message's content")
     before = render_chat(tokenizer, chat, True, where)
     chat.append({"role": "assistant", "content": action})
     through = render_chat(tokenizer, chat, False, where)
@@ -354,9 +368,40 @@ def _observation_ids(observation, chat: list | None, action: str, stop_token: in
     return ids[1:] if ids and ids[0] == stop_token else ids
 
 
+def _close_all(envs_N: list, names_N: list[str], failing: bool) -> None:
+    """Close every environment, whatever one of them raises: the first error (naming the environment) is raised
+    once all are closed — unless the episodes are `failing` by an error already, which stays the one raised."""
+    errors = []
+    for env, name in zip(envs_N, names_N):
+        close = getattr(env, "close", None)
+        try:
+            if callable(close):
+                close()
+        except (Exception, SystemExit) as e:
+            errors.append(RuntimeError(f"{_where(env, name)}: close raised {type(e).__name__}: {e}"))
+            errors[-1].__cause__ = e
+    if errors and failing:
+        log.error("while the episodes were ending with an error, %s", errors[0])
+    elif errors:
+        raise errors[0]
+
+
+def _check_returns(returns_N: list[float], envs_N: list, names_N: list[str]) -> None:
+    """An episode's return (a sum of step rewards) must stay within float32's range: past it the advantages
+    overflow to inf, and every update would be skipped as non-finite without a word on why."""
+    for env, name, total in zip(envs_N, names_N, returns_N):
+        if as_score(total) is None:
+            raise ValueError(f"{_where(env, name)}: the episode's rewards sum to {total:.4g}, beyond float32's range "
+                             f"({SCORE_LIMIT:.3g}): the advantages would overflow; scale the rewards down")
+
+
+def _fits(length: int, max_new_tokens: int, max_positions: int | None) -> bool:
+    return max_positions is None or length + max_new_tokens <= max_positions
+
+
 def _check_room(length: int, max_new_tokens: int, max_positions: int | None, env, name: str, turn: int,
                 what: str) -> None:
-    if max_positions is not None and length + max_new_tokens > max_positions:
+    if not _fits(length, max_new_tokens, max_positions):
         raise ValueError(f"{_where(env, name, turn if turn else None)}: {what} is {length} tokens; with max_new_tokens="
                          f"{max_new_tokens} the next action would pass the model's max_position_embeddings="
                          f"{max_positions}; shorten the observations, or lower max_turns or max_new_tokens")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
@@ -44,8 +43,6 @@ from .envs import Env, StepResult
 
 __all__ = ["ToolEnv", "parse_tag_calls", "parse_json_calls", "run_tool"]
 
-TAG_CALL = re.compile(r"<call>(.*?)</call>", re.DOTALL)
-JSON_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 RESULT_TAGS = {"tags": ("<result>", "</result>"), "json": ("<tool_response>", "</tool_response>")}
 
 
@@ -53,11 +50,24 @@ class ToolCallError(ValueError):
     """A call the policy wrote that cannot be read: its message is what the policy sees."""
 
 
+def tagged(action: str, start: str, end: str) -> list[str]:
+    """The texts between `start` and the first `end` after it, left to right, in time linear in the action (a
+    policy that repeats an opening tag thousands of times without closing it made a lazy regex quadratic)."""
+    texts, position = [], 0
+    while (opening := action.find(start, position)) >= 0:
+        closing = action.find(end, opening + len(start))
+        if closing < 0:  # no closing tag after this one: none after any later opening either
+            break
+        texts.append(action[opening + len(start):closing])
+        position = closing + len(end)
+    return texts
+
+
 def parse_tag_calls(action: str) -> list:
     """The `<call>name(args)</call>` calls in `action`, in order: (name, args, kwargs), or a ToolCallError in the
     place of one that cannot be read."""
     calls = []
-    for text in TAG_CALL.findall(action):
+    for text in tagged(action, "<call>", "</call>"):
         try:
             node = ast.parse(text.strip(), mode="eval").body
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
@@ -75,7 +85,7 @@ def parse_tag_calls(action: str) -> list:
 def parse_json_calls(action: str) -> list:
     """The `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls in `action`, as `parse_tag_calls`."""
     calls = []
-    for text in JSON_CALL.findall(action):
+    for text in tagged(action, "<tool_call>", "</tool_call>"):
         try:
             call = json.loads(text)
             if not (isinstance(call, dict) and isinstance(call.get("name"), str)
@@ -109,7 +119,8 @@ def run_tool(fn: Callable, args: tuple, kwargs: dict, timeout_s: float, max_char
         text, failed = f"error: {type(e).__name__}: {e}", True
     if len(text) > max_chars:
         text = text[:max_chars] + f"... [{len(text) - max_chars} more characters cut]"
-    return text, failed
+    # a lone surrogate (a non-UTF-8 file name read by os.listdir, say) is no text a tokenizer takes: escaped
+    return text.encode("utf-8", "backslashreplace").decode("utf-8"), failed
 
 
 def _within(fn: Callable[[], str], seconds: float) -> str:
@@ -136,7 +147,8 @@ def _within(fn: Callable[[], str], seconds: float) -> str:
 
 class ToolEnv(Env):
     """One tool-use episode of `example`: see the module's docstring. `max_calls` bounds the calls run per action
-    (the rest are answered with an error); `max_result_chars` the length of each result."""
+    (the rest are not run, add nothing to the observation and count as errors); `max_result_chars` the length of
+    each result: an observation holds at most max_calls results of max_result_chars each."""
 
     def __init__(self, example, tools: Sequence[Callable], reward: Callable[[object, str], float],
                  prompt: Callable | None = None, call_format: str | Callable = "tags", result_role: str = "tool",
@@ -180,10 +192,8 @@ class ToolEnv(Env):
             return StepResult(reward=reward, done=True, metrics={"tool_calls": 0.0, "tool_errors": 0.0,
                                                                  "used_tools": float(self.calls > 0)})
         results, errors = [], 0
-        for k, call in enumerate(calls):
-            if k >= self.max_calls:
-                text, failed = f"error: at most {self.max_calls} calls a turn; this one was not run", True
-            elif isinstance(call, ToolCallError):
+        for call in calls[:self.max_calls]:  # calls beyond add nothing: an observation stays bounded
+            if isinstance(call, ToolCallError):
                 text, failed = f"error: {call}", True
             else:
                 name, args, kwargs = call
@@ -195,7 +205,7 @@ class ToolEnv(Env):
             results.append(text)
             errors += failed
         self.calls += len(calls)
-        metrics = {"tool_calls": float(len(calls)), "tool_errors": float(errors)}
+        metrics = {"tool_calls": float(len(calls)), "tool_errors": float(errors + max(len(calls) - self.max_calls, 0))}
         if self.chat:
             return StepResult(observation=[{"role": self.result_role, "content": text} for text in results],
                               metrics=metrics)

@@ -1,0 +1,103 @@
+"""Environments that misbehave in ways that used to pass silently, end the process, or surface as a raw error from
+deep inside: each is named (the environment's class, the example, the turn) or handled."""
+
+import functools
+import logging
+
+import pytest
+
+from paperloop.callbacks import LambdaCallback
+from paperloop.envs import Env, StepResult
+
+from rl_helpers import Retry, make_rl_trainer
+from test_envs import Faulty
+
+
+def test_an_observation_that_would_pass_the_context_truncates_its_episode_and_the_run_goes_on(tmp_path, caplog):
+    outputs = []
+    trainer = make_rl_trainer(tmp_path, env=functools.partial(Faulty, fault="huge"), max_turns=3, max_steps=1,
+                              callbacks=[LambdaCallback(on_batch_end=lambda t, o: outputs.append(o))])
+    with caplog.at_level(logging.WARNING, logger="paperloop.rl.envs"):
+        trainer.fit()
+    assert trainer.state.global_step == 1
+    records = outputs[0]["records/rollouts"]
+    # every episode still going at its second step got the huge observation: cut there, after 2 actions
+    assert all(r["turns"] <= 2 for r in records) and any(r["turns"] == 2 and r["truncated"] for r in records)
+    assert "truncated" in caplog.text and "max_position_embeddings=512" in caplog.text
+
+
+class HugePrompt(Env):
+    def __init__(self, example):
+        pass
+
+    def reset(self, seed):
+        return "1" * 600
+
+    def step(self, action):
+        return StepResult(done=True)
+
+
+def test_a_first_observation_past_the_context_is_still_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"environment HugePrompt on train example \d+: first observation is"):
+        make_rl_trainer(tmp_path, env=HugePrompt, max_steps=1).fit()
+
+
+class Strange(Retry):
+    """Retry, with one misbehaviour at its second step (or in close)."""
+
+    closed = []
+
+    def __init__(self, example, fault):
+        super().__init__(example)
+        self.fault = fault
+
+    def step(self, action):
+        result = super().step(action)
+        if self.fault == "huge reward":  # each step's reward within float32's range, their sum not
+            return StepResult(reward=3e38, observation="1=")
+        if len(self.record["actions"]) < 2:
+            return result
+        if self.fault == "surrogate":
+            return StepResult(observation="file_\udcff=")
+        if self.fault == "surrogate in a message":
+            return StepResult(observation=[{"role": "user", "content": "\ud800"}])
+        if self.fault == "exit":
+            raise SystemExit(0)
+        if self.fault == "step and close":
+            raise KeyError("step failed")
+        return result
+
+    def close(self):
+        Strange.closed.append(self)
+        if self.fault in ("close", "step and close"):
+            raise OSError("close failed")
+
+
+@pytest.mark.parametrize("fault, error, message", [
+    ("surrogate", ValueError, r"Strange on train example \d+, turn 2: the observation: holds '\\udcff'"),
+    ("exit", RuntimeError, r"Strange on train example \d+, turn 2: step raised SystemExit"),
+    ("huge reward", ValueError, r"Strange on train example \d+: the episode's rewards sum to .*beyond float32"),
+    ("close", RuntimeError, r"Strange on train example \d+: close raised OSError: close failed"),
+    ("step and close", RuntimeError, r"turn 2: step raised KeyError"),
+])
+def test_what_an_environment_does_wrong_is_named_and_every_environment_is_closed(tmp_path, fault, error, message):
+    Strange.closed = []
+    trainer = make_rl_trainer(tmp_path, env=functools.partial(Strange, fault=fault), max_turns=3, max_steps=1)
+    with pytest.raises(error, match=message):
+        trainer.fit()
+    assert len(Strange.closed) == 16  # all of the step's episodes: 4 examples x 4
+
+
+def test_a_chat_observation_that_is_not_valid_unicode_is_named(tmp_path):
+    class ChatStrange(Strange):
+        def reset(self, seed):
+            super().reset(seed)
+            return [{"role": "user", "content": self.example["prompt"]}]
+
+        def step(self, action):
+            return StepResult(observation=[{"role": "user", "content": "\ud800"}])
+
+    trainer = make_rl_trainer(tmp_path, env=functools.partial(ChatStrange, fault="surrogate in a message"),
+                              max_turns=3, max_steps=1)
+    with pytest.raises(ValueError, match=r"turn 1: an observation message's content: holds '\\ud800'"):
+        trainer.fit()
