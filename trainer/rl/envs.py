@@ -360,11 +360,20 @@ def _observation_ids(observation, chat: list | None, action: str, stop_token: in
     through = render_chat(tokenizer, chat, False, where)
     chat.extend(dict(m) for m in observation)
     after = render_chat(tokenizer, chat, True, where)
-    if not (through.startswith(before + action) and after.startswith(through)):
+    # Where the action's content ends in the template's text: as sampled, or as a template that normalizes the
+    # content's whitespace writes it (Llama 3's `| trim`); the transcript keeps the tokens the policy sampled.
+    end = next((len(before) + len(content) for content in (action, action.rstrip(), action.strip(), action.lstrip())
+                if through.startswith(before + content)), None)
+    if end is None or not after.startswith(through):
         raise ValueError(f"{where}: the chat template does not render the conversation so far as a prefix of the "
                          "next turn's (it rewrites earlier turns or the assistant's content), so the transcript "
                          "cannot be continued token for token")
-    ids = tokenizer(after[len(before) + len(action):], add_special_tokens=False)["input_ids"]
+    for message in observation:  # a template that renders only the roles it knows drops the others in silence
+        if message["content"].strip() not in after[len(through):]:
+            raise ValueError(f"{where}: the chat template does not render the observation's {message['role']!r} "
+                             f"message (its content is not in the text), so the policy would never see it; give it "
+                             f"a role the template renders (ToolEnv: result_role='user')")
+    ids = tokenizer(after[end:], add_special_tokens=False)["input_ids"]
     return ids[1:] if ids and ids[0] == stop_token else ids
 
 
