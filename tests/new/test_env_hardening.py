@@ -3,6 +3,7 @@ deep inside: each is named (the environment's class, the example, the turn) or h
 
 import functools
 import logging
+import random
 
 import pytest
 
@@ -101,3 +102,71 @@ def test_a_chat_observation_that_is_not_valid_unicode_is_named(tmp_path):
                               max_turns=3, max_steps=1)
     with pytest.raises(ValueError, match=r"turn 1: an observation message's content: holds '\\ud800'"):
         trainer.fit()
+
+
+class Counting(Retry):
+    """Keeps a count across episodes, on the class: a resumed run would restart it and see other episodes."""
+
+    episodes = 0
+
+    def reset(self, seed):
+        super().reset(seed)
+        Counting.episodes += 1
+        return f"{Counting.episodes % 10}+1="
+
+
+class Unseeded(Retry):
+    def reset(self, seed):
+        super().reset(seed)
+        return f"{random.randrange(10)}+{random.randrange(10)}="
+
+
+@pytest.mark.parametrize("env", [Counting, Unseeded])
+def test_an_environment_that_is_not_a_pure_function_of_its_seed_is_refused_at_the_first_step(tmp_path, env):
+    with pytest.raises(ValueError, match=rf"environment {env.__name__} on train example \d+: reset with the same seed "
+                                         "gave another first observation"):
+        make_rl_trainer(tmp_path, env=env, max_turns=2, max_steps=1).fit()
+
+
+def test_a_pure_environment_is_reset_once_more_per_fit_and_trains(tmp_path):
+    Retry.log = []
+    try:
+        make_rl_trainer(tmp_path, env=Retry, max_turns=2, max_steps=2).fit()
+        resets = list(Retry.log)
+    finally:
+        Retry.log = None
+    assert len(resets) == 2 * 16 + 1  # two steps' episodes, and the one replayed at the first step
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def sub(a: int, b: int) -> int:
+    return a - b
+
+
+def exact(example, answer):
+    return float(answer == example["answer"])
+
+
+def digits(example, answer):
+    return float(answer[:1] == example["answer"][:1])
+
+
+def test_a_resume_with_another_tool_environment_is_refused_naming_the_environment(tmp_path):
+    """The fingerprint was the factory's name, ToolEnv.factory's alike for any tools, reward or limits."""
+    from paperloop import CheckpointError
+    from paperloop.envs import ToolEnv
+
+    run = dict(max_turns=2, max_steps=4, checkpoint_every_steps=2)
+    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 2 and t.request_stop("x", resumable=True))
+    make_rl_trainer(tmp_path, env=ToolEnv.factory([add], exact, max_calls=2), callbacks=[stop], **run).fit()
+    for other in (ToolEnv.factory([sub], exact, max_calls=2), ToolEnv.factory([add], digits, max_calls=2),
+                  ToolEnv.factory([add], exact, max_calls=3), ToolEnv.factory([add], exact, max_calls=2,
+                                                                            call_format="json")):
+        with pytest.raises(CheckpointError, match="env: is not the one the checkpointed run used"):
+            make_rl_trainer(tmp_path, env=other, **run).fit(resume="latest")
+    resumed = make_rl_trainer(tmp_path, env=ToolEnv.factory([add], exact, max_calls=2), **run)
+    resumed.fit(resume="latest")
+    assert resumed.state.global_step == 4

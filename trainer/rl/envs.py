@@ -21,8 +21,11 @@ and appended as it is; in an episode that began with chat messages, an observati
 turn, a tool result), rendered by the chat template as the next turn. The transcript is one token sequence: the
 policy's tokens are trained (weight 1), the environment's — observations and the template's framing — are not.
 
-All of an episode's randomness must come from `reset(seed)`: the trainer derives the seed from (run seed, step,
-example index, generation), so a resumed run replays the same episodes.
+An episode is a pure function of (example, seed, actions): all of its randomness comes from `reset(seed)`, and
+nothing carries over from one episode to the next (a counter on the class, a shared cache, an unseeded random
+draw). The trainer derives the seed from (run seed, step, example index, generation), so a resumed run replays
+the same episodes — if they are pure. `check_replay` tests it cheaply once per fit: a second environment of the
+first example, reset with the same seed, must give the same first observation.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ..plans import mixed_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Env", "StepResult", "Episodes", "play", "episode_seed", "env_name"]
+__all__ = ["Env", "StepResult", "Episodes", "play", "check_replay", "episode_seed", "env_name"]
 
 @dataclass(frozen=True)
 class StepResult:
@@ -61,7 +64,8 @@ class Env:
 
     def reset(self, seed: int) -> str | list[dict]:
         """The first observation: a prompt (text, tokenized with the tokenizer's special tokens, e.g. BOS) or chat
-        messages (rendered with the generation prompt). Draw any randomness from `seed` alone."""
+        messages (rendered with the generation prompt). Draw any randomness from `seed` alone: `random.Random(seed)`,
+        `np.random.default_rng(seed)` (a seed below 2**63; numpy's legacy `np.random.seed` takes 32 bits only)."""
         raise NotImplementedError(f"{type(self).__name__} has no reset(self, seed)")
 
     def step(self, action: str) -> StepResult:
@@ -283,6 +287,21 @@ class _Clock:
 
     def __exit__(self, *exc):
         self.seconds += time.perf_counter() - self._start
+
+
+def check_replay(env, seed: int, name: str, first) -> None:
+    """`env`, a fresh environment of an episode played with `seed` whose first observation was `first`, must give
+    that observation again: an environment that keeps state across episodes (or draws randomness not from its
+    seed) would replay other episodes after a resume, and train other weights, without a word."""
+    try:
+        again = _reset(env, seed, name)
+    finally:
+        _close_all([env], [name], failing=False)
+    if again != first:
+        raise ValueError(f"{_where(env, name)}: reset with the same seed gave another first observation ({first!r:.60} "
+                         f"then {again!r:.60}): an episode must be a pure function of (example, seed, actions) — no "
+                         "state kept across episodes, no randomness but the seed's — or a resumed run replays other "
+                         "episodes than the uninterrupted one")
 
 
 def _where(env, name: str, turn: int | None = None) -> str:

@@ -142,25 +142,45 @@ def longest_prompt(data, tokenizer, name: str, split_special_tokens: bool = Fals
 
 
 def env_factory_name(env) -> str:
-    """What a resume compares: the factory's module and name (its code is not seen)."""
+    """The factory's module and name, for people (an error building an environment names it)."""
     target = getattr(env, "func", env)  # functools.partial
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
+
+
+def describe_factory(env) -> str:
+    """What decides a run's episodes, as a resume compares it: the factory's name and, for a `functools.partial`
+    (`ToolEnv.factory(...)` is one), every argument it binds — tools and reward functions by module and name (their
+    code is not seen, as for reward functions), settings by value (call format, time limit, limits)."""
+    if isinstance(env, functools.partial):
+        bound = [describe_value(a) for a in env.args] + [f"{k}={describe_value(v)}" for k, v in sorted(env.keywords.items())]
+        return f"{describe_factory(env.func)}({', '.join(bound)})"
+    return env_factory_name(env)
+
+
+def describe_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(describe_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe_value(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    if callable(value):
+        return describe_factory(value)
+    return json.dumps(value, sort_keys=True, default=jsonable)
 
 
 def example_json(example) -> bytes:
     """An example's content (metadata included) as canonical JSON: what fingerprints train_data, and what seeds a
     validation example's episodes (`digest` of it)."""
-    return json.dumps(example, sort_keys=True, default=_jsonable).encode()
+    return json.dumps(example, sort_keys=True, default=jsonable).encode()
 
 
-def _jsonable(value):
+def jsonable(value):
     """A metadata value JSON cannot write, by its content: arrays and tensors as lists, sets sorted, bytes in hex,
     other objects by their repr (a Fraction, a Path, a date) — unless the repr holds a memory address, which would
     differ in every process: then by type alone."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (set, frozenset)):
-        return sorted(json.dumps(item, sort_keys=True, default=_jsonable) for item in value)
+        return sorted(json.dumps(item, sort_keys=True, default=jsonable) for item in value)
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
     text = repr(value)

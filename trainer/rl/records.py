@@ -4,11 +4,13 @@ the episodes' and the policy loss's metrics over every process."""
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import torch
 
 from .envs import Episodes
+from .prompts import jsonable
 from .rollouts import Rollouts
 
 
@@ -34,9 +36,15 @@ def rollout_records(rollouts: Rollouts, texts: list[str], reward_names: list[str
     rewards = rollouts.rewards_N_F[:count].tolist()
     lengths, stopped = rollouts.lengths_N[:count].tolist(), rollouts.stopped_N[:count].tolist()
     turns = episodes.turns_N[:count].tolist()
-    return [{"prompt": episodes.first_N[n], "completion": texts[n], "rewards": dict(zip(reward_names, rewards[n])),
+    return [{"prompt": as_json(episodes.first_N[n]), "completion": texts[n], "rewards": dict(zip(reward_names, rewards[n])),
              "reward": float(shaped_N[n]), "advantage": float(advantages_N[n]), "length": lengths[n],
              "turns": turns[n], "stopped": stopped[n], "truncated": not stopped[n]} for n in range(count)]
+
+
+def as_json(value):
+    """`value` as JSON holds it (a chat message may carry numpy numbers or other metadata JSON cannot write:
+    written by content, as `rl.prompts` fingerprints them, rather than failing the run at its first log)."""
+    return json.loads(json.dumps(value, default=jsonable))
 
 
 def completions_text(rollouts: Rollouts, texts: list[str]) -> str:

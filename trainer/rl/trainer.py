@@ -57,10 +57,10 @@ from ..lm.modules import check_reference, disable_dropout, frozen_reference
 from ..plans import Step, mixed_seed
 from .advantages import group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .config import RLConfig
-from .envs import Episodes, episode_seed, play
+from .envs import Episodes, check_replay, episode_seed, play
 from .losses import aggregation_weights, linear_quantile, masked_mean, policy_loss
 from .metrics import pass_at_powers
-from .prompts import RewardFn, env_factory_name, example_json, rollout_source
+from .prompts import RewardFn, describe_factory, env_factory_name, example_json, rollout_source
 from .records import completions_text, episode_metrics, policy_metrics, rollout_records, transcript_texts
 from .rollouts import Rollouts, WholeStepsPlan, choose_groups, gather_episodes, split_rows
 
@@ -123,6 +123,7 @@ class RLTrainer(LMTrainer):
             disable_dropout(self.unwrapped_model)
         self.reference, self._reference_sum = frozen_reference(self.unwrapped_model, config.lora is not None) \
             if config.beta > 0 else (None, None)
+        self._replay_checked = False  # whether this trainer has checked that its episodes replay (`play`)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
         self.sampling_generator = self.register_generator(
@@ -132,7 +133,7 @@ class RLTrainer(LMTrainer):
         """The tokenizer's, the training examples' (every one, metadata included), the reward's parts (names and
         weights: a function's code is not seen), the stop ids', and an environment factory's name."""
         factory = self.source.factory
-        envs = {} if factory is None else {"env": digest([env_factory_name(factory).encode()])}
+        envs = {} if factory is None else {"env": digest([describe_factory(factory).encode()])}
         return {**super().compute_fingerprints(),
                 "train_data": digest(example_json(self.train_data[i]) for i in range(len(self.train_data))),
                 "reward_fns": digest([json.dumps([self.reward_names, self.reward_weights_F.tolist()]).encode()]),
@@ -244,13 +245,17 @@ class RLTrainer(LMTrainer):
                                    f"the environment of {name}: {e}") from e
         config = getattr(self.unwrapped_model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        episodes = play(self.unwrapped_model, self.tokenizer, envs, seeds_N, [names[n // group_size] for n in
+        played = play(self.unwrapped_model, self.tokenizer, envs, seeds_N, [names[n // group_size] for n in
                         range(len(seeds_N))], group_size=group_size, max_turns=self.config.max_turns,
                         max_new_tokens=self.config.max_new_tokens, generator=generator or torch.Generator(self.device),
                         temperature=temperature, top_p=top_p, stop_token_ids=self.stop_token_ids,
                         pad_token_id=self.pad_id, max_positions=limit,
                         split_special_tokens=self.config.split_special_tokens)
-        return dataclasses.replace(episodes, rewards_N_F=self.source.parts(envs, episodes))
+        if not self._replay_checked:  # once a fit: are episodes pure functions of (example, seed, actions)?
+            check_replay(self.source.make(copy.deepcopy(examples[0]), names[0]), seeds_N[0], names[0],
+                         played.first_N[0])
+            self._replay_checked = True
+        return dataclasses.replace(played, rewards_N_F=self.source.parts(envs, played))
 
     # ---- the updates --------------------------------------------------------------------------
 
