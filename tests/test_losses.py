@@ -203,7 +203,7 @@ def test_chunked_scores_and_their_gradients_are_those_of_the_full_logits(packing
     handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
     scores = forward_logprobs(model, batch, temperature=0.7, entropy="trained", greedy=True)
     handle.remove()
-    assert seen[:2] == [(1, 1, 32), (1, 32)]  # the model's own call on one row, and ours to check the logits by
+    assert seen[:2] == [(1, 2, 32), (2, 32)]  # the model's own call on two rows, and ours to check the logits by
     chunks = made[2:] if head == "own head class" else made  # the module's own calls: the two above, then chunks
     assert [rows for rows, _ in chunks] == [3] * (N // 3) + ([N % 3] if N % 3 else [])
     logprobs, entropy, greedy = full_scores(model, batch, temperature=0.7)

@@ -105,8 +105,8 @@ def token_logprobs_of(trainer, batch):
 
 
 def test_training_and_validation_never_make_the_logits_of_more_than_one_chunk(tmp_path, monkeypatch):
-    """What would fail if SFT's steps scored through the model's full logits: the output layer's own output is one
-    row per forward (the post-processing check), every chunk of logits at most CHUNK_ELEMENTS."""
+    """What would fail if SFT's steps scored through the model's full logits: the output layer's own output is two
+    rows per forward (the post-processing check), every chunk of logits at most CHUNK_ELEMENTS."""
     import paperloop.lm.losses as losses
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * 21)
@@ -119,7 +119,7 @@ def test_training_and_validation_never_make_the_logits_of_more_than_one_chunk(tm
     t.unwrapped_model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.numel() // V))
     t.fit()
     assert t.state.global_step == 2 and "val/loss" in t.state.val_history[-1]
-    assert rows and max(rows) == 1
+    assert rows and max(rows) == 2  # the first and last scored positions: the post-processing check
     assert len(chunks) > 10 and max(chunks) <= 5 * 21
 
 

@@ -57,10 +57,10 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     `greedy`: also say, per position, whether the target is the argmax.
 
     The output layer is taken out of the model's forward: a hook on it keeps the final hidden states of the scored
-    positions (those with a nonzero weight, or every position with `only_trained=False`) and hands the layer one
-    row only, so the model's forward makes (1, 1, V) logits. The output layer and log-softmax then run on chunks of
-    at most CHUNK_ELEMENTS logits (`chunked_scores`), each recomputed in the backward instead of kept: memory past
-    the last layer is (tokens x hidden) plus one chunk. The one row the model did score is compared with ours once
+    positions (those with a nonzero weight, or every position with `only_trained=False`) and hands the layer two
+    rows only (`checked_rows`), so the model's forward makes (1, 2, V) logits. The output layer and log-softmax then
+    run on chunks of at most CHUNK_ELEMENTS logits (`chunked_scores`), each recomputed in the backward instead of
+    kept: memory past the last layer is (tokens x hidden) plus one chunk. The rows the model did score are compared with ours once
     per output layer, so a model that post-processes its logits in a way not known here (known: Gemma's final
     soft-capping, Cohere's logit_scale, Granite's logits_scaling) is refused instead of trained on other numbers.
 
@@ -77,13 +77,13 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     scored_B_T = batch["weights"] != 0 if only_trained else torch.ones_like(batch["input_ids"], dtype=torch.bool)
     targets_N = batch["target_tokens"][scored_B_T]
-    head, calls = _output_layer(model), []
+    n_scored, head, calls = len(targets_N), _output_layer(model), []
 
     def keep_hidden(module, args):
         calls.append(args[0])
         if len(calls) > 1:  # refused below: leave a second call's input (of any shape) alone
             return None
-        return (args[0][scored_B_T][None, :1], *args[1:])  # one row through the model's own path: the check
+        return (args[0][scored_B_T][None, checked_rows(n_scored)], *args[1:])  # through the model's own path
 
     handle = head.register_forward_pre_hook(keep_hidden) if head is not None else None
     try:
@@ -97,7 +97,8 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     if calls:
         hidden_N_H = calls[0][scored_B_T]
         logits_fn = output_logits_fn(model, head)
-        _check_output_layer(model, head, logits_fn, hidden_N_H[:1], logits.reshape(-1, logits.shape[-1])[:1])
+        _check_output_layer(model, head, logits_fn, hidden_N_H[checked_rows(n_scored)],
+                            logits.reshape(-1, logits.shape[-1]))
     else:  # no hook: (B, T, V) logits, scored as they are
         hidden_N_H, logits_fn = logits[scored_B_T], None
     logprobs_N, entropy_N, greedy_N = chunked_scores(hidden_N_H, targets_N, logits_fn, temperature,
@@ -301,20 +302,31 @@ def output_logits_fn(model, head: torch.nn.Module) -> OutputLogits:
 _CHECKED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
-def _check_output_layer(model, head, logits_fn: OutputLogits, hidden_1_H, model_logits_1_V) -> None:
-    """Once per output layer: our logits of the one row the model scored itself must be the model's."""
-    if head in _CHECKED_HEADS or len(hidden_1_H) == 0:
+def checked_rows(n: int) -> list[int]:
+    """The scored positions the model's own output layer gets, to check our logits by: the first and the last (a
+    forward that post-processes positions after the first is caught); no more, so no (tokens x vocabulary)
+    tensor is ever made."""
+    return sorted({0, n - 1}) if n else []
+
+
+def _check_output_layer(model, head, logits_fn: OutputLogits, hidden_K_H, model_logits_K_V) -> None:
+    """Once per output layer: our logits of the rows the model scored itself must be the model's, to within a few
+    units in the last place of their dtype (the same operations on the same rows, in other batch shapes): a
+    post-processing not known here, even a scale of 1.009, changes them by far more."""
+    if head in _CHECKED_HEADS or len(hidden_K_H) == 0:
         return
     with torch.no_grad():
-        ours_1_V = logits_fn(hidden_1_H.detach()).float()
-        theirs_1_V = model_logits_1_V.detach().float()
-    if ours_1_V.shape != theirs_1_V.shape or not torch.allclose(ours_1_V, theirs_1_V, rtol=1e-2, atol=1e-3):
-        gap = (ours_1_V - theirs_1_V).abs().max().item() if ours_1_V.shape == theirs_1_V.shape else float("nan")
+        ours_K_V = logits_fn(hidden_K_H.detach()).double()
+        theirs_K_V = model_logits_K_V.detach().double()
+    tolerance = 4 * torch.finfo(model_logits_K_V.dtype).eps
+    if ours_K_V.shape != theirs_K_V.shape or not torch.allclose(
+            ours_K_V, theirs_K_V, rtol=tolerance, atol=tolerance * float(theirs_K_V.abs().max())):
+        gap = (ours_K_V - theirs_K_V).abs().max().item() if ours_K_V.shape == theirs_K_V.shape else float("nan")
         raise RuntimeError(
             f"{type(_transformers_model(model)).__name__}: its forward changes the output layer's logits in a way "
-            f"the chunked scoring does not know (largest gap {gap:.3g} on one row; known: final_logit_softcapping, "
-            "logit_scale, logits_scaling), so the log-probs would not be the model's. Score it with a forward of "
-            "your own, or tell us which post-processing it does")
+            f"the chunked scoring does not know (largest gap {gap:.3g} over {len(hidden_K_H)} rows; known: "
+            "final_logit_softcapping, logit_scale, logits_scaling), so the log-probs would not be the model's. Score "
+            "it with a forward of your own, or tell us which post-processing it does")
     _CHECKED_HEADS.add(head)
 
 
