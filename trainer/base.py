@@ -19,9 +19,9 @@ from .distributed import backward_fn, make_accelerator, no_sync, prepare_optimiz
 from .evaluation import evaluate
 from .lock import OutputLock
 from .resume import Checkpointing
-from .schedules import as_schedule, config_scheduler
 from .state import TrainState
-from .steps import EpochLoss, FiniteCheck, adamw, as_outputs, grad_norm, weighted_mean
+from .steps import (EpochLoss, FiniteCheck, adamw, as_outputs, as_schedule, config_scheduler, grad_norm,
+                    weighted_mean)
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,7 @@ from . import checkpoint as ckpt
 from .callbacks.base import is_stateful
 from .checkpoint import load_model_state
 from .distributed import full_state, load_full_state
-from .plans import mixed_seed
-from .rng import reseed, rng_state, set_rng_state
+from .rng import mixed_seed, reseed, rng_state, set_rng_state
 from .state import TrainState
 
 log = logging.getLogger(__name__)

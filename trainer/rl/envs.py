@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..lm.base import ScoreError, as_score
 from ..lm.data import check_messages, prompt_ids, render_chat
 from ..lm.sampling import TurnSampler
-from ..plans import mixed_seed
+from ..rng import mixed_seed
 
 __all__ = ["Env", "StepResult", "Episodes", "play", "episode_seed", "env_name"]
 
