@@ -55,7 +55,8 @@ class BaseTrainer(Checkpointing, ABC):
     `state.global_step` loop steps.
 
     Write `training_step`; usually `validation_step`; optionally `configure_optimizer`,
-    `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`, and
+    `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`,
+    `write_weights`/`load_weights` for weights in a format of your own, and
     `extra_state`/`load_extra_state` for state of your own that must survive a resume.
     """
 

@@ -2,9 +2,10 @@
 and where checkpoints of it are written.
 
 `trainer.state_dict()` is everything a resume needs; `load_state_dict()` puts it back; `checkpoint.py`
-writes and reads that dict (files, crash safety, verification) and nothing else. This mixin reaches
-the trainer only through its public attributes (model, optimizer, scheduler, plan, state,
-epoch_loss, callbacks, generators, config, accelerator, error).
+writes and reads that dict (files, crash safety, verification) and nothing else: the weights go through
+`write_weights` and `load_weights`, which a trainer may override (LMTrainer does), so the engine knows no
+model format of its own. This mixin reaches the trainer only through its public attributes (model, optimizer,
+scheduler, plan, state, epoch_loss, callbacks, generators, config, accelerator, error).
 
 Async saves (`config.async_checkpoint`): a save asked for in a hook is taken when the hook ends (the state
 and the model copied to CPU memory, on the training thread) and written by a background thread while
@@ -15,7 +16,9 @@ be committed (`wait_for_checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,6 @@ from accelerate.utils import gather_object
 
 from . import checkpoint as ckpt
 from .callbacks.base import is_stateful
-from .checkpoint import load_model_state
 from .distributed import full_state, load_full_state
 from .rng import mixed_seed, reseed, rng_state, set_rng_state
 from .state import TrainState
@@ -61,6 +63,22 @@ class Checkpointing:
         self._in_flight: InFlight | None = None  # the async save being written
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
         self._pending_callback_states: dict | None = None  # loaded, waiting for on_train_begin
+
+    def write_weights(self, model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        """Write `model`'s weights into the checkpoint folder `directory`; `state_dict`: the weights to write
+        instead of the model's own (FSDP's, gathered whole from the shards). The default is `checkpoint.save_weights`
+        (a model with its own `save_pretrained` writes its folder; any other, model.safetensors).
+
+        Override for another format: every safetensors file this writes is sealed in the manifest and read back for
+        `load_weights`; write nothing else that must be read (nothing is unpickled). An async save calls this in
+        the writer thread with a CPU copy of the model while training goes on: use the arguments, not the trainer."""
+        ckpt.save_weights(model, directory, state_dict)
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the weights a checkpoint holds (the tensors of the files `write_weights` wrote, by name) into the
+        model, or raise ValueError saying what does not fit. The default: `load_state_dict`, where a tied weight
+        stored once is not missing. (An FSDP-sharded model loads its full state dict on every rank instead.)"""
+        ckpt.load_model_state(self.unwrapped_model, tensors)
 
     def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
         """Checkpoint `generator` (e.g. the one sampling draws from) with the RNG state of each process."""
@@ -108,7 +126,7 @@ class Checkpointing:
             if self.sharded:
                 load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
             else:
-                load_model_state(self.unwrapped_model, state["model"])
+                self.load_weights(state["model"])
         except ValueError as e:
             raise ValueError(f"model: {e}") from None
         if not self.sharded:
@@ -256,10 +274,10 @@ class Checkpointing:
         state = self.state_dict()
         snapshot = None
         if self.is_main_process:
-            snapshot = ckpt.take(path, state, self.unwrapped_model, self.config_yaml(),
+            write_weights = self._weights_writer(state.pop("model"), copy=background)
+            snapshot = ckpt.take(path, state, write_weights, self.config_yaml(),
                                  {"global_step": self.state.global_step, "epoch": self.state.epoch},
-                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background,
-                                 gathered=self.sharded)
+                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background)
         if background:
             writing = ckpt.finish_in_background(snapshot) if snapshot is not None else None
             self._in_flight = InFlight(path, on_commits, writing)
@@ -272,6 +290,15 @@ class Checkpointing:
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
         for on_commit in on_commits:
             on_commit(path)
+
+    def _weights_writer(self, gathered: dict, copy: bool) -> Callable[[Path], None]:
+        """`write_weights` bound to what this save writes, so it writes the same files on this thread or the
+        writer's: the weights gathered whole from the shards (FSDP: copies already), else the model itself, or a
+        copy of it in CPU memory when the write runs while training changes the original (`copy`)."""
+        model = self.unwrapped_model
+        if self.sharded:
+            return functools.partial(self.write_weights, model, state_dict=gathered)
+        return functools.partial(self.write_weights, ckpt.cpu_copy(model) if copy else model)
 
     def wait_for_checkpoint(self) -> None:
         """Wait until the checkpoint being written in the background, if any, is committed; then run its

@@ -28,7 +28,7 @@ import torch
 
 from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
-from paperloop.checkpoint import no_shard_progress_bar
+from paperloop.lm.weights import no_shard_progress_bar
 from paperloop.models.lm import tiny_causal_lm
 
 from .evaluate import evaluate, write_results
