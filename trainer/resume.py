@@ -7,6 +7,11 @@ writes and reads that dict (files, crash safety, verification) and nothing else:
 model format of its own. This mixin reaches the trainer only through its public attributes (model, optimizer,
 scheduler, plan, state, epoch_loss, callbacks, generators, config, accelerator, error).
 
+The loop and this half meet through named methods: the loop's hook dispatch calls `begin_hook()` and
+`end_hook(completed)` around every hook (a checkpoint asked for in between is written at its end), and this half
+makes the optimizer, schedule and plan through the loop's `setup()` (once) and `setup_again()` (a resume that
+takes config keys from the checkpoint).
+
 Async saves (`config.async_checkpoint`): a save asked for in a hook is taken when the hook ends (the state
 and the model copied to CPU memory, on the training thread) and written by a background thread while
 training goes on. At most one is in flight: the next save, and the end of `train()`, first wait for it to
@@ -58,7 +63,7 @@ class Checkpointing:
     plan_checks = ("seed", "batch_size", "grad_accum_steps")
 
     def __init__(self):
-        self.in_hook = False  # set by the trainer while callbacks handle a hook
+        self._in_hook = False  # between begin_hook() and end_hook(): callbacks are handling a hook
         self._pending_saves: list[tuple[Path, object]] = []  # (path, on_commit), asked for in a hook
         self._in_flight: InFlight | None = None  # the async save being written
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
@@ -116,7 +121,8 @@ class Checkpointing:
         """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
         loads them right after `on_train_begin` (where callbacks reset their counters)."""
         self._check_same_run(state)  # before anything is loaded: an error leaves the trainer as it was
-        self._keep_checkpoint_config(state["config"])
+        if self._keep_checkpoint_config(state["config"]):
+            self.setup_again()  # the optimizer and schedule from the checkpoint's values; their state comes next
         self.setup()
         # Another process count: the plan checks that a step's global samples are the same (batch_size x
         # grad_accum_steps x processes) and refuses otherwise; what cannot follow is each process's random streams.
@@ -192,16 +198,18 @@ class Checkpointing:
                 raise ValueError(f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume "
                                  f"with the same {name}, or start a new run")
 
-    def _keep_checkpoint_config(self, saved: dict) -> None:
+    def _keep_checkpoint_config(self, saved: dict) -> bool:
+        """Take the `resume_keeps` keys whose values differ from the checkpoint's config into `config`, warning
+        about each; True when there were any."""
         changed = {k: saved[k] for k in self.resume_keeps if k in saved and saved[k] != getattr(self.config, k)}
         if not changed:
-            return
+            return False
         for key, value in changed.items():
             log.warning("resume: %s is %r in this run's config but %r in the checkpoint; the run goes on with "
                         "the checkpoint's %r, which its optimizer and schedule state hold (to change it, start "
                         "a new run from the checkpoint's weights)", key, getattr(self.config, key), value, value)
         self.config = dataclasses.replace(self.config, **changed)
-        self.optimizer = None  # set up again from the checkpoint's values (state_dict's optimizer is loaded next)
+        return True
 
     def _load_callback_states(self) -> None:
         saved, self._pending_callback_states = self._pending_callback_states, None
@@ -232,20 +240,26 @@ class Checkpointing:
         committed when this returns.
         """
         path = Path(path) if path is not None else self._next_checkpoint_path()
-        if self.in_hook:
+        if self._in_hook:
             self._pending_saves.append((path, on_commit))
             return path
         self._write_checkpoint(path, [on_commit] if on_commit is not None else [], background=False)
         return path
 
-    def end_hook(self, write: bool) -> None:
-        """The hook is over: write the checkpoints asked for inside it, once each, in order (or drop
-        them, when a callback raised: the state they would hold is not one the run reached). One process
-        alone: first, a background write that failed stops the run here, at the first hook end after it
-        (unless the run is ending by an exception already: `finish_checkpoints` logs it then)."""
-        self.in_hook = False
+    def begin_hook(self) -> None:
+        """The loop's dispatch tells this half that callbacks are handling a hook: until `end_hook`, a checkpoint
+        asked for (`save_checkpoint`) waits, so it holds the updates of every callback, whatever their order."""
+        self._in_hook = True
+
+    def end_hook(self, completed: bool) -> None:
+        """The loop's dispatch tells this half that the hook is over: write the checkpoints asked for inside it,
+        once each, in order (or drop them, when a callback raised, `completed` False: the state they would hold
+        is not one the run reached). One process alone: first, a background write that failed stops the run
+        here, at the first hook end after it (unless the run is ending by an exception already:
+        `finish_checkpoints` logs it then)."""
+        self._in_hook = False
         pending, self._pending_saves = self._pending_saves, []
-        if not write:
+        if not completed:
             return
         if self.world_size == 1 and self.error is None and self._in_flight is not None and self._in_flight.failed():
             self.wait_for_checkpoint()  # raises its error
