@@ -2,7 +2,8 @@
 
 A paper package defines `Config` (a `TrainerConfig` subclass with the paper's own keys) and
 `run(config) -> Path` (runs the reproduction, returns the folder with its results); its docstring's
-first line describes it in `paperloop list`.
+first line describes it in `paperloop list`. What several papers share lives beside them: `stages.py` (a stage
+trained in its own folder, or loaded when it was finished with the same settings: rlvr, retool).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 source. A newcomer finds where a change goes from the tree; a shortcut import against the grain fails here."""
 
 import ast
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,52 @@ def test_importing_the_engine_does_not_import_transformers():
             "from paperloop.rl import group_advantages, policy_loss, pass_at_k\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# The engine knows no language model (DESIGN): how a model's weights are written and read is the trainer's
+# (`write_weights`, `load_weights`), and the lm room's for language models. Its one use of transformers is the
+# config's named LR schedules (`steps.config_scheduler`, imported when a schedule is made).
+ENGINE_MAY_REACH = {"steps.py": {"transformers", "transformers.get_scheduler"}}
+LANGUAGE_MODELS = re.compile(r"(transformers|peft)(\.\w+)*")
+
+
+def language_model_references(path: Path) -> set[str]:
+    """What in `path` reaches transformers or peft: an import at any depth, a module named in a string (for
+    importlib or `sys.modules`), and `sys.modules` itself (where a module is found without an import)."""
+    found = {name for name in imports(path, "paperloop") if LANGUAGE_MODELS.fullmatch(name)}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and LANGUAGE_MODELS.fullmatch(node.value):
+            found.add(repr(node.value))
+        if isinstance(node, ast.Attribute) and node.attr == "modules" and getattr(node.value, "id", None) == "sys":
+            found.add("sys.modules")
+    return found
+
+
+def test_the_engine_knows_no_language_model():
+    for path in sorted(PACKAGE.glob("*.py")):
+        found = language_model_references(path) - ENGINE_MAY_REACH.get(path.name, set())
+        assert not found, f"engine module {path.name} reaches {sorted(found)}: that is the lm room's to know"
+
+
+def test_the_checker_sees_a_language_model_behind_a_lazy_import_or_sys_modules(tmp_path):
+    module = tmp_path / "checkpoint.py"
+    module.write_text("import sys\n\ndef save(model):\n    from peft import get_peft_model_state_dict\n"
+                      "    return sys.modules.get('transformers')\n")
+    assert language_model_references(module) == {"peft", "peft.get_peft_model_state_dict", "sys.modules",
+                                                 "'transformers'"}
+
+
+def test_checkpoints_of_a_model_that_is_no_language_model_import_neither_transformers_nor_peft(tmp_path):
+    """In a fresh interpreter: `import paperloop.checkpoint`, then a run that saves (in the background too) and
+    resumes; neither import is made on the way."""
+    code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "import paperloop.checkpoint\n"
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n"
+            "from helpers import make_resume_trainer\n"
+            f"make_resume_trainer({str(tmp_path)!r}, max_epochs=1, async_checkpoint=True).fit()\n"
+            f"make_resume_trainer({str(tmp_path)!r}, max_epochs=2).fit(resume='latest')\n"
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]", "[]"]

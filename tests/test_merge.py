@@ -11,6 +11,7 @@ import torch
 
 import paperloop.checkpoint as ckpt
 from paperloop.cli import main as cli
+from paperloop.lm.weights import ADAPTER_WEIGHTS
 
 peft = pytest.importorskip("peft")
 
@@ -155,9 +156,9 @@ def test_a_truncated_adapter_is_a_one_line_error(run, tmp_path, capsys):
     trainer, checkpoint = run
     copy = tmp_path / "truncated"
     shutil.copytree(checkpoint, copy)
-    adapter = copy / ckpt.ADAPTER_WEIGHTS
+    adapter = copy / ADAPTER_WEIGHTS
     adapter.write_bytes(adapter.read_bytes()[:200])
-    add_file_bytes(copy, ckpt.ADAPTER_WEIGHTS)  # the manifest rewritten to match: only parsing can tell
+    add_file_bytes(copy, ADAPTER_WEIGHTS)  # the manifest rewritten to match: only parsing can tell
     assert cli(["merge", str(copy), str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"paperloop: error: {adapter}: not a valid safetensors file")

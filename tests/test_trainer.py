@@ -1,5 +1,7 @@
 """BaseTrainer behaviour a user relies on: evaluation averages, data order, accumulation, errors."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,6 +313,19 @@ def test_a_changed_seed_on_resume_is_refused_before_anything_is_loaded(tmp_path)
         other.load_checkpoint(path)
     assert_bitwise_equal(weights(other.model), before)
 
+
+
+def test_setup_is_made_once_and_setup_again_makes_it_anew_from_the_config(tmp_path):
+    t = make_resume_trainer(tmp_path)
+    t.setup()
+    optimizer, plan = t.optimizer, t.plan
+    t.state_dict()  # every entry point sets up; once made, nothing is made again
+    t.setup()
+    assert t.optimizer is optimizer and t.plan is plan
+    t.config = dataclasses.replace(t.config, lr=0.5)
+    t.setup_again()
+    assert t.optimizer is not optimizer and t.plan is not plan
+    assert t.optimizer.param_groups[0]["lr"] == 0.5
 
 def lrs_seen(tmp_path, cls=Regression, val_data=None, **cfg):
     from paperloop.callbacks import LambdaCallback

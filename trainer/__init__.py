@@ -5,9 +5,10 @@
     from paperloop import RLTrainer, RLConfig            # GRPO-family RL with programmatic rewards (paperloop.rl)
     from paperloop.callbacks import EarlyStopping, TensorBoardLogger
 
-This package is the `trainer/` folder: the engine at its root (the loop, steps, plans, evaluation, config,
-schedules, state, checkpoints, distributed set-up, lock, CLI), and two rooms, `lm/` (`paperloop.lm`) and `rl/`
-(`paperloop.rl`). Imports run one way: rl -> lm -> engine. `paperloop.callbacks`, `paperloop.models` and
+This package is the `trainer/` folder: the engine at its root (the loop, steps and schedules, plans, evaluation,
+config, state, checkpoints, distributed set-up, lock, seeds and RNG, time limits, CLI), and two rooms, `lm/`
+(`paperloop.lm`) and `rl/` (`paperloop.rl`). Imports run one way: rl -> lm -> engine; the engine knows no language
+model (how a model's weights are written and read is the trainer's: `write_weights`, `load_weights`). `paperloop.callbacks`, `paperloop.models` and
 `paperloop.papers` are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
 """
 

@@ -19,9 +19,9 @@ from .distributed import backward_fn, make_accelerator, no_sync, prepare_optimiz
 from .evaluation import evaluate
 from .lock import OutputLock
 from .resume import Checkpointing
-from .schedules import as_schedule, config_scheduler
 from .state import TrainState
-from .steps import EpochLoss, FiniteCheck, adamw, as_outputs, grad_norm, weighted_mean
+from .steps import (EpochLoss, FiniteCheck, adamw, as_outputs, as_schedule, config_scheduler, grad_norm,
+                    weighted_mean)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class BaseTrainer(Checkpointing, ABC):
     `state.global_step` loop steps.
 
     Write `training_step`; usually `validation_step`; optionally `configure_optimizer`,
-    `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`, and
+    `configure_scheduler`, `collate`, `sample_weights`, `make_plan`, `write_artifacts`,
+    `write_weights`/`load_weights` for weights in a format of your own, and
     `extra_state`/`load_extra_state` for state of your own that must survive a resume.
     """
 
@@ -363,14 +364,14 @@ class BaseTrainer(Checkpointing, ABC):
     # ---- callbacks and stopping ---------------------------------------------------------------
 
     def _call(self, hook: str, *args) -> None:
-        self.in_hook = True  # a checkpoint asked for now waits until every callback has seen the hook
+        self.begin_hook()  # a checkpoint asked for now waits until every callback has seen the hook
         try:
             for callback in self.callbacks:
                 getattr(callback, hook)(self, *args)
         except BaseException:
-            self.end_hook(write=False)
+            self.end_hook(completed=False)
             raise
-        self.end_hook(write=True)
+        self.end_hook(completed=True)
 
     def request_stop(self, reason: str, resumable: bool = False) -> None:
         """Ask the loop to stop after the current step (or epoch). A `resumable` stop (a signal, a time
@@ -404,10 +405,14 @@ class BaseTrainer(Checkpointing, ABC):
     # ---- setup and helpers --------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Seed, optimizer, schedule and data plan: once, before the first fit/save/load (later calls
-        do nothing)."""
-        if self.optimizer is not None:
-            return
+        """Seed, optimizer, schedule and data plan, made once: by whichever of fit, train, state_dict and
+        load_state_dict comes first (each may be a trainer's first call); later calls do nothing."""
+        if self.optimizer is None:
+            self.setup_again()
+
+    def setup_again(self) -> None:
+        """Make the seed, optimizer, schedule and data plan from `config` as it is now, whether or not they were
+        made before: a resume does when it takes keys from the checkpoint (`resume_keeps`) into `config`."""
         if self.train_data is None:
             raise ValueError("fit() needs train_data")
         set_seed(self.config.seed)

@@ -3,12 +3,12 @@
 A checkpoint is one directory:
 
     step-000120/
-      model.safetensors          weights (a `transformers` model writes its own save_pretrained files,
-      config.json                so `from_pretrained` loads the directory as it is)
+      model.safetensors          weights, as the trainer's `write_weights` writes them (a model with its own
+      config.json                `save_pretrained` writes its folder, so its own loader reads the directory)
       trainer_state.json         everything else, as JSON: counters, histories, data position, RNG,
       trainer_tensors.safetensors  optimizer, scheduler, callbacks; tensors in this file, by name
       config.yaml                the resolved run config, for people
-      manifest.json              size and sha256 of every file above
+      manifest.json              size and sha256 of every file above, and which of them hold the weights
 
 It is written under a temporary name beside its final one, every file fsynced, the manifest written
 last, then renamed into place, and only then appended to `checkpoints.jsonl` in the same folder:
@@ -22,14 +22,15 @@ the id of the run that wrote it, and `record_removal` deletes only checkpoints o
 The next save cleans up what interrupted writes left (`remove_leftovers`).
 
 A write is two halves: `take` (at the step boundary: the temporary folder, config.yaml and artifacts)
-and `finish` (weights and state files, manifest, rename, index). `write` runs both at once; an async
-save (`TrainerConfig.async_checkpoint`) takes a `copy` to CPU memory and finishes it in a background
-thread while training goes on (trainer/resume.py).
+and `finish` (weights and state files, manifest, rename, index). The weights are written by a function the
+trainer hands over (`BaseTrainer.write_weights`, bound to what it writes): this module knows no model
+format beyond `save_weights`, the default. An async save (`TrainerConfig.async_checkpoint`) takes a `copy`
+of the state to CPU memory, with a writer bound to a CPU copy of the model, and finishes it in a
+background thread while training goes on (trainer/resume.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy as copying
 import hashlib
 import json
@@ -37,8 +38,8 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -59,7 +60,6 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_tensors.safetensors"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a peft (LoRA) model's checkpoint: the adapter only
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")  # temporary_dir's names
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -144,17 +144,16 @@ def load_state(directory: Path) -> dict:
 
 
 def save_weights(model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
-    """The model's weights into `directory`: `save_pretrained` for a transformers or peft model, else one
-    safetensors file. `state_dict`: the weights to write instead of the model's own (FSDP's, gathered whole)."""
-    transformers = sys.modules.get("transformers")  # a PreTrainedModel means it is already imported
-    if is_peft(model) or (transformers is not None and isinstance(model, transformers.PreTrainedModel)):
-        # A peft model saves the trained adapter only: the frozen base is rebuilt, not saved.
-        with no_shard_progress_bar():
-            model.save_pretrained(directory, state_dict=state_dict)
+    """`BaseTrainer.write_weights`' default. A model that writes itself (it has `save_pretrained(directory)`, as
+    Hugging Face models do) writes its own folder, so its own loader reads the checkpoint as it is; any other
+    writes one safetensors file, tied weights once (as `load_model_state` expects). `state_dict`: the weights to
+    write instead of the model's own (FSDP's, gathered whole), which only a model that writes itself takes."""
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained(directory, **({} if state_dict is None else {"state_dict": state_dict}))
     elif state_dict is not None:
-        raise TypeError(f"{type(model).__name__}: gathered weights are written for transformers models only")
+        raise TypeError(f"{type(model).__name__}: gathered weights are written by a model's own save_pretrained only")
     else:
-        save_model(model, str(directory / WEIGHTS))  # drops tied duplicates, as load_model_state expects
+        save_model(model, str(directory / WEIGHTS))
 
 
 def detached(obj):
@@ -175,8 +174,8 @@ def detached(obj):
 
 def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` to write while the original trains on: every trainable parameter and every buffer
-    cloned to CPU memory, the rest of the object (a `transformers` config, a peft adapter's settings) deep-copied,
-    so `save_weights` of the copy writes the same files as of the model at this moment. One clone per tensor
+    cloned to CPU memory, the rest of the object (the model's config, an adapter's settings) deep-copied,
+    so a weights writer given the copy writes the same files as given the model at this moment. One clone per tensor
     object: tied weights stay tied, so the same duplicates are dropped. Frozen parameters (a LoRA base) are
     shared, not copied: no training step writes them, and a base model can be most of the memory."""
     memo: dict[int, torch.Tensor] = {}
@@ -188,28 +187,22 @@ def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copying.deepcopy(model, memo)
 
 
-@contextlib.contextmanager
-def no_shard_progress_bar():
-    """transformers draws a "Writing model shards" bar on stderr at every save, through our own progress bar;
-    a checkpoint is not a step the user waits on, so it stays quiet (the user's setting is put back)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if was_enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _weight_files(directory: Path) -> list[str]:
-    """The safetensors files holding the weights: one, those a sharded save's index names, or a LoRA adapter."""
+def weight_files(directory: Path) -> list[str]:
+    """The safetensors files holding the weights in `directory`: those a sharded save's index names; else, in a
+    checkpoint, those its weights writer wrote, as the manifest records them (one written before the record: every
+    safetensors file it seals but the trainer's state); else model.safetensors (a `save_pretrained` folder)."""
     index = directory / WEIGHTS_INDEX
-    if not index.exists():
-        adapter_only = (directory / ADAPTER_WEIGHTS).is_file() and not (directory / WEIGHTS).exists()
-        return [ADAPTER_WEIGHTS] if adapter_only else [WEIGHTS]
+    if index.exists():
+        return _indexed_files(index)
+    if not (directory / MANIFEST).exists():
+        return [WEIGHTS]
+    manifest = checked_manifest(directory)
+    if "weights" in manifest:
+        return manifest["weights"]
+    return [name for name in manifest["files"] if name.endswith(".safetensors") and name != STATE_TENSORS]
+
+
+def _indexed_files(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
     except (ValueError, UnicodeDecodeError, AttributeError):
@@ -220,9 +213,9 @@ def _weight_files(directory: Path) -> list[str]:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The weights in `directory` (one safetensors file, the shards its index names, or a LoRA adapter), by name."""
+    """The weights in `directory` (the files `weight_files` names), by name."""
     loaded: dict[str, torch.Tensor] = {}
-    for name in _weight_files(directory):
+    for name in weight_files(directory):
         try:
             loaded.update(load_file(str(directory / name)))
         except (SafetensorError, OSError, ValueError) as e:
@@ -232,10 +225,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load `tensors` into `model`, or raise ValueError saying what does not fit. Tied weights are
-    stored once, so a missing key is fine when it shares memory with a loaded one. A peft model takes
-    either its whole state or its adapter alone (what its checkpoints hold)."""
-    if is_peft(model) and not set(tensors) <= set(model.state_dict()):
-        return _load_adapter(model, tensors)
+    stored once, so a missing key is fine when it shares memory with a loaded one."""
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -250,24 +240,6 @@ def untied_missing(own: dict[str, torch.Tensor], present) -> list[str]:
     tied weights are stored once, so only these are really missing."""
     present_ptrs = {own[k].data_ptr() for k in present if k in own}
     return [k for k in own if k not in present and own[k].data_ptr() not in present_ptrs]
-
-
-def is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def _load_adapter(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    expected = get_peft_model_state_dict(model)
-    if set(tensors) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"adapter weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for key, value in tensors.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"adapter weights do not fit the model ({key}: {tuple(value.shape)} vs "
-                             f"{tuple(expected[key].shape)})")
-    set_peft_model_state_dict(model, tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,9 +282,10 @@ def temporary_dir(final: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, final: Path, record: dict, *, run_id: str) -> None:
+def commit(tmp: Path, final: Path, record: dict, *, run_id: str, weights: list[str] | None = None) -> None:
     """Seal `tmp` with a manifest, rename it to `final`, and append it to the folder's index as
-    written by `run_id` (only that run may remove it)."""
+    written by `run_id` (only that run may remove it). `weights`: the files holding the weights, recorded
+    in the manifest for `read_weights`."""
     paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor() as pool:  # hashing (CPU) overlaps the fsyncs (disk)
         digests = list(pool.map(_sha256, paths))
@@ -321,7 +294,8 @@ def commit(tmp: Path, final: Path, record: dict, *, run_id: str) -> None:
     files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     # The run id is in the manifest too: a folder renamed into place whose index line never made it
     # (a kill in between) is still known to be this run's, so this run may clean it up.
-    _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "run_id": run_id, "files": files}, indent=1))
+    manifest = {"format": FORMAT, "run_id": run_id, "files": files, **({} if weights is None else {"weights": weights})}
+    _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
     _fsync_dir(tmp)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
@@ -489,6 +463,12 @@ def committed(folder: Path) -> list[Path]:
 
 def read_manifest(directory: Path) -> dict[str, dict]:
     """The manifest's {file name: {"size", "sha256"}}, or a CheckpointError naming it and why."""
+    return checked_manifest(directory)["files"]
+
+
+def checked_manifest(directory: Path) -> dict:
+    """The whole manifest ("files", "run_id", and "weights": the files the weights writer wrote), checked
+    against its schema, or a CheckpointError naming it and why."""
     path = directory / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -498,7 +478,7 @@ def read_manifest(directory: Path) -> dict[str, dict]:
         raise CheckpointError(f"{path}: not valid JSON") from None
     if (why := _manifest_problem(manifest)) is not None:
         raise CheckpointError(f"{path}: not a valid {FORMAT} manifest: {why}")
-    return manifest["files"]
+    return manifest
 
 
 def _manifest_problem(manifest) -> str | None:
@@ -522,6 +502,9 @@ def _manifest_problem(manifest) -> str | None:
             return f"the entry for {name} has no 'size' (a byte count)"
         if not isinstance(entry.get("sha256"), str) or not SHA256.fullmatch(entry["sha256"]):
             return f"the entry for {name} has no 'sha256' (64 hex digits)"
+    weights = manifest.get("weights", [])
+    if not isinstance(weights, list) or not all(isinstance(name, str) and name in files for name in weights):
+        return "'weights' is not a list of names from 'files'"
     return None
 
 
@@ -568,36 +551,25 @@ def read_latest(folder: Path) -> tuple[Path | None, dict | None, list[tuple[Path
 @dataclass
 class Snapshot:
     """A checkpoint taken at a step boundary and not yet written: its final and temporary folders (config.yaml
-    and the artifacts already in the latter), the model to `save_weights`, the rest of the state."""
+    and the artifacts already in the latter), what writes its weights, the rest of the state."""
     path: Path
     tmp: Path
-    model: torch.nn.Module
-    state: dict  # without "model"
+    write_weights: Callable[[Path], None]  # writes the weights into the folder it is given, from what it is bound to
+    state: dict  # the trainer's state dict but its weights
     record: dict
     run_id: str
-    weights: dict | None = None  # the weights to write instead of the model's own (FSDP's, gathered whole)
 
 
-def write(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
-          artifacts=None) -> None:
-    """Write `state` (a trainer's `state_dict()`) as the checkpoint `path`, atomically, for the run
-    `run_id` (only that run may remove it); first clear what dead writers left in the folder.
+def take(path: Path, state: dict, write_weights: Callable[[Path], None], config_yaml: str, record: dict, *,
+         run_id: str, artifacts=None, copy: bool = False) -> Snapshot:
+    """A checkpoint's first half, run at the step boundary: clear what dead writers left in the folder, make the
+    temporary folder, write config.yaml and the artifacts there (they may read the trainer, which moves on).
 
-    The "model" component is written from `model` itself, so a `transformers` model goes through
-    `save_pretrained` and the folder loads with `from_pretrained`; everything else goes through the
-    JSON + safetensors codec. `artifacts(folder)` may add files for people and tools (a tokenizer);
-    they are sealed in the manifest like the rest and never read back. `record` is added to the
-    folder's index entry."""
-    finish(take(path, state, model, config_yaml, record, run_id=run_id, artifacts=artifacts))
-
-
-def take(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, record: dict, *, run_id: str,
-         artifacts=None, copy: bool = False, gathered: bool = False) -> Snapshot:
-    """`write`'s first half, run at the step boundary: clear leftovers, make the temporary folder, write
-    config.yaml and the artifacts there (they may read the trainer, which moves on). `copy`: the state and
-    the model are copied to CPU memory (`detached`, `cpu_copy`), so `finish` may run in another thread while
-    training changes the originals. `gathered`: `state["model"]` is the whole model's weights gathered from
-    its shards (FSDP), written instead of the model's own (which are shards); they are copies already."""
+    `state` is a trainer's `state_dict()` but its "model", whose weights `write_weights(folder)` writes (bound to
+    the model, or to a copy of it, by the trainer); `artifacts(folder)` may add files for people and tools (a
+    tokenizer), sealed in the manifest like the rest and never read back; `record` is added to the folder's index
+    entry, written by the run `run_id` (only that run may remove it). `copy`: the state is copied to CPU memory
+    (`detached`), so `finish` may run in another thread while training changes the originals."""
     if path.exists():
         raise FileExistsError(f"{path}: a checkpoint there exists already")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -606,18 +578,21 @@ def take(path: Path, state: dict, model: torch.nn.Module, config_yaml: str, reco
     (tmp / "config.yaml").write_text(config_yaml)  # for people: never read back
     if artifacts is not None:
         artifacts(tmp)
-    weights = state["model"] if gathered else None
-    state = {k: v for k, v in state.items() if k != "model"}
-    if copy:
-        state, model = detached(state), model if gathered else cpu_copy(model)
-    return Snapshot(path, tmp, model, state, dict(record), run_id, weights)
+    return Snapshot(path, tmp, write_weights, detached(state) if copy else state, dict(record), run_id)
 
 
 def finish(snapshot: Snapshot) -> None:
-    """`write`'s second half: the weights and state files, then `commit` (manifest, rename, index)."""
-    save_weights(snapshot.model, snapshot.tmp, snapshot.weights)
+    """A checkpoint's second half: the weights (through the snapshot's writer) and the state files, then `commit`,
+    whose manifest records the safetensors files the writer wrote: the ones `read_weights` reads back."""
+    before = _safetensors_in(snapshot.tmp)
+    snapshot.write_weights(snapshot.tmp)
+    weights = sorted(_safetensors_in(snapshot.tmp) - before)
     save_state(snapshot.tmp, snapshot.state)
-    commit(snapshot.tmp, snapshot.path, snapshot.record, run_id=snapshot.run_id)
+    commit(snapshot.tmp, snapshot.path, snapshot.record, run_id=snapshot.run_id, weights=weights)
+
+
+def _safetensors_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors") if p.is_file()}
 
 
 def finish_in_background(snapshot: Snapshot) -> Future:

@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
+
+from .rng import mixed_seed
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,6 @@ class Step:
     def shares(self) -> list[float]:
         """Each micro-batch's part of the step's weight: the factor its mean loss is scaled by."""
         return [w / self.weight for w in self.micro_weights]
-
-
-def mixed_seed(*numbers: int) -> int:
-    """One well-spread 63-bit seed from several numbers (e.g. run seed, epoch): seed + epoch would make run 1's
-    epoch 2 the same stream as run 2's epoch 1; SeedSequence mixes them."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:

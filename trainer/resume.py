@@ -2,9 +2,15 @@
 and where checkpoints of it are written.
 
 `trainer.state_dict()` is everything a resume needs; `load_state_dict()` puts it back; `checkpoint.py`
-writes and reads that dict (files, crash safety, verification) and nothing else. This mixin reaches
-the trainer only through its public attributes (model, optimizer, scheduler, plan, state,
-epoch_loss, callbacks, generators, config, accelerator, error).
+writes and reads that dict (files, crash safety, verification) and nothing else: the weights go through
+`write_weights` and `load_weights`, which a trainer may override (LMTrainer does), so the engine knows no
+model format of its own. This mixin reaches the trainer only through its public attributes (model, optimizer,
+scheduler, plan, state, epoch_loss, callbacks, generators, config, accelerator, error).
+
+The loop and this half meet through named methods: the loop's hook dispatch calls `begin_hook()` and
+`end_hook(completed)` around every hook (a checkpoint asked for in between is written at its end), and this half
+makes the optimizer, schedule and plan through the loop's `setup()` (once) and `setup_again()` (a resume that
+takes config keys from the checkpoint).
 
 Async saves (`config.async_checkpoint`): a save asked for in a hook is taken when the hook ends (the state
 and the model copied to CPU memory, on the training thread) and written by a background thread while
@@ -15,7 +21,9 @@ be committed (`wait_for_checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +33,8 @@ from accelerate.utils import gather_object
 
 from . import checkpoint as ckpt
 from .callbacks.base import is_stateful
-from .checkpoint import load_model_state
 from .distributed import full_state, load_full_state
-from .plans import mixed_seed
-from .rng import reseed, rng_state, set_rng_state
+from .rng import mixed_seed, reseed, rng_state, set_rng_state
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -57,11 +63,27 @@ class Checkpointing:
     plan_checks = ("seed", "batch_size", "grad_accum_steps")
 
     def __init__(self):
-        self.in_hook = False  # set by the trainer while callbacks handle a hook
+        self._in_hook = False  # between begin_hook() and end_hook(): callbacks are handling a hook
         self._pending_saves: list[tuple[Path, object]] = []  # (path, on_commit), asked for in a hook
         self._in_flight: InFlight | None = None  # the async save being written
         self._checkpointed_at: tuple[int, int] | None = None  # (global_step, epoch) of the last save/load
         self._pending_callback_states: dict | None = None  # loaded, waiting for on_train_begin
+
+    def write_weights(self, model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        """Write `model`'s weights into the checkpoint folder `directory`; `state_dict`: the weights to write
+        instead of the model's own (FSDP's, gathered whole from the shards). The default is `checkpoint.save_weights`
+        (a model with its own `save_pretrained` writes its folder; any other, model.safetensors).
+
+        Override for another format: every safetensors file this writes is sealed in the manifest and read back for
+        `load_weights`; write nothing else that must be read (nothing is unpickled). An async save calls this in
+        the writer thread with a CPU copy of the model while training goes on: use the arguments, not the trainer."""
+        ckpt.save_weights(model, directory, state_dict)
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the weights a checkpoint holds (the tensors of the files `write_weights` wrote, by name) into the
+        model, or raise ValueError saying what does not fit. The default: `load_state_dict`, where a tied weight
+        stored once is not missing. (An FSDP-sharded model loads its full state dict on every rank instead.)"""
+        ckpt.load_model_state(self.unwrapped_model, tensors)
 
     def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
         """Checkpoint `generator` (e.g. the one sampling draws from) with the RNG state of each process."""
@@ -99,7 +121,8 @@ class Checkpointing:
         """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
         loads them right after `on_train_begin` (where callbacks reset their counters)."""
         self._check_same_run(state)  # before anything is loaded: an error leaves the trainer as it was
-        self._keep_checkpoint_config(state["config"])
+        if self._keep_checkpoint_config(state["config"]):
+            self.setup_again()  # the optimizer and schedule from the checkpoint's values; their state comes next
         self.setup()
         # Another process count: the plan checks that a step's global samples are the same (batch_size x
         # grad_accum_steps x processes) and refuses otherwise; what cannot follow is each process's random streams.
@@ -109,7 +132,7 @@ class Checkpointing:
             if self.sharded:
                 load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
             else:
-                load_model_state(self.unwrapped_model, state["model"])
+                self.load_weights(state["model"])
         except ValueError as e:
             raise ValueError(f"model: {e}") from None
         if not self.sharded:
@@ -175,16 +198,18 @@ class Checkpointing:
                 raise ValueError(f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume "
                                  f"with the same {name}, or start a new run")
 
-    def _keep_checkpoint_config(self, saved: dict) -> None:
+    def _keep_checkpoint_config(self, saved: dict) -> bool:
+        """Take the `resume_keeps` keys whose values differ from the checkpoint's config into `config`, warning
+        about each; True when there were any."""
         changed = {k: saved[k] for k in self.resume_keeps if k in saved and saved[k] != getattr(self.config, k)}
         if not changed:
-            return
+            return False
         for key, value in changed.items():
             log.warning("resume: %s is %r in this run's config but %r in the checkpoint; the run goes on with "
                         "the checkpoint's %r, which its optimizer and schedule state hold (to change it, start "
                         "a new run from the checkpoint's weights)", key, getattr(self.config, key), value, value)
         self.config = dataclasses.replace(self.config, **changed)
-        self.optimizer = None  # set up again from the checkpoint's values (state_dict's optimizer is loaded next)
+        return True
 
     def _load_callback_states(self) -> None:
         saved, self._pending_callback_states = self._pending_callback_states, None
@@ -215,20 +240,26 @@ class Checkpointing:
         committed when this returns.
         """
         path = Path(path) if path is not None else self._next_checkpoint_path()
-        if self.in_hook:
+        if self._in_hook:
             self._pending_saves.append((path, on_commit))
             return path
         self._write_checkpoint(path, [on_commit] if on_commit is not None else [], background=False)
         return path
 
-    def end_hook(self, write: bool) -> None:
-        """The hook is over: write the checkpoints asked for inside it, once each, in order (or drop
-        them, when a callback raised: the state they would hold is not one the run reached). One process
-        alone: first, a background write that failed stops the run here, at the first hook end after it
-        (unless the run is ending by an exception already: `finish_checkpoints` logs it then)."""
-        self.in_hook = False
+    def begin_hook(self) -> None:
+        """The loop's dispatch tells this half that callbacks are handling a hook: until `end_hook`, a checkpoint
+        asked for (`save_checkpoint`) waits, so it holds the updates of every callback, whatever their order."""
+        self._in_hook = True
+
+    def end_hook(self, completed: bool) -> None:
+        """The loop's dispatch tells this half that the hook is over: write the checkpoints asked for inside it,
+        once each, in order (or drop them, when a callback raised, `completed` False: the state they would hold
+        is not one the run reached). One process alone: first, a background write that failed stops the run
+        here, at the first hook end after it (unless the run is ending by an exception already:
+        `finish_checkpoints` logs it then)."""
+        self._in_hook = False
         pending, self._pending_saves = self._pending_saves, []
-        if not write:
+        if not completed:
             return
         if self.world_size == 1 and self.error is None and self._in_flight is not None and self._in_flight.failed():
             self.wait_for_checkpoint()  # raises its error
@@ -257,10 +288,10 @@ class Checkpointing:
         state = self.state_dict()
         snapshot = None
         if self.is_main_process:
-            snapshot = ckpt.take(path, state, self.unwrapped_model, self.config_yaml(),
+            write_weights = self._weights_writer(state.pop("model"), copy=background)
+            snapshot = ckpt.take(path, state, write_weights, self.config_yaml(),
                                  {"global_step": self.state.global_step, "epoch": self.state.epoch},
-                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background,
-                                 gathered=self.sharded)
+                                 run_id=self.state.run_id, artifacts=self.write_artifacts, copy=background)
         if background:
             writing = ckpt.finish_in_background(snapshot) if snapshot is not None else None
             self._in_flight = InFlight(path, on_commits, writing)
@@ -273,6 +304,15 @@ class Checkpointing:
         self._checkpointed_at = (self.state.global_step, self.state.epoch)
         for on_commit in on_commits:
             on_commit(path)
+
+    def _weights_writer(self, gathered: dict, copy: bool) -> Callable[[Path], None]:
+        """`write_weights` bound to what this save writes, so it writes the same files on this thread or the
+        writer's: the weights gathered whole from the shards (FSDP: copies already), else the model itself, or a
+        copy of it in CPU memory when the write runs while training changes the original (`copy`)."""
+        model = self.unwrapped_model
+        if self.sharded:
+            return functools.partial(self.write_weights, model, state_dict=gathered)
+        return functools.partial(self.write_weights, ckpt.cpu_copy(model) if copy else model)
 
     def wait_for_checkpoint(self) -> None:
         """Wait until the checkpoint being written in the background, if any, is committed; then run its

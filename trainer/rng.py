@@ -1,5 +1,6 @@
-"""Capture and restore every random number generator a run draws from: python, numpy, torch CPU/CUDA, and
-any `torch.Generator` a trainer owns (e.g. the one its sampling draws from)."""
+"""Seeds and random number generators: one well-spread seed from several numbers (`mixed_seed`: every seed a run
+derives, for data orders, episodes and processes), and the capture and restore of every generator a run draws from
+(python, numpy, torch CPU/CUDA, and any `torch.Generator` a trainer owns, e.g. the one its sampling draws from)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import random
 
 import numpy as np
 import torch
+
+
+def mixed_seed(*numbers: int) -> int:
+    """One well-spread 63-bit seed from several numbers (e.g. run seed, epoch): seed + epoch would make run 1's
+    epoch 2 the same stream as run 2's epoch 1; SeedSequence mixes them."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -35,8 +42,6 @@ def reseed(seed: int, generators: dict[str, torch.Generator] | None = None) -> N
     """Seed every stream afresh from `seed` (a process a checkpoint holds no streams for); each generator from
     its own mix of it and its name, so no two draw the same numbers."""
     from accelerate.utils import set_seed
-
-    from .plans import mixed_seed
 
     set_seed(seed % 2**32)
     for name, generator in (generators or {}).items():

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
-import torch
-
 from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
 from paperloop.models.lm import tiny_causal_lm
 
-from ..rlvr import stage
+from ..stages import output_folder, stage, stage_settings
 from .evaluate import evaluate, write_results
 from .task import (calculator_env, correct_text, make_tokenizer, rl_examples, sft_examples, split_problems,
                    stop_token_ids)
@@ -73,10 +71,7 @@ class Config(RLConfig):
 
 
 def run(cfg: Config) -> Path:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    out = output_folder(cfg.output_dir, cfg.num_threads)
     tokenizer = make_tokenizer()
     train, held_out = split_problems(cfg.held_out, cfg.data_seed)
     start, rows = time.perf_counter(), []
@@ -110,7 +105,7 @@ NOT_SETTINGS = ("output_dir", "log_every_steps", "checkpoint_every_steps", "time
 
 def settings(cfg: Config) -> dict:
     """Every key that changes what an RL stage trains (not which seeds run, how they are scored, logged or saved)."""
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}))
+    return stage_settings(cfg, NOT_SETTINGS)
 
 
 def sft_settings(cfg: Config) -> dict:

@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
-import torch
-
 from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
-from paperloop.checkpoint import no_shard_progress_bar
 from paperloop.models.lm import tiny_causal_lm
 
+from ..stages import output_folder, stage, stage_settings
 from .evaluate import evaluate, write_results
 from .task import correct, make_tokenizer, rl_prompts, sft_examples, split_problems
 
@@ -96,10 +94,7 @@ def run(cfg: Config) -> Path:
             raise ConfigError(f"{key}: rlvr takes each RL method's {key} from `methods` ("
                               + ", ".join(f"{m}: {METHODS[m].get(key, getattr(RLConfig, key))}" for m in cfg.methods)
                               + "); choose the methods with methods=[...]")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    out = output_folder(cfg.output_dir, cfg.num_threads)
     tokenizer = make_tokenizer()
     train, held_out = split_problems(cfg.held_out, cfg.data_seed)
     start = time.perf_counter()
@@ -144,49 +139,11 @@ NOT_SETTINGS = ("output_dir", "log_every_steps", "checkpoint_every_steps", "time
 
 def settings(cfg: Config) -> dict:
     """Every key that changes what a stage trains (not which stages run, how they are scored, logged or saved)."""
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}))
+    return stage_settings(cfg, NOT_SETTINGS)
 
 
 def sft_settings(cfg: Config) -> dict:
     return {k: v for k, v in settings(cfg).items() if k in SFT_KEYS}
-
-
-def stage(folder: Path, build, stage_settings: dict) -> tuple[object, float]:
-    """Train one stage in `folder` (continuing its checkpoints if a signal or a time limit stopped it), save its
-    final model to `folder/model` and its settings beside it; a stage finished with these same settings is loaded
-    instead, one finished with others is refused (naming the key). Returns (model, training seconds)."""
-    from transformers import AutoModelForCausalLM
-
-    done, record = folder / "model", folder / "stage.json"
-    if (done / "config.json").exists():
-        recorded = json.loads(record.read_text())["settings"] if record.exists() else None
-        if recorded != stage_settings:
-            key = next((k for k in stage_settings if recorded is not None and recorded.get(k) != stage_settings[k]),
-                       None)
-            if key is None:
-                why = "records no settings it was trained with"
-            elif key not in recorded:  # written before the key was recorded
-                why = f"records no {key} (this command asks for {stage_settings[key]!r})"
-            else:
-                why = f"was trained with {key}={recorded[key]!r}, this command asks for {stage_settings[key]!r}"
-            raise ConfigError(f"{key or 'output_dir'}: the finished {folder.name} stage in {folder} {why}; use "
-                              f"another output_dir, or remove {folder} to train it again")
-        return AutoModelForCausalLM.from_pretrained(done).eval(), json.loads(record.read_text())["seconds"]
-    trainer = build(folder)
-    start = time.perf_counter()
-    state = trainer.fit(resume="auto")  # continues a stage a signal or a time limit stopped
-    if state.interrupted:
-        raise KeyboardInterrupt(f"{folder.name} was interrupted at step {state.global_step} and checkpointed; run the "
-                                "same command again to continue")
-    seconds = time.perf_counter() - start
-    with no_shard_progress_bar():  # a stage's end is no step to wait on: no "Writing model shards" bar
-        trainer.unwrapped_model.save_pretrained(done)
-    facts = {"settings": stage_settings, "seconds": seconds}
-    if isinstance(trainer, RLTrainer):  # every prompt the plan handed out (with dynamic sampling, more than steps x B)
-        plan = trainer.plan
-        facts["prompts_sampled"] = (plan.epoch * plan.steps_per_epoch() + plan.offset) * plan.samples_per_step
-    record.write_text(json.dumps(facts, indent=1) + "\n")
-    return trainer.unwrapped_model.eval(), seconds
 
 
 def sft_trainer(cfg: Config, tokenizer, pairs, folder: Path):

@@ -8,6 +8,8 @@ KV-cached sampling, the layer both language-model trainers stand on, and SFTTrai
 - `plans.py`: data plans over tokenized examples (padded, bucketed, packed by a token budget), each owning its layout
 - `losses.py`: the one forward (`forward_logprobs`), per-token log-probs and entropy, cross-entropy
 - `lora.py`: LoRA adapters through peft, their base folder, and `paperloop merge`
+- `weights.py`: how a language model's weights are written into a checkpoint and read back (save_pretrained
+  folders, LoRA adapters alone)
 - `sampling.py`: KV-cached sampling from a generator the caller owns: one decode loop (`TurnSampler`), whose one
   turn is `sample`
 - `modules.py`: model utilities (dropout off, a frozen copy, a weight checksum)

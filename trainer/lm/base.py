@@ -4,7 +4,9 @@
 
 - the tokenizer and one pad rule (`pad_token_id`: the tokenizer's pad token, else its EOS, as TRL does);
 - optional LoRA adapters through peft (`config.lora`): only the adapters train, checkpoints hold only them;
-- the tokenizer written into every checkpoint, so `AutoTokenizer.from_pretrained(checkpoint)` loads it;
+- how its weights are written and read (`write_weights`, `load_weights`: `save_pretrained` folders, LoRA adapters
+  alone, tied weights once; `lm.weights`), and the tokenizer written into every checkpoint, so
+  `AutoModelForCausalLM.from_pretrained(checkpoint)` and `AutoTokenizer.from_pretrained(checkpoint)` load it;
 - one forward, `forward(batch)`: the targets' log-probs, and on request their entropy and whether each is the
   argmax (`lm.losses.forward_logprobs`, under the trainer's autocast), the one place a language model is scored,
   with no (tokens x vocabulary) logits ever made;
@@ -33,6 +35,7 @@ from ..steps import adamw
 from .lora import LoraSettings, apply_lora
 from .losses import TokenScores, forward_logprobs
 from .sampling import Samples, default_stop_token_ids, sample
+from .weights import load_state_or_adapter, no_shard_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +176,16 @@ class LMTrainer(BaseTrainer):
 
     def write_artifacts(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
+
+    def write_weights(self, model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        """The engine's writer, the model's own `save_pretrained` folder (a LoRA model: its adapter alone), without
+        the "Writing model shards" bar transformers draws at every save."""
+        with no_shard_progress_bar():
+            super().write_weights(model, directory, state_dict)
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The whole state, or a LoRA model's adapter alone (what its checkpoints hold): `lm.weights`."""
+        load_state_or_adapter(self.unwrapped_model, tensors)
 
     def forward(self, batch: dict, model=None, temperature: float = 1.0, *, entropy: str | None = None,
                 greedy: bool = False) -> TokenScores:

@@ -29,17 +29,16 @@ produce it to produce the completion). A BOS that the tokenizer adds is position
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..timeouts import time_limit
 
 log = logging.getLogger(__name__)
 
@@ -308,32 +307,6 @@ class _TemplateTimeout(Exception):
 
 class ChatTemplateTimeout(ValueError):
     """A chat template ran past RENDER_SECONDS."""
-
-
-def alarm_usable() -> bool:
-    """SIGALRM can bound a call here: on the main thread, with no other timer set."""
-    return threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float, error: type[BaseException]):
-    """Raise `error` (an exception class) in the block once it has run `seconds`, through SIGALRM: it interrupts
-    Python code and sleeps, not a C routine that never returns to the interpreter. Where SIGALRM is not usable
-    (`alarm_usable`), the block runs unbounded."""
-    if not alarm_usable():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise error
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, index: int) -> str:

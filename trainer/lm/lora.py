@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..checkpoint import (ADAPTER_WEIGHTS, STATE_JSON, CheckpointError, decode, no_shard_progress_bar, read_weights,
-                          temporary_dir, untied_missing, verify)
+from ..checkpoint import STATE_JSON, CheckpointError, decode, read_weights, temporary_dir, untied_missing, verify
 from ..config import ConfigError, check_types
+from .weights import ADAPTER_WEIGHTS, no_shard_progress_bar
 
 log = logging.getLogger(__name__)
 

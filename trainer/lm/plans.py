@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..plans import EpochPlan, epoch_permutation, mixed_seed
+from ..plans import EpochPlan, epoch_permutation
+from ..rng import mixed_seed
 from .data import TokenizedExample, first_fit, pack_batch, pad_batch
 
 

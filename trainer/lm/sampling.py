@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..checkpoint import is_peft
+from .weights import is_peft
 from ..distributed import is_sharded
 from .data import ChatTemplateTimeout, render_chat
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..lm.base import SCORE_LIMIT, ScoreError, as_score
 from ..lm.data import check_messages, check_text, prompt_ids, render_chat
 from ..lm.sampling import TurnSampler
-from ..plans import mixed_seed
+from ..rng import mixed_seed
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from ..lm.data import alarm_usable, time_limit
+from ..timeouts import alarm_usable, time_limit
 from .envs import Env, StepResult
 
 __all__ = ["ToolEnv", "parse_tag_calls", "parse_json_calls", "run_tool"]

@@ -54,7 +54,8 @@ from accelerate.utils import gather_object
 
 from ..lm.base import LMTrainer, digest
 from ..lm.modules import check_reference, disable_dropout, frozen_reference
-from ..plans import Step, mixed_seed
+from ..plans import Step
+from ..rng import mixed_seed
 from .advantages import group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .config import RLConfig
 from .envs import Episodes, check_replay, episode_seed, play
