@@ -20,22 +20,31 @@ def alarm_usable() -> bool:
     return threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
 
 
+# After the limit, how often `error` is raised again while the block still runs: code that catches it and goes on
+# (a retry loop around `except Exception`, or a bare `except`) is interrupted again until it lets it through.
+REPEAT_SECONDS = 0.05
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float, error: type[BaseException]):
-    """Raise `error` (an exception class) in the block once it has run `seconds`, through SIGALRM: it interrupts
-    Python code and sleeps, not a C routine that never returns to the interpreter. Where SIGALRM is not usable
-    (`alarm_usable`), the block runs unbounded."""
+    """Raise `error` (an exception class) in the block once it has run `seconds`, and again every REPEAT_SECONDS
+    until the block ends, through SIGALRM: it interrupts Python code and sleeps, not a C routine that never returns
+    to the interpreter. Make `error` a BaseException (not an Exception) so that a broad `except Exception` does not
+    catch it. Where SIGALRM is not usable (`alarm_usable`), the block runs unbounded."""
     if not alarm_usable():
         yield
         return
+    ended = False
 
     def expire(signum, frame):
-        raise error
+        if not ended:  # a signal between the block's end and the disarming below raises nothing
+            raise error
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, REPEAT_SECONDS)
     try:
         yield
     finally:
+        ended = True
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

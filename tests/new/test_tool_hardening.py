@@ -3,6 +3,8 @@ text a tokenizer takes."""
 
 import random
 import re
+import subprocess
+import sys
 
 from paperloop.envs import ToolEnv
 from paperloop.rl import tools
@@ -61,3 +63,36 @@ def test_a_result_that_is_not_valid_unicode_is_escaped_not_a_tokenizer_error():
     text, failed = run_tool(lambda: "file_\udcff.txt", (), {}, 1.0, 100)
     assert not failed and text == "file_\\udcff.txt"
     text.encode("utf-8")  # what a tokenizer needs
+
+
+RETRYING_TOOL = """
+import time
+from paperloop.rl.tools import run_tool
+
+def stubborn():
+    while True:  # a retry loop that swallows every Exception, the timeout's too if it were one
+        try:
+            time.sleep(10)
+        except Exception:
+            pass
+
+def catch_all():
+    for _ in range(3):  # even a bare except, a few times over: the limit is raised again until let through
+        try:
+            time.sleep(10)
+        except:  # noqa: E722
+            pass
+    time.sleep(10)
+
+print(run_tool(stubborn, (), {}, 0.2, 100), run_tool(catch_all, (), {}, 0.2, 100))
+"""
+
+
+def test_a_tools_time_limit_holds_against_a_retry_loop_that_swallows_exceptions(tmp_path):
+    """The timeout was one Exception raised once: `except Exception` in a retry loop hung the run. Run in a
+    subprocess so that a regression fails here (its timeout) instead of hanging the suite."""
+    script = tmp_path / "retrying.py"
+    script.write_text(RETRYING_TOOL)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "('error: timed out after 0.2 s', True) ('error: timed out after 0.2 s', True)"

@@ -301,7 +301,7 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, wh
         raise ValueError(f"{where}: the chat template failed: {e}") from e
 
 
-class _TemplateTimeout(Exception):
+class _TemplateTimeout(BaseException):  # not an Exception: a template's own error handling must not catch it
     pass
 
 

@@ -100,8 +100,9 @@ def parse_json_calls(action: str) -> list:
 PARSERS = {"tags": parse_tag_calls, "json": parse_json_calls}
 
 
-class ToolTimeout(Exception):
-    pass
+class ToolTimeout(BaseException):
+    """A tool call ran past its time limit: a BaseException, so that a tool's own `except Exception` (a retry loop,
+    say) does not swallow it (`timeouts.time_limit` raises it again until the tool lets it through)."""
 
 
 def run_tool(fn: Callable, args: tuple, kwargs: dict, timeout_s: float, max_chars: int) -> tuple[str, bool]:
