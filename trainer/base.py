@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 
 from .callbacks import Callback
 from .callbacks.base import check_state_keys
@@ -474,3 +474,11 @@ class BaseTrainer(Checkpointing, ABC):
         if self.world_size == 1:
             return flag
         return bool(self.reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of `tensor` (on the device), concatenated in rank order."""
+        return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
+
+    def gather_objects(self, values: list) -> list:
+        """Every process's `values` (python objects, pickled: for what tensors cannot carry), in rank order."""
+        return gather_object(values) if self.world_size > 1 else values

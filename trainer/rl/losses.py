@@ -145,6 +145,26 @@ def aggregation_weights(weights_B_T: torch.Tensor, aggregation: str = "sequence_
     return lookup(AGGREGATIONS, aggregation, "aggregation")(weights_B_T, max_tokens)[0]
 
 
+def update_shares(minibatches: list[list[dict]], aggregation: str, max_tokens: int | None, reduce_sum: Callable,
+                  entropy: bool = False) -> list[list[float]]:
+    """Each micro-batch's part of its update's normalizer over every process: the sum of its `aggregation_weights`
+    (1 per sequence, or its trained tokens for token_mean) over the update's, all-reduced once for the whole step by
+    `reduce_sum`. With `entropy` (a bonus), each micro-batch also gets its `entropy_normalizer`: the update's
+    trained tokens times the micro-batch's share, so that the bonus is the update's mean entropy per token."""
+    weights_M_K = [torch.stack([aggregation_weights(b["weights"].double(), aggregation, max_tokens).sum()
+                                for b in micro_batches]) for micro_batches in minibatches]
+    local_tokens_M = torch.stack([sum(b["weights"].double().sum() for b in micro_batches)
+                                  for micro_batches in minibatches])
+    totals_M, tokens_M = reduce_sum(torch.stack([torch.stack([w_K.sum() for w_K in weights_M_K]),
+                                                 local_tokens_M]))  # every process's, one all-reduce
+    shares = [(w_K / total.clamp_min(1e-12)).tolist() for w_K, total in zip(weights_M_K, totals_M)]
+    if entropy:
+        for micro_batches, micro_shares, tokens in zip(minibatches, shares, tokens_M.tolist()):
+            for batch, share in zip(micro_batches, micro_shares):
+                batch["entropy_normalizer"] = share * tokens
+    return shares
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Policy losses: per-token loss of (log-ratio, advantage), and which tokens each clips
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ from collections.abc import Sequence
 from typing import Callable
 
 import torch
-from accelerate.utils import gather_object
 
 from ..lm.base import LMTrainer, digest
 from ..lm.modules import check_reference, disable_dropout, frozen_reference
@@ -59,7 +58,7 @@ from ..rng import mixed_seed
 from .advantages import group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .config import RLConfig
 from .envs import Episodes, check_replay, episode_seed, play
-from .losses import aggregation_weights, linear_quantile, masked_mean, policy_loss
+from .losses import linear_quantile, masked_mean, policy_loss, update_shares
 from .metrics import pass_at_powers
 from .prompts import RewardFn, describe_factory, env_factory_name, example_json, rollout_source
 from .records import completions_text, episode_metrics, policy_metrics, rollout_records, transcript_texts
@@ -159,7 +158,7 @@ class RLTrainer(LMTrainer):
         rows_per_update = (c.minibatch_size or c.batch_size) * c.num_generations
         minibatches = [split_rows(minibatch, c.micro_batch_size or rows_per_update)
                        for minibatch in split_rows(batch, rows_per_update)]
-        shares = self.update_shares(minibatches)
+        shares = update_shares(minibatches, c.aggregation, c.max_new_tokens, self.reduce_sum, c.entropy_coef > 0)
         self.add_fixed_logprobs(minibatches)
         parts: list[dict] = []  # every micro-batch's policy metrics, for one token-weighted mean over the step
 
@@ -215,8 +214,9 @@ class RLTrainer(LMTrainer):
         episodes = dataclasses.replace(Episodes.concat([self.gather_episodes(r.episodes) for r in drawn]).take(rows),
                                        metrics=local.metrics, env_s=local.env_s)
         rewards_N_F = torch.cat(rewards)[rows]
-        return Rollouts(self.fetch(chosen_P), chosen_P, episodes, rewards_N_F, rewards_N_F @ self.reward_weights_F,
-                        sum(r.generate_s for r in drawn), sum(r.score_s for r in drawn)), len(drawn)
+        return Rollouts(examples=self.fetch(chosen_P), indices_P=chosen_P, episodes=episodes, rewards_N_F=rewards_N_F,
+                        rewards_N=rewards_N_F @ self.reward_weights_F, generate_s=sum(r.generate_s for r in drawn),
+                        score_s=sum(r.score_s for r in drawn)), len(drawn)
 
     def rollout(self, indices: torch.Tensor) -> Rollouts:
         """G episodes of each train example at `indices` (this process's), played and scored."""
@@ -228,8 +228,9 @@ class RLTrainer(LMTrainer):
         episodes = self.play(examples, seeds, names, G, temperature=c.temperature, top_p=c.top_p,
                              generator=self.sampling_generator)
         rewards_N_F = episodes.rewards_N_F.to(self.device)
-        return Rollouts(examples, indices.cpu(), episodes, rewards_N_F, rewards_N_F @ self.reward_weights_F,
-                        time.perf_counter() - start - episodes.env_s, episodes.env_s)
+        return Rollouts(examples=examples, indices_P=indices.cpu(), episodes=episodes, rewards_N_F=rewards_N_F,
+                        rewards_N=rewards_N_F @ self.reward_weights_F,
+                        generate_s=time.perf_counter() - start - episodes.env_s, score_s=episodes.env_s)
 
     def play(self, examples: list, seeds_N: list[int], names: list[str], group_size: int, *, temperature: float,
              top_p: float = 1.0, generator: torch.Generator | None = None) -> Episodes:
@@ -259,25 +260,6 @@ class RLTrainer(LMTrainer):
         return dataclasses.replace(played, rewards_N_F=self.source.parts(envs, played))
 
     # ---- the updates --------------------------------------------------------------------------
-
-    def update_shares(self, minibatches: list[list[dict]]) -> list[list[float]]:
-        """Each micro-batch's part of its update's normalizer over every process (`rl.losses`' aggregation
-        weights: 1 per completion, or its trained tokens for token_mean), all-reduced once for the whole step.
-        With an entropy bonus, each micro-batch also gets its `entropy_normalizer`: the update's trained tokens
-        times the micro-batch's share, so that the bonus is the update's mean entropy per token."""
-        c = self.config
-        weights_M_K = [torch.stack([aggregation_weights(b["weights"].double(), c.aggregation, c.max_new_tokens).sum()
-                                    for b in micro_batches]) for micro_batches in minibatches]
-        local_tokens_M = torch.stack([sum(b["weights"].double().sum() for b in micro_batches)
-                                      for micro_batches in minibatches])
-        totals_M, tokens_M = self.reduce_sum(torch.stack([torch.stack([w_K.sum() for w_K in weights_M_K]),
-                                                          local_tokens_M]))  # every process's, one all-reduce
-        shares = [(w_K / total.clamp_min(1e-12)).tolist() for w_K, total in zip(weights_M_K, totals_M)]
-        if c.entropy_coef > 0:
-            for micro_batches, micro_shares, tokens in zip(minibatches, shares, tokens_M.tolist()):
-                for batch, share in zip(micro_batches, micro_shares):
-                    batch["entropy_normalizer"] = share * tokens
-        return shares
 
     @torch.no_grad()
     def add_fixed_logprobs(self, minibatches: list[list[dict]]) -> None:
@@ -451,14 +433,6 @@ class RLTrainer(LMTrainer):
         check_reference(state.get("reference_checksum"), self._reference_sum, "RLTrainer")
 
     # ---- across processes ---------------------------------------------------------------------
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's rows of `tensor`, concatenated in rank order."""
-        return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
-
-    def gather_objects(self, values: list) -> list:
-        """Every process's `values` (python objects, pickled), concatenated in rank order."""
-        return gather_object(values) if self.world_size > 1 else values
 
     def gather_episodes(self, episodes: Episodes) -> Episodes:
         """Every process's episodes in rank order (`rollouts.gather_episodes`)."""
