@@ -34,6 +34,7 @@ from ..config import ConfigError, TrainerConfig
 from ..steps import adamw
 from .lora import LoraSettings, apply_lora
 from .losses import TokenScores, forward_logprobs
+from .modules import check_reference, frozen_reference
 from .sampling import Samples, default_stop_token_ids, sample
 from .weights import load_state_or_adapter, no_shard_progress_bar
 
@@ -143,6 +144,7 @@ class LMTrainer(BaseTrainer):
             enable_gradient_checkpointing(model)
         super().__init__(model, config, train_data=train_data, val_data=val_data, callbacks=callbacks)
         self._stop_token_ids = _check_ids(stop_token_ids) if stop_token_ids is not None else None
+        self.reference, self.reference_checksum = None, None  # `use_reference` makes them
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -154,6 +156,28 @@ class LMTrainer(BaseTrainer):
 
     def compute_fingerprints(self) -> dict[str, str]:
         return {"tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+    # ---- the frozen reference (RL's KL, DPO's log-ratios) ---------------------------------------------
+
+    def use_reference(self) -> None:
+        """Score against the initial policy: a frozen copy of the model as given to the trainer — taken now, before
+        any checkpoint is loaded, so a resumed run's reference is never the trained policy — or with LoRA the base
+        itself (its adapters switched off, no copy). It is rebuilt, not checkpointed: the checkpoint holds its
+        weights' checksum, and a resume built with another initial model is refused."""
+        self.reference, self.reference_checksum = frozen_reference(self.unwrapped_model, self.config.lora is not None)
+
+    def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """The reference's log-probs (B, T) of the batch's targets: the frozen copy's, or with LoRA the base's."""
+        if self.reference is not None:
+            return self.forward(batch, self.reference, temperature).logprobs
+        with self.unwrapped_model.disable_adapter():
+            return self.forward(batch, self.unwrapped_model, temperature).logprobs
+
+    def extra_state(self) -> dict:
+        return {} if self.reference_checksum is None else {"reference_checksum": self.reference_checksum}
+
+    def load_extra_state(self, state: dict) -> None:
+        check_reference(state.get("reference_checksum"), self.reference_checksum, type(self).__name__)
 
     def check_positions(self, longest: int, what: str) -> None:
         """A sequence of `longest` positions against the model's context (`max_position_embeddings`): past it a

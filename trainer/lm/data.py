@@ -144,14 +144,15 @@ def typed_control_token(example, tokenizer) -> str | None:
 
 
 def tokenize_example(example, tokenizer, max_length: int, train_prompt: bool = False,
-                     index: int = 0, split_special_tokens: bool = False) -> TokenizedExample:
-    """One example -> a `TokenizedExample` (possibly with no trained token: `tokenize_examples` skips those)."""
+                     index: int = 0, split_special_tokens: bool = False, first_trained: int = 0) -> TokenizedExample:
+    """One example -> a `TokenizedExample` (possibly with no trained token: `tokenize_examples` skips those). A chat
+    trains its assistant turns from message `first_trained` on."""
     shape = example_shape(example, index)
     if shape == "chat" and split_special_tokens:
         raise ValueError(f"example {index}: split_special_tokens cannot apply to a chat, whose template writes "
                          "control tokens of its own into the text; remove typed control tokens from its contents")
     if shape == "chat":
-        text, spans = chat_spans(example["messages"], tokenizer, index)
+        text, spans = chat_spans(example["messages"], tokenizer, index, first_trained)
         ids, mask = _encode(tokenizer, text, spans, add_special_tokens=False)
     else:
         text = example["prompt"] + example["completion"] if shape == "prompt_completion" else example["text"]
@@ -238,8 +239,10 @@ def check_text(text: str, where: str) -> None:
                          "Unicode text (a lone surrogate)") from None
 
 
-def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """The chat rendered as text, and each assistant turn's trained character span in it.
+def chat_spans(messages: list[dict], tokenizer, index: int = 0,
+               first_trained: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The chat rendered as text, and each assistant turn's trained character span in it (the turns from message
+    `first_trained` on: a preference pair's completion, not the assistant turns of its prompt).
 
     A turn's span runs from where its content starts (the end of the conversation before it rendered with
     `add_generation_prompt=True`) to the end of the conversation up to and including it, so the template's
@@ -251,7 +254,7 @@ def chat_spans(messages: list[dict], tokenizer, index: int = 0) -> tuple[str, li
     full = _render(tokenizer, messages, False, index)
     spans = []
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or turn < first_trained:
             continue
         before = _render(tokenizer, messages[:turn], True, index)
         through = _render(tokenizer, messages[:turn + 1], False, index)

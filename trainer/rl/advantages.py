@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .registry import is_int, lookup, registrar
+from ..lm.registry import is_int, lookup, registrar
 
 # TRL's GRPOTrainer adds this to the standard deviation; the same constant makes our advantages comparable.
 STD_EPS = 1e-4

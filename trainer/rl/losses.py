@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from .registry import is_int, is_real, lookup, registrar
+from ..lm.registry import is_int, is_real, lookup, registrar
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]]] = {}
 POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}

@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 
 from ..lm.base import LMTrainer, digest
-from ..lm.modules import check_reference, disable_dropout, frozen_reference
+from ..lm.modules import disable_dropout
 from ..plans import Step
 from ..rng import mixed_seed
 from .advantages import group_advantages, group_spread, overlong_penalty, zero_std_fraction
@@ -121,8 +121,8 @@ class RLTrainer(LMTrainer):
                 log.warning("lora.dropout=%g is switched off with every other dropout (disable_dropout=True: the "
                             "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
-        self.reference, self._reference_sum = frozen_reference(self.unwrapped_model, config.lora is not None) \
-            if config.beta > 0 else (None, None)
+        if config.beta > 0:
+            self.use_reference()
         self._replay_checked = False  # whether this trainer has checked that its episodes replay (`play`)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
@@ -280,7 +280,7 @@ class RLTrainer(LMTrainer):
                 if by_entropy:
                     batch["entropy"] = scores.entropy
             if c.beta > 0:
-                batch["ref_logprobs"] = self.reference_logprobs(batch)
+                batch["ref_logprobs"] = self.reference_logprobs(batch, c.temperature)
         if by_entropy:
             for micro_batches in minibatches:
                 self.add_policy_masks(micro_batches)
@@ -298,13 +298,6 @@ class RLTrainer(LMTrainer):
         threshold = linear_quantile(entropies_n, 1 - self.config.top_entropy_quantile) if len(entropies_n) else 0.0
         for batch in micro_batches:
             batch["policy_mask"] = (batch["entropy"].double() >= threshold) & (batch["weights"] != 0)
-
-    def reference_logprobs(self, batch: dict) -> torch.Tensor:
-        """The reference policy's log-probs of the batch's targets: the frozen copy's, or with LoRA the base's."""
-        if self.reference is not None:
-            return self.forward(batch, self.reference, self.config.temperature).logprobs
-        with self.unwrapped_model.disable_adapter():
-            return self.forward(batch, self.unwrapped_model, self.config.temperature).logprobs
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The policy loss of one micro-batch of rollouts, and its metrics (0-dim tensors)."""
@@ -425,12 +418,6 @@ class RLTrainer(LMTrainer):
     def total_updates(self) -> int:
         """A step makes μ passes over its minibatches, each an optimizer update: the schedule spans them all."""
         return self.total_steps() * self.config.updates_per_step
-
-    def extra_state(self) -> dict:
-        return {} if self._reference_sum is None else {"reference_checksum": self._reference_sum}
-
-    def load_extra_state(self, state: dict) -> None:
-        check_reference(state.get("reference_checksum"), self._reference_sum, "RLTrainer")
 
     # ---- across processes ---------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Registries of the RL math's named variants (advantages, aggregations, policy losses): a name chosen in the
-config looks up a pure function, and a variant gets a new name, never a branch inside a trainer."""
+"""Registries of named variants of the math (RL's advantages, aggregations and policy losses; the preference
+losses): a name chosen in the config looks up a pure function, and a variant gets a new name, never a branch inside
+a trainer."""
 
 from __future__ import annotations
 
