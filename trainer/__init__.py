@@ -3,6 +3,7 @@
     from paperloop import BaseTrainer, TrainerConfig
     from paperloop import SFTTrainer, SFTConfig          # supervised fine-tuning of causal LMs (paperloop.lm)
     from paperloop import RLTrainer, RLConfig            # GRPO-family RL with programmatic rewards (paperloop.rl)
+    from paperloop import DPOTrainer, DPOConfig          # preference optimization, the DPO family (paperloop.preference)
     from paperloop.callbacks import EarlyStopping, TensorBoardLogger
 
 This package is the `trainer/` folder: the engine at its root (the loop, steps and schedules, plans, evaluation,
@@ -20,7 +21,7 @@ from .state import TrainState
 
 # The language-model names load on first use: `import paperloop` for an MLP does not import transformers.
 _LAZY = {"SFTTrainer": "lm", "SFTConfig": "lm", "LMTrainer": "lm", "LMConfig": "lm", "LoraSettings": "lm",
-         "RLTrainer": "rl", "RLConfig": "rl"}
+         "RLTrainer": "rl", "RLConfig": "rl", "DPOTrainer": "preference", "DPOConfig": "preference"}
 
 __all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError", "Weighted",
            *_LAZY]

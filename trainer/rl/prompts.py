@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
-from ..lm.base import call_scorer
+from ..lm.base import NotAScore, ScorerRaised, call_scorer
 from ..lm.data import check_messages, prompt_ids
 from ..plans import check_dataset
 from .envs import Env, Episodes, StepResult
@@ -55,8 +55,7 @@ def rollout_source(config, env=None, reward_fns: Sequence[RewardFn] = (),
                               "environment (RLTrainer(env=...))")
         scorer = Scorer(reward_fns, reward_weights)
         return Source(functools.partial(PromptEnv, scorer=scorer), scorer.names, scorer.weights_F,
-                      lambda envs, episodes: torch.tensor([e.rewards_F for e in envs], dtype=torch.float64),
-                      longest_prompt)
+                      lambda envs, episodes: scorer.score_batched(envs), longest_prompt)
     if not callable(env):
         raise TypeError(f"env: a callable example -> Env (an Env subclass works), got {type(env).__name__}")
     if list(reward_fns) or reward_weights is not None:
@@ -80,14 +79,18 @@ class PromptEnv(Env):
         return self.example[check_prompt(self.example, self.name)]
 
     def step(self, action: str) -> StepResult:
-        self.rewards_F = self.scorer(self.example, action, self.name)
-        return StepResult(reward=sum(w * r for w, r in zip(self.scorer.weights, self.rewards_F)), done=True)
+        self.completion = action
+        self.rewards_F = self.scorer(self.example, action, self.name)  # a batched function's value comes later
+        return StepResult(reward=sum(w * r for w, r in zip(self.scorer.weights, self.rewards_F) if r is not None),
+                          done=True)
 
 
 class Scorer:
     """The reward functions of a run, their unique metric names and their weights (`weights_F`, float64), checked
     when built; called on one completion, each function's value (a ValueError or RuntimeError names the function
-    and the example)."""
+    and the example). A function marked `batched = True` (a reward model: `preference.RewardModelScorer`) is called
+    once for a whole rollout batch instead, `fn(prompts, completions, examples) -> values` (`score_batched`): None
+    stands in its place until then."""
 
     def __init__(self, reward_fns: Sequence[RewardFn], reward_weights: Sequence[float] | None = None):
         fns = list(reward_fns)
@@ -107,9 +110,30 @@ class Scorer:
         where = f"{name} (prompt {prompt!r:.80}, completion {completion!r:.80})"
         # Copies: a reward function that edits what it is given must not edit train_data (a resumed run, which reads
         # the data afresh, would then score other examples) nor the next function's view.
-        return [call_scorer(fn, copy.deepcopy(prompt), completion, copy.deepcopy(example),
+        return [None if getattr(fn, "batched", False) else
+                call_scorer(fn, copy.deepcopy(prompt), completion, copy.deepcopy(example),
                             name=f"reward function {fn_name!r}", where=where)
                 for fn, fn_name in zip(self.fns, self.names)]
+
+    def score_batched(self, envs: list["PromptEnv"]) -> torch.Tensor:
+        """(N, F) float64: every episode's values, the batched functions' filled in by one call each over all
+        `envs` (their examples, completions and names)."""
+        rewards_N_F = [list(env.rewards_F) for env in envs]
+        for f, (fn, fn_name) in enumerate(zip(self.fns, self.names)):
+            if not getattr(fn, "batched", False) or not envs:
+                continue
+            examples = [copy.deepcopy(env.example) for env in envs]
+            where = f"a batch of {len(envs)} completions ({envs[0].name}, ...)"
+            try:
+                values = list(fn([e.get("prompt", e.get("messages")) for e in examples],
+                                 [env.completion for env in envs], examples))
+            except Exception as e:
+                raise ScorerRaised(f"reward function {fn_name!r} raised {type(e).__name__} on {where}: {e}") from e
+            if len(values) != len(envs):
+                raise NotAScore(f"reward function {fn_name!r} (batched) returned {len(values)} values for {where}")
+            for n, (env, value) in enumerate(zip(envs, values)):
+                rewards_N_F[n][f] = call_scorer(lambda: value, name=f"reward function {fn_name!r}", where=env.name)
+        return torch.tensor(rewards_N_F, dtype=torch.float64)
 
     @property
     def weights_F(self) -> torch.Tensor:
