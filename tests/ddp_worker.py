@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from helpers import ScheduledRegression, WeightedRegression, make_data, make_indexed_data, make_model
+from helpers import ScheduledRegression, StopAt, WeightedRegression, make_data, make_indexed_data, make_model
 from paperloop import TrainerConfig
 from paperloop.callbacks import LambdaCallback
 
@@ -24,21 +24,18 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     losses = []
-
-    def record_and_stop(trainer, outputs):
-        losses.append(float(outputs["train/loss"]))
-        if trainer.state.global_step == args.stop_at:
-            trainer.save_checkpoint()
-            trainer.request_stop("test preemption", resumable=True)
+    callbacks = [LambdaCallback(on_batch_end=lambda t, o: losses.append(float(o["train/loss"])))]
+    if args.stop_at is not None:
+        callbacks.append(StopAt(args.stop_at, checkpoint=True))
 
     if args.weighted:
         cfg = TrainerConfig(max_epochs=2, batch_size=args.batch_size, lr=0.05, output_dir=args.out)
         t = WeightedRegression(make_model(dropout=0.0), cfg, train_data=make_indexed_data(44),
-                               callbacks=[LambdaCallback(on_batch_end=record_and_stop)])
+                               callbacks=callbacks)
     else:
         cfg = TrainerConfig(max_epochs=3, batch_size=args.batch_size, lr=0.01, output_dir=args.out)
         t = ScheduledRegression(make_model(dropout=0.0), cfg, train_data=make_data(48), val_data=make_data(20),
-                                callbacks=[LambdaCallback(on_batch_end=record_and_stop)])
+                                callbacks=callbacks)
     state = t.fit(resume="latest" if args.resume else None)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if t.is_main_process:

@@ -10,7 +10,6 @@ aborts in interpreter teardown after all its work is done (3 in 25 runs here), w
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from paperloop import SFTConfig, SFTTrainer
-from paperloop.callbacks import LambdaCallback
+from helpers import KillAt
 from rl_helpers import DDP_RUN, LayoutFreeEpisodes, make_rl_trainer
 from sft_helpers import model, sorting_examples, tokenizer
 
@@ -38,13 +37,6 @@ def write_weights(trainer, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
-def kill_at(step):
-    def kill(trainer, outputs):
-        if trainer.state.global_step == step and trainer.is_main_process:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return LambdaCallback(on_batch_end=kill)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -61,7 +53,7 @@ def main():
         rl.fit()
         write_weights(rl, out / "rl.safetensors")
     elif args.what == "killed":
-        sft_trainer(out / "stopped", 2, callbacks=[kill_at(4)], strategy="fsdp").fit()
+        sft_trainer(out / "stopped", 2, callbacks=[KillAt(4, "on_batch_end", rank=0)], strategy="fsdp").fit()
     else:
         t = sft_trainer(out / "stopped", 2, strategy="fsdp")
         t.fit(resume="latest")

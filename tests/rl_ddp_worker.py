@@ -10,16 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from paperloop.callbacks import LambdaCallback
+from helpers import StopAt
 from rl_helpers import DDP_DAPO, DDP_ENV, DDP_RUN, LayoutFreeEpisodes, SGDRLTrainer, make_rl_trainer
-
-
-def stop_at(step):
-    def stop(trainer, outputs):
-        if trainer.state.global_step == step:
-            trainer.save_checkpoint()
-            trainer.request_stop("test preemption", resumable=True)
-    return LambdaCallback(on_batch_end=stop)
 
 
 def run(out: Path, name: str, cls, callbacks=(), resume=None, **extra) -> None:
@@ -41,7 +33,7 @@ def main():
     run(out, "layout_free_dapo", LayoutFreeEpisodes, **DDP_DAPO)
     run(out, "layout_free_env", LayoutFreeEpisodes, **DDP_ENV)
     run(out, "straight", SGDRLTrainer)
-    run(out, "resumed", SGDRLTrainer, callbacks=[stop_at(2)])
+    run(out, "resumed", SGDRLTrainer, callbacks=[StopAt(2, checkpoint=True)])
     run(out, "resumed", SGDRLTrainer, resume="latest")
 
 

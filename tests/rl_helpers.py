@@ -4,10 +4,7 @@ by test_rl_trainer.py and by the worker scripts it runs (and kills) in subproces
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -148,8 +145,4 @@ class LayoutFreeEpisodes(SGDRLTrainer):
             for p in range(len(examples))])
 
 
-def run_rl_worker(out, *args) -> subprocess.CompletedProcess:
-    """rl_worker.py in a subprocess (one thread, like the tests), to SIGKILL it mid-run."""
-    worker = Path(__file__).with_name("rl_worker.py")
-    return subprocess.run([sys.executable, str(worker), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+RL_WORKER = Path(__file__).with_name("rl_worker.py")  # the RL fixture, killed mid-run (run it with run_worker)

@@ -12,11 +12,9 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +24,8 @@ import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
-from helpers import KillAt, assert_bitwise_equal, make_data, make_model, make_resume_trainer, optimizer_tensors, weights
+from helpers import (KillAt, StopAt, assert_bitwise_equal, make_data, make_model, make_resume_trainer, optimizer_tensors,
+                     run_worker, weights)
 from paperloop import CheckpointError, ConfigError, TrainerConfig
 from paperloop.callbacks import LambdaCallback, ModelCheckpoint
 from paperloop.config import load_config
@@ -343,15 +342,11 @@ def test_a_save_outside_a_hook_is_committed_when_it_returns(tmp_path, monkeypatc
 # ---- killed in the middle of a background write -----------------------------------------------------------
 
 
-def run_worker(out, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_sigkill_during_a_background_write_keeps_the_committed_ones_and_resumes_bitwise(tmp_path, straight, caplog):
     # The third save (step 9) hangs half-written in its thread while training goes on; SIGKILL before step 12.
     # keep_last=1: step 6 must stay until step 9 is committed, though the lists already name 9 the one kept.
-    proc = run_worker(tmp_path, "--hang-in-save", "3", "--keep-last", "1", "--step", "11")
+    proc = run_worker(__file__, "--out", tmp_path, "--hang-in-save", "3", "--keep-last", "1", "--step", "11",
+                      check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.committed(folder)] == ["step-000006"]
@@ -365,7 +360,7 @@ def test_sigkill_during_a_background_write_keeps_the_committed_ones_and_resumes_
 
 
 def test_sigterm_commits_the_async_checkpoint_before_fit_returns(tmp_path, straight):
-    proc = run_worker(tmp_path, "--slow-writes", "0.5", "--step", "7", "--signal", "SIGTERM")
+    proc = run_worker(__file__, "--out", tmp_path, "--slow-writes", "0.5", "--step", "7", "--signal", "SIGTERM")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["state"]["stop_reason"] == "signal" and report["state"]["global_step"] == 8
@@ -379,10 +374,7 @@ def test_sigterm_commits_the_async_checkpoint_before_fit_returns(tmp_path, strai
 
 
 def torchrun(out, *args) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           "--ddp", "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(__file__, "--ddp", "--out", out, *args, processes=2, timeout=180)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -443,8 +435,7 @@ def ddp_main(args, callbacks):
     from helpers import ScheduledRegression
 
     if args.stop_at:
-        callbacks.append(LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == args.stop_at
-                                        and t.request_stop("test preemption", resumable=True)))
+        callbacks.append(StopAt(args.stop_at))
     cfg = TrainerConfig(max_epochs=3, batch_size=4, lr=0.01, output_dir=args.out, **ASYNC)
     t = ScheduledRegression(make_model(dropout=0.0), cfg, train_data=make_data(48), val_data=make_data(20),
                             callbacks=callbacks)

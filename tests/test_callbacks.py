@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from paperloop.callbacks import EarlyStopping, LambdaCallback, ModelCheckpoint, ProgressBar, TensorBoardLogger
-from helpers import Regression, make_data, make_model, weights
+from paperloop.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, TensorBoardLogger
+from helpers import Regression, StopAt, make_data, make_model, weights
 from paperloop import TrainerConfig
 
 
@@ -174,7 +174,7 @@ def test_one_checkpoint_a_step_whatever_the_callback_order(tmp_path):
     from paperloop.checkpoint import committed
 
     # 4 steps an epoch; a stop asked for at step 4 (the epoch's last) by a callback listed after ModelCheckpoint
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 4 and t.request_stop("test"))
+    stop = StopAt(4, resumable=False)
     for name, callbacks in (("after", [ModelCheckpoint(every_n_steps=2, every_n_epochs=None), stop]),
                             ("before", [stop, ModelCheckpoint(every_n_steps=2, every_n_epochs=None)])):
         cfg = TrainerConfig(max_epochs=3, batch_size=8, output_dir=str(tmp_path / name))

@@ -15,15 +15,9 @@ import time
 import pytest
 
 import paperloop.checkpoint as ckpt
-from helpers import make_resume_trainer
+from helpers import StopAt, make_resume_trainer
 from paperloop import CheckpointError
-from paperloop.callbacks import LambdaCallback, ModelCheckpoint
-
-
-def stop_at(step):
-    """A preemption after `step` (its checkpoint written): a resume continues the same run."""
-    return LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == step
-                          and t.request_stop("preempted", resumable=True))
+from paperloop.callbacks import ModelCheckpoint
 
 
 def rewrite_file(checkpoint, name, text):
@@ -45,7 +39,7 @@ def test_crafted_checkpoint_names_delete_nothing_outside(tmp_path, crafted, capl
     (victim / "precious.txt").write_text("keep me")
     crafted = str(victim) if crafted == "ABSOLUTE" else crafted
     run = tmp_path / "run"
-    make_resume_trainer(run, max_epochs=1, callbacks=[stop_at(3)]).fit()
+    make_resume_trainer(run, max_epochs=1, callbacks=[StopAt(3)]).fit()
     checkpoint = ckpt.committed(run / "checkpoints")[0]
     tree = json.loads((checkpoint / ckpt.STATE_JSON).read_text())
     tree["callbacks"]["ModelCheckpoint"]["saved"].insert(0, crafted)  # oldest: pruned at the next save
@@ -64,7 +58,7 @@ def test_resuming_into_another_runs_folder_deletes_none_of_its_checkpoints(tmp_p
     theirs = {p.name: (p / ckpt.STATE_TENSORS).read_bytes() for p in ckpt.committed(shared / "checkpoints")}
     assert {"step-000003", "step-000006", "step-000009"} <= theirs.keys()
     # Our run's list names step-000003, step-000006 and step-000009 too, in its own folder ...
-    make_resume_trainer(elsewhere, callbacks=[stop_at(9)]).fit()
+    make_resume_trainer(elsewhere, callbacks=[StopAt(9)]).fit()
     ours = ckpt.committed(elsewhere / "checkpoints")[0]
     # ... and it continues into the folder holding the other run: it prunes only what it writes there.
     with caplog.at_level(logging.WARNING):
@@ -82,7 +76,7 @@ def test_resuming_into_another_runs_folder_deletes_none_of_its_checkpoints(tmp_p
 
 
 def test_a_resumed_run_prunes_its_own_checkpoints_from_before_the_preemption(tmp_path):
-    make_resume_trainer(tmp_path, callbacks=[stop_at(10)]).fit()
+    make_resume_trainer(tmp_path, callbacks=[StopAt(10)]).fit()
     make_resume_trainer(tmp_path).fit(resume="latest")
     # The same three as a run never interrupted keeps: the run id survived the resume.
     folder = tmp_path / "checkpoints"

@@ -2,16 +2,13 @@
 stopped with a checkpoint and resumed ends bitwise where the uninterrupted DDP run ends."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ScheduledRegression, assert_bitwise_equal, make_data, make_model, weights
+from helpers import ScheduledRegression, assert_bitwise_equal, make_data, make_model, run_worker, weights
 from paperloop import TrainerConfig
 from paperloop.callbacks import LambdaCallback
 
@@ -19,11 +16,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def torchrun(out, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), "--out", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER, "--out", out, *args, processes=2)
     return load_file(str(out / "final.safetensors")), json.loads((out / "state.json").read_text())
 
 

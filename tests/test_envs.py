@@ -20,8 +20,9 @@ from paperloop.rl import Episodes
 from paperloop.rl.envs import episode_seed
 from paperloop.rl.rollouts import rollout_batch
 
-from rl_helpers import RESUME_RUNS, Retry, SGDRLTrainer, make_lm, make_prompts, make_rl_trainer, make_tokenizer, \
-    run_rl_worker
+from helpers import run_worker
+from rl_helpers import RESUME_RUNS, RL_WORKER, Retry, SGDRLTrainer, make_lm, make_prompts, make_rl_trainer, \
+    make_tokenizer
 from test_sampling import BOS, PAD, PROMPTS, VOCAB, model  # noqa: F401 (model: the sampler tests' fixture)
 
 # ---- the turn sampler ----------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_the_batch_trains_the_policy_tokens_only_by_hand():
 ])
 def test_sigkill_in_the_middle_of_an_episode_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, kill,
                                                                               checkpoint):
-    proc = run_rl_worker(tmp_path, "--run", "env", *kill)
+    proc = run_worker(RL_WORKER, "--out", tmp_path, "--run", "env", *kill, check=False)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert committed(tmp_path / "checkpoints")[0].name == checkpoint
     resumed = make_rl_trainer(tmp_path, **RESUME_RUNS["env"])

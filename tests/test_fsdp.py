@@ -2,9 +2,7 @@
 in the format every run writes (full state dicts: `from_pretrained` loads them), an exact resume after SIGKILL, and a
 2-process checkpoint continued in 1 process."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,15 @@ from paperloop import ConfigError, RLConfig, SFTConfig, SFTTrainer
 from paperloop.checkpoint import CheckpointError, committed
 
 from fsdp_worker import SFT_RUN, sft_trainer
+from helpers import run_worker
 from rl_helpers import DDP_RUN, ExactRetry, LayoutFreeEpisodes, make_lm, make_rl_trainer, make_tokenizer
 from sft_helpers import model, sorting_examples, tokenizer
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def torchrun(out, what) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "--out", str(out), "--what", what]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def torchrun(out, what, check=True) -> subprocess.CompletedProcess:
+    return run_worker(WORKER, "--out", out, "--what", what, processes=2, timeout=240, check=check)
 
 
 def weights(trainer) -> dict[str, torch.Tensor]:
@@ -51,7 +48,7 @@ def test_fsdp_matches_one_process_resumes_bitwise_and_continues_in_one_process(t
     assert all(torch.equal(loaded[k], fsdp[k]) for k in fsdp)
 
     # SIGKILL after the checkpoint of step 3, then resume
-    killed = torchrun(tmp_path, "killed")
+    killed = torchrun(tmp_path, "killed", check=False)
     assert killed.returncode != 0
     stopped = tmp_path / "stopped" / "checkpoints"
     assert [p.name for p in committed(stopped)] == ["step-000003"]

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import Regression, ScheduledRegression, make_data, make_model, make_resume_trainer
+from helpers import Regression, ScheduledRegression, StopAt, make_data, make_model, make_resume_trainer
 from paperloop import TrainerConfig
 from paperloop.callbacks import JSONLLogger, LambdaCallback, TensorBoardLogger
-from paperloop.callbacks.guards import checkpoint_and_stop
 from paperloop.callbacks.jsonl import trim
 
 
@@ -119,7 +118,7 @@ def test_a_run_resumed_from_before_where_it_got_writes_each_line_once(tmp_path):
     """The run went on to step 14 past its checkpoint at step 9 (as a run killed at 14 does); resumed from 9,
     it writes steps 10-14 again: each is in the files once, and the files are a straight run's."""
     expected = straight(tmp_path / "straight", **RESUME_CFG)
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 14 and t.request_stop("test"))
+    stop = StopAt(14, resumable=False)
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[stop], **RESUME_CFG).fit()
     assert lines(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 14
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, **RESUME_CFG).fit(
@@ -135,7 +134,7 @@ def test_a_resume_from_before_an_epoch_closed_merges_into_its_last_steps_line(tm
     """A signal at an epoch's last step checkpoints before the epoch closes; the resumed run starts by closing it,
     and its epoch loss joins the step's line instead of starting a second one."""
     expected = straight(tmp_path / "straight", **RESUME_CFG)
-    signal = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 6 and checkpoint_and_stop(t, "signal"))
+    signal = StopAt(6, checkpoint=True, reason="signal")
     make_resume_trainer(tmp_path / "run", callbacks=[signal], cls=RecordingScheduled, **RESUME_CFG).fit()
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, **RESUME_CFG).fit(
         resume=tmp_path / "run" / "checkpoints" / "step-000006")  # taken in the step, before the epoch's close
@@ -145,8 +144,7 @@ def test_a_resume_from_before_an_epoch_closed_merges_into_its_last_steps_line(tm
 
 def test_a_line_torn_by_a_kill_is_dropped_and_the_resume_goes_on(tmp_path):
     expected = straight(tmp_path / "straight", **RESUME_CFG)
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 10
-                          and t.request_stop("test preemption", resumable=True))  # a logged step: no extra line
+    stop = StopAt(10)  # a logged step: no extra line
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[stop], **RESUME_CFG).fit()
     for name in ("metrics", "rollouts"):  # as if killed in the middle of writing a later step's line
         with open(tmp_path / "run" / f"{name}.jsonl", "a") as f:
@@ -204,7 +202,7 @@ def test_a_run_stopped_between_logged_steps_logs_its_last_step_once(tmp_path):
     """A signal at step 9 (not a logged step): the run logs step 9 as it ends, so its curve ends where it stopped;
     the resumed run goes on after it, and the files are a straight run's with that one line more."""
     expected = straight(tmp_path / "straight", **RESUME_CFG)
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 9 and checkpoint_and_stop(t, "signal"))
+    stop = StopAt(9, checkpoint=True, reason="signal")
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[stop], **RESUME_CFG).fit()
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, **RESUME_CFG).fit(resume="latest")
     for name in ("metrics", "rollouts"):
@@ -222,7 +220,7 @@ def test_tensorboard_keeps_the_resume_steps_own_events_and_drops_the_killed_runs
 
     straight_run = tmp_path / "straight"
     make_resume_trainer(straight_run, cls=RecordingScheduled, callbacks=[TensorBoardLogger()], **RESUME_CFG).fit()
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 14 and t.request_stop("test"))
+    stop = StopAt(14, resumable=False)
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[TensorBoardLogger(), stop],
                         **RESUME_CFG).fit()
     make_resume_trainer(tmp_path / "run", cls=RecordingScheduled, callbacks=[TensorBoardLogger()], **RESUME_CFG).fit(

@@ -8,13 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 import paperloop.checkpoint as ckpt
-from helpers import make_resume_trainer
+from helpers import make_resume_trainer, run_worker
 from paperloop.lock import LOCK_NAME, OutputLock, OutputLockError
 
 HOLD = """
@@ -93,21 +92,7 @@ def test_the_lock_is_released_when_fit_raises(tmp_path):
 
 
 def test_the_lock_is_released_after_a_sigterm_the_trainer_handled(tmp_path):
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        from helpers import make_resume_trainer
-        from paperloop.callbacks import LambdaCallback
-        lock = {str(tmp_path / LOCK_NAME)!r}
-        held = []
-        def term(trainer, batch):
-            if trainer.state.global_step == 4:
-                held.append(os.path.exists(lock))
-                os.kill(os.getpid(), signal.SIGTERM)
-        state = make_resume_trainer({str(tmp_path)!r}, callbacks=[LambdaCallback(on_batch_begin=term)]).fit()
-        print(state.stop_reason, held[0], os.path.exists(lock))
-        """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = run_worker(Path(__file__).with_name("lock_worker.py"), "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["signal", "True", "False"]  # held while training, gone after the stop
     assert ckpt.committed(tmp_path / "checkpoints")[0].name == "step-000005"

@@ -5,18 +5,19 @@ import json
 import logging
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
 from paperloop.callbacks import EarlyStopping, LambdaCallback
-from helpers import (Recorder, Regression, assert_bitwise_equal, make_resume_trainer, optimizer_tensors, run_resume_worker,
-                     straight_and_resumed, weights)
+from helpers import (Recorder, Regression, StopAt, assert_bitwise_equal, make_resume_trainer, optimizer_tensors,
+                     run_worker, straight_and_resumed, weights)
 from paperloop import CheckpointError
 
+WORKER = Path(__file__).with_name("resume_worker.py")
 _straight_cache = {}
-run_worker = run_resume_worker
 
 
 def straight(tmp_path_factory, accum=1):
@@ -44,7 +45,7 @@ def assert_same_run(resumed, reference):
     ["--hook", "on_batch_begin", "--step", "23"],  # the last step
 ], ids=["mid-epoch", "epoch-boundary", "epoch-2", "last-step"])
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, where):
-    proc = run_worker(tmp_path, *where)
+    proc = run_worker(WORKER, "--out", tmp_path, *where, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     resumed = make_resume_trainer(tmp_path)
     resumed.fit(resume="latest")
@@ -53,7 +54,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, wh
 
 def test_sigkill_between_micro_batches_with_accumulation(tmp_path, tmp_path_factory):
     # 2 micro-batches a step: call 21 is the second micro-batch of the 11th step, after the first's backward
-    proc = run_worker(tmp_path, "--accum", "2", "--kill-in-call", "21")
+    proc = run_worker(WORKER, "--out", tmp_path, "--accum", "2", "--kill-in-call", "21", check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     resumed = make_resume_trainer(tmp_path, grad_accum_steps=2)
     resumed.fit(resume="latest")
@@ -61,7 +62,7 @@ def test_sigkill_between_micro_batches_with_accumulation(tmp_path, tmp_path_fact
 
 
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, tmp_path_factory, caplog):
-    proc = run_worker(tmp_path, "--crash-in-save", "3")
+    proc = run_worker(WORKER, "--out", tmp_path, "--crash-in-save", "3", check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.committed(folder)] == ["step-000006", "step-000003"]
@@ -72,7 +73,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
 
 
 def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path, tmp_path_factory):
-    proc = run_worker(tmp_path, "--hook", "on_batch_begin", "--step", "7", "--signal", "SIGTERM")
+    proc = run_worker(WORKER, "--out", tmp_path, "--hook", "on_batch_begin", "--step", "7", "--signal", "SIGTERM")
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads(proc.stdout.strip().splitlines()[-1])
     assert state["stop_reason"] == "signal" and state["global_step"] == 8  # the step in flight finished
@@ -305,7 +306,7 @@ def test_artifacts_are_sealed_into_each_checkpoint_and_never_read_back(tmp_path)
 def test_a_changed_lr_on_resume_keeps_the_checkpoints_and_says_so_everywhere(tmp_path, tmp_path_factory, caplog):
     from paperloop.callbacks import TensorBoardLogger
 
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 9 and t.request_stop("x", resumable=True))
+    stop = StopAt(9)
     make_resume_trainer(tmp_path, callbacks=[stop]).fit()  # lr 0.01, weight decay 0
     with caplog.at_level(logging.WARNING):
         resumed = make_resume_trainer(tmp_path, lr=0.5, weight_decay=0.1, callbacks=[TensorBoardLogger()])
@@ -320,7 +321,7 @@ def test_a_changed_lr_on_resume_keeps_the_checkpoints_and_says_so_everywhere(tmp
 def test_a_resume_that_would_change_what_the_run_computes_is_refused_naming_the_key(tmp_path):
     """Another max_grad_norm, shuffle or precision resumes into another run than the one checkpointed: refused
     before anything is loaded, naming the key; what may change (length, logging, checkpoints, validation) does."""
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 5 and t.request_stop("x", resumable=True))
+    stop = StopAt(5)
     make_resume_trainer(tmp_path, callbacks=[stop]).fit()
     for key, value in (("max_grad_norm", 1.0), ("shuffle", False), ("precision", "bf16")):
         other = make_resume_trainer(tmp_path, **{key: value})
@@ -336,7 +337,7 @@ def test_a_resume_that_would_change_what_the_run_computes_is_refused_naming_the_
 def test_a_longer_run_is_refused_when_the_schedule_spans_the_runs_length(tmp_path):
     """A linear schedule built for 10 steps, resumed as a 20-step run, would jump (0.006 at step 5, then 0.007).
     The check follows the schedule the run goes on with, the checkpoint's, not the one this run's config names."""
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 5 and t.request_stop("x", resumable=True))
+    stop = StopAt(5)
     linear = dict(cls=Regression, max_epochs=None, lr_scheduler="linear")
     make_resume_trainer(tmp_path / "linear", max_steps=10, callbacks=[stop], **linear).fit()
     for scheduler in ("linear", "constant"):  # "constant": the run would still go on with the checkpoint's linear

@@ -5,10 +5,7 @@ metrics, and exact resume after SIGKILL (between rollout batches, during generat
 import copy
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,12 +22,12 @@ from paperloop.rl.trainer import disable_dropout
 from paperloop.models.lm import tiny_causal_lm
 from paperloop.lm.data import prompt_ids
 from paperloop.lm.sampling import sample
-from helpers import assert_bitwise_equal, straight_and_resumed, weights
+from helpers import StopAt, assert_bitwise_equal, run_worker, straight_and_resumed, weights
 from paperloop.checkpoint import committed
 
 from rl_helpers import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, digit_reward, first_digit_reward, make_lm,
                         make_prompts, make_rl_trainer,
-                        make_tokenizer, run_rl_worker)
+                        make_tokenizer, RL_WORKER)
 
 # ---- the update against a naive loop ----------------------------------------------------------------------
 
@@ -459,7 +456,7 @@ def assert_same_run(resumed, reference):
     ("dapo", ["--kill-in-generate", "4", "--kill-in-round", "3"], "step-000004"),  # in step 5's third and last
 ])
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory, run, kill, checkpoint):
-    proc = run_rl_worker(tmp_path, "--run", run, *kill)
+    proc = run_worker(RL_WORKER, "--out", tmp_path, "--run", run, *kill, check=False)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert committed(tmp_path / "checkpoints")[0].name == checkpoint
     resumed = make_rl_trainer(tmp_path, **RESUME_RUNS[run])
@@ -474,9 +471,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume_exactly(t
     """token_mean's normalizer (all-reduced) and batch_std's advantages (gathered) both span the processes: 2 x 2
     prompts end where 1 x 4 prompts end. A DDP run stopped with a checkpoint resumes bitwise (each process's own
     sampling stream restored)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).with_name("rl_ddp_worker.py")), "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_worker(Path(__file__).with_name("rl_ddp_worker.py"), "--out", tmp_path, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = load_file(str(tmp_path / "layout_free.safetensors"))
     single = make_rl_trainer(tmp_path / "single", cls=LayoutFreeEpisodes, **DDP_RUN)
@@ -637,7 +632,7 @@ def test_rl_checkpoints_hold_the_tokenizer(tmp_path):
 def test_a_resume_with_other_rewards_prompts_or_sampling_is_refused_naming_what_differs(tmp_path):
     from paperloop import CheckpointError
 
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 2 and t.request_stop("x", resumable=True))
+    stop = StopAt(2)
     make_rl_trainer(tmp_path, callbacks=[stop], max_steps=4, checkpoint_every_steps=2).fit()
 
     def length(prompt, completion, example):

@@ -4,15 +4,13 @@ validation, checkpoints that load with from_pretrained, and bitwise resume after
 
 import logging
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_bitwise_equal, optimizer_tensors, weights
+from helpers import StopAt, assert_bitwise_equal, optimizer_tensors, run_worker, weights
 from paperloop import ConfigError, SFTConfig, SFTTrainer, load_config
 from paperloop.callbacks import LambdaCallback
 from paperloop.plans import epoch_permutation
@@ -305,17 +303,12 @@ def test_checkpoint_writes_no_progress_bar_and_leaves_the_users_setting(tmp_path
     assert hf_logging.is_progress_bar_enabled()
 
 
-def run_worker(out, *args):
-    return subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 # Killed at the start of a step; the last checkpoint (every 2 steps) is mid-epoch 1 (packed: 3 steps an
 # epoch, from step 4; bucketed: 4 steps an epoch, from step 6), so the resume replays a step in the middle.
 @pytest.mark.parametrize("packing,kill_at", [(True, 5), (False, 7)], ids=["packed", "bucketed"])
 def test_sigkill_mid_epoch_with_accumulation_resumes_bitwise(tmp_path, packing, kill_at):
     flags = ["--packing"] if packing else ["--bucket-window", "3"]
-    proc = run_worker(tmp_path / "killed", *flags, "--kill-at", str(kill_at))
+    proc = run_worker(WORKER, "--out", tmp_path / "killed", *flags, "--kill-at", kill_at, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     resumed = sft_worker_trainer(tmp_path / "killed", packing)
     resumed.fit(resume="latest")
@@ -341,7 +334,7 @@ def test_a_resume_with_other_data_tokenizer_or_settings_is_refused_naming_what_d
     from paperloop import CheckpointError
     from paperloop.models import word_level_tokenizer
 
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 3 and t.request_stop("x", resumable=True))
+    stop = StopAt(3)
     make_trainer(tmp_path, n=32, callbacks=[stop], checkpoint_every_steps=3).fit()
     swapped = word_level_tokenizer(list(reversed(tokenizer_vocab())))  # same size, other ids
     cases = {"tokenizer": dict(tokenizer=swapped), "train_data": dict(train_data=sorting_examples(32, seed=9)),

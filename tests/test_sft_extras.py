@@ -2,15 +2,13 @@
 into a plain transformers folder; torch.compile with its compile time kept out of throughput; two processes."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_bitwise_equal, optimizer_tensors, weights
+from helpers import StopAt, assert_bitwise_equal, optimizer_tensors, run_worker, weights
 from paperloop import ConfigError, SFTConfig, SFTTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.cli import main as cli
@@ -105,12 +103,7 @@ def test_the_adapters_initial_weights_follow_the_seed_not_the_global_rng(tmp_pat
 
 
 def test_lora_resumes_bitwise_from_an_adapter_checkpoint(tmp_path):
-    def stop_at_4(trainer, outputs):
-        if trainer.state.global_step == 4:
-            trainer.save_checkpoint()
-            trainer.request_stop("preempted", resumable=True)
-
-    lora_trainer(tmp_path / "stopped", callbacks=[LambdaCallback(on_batch_end=stop_at_4)]).fit()
+    lora_trainer(tmp_path / "stopped", callbacks=[StopAt(4, checkpoint=True)]).fit()
     resumed = lora_trainer(tmp_path / "stopped")
     resumed.fit(resume="latest")
     straight = lora_trainer(tmp_path / "straight")
@@ -193,9 +186,7 @@ WORKER = Path(__file__).with_name("sft_ddp_worker.py")
 
 
 def test_two_processes_match_one_process_padded_and_packed(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_worker(WORKER, "--out", tmp_path, processes=2, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sys.path.insert(0, str(WORKER.parent))
     from sft_ddp_worker import build

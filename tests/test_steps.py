@@ -5,18 +5,21 @@ steps, and the trainer's state as one dict."""
 import logging
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
-from helpers import (Regression, ScheduledRegression, ThreeUpdates, WeightedRegression, assert_bitwise_equal, make_indexed_data,
-                     make_data, make_model, make_resume_trainer, optimizer_tensors, run_resume_worker, sample_weight,
-                     straight_and_resumed, weights)
+from helpers import (Regression, ScheduledRegression, StopAt, ThreeUpdates, WeightedRegression, assert_bitwise_equal,
+                     make_data, make_indexed_data, make_model, make_resume_trainer, optimizer_tensors, run_worker,
+                     sample_weight, straight_and_resumed, weights)
 from paperloop import TrainerConfig
 from paperloop.callbacks import (EarlyStopping, LambdaCallback, ModelCheckpoint, ProgressBar, TensorBoardLogger,
                                  TerminateOnNonFinite, TimeLimit)
 from paperloop.plans import epoch_permutation
+
+RESUME_WORKER = Path(__file__).with_name("resume_worker.py")
 
 # ---- weighted steps ---------------------------------------------------------------------------
 
@@ -100,7 +103,8 @@ def test_three_updates_a_step_count_schedule_log_and_checkpoint_by_step(tmp_path
 
 
 def test_three_updates_a_step_sigkill_then_resume_is_bitwise_identical(tmp_path, tmp_path_factory):
-    proc = run_resume_worker(tmp_path, "--three-updates", "--hook", "on_batch_begin", "--step", "13")
+    proc = run_worker(RESUME_WORKER, "--out", tmp_path, "--three-updates", "--hook", "on_batch_begin", "--step", "13",
+                      check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert ckpt.committed(tmp_path / "checkpoints")[0].name == "step-000012"
     resumed = make_resume_trainer(tmp_path, cls=ThreeUpdates)
@@ -256,7 +260,7 @@ def test_fit_again_after_an_exception_mid_step_drops_the_half_step_and_skips_no_
 
 def test_state_dict_round_trip_in_memory_continues_exactly(tmp_path):
     """Take the state after 7 steps, put it into a fresh trainer, and both go on to the same end."""
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 7 and t.request_stop("x", resumable=True))
+    stop = StopAt(7)
     first = make_resume_trainer(tmp_path / "a", checkpoint_every_steps=None, callbacks=[stop])
     first.fit()
     state = first.state_dict()

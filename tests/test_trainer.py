@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from paperloop.callbacks import LambdaCallback, TerminateOnNonFinite
-from helpers import Regression, assert_bitwise_equal, make_data, make_model, make_resume_trainer, weights
+from paperloop.callbacks import TerminateOnNonFinite
+from helpers import Regression, StopAt, assert_bitwise_equal, make_data, make_model, make_resume_trainer, weights
 from paperloop import BaseTrainer, CheckpointError, ConfigError, TrainerConfig, Weighted
 from paperloop.plans import EpochPlan, epoch_permutation
 
@@ -59,7 +59,7 @@ def test_resume_auto_starts_fresh_or_continues_the_newest_checkpoint(tmp_path):
     """The same command starts a run or continues it: what papers run on every invocation."""
     straight = make_resume_trainer(tmp_path / "straight")
     assert straight.fit(resume="auto").global_step == 24  # nothing there yet: a fresh start
-    stop = LambdaCallback(on_batch_end=lambda t, o: t.state.global_step == 9 and t.request_stop("x", resumable=True))
+    stop = StopAt(9)
     assert make_resume_trainer(tmp_path / "resumed", callbacks=[stop]).fit(resume="auto").interrupted
     resumed = make_resume_trainer(tmp_path / "resumed")
     state = resumed.fit(resume="auto")  # the checkpoint of step 9: continued, not restarted
