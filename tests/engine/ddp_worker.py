@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.support.engine import (ScheduledRegression, StopAt, WeightedRegression, make_data, make_indexed_data,
-                                  make_model)
+from tests.support.callbacks import StopAt
+from tests.support.engine import ScheduledRegression, WeightedRegression, make_data, make_indexed_data, make_model
 from paperloop import TrainerConfig
 from paperloop.callbacks import LambdaCallback
 

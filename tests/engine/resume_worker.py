@@ -9,7 +9,8 @@ import signal
 import torch
 
 import paperloop.checkpoint as ckpt
-from tests.support.engine import KillAt, ScheduledRegression, ThreeUpdates, make_resume_trainer
+from tests.support.callbacks import KillAt
+from tests.support.engine import ScheduledRegression, ThreeUpdates, make_resume_trainer
 
 
 def main():

@@ -24,8 +24,10 @@ import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
-from tests.support.engine import (KillAt, StopAt, assert_bitwise_equal, make_data, make_model, make_resume_trainer,
-                                  optimizer_tensors, run_worker, weights)
+from tests.support.callbacks import KillAt, StopAt
+from tests.support.engine import (assert_bitwise_equal, make_data, make_model, make_resume_trainer, optimizer_tensors,
+                                  weights)
+from tests.support.workers import run_worker
 from paperloop import CheckpointError, ConfigError, TrainerConfig
 from paperloop.callbacks import LambdaCallback, ModelCheckpoint
 from paperloop.config import load_config

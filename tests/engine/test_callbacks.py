@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from paperloop.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, TensorBoardLogger
-from tests.support.engine import Regression, StopAt, make_data, make_model, weights
+from tests.support.callbacks import StopAt
+from tests.support.engine import Regression, make_data, make_model, weights
 from paperloop import TrainerConfig
 
 

@@ -15,7 +15,8 @@ import time
 import pytest
 
 import paperloop.checkpoint as ckpt
-from tests.support.engine import StopAt, make_resume_trainer
+from tests.support.callbacks import StopAt
+from tests.support.engine import make_resume_trainer
 from paperloop import CheckpointError
 from paperloop.callbacks import ModelCheckpoint
 

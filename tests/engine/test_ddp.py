@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.engine import ScheduledRegression, assert_bitwise_equal, make_data, make_model, run_worker, weights
+from tests.support.engine import ScheduledRegression, assert_bitwise_equal, make_data, make_model, weights
+from tests.support.workers import run_worker
 from paperloop import TrainerConfig
 from paperloop.callbacks import LambdaCallback
 

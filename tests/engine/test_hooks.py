@@ -3,7 +3,8 @@
 import pytest
 
 from paperloop.callbacks import LambdaCallback
-from tests.support.engine import Recorder, Regression, make_data, make_model
+from tests.support.callbacks import Recorder
+from tests.support.engine import Regression, make_data, make_model
 from paperloop import TrainerConfig
 
 

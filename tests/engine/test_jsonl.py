@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.engine import Regression, ScheduledRegression, StopAt, make_data, make_model, make_resume_trainer
+from tests.support.callbacks import StopAt
+from tests.support.engine import Regression, ScheduledRegression, make_data, make_model, make_resume_trainer
 from paperloop import TrainerConfig
 from paperloop.callbacks import JSONLLogger, LambdaCallback, TensorBoardLogger
 from paperloop.callbacks.jsonl import trim

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import paperloop.checkpoint as ckpt
-from tests.support.engine import make_resume_trainer, run_worker
+from tests.support.engine import make_resume_trainer
+from tests.support.workers import run_worker
 from paperloop.lock import LOCK_NAME, OutputLock, OutputLockError
 
 HOLD = """

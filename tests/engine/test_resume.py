@@ -12,8 +12,10 @@ import torch
 
 import paperloop.checkpoint as ckpt
 from paperloop.callbacks import EarlyStopping, LambdaCallback
-from tests.support.engine import (Recorder, Regression, StopAt, assert_bitwise_equal, make_resume_trainer,
-                                  optimizer_tensors, run_worker, straight_and_resumed, weights)
+from tests.support.callbacks import Recorder, StopAt
+from tests.support.engine import (Regression, assert_bitwise_equal, make_resume_trainer, optimizer_tensors,
+                                  straight_and_resumed, weights)
+from tests.support.workers import run_worker
 from paperloop import CheckpointError
 
 WORKER = Path(__file__).with_name("resume_worker.py")

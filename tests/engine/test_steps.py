@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
-from tests.support.engine import (Regression, ScheduledRegression, StopAt, ThreeUpdates, WeightedRegression,
+from tests.support.callbacks import StopAt
+from tests.support.engine import (Regression, ScheduledRegression, ThreeUpdates, WeightedRegression,
                                   assert_bitwise_equal, make_data, make_indexed_data, make_model, make_resume_trainer,
-                                  optimizer_tensors, run_worker, sample_weight, straight_and_resumed, weights)
+                                  optimizer_tensors, sample_weight, straight_and_resumed, weights)
+from tests.support.workers import run_worker
 from paperloop import TrainerConfig
 from paperloop.callbacks import (EarlyStopping, LambdaCallback, ModelCheckpoint, ProgressBar, TensorBoardLogger,
                                  TerminateOnNonFinite, TimeLimit)

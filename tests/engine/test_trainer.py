@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from paperloop.callbacks import TerminateOnNonFinite
-from tests.support.engine import (Regression, StopAt, assert_bitwise_equal, make_data, make_model, make_resume_trainer,
-                                  weights)
+from tests.support.callbacks import StopAt
+from tests.support.engine import Regression, assert_bitwise_equal, make_data, make_model, make_resume_trainer, weights
 from paperloop import BaseTrainer, CheckpointError, ConfigError, TrainerConfig, Weighted
 from paperloop.plans import EpochPlan, epoch_permutation
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from paperloop import SFTConfig, SFTTrainer
-from tests.support.engine import KillAt
+from tests.support.callbacks import KillAt
 from tests.support.rl import DDP_RUN, LayoutFreeEpisodes, make_rl_trainer
 from tests.support.lm import model, sorting_examples, tokenizer
 

@@ -6,7 +6,7 @@ import signal
 
 import torch
 
-from tests.support.engine import KillAt
+from tests.support.callbacks import KillAt
 from paperloop import SFTConfig, SFTTrainer
 from paperloop.models import tiny_causal_lm
 from tests.support.lm import VOCAB, sorting_examples, tokenizer

@@ -13,7 +13,7 @@ from paperloop import ConfigError, RLConfig, SFTConfig, SFTTrainer
 from paperloop.checkpoint import CheckpointError, committed
 
 from tests.lm.fsdp_worker import SFT_RUN, sft_trainer
-from tests.support.engine import run_worker
+from tests.support.workers import run_worker
 from tests.support.rl import DDP_RUN, ExactRetry, LayoutFreeEpisodes, make_lm, make_rl_trainer, make_tokenizer
 from tests.support.lm import model, sorting_examples, tokenizer
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.engine import StopAt, assert_bitwise_equal, optimizer_tensors, run_worker, weights
+from tests.support.callbacks import StopAt
+from tests.support.engine import assert_bitwise_equal, optimizer_tensors, weights
+from tests.support.workers import run_worker
 from paperloop import ConfigError, SFTConfig, SFTTrainer, load_config
 from paperloop.callbacks import LambdaCallback
 from paperloop.plans import epoch_permutation

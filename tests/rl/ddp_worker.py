@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.support.engine import StopAt
+from tests.support.callbacks import StopAt
 from tests.support.rl import DDP_DAPO, DDP_ENV, DDP_RUN, LayoutFreeEpisodes, SGDRLTrainer, make_rl_trainer
 
 

@@ -8,7 +8,7 @@ import signal
 
 import torch
 
-from tests.support.engine import KillAt
+from tests.support.callbacks import KillAt
 from tests.support.rl import RESUME_RUNS, Retry, SGDRLTrainer, make_rl_trainer
 
 

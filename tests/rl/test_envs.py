@@ -21,7 +21,7 @@ from paperloop.rl import Episodes
 from paperloop.rl.envs import episode_seed
 from paperloop.rl.rollouts import rollout_batch
 
-from tests.support.engine import run_worker
+from tests.support.workers import run_worker
 from tests.support.rl import RESUME_RUNS, Retry, SGDRLTrainer, make_lm, make_prompts, make_rl_trainer, make_tokenizer
 from tests.lm.test_sampling import BOS, PAD, PROMPTS, VOCAB, model  # noqa: F401 (model: the sampler tests' fixture)
 

@@ -22,7 +22,9 @@ from paperloop.rl.trainer import disable_dropout
 from paperloop.models.lm import tiny_causal_lm
 from paperloop.lm.data import prompt_ids
 from paperloop.lm.sampling import sample
-from tests.support.engine import StopAt, assert_bitwise_equal, run_worker, straight_and_resumed, weights
+from tests.support.callbacks import StopAt
+from tests.support.engine import assert_bitwise_equal, straight_and_resumed, weights
+from tests.support.workers import run_worker
 from paperloop.checkpoint import committed
 
 from tests.support.rl import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, digit_reward,
