@@ -1,5 +1,5 @@
-"""Per-token log-probs and the SFT loss (paperloop.lm.losses) against naive references, and the packing proof:
-each example's loss is the same packed and padded with a model's default config (`use_cache=True`)."""
+"""Per-token log-probs, their entropy and the SFT loss (paperloop.lm.losses) against naive references, and the
+packing proof: each example's loss is the same packed and padded with a model's default config (`use_cache=True`)."""
 
 import pytest
 import torch
@@ -356,3 +356,21 @@ def test_a_model_that_calls_its_output_layer_twice_is_refused_by_name(packing_se
     with pytest.raises(RuntimeError, match=r"TwoHeads calls its output layer 2 times in one forward"):
         forward_logprobs(TwoHeads(model), batch)
     assert not model.lm_head._forward_pre_hooks  # the hook is gone after the error
+
+
+# ------------------------------------------------------------------------------------------ entropy
+
+
+def token_entropy(logits_B_T_V):
+    V = logits_B_T_V.shape[-1]
+    targets_N = torch.zeros(logits_B_T_V.shape[:-1], dtype=torch.long).reshape(-1)
+    return chunked_scores(logits_B_T_V.reshape(-1, V), targets_N, entropy="detached")[1].view(logits_B_T_V.shape[:-1])
+
+
+def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(token_entropy(logits), expected)
+    monkeypatch.setattr("paperloop.lm.losses.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
+    torch.testing.assert_close(token_entropy(logits.bfloat16()), torch.distributions.Categorical(
+        logits=logits.bfloat16().float()).entropy())

@@ -1,17 +1,19 @@
-"""paperloop.sampling: the KV-cached sampling loop that draws only from the caller's torch.Generator.
+"""paperloop.lm.sampling: the KV-cached sampling loop that draws only from the caller's torch.Generator, and the
+turn sampler that multi-turn episodes continue from one turn to the next.
 
 Checked against transformers' own greedy `generate`, a full no-grad forward (log-probs), exact softmax
 probabilities (empirical token frequencies), and by hand (EOS stopping, padding, grouping).
 """
 
 import copy
+import random
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from paperloop.lm.sampling import GrowingLayer, cache_argument, draw, sample, top_p_filter
+from paperloop.lm.sampling import GrowingLayer, TurnSampler, cache_argument, draw, sample, top_p_filter
 
 VOCAB, PAD, BOS = 50, 0, 1
 NEVER = VOCAB  # an EOS id outside the vocabulary: no row ever stops
@@ -307,3 +309,66 @@ def test_a_template_that_ignores_the_generation_prompt_still_stops_at_its_end_of
         ids = default_stop_token_ids(tok, None)
     assert tok.convert_tokens_to_ids("<|end|>") in ids and tok.eos_token_id in ids
     assert "ignores add_generation_prompt" in caplog.text
+
+
+# ---- the turn sampler ----------------------------------------------------------------------------------------
+
+
+def test_a_first_turn_is_the_single_turn_sample(model):
+    """Same generator, same draws: distinct prompts, and a group's repeated prompt (prefilled once)."""
+    for prompts, group in ((PROMPTS, 1), ([p for p in PROMPTS for _ in range(3)], 3)):
+        single = sample(model, PROMPTS, group, 10, generator=torch.Generator().manual_seed(1), eos_token_id=[3, 4, 5],
+                        pad_token_id=PAD)
+        turn = TurnSampler(model, prompts, generator=torch.Generator().manual_seed(1), eos_token_id=[3, 4, 5],
+                           pad_token_id=PAD).sample(10)
+        assert turn.completions() == single.completions()
+        assert torch.equal(turn.logprobs_N_L, single.logprobs_N_L)
+
+
+def test_later_turns_continue_the_cache_exactly_as_a_full_forward_of_the_transcript(model):
+    """Rows end at different turns, observations of 0 to 3 tokens: in float64 every action token's log-prob equals
+    the one a forward of the whole transcript gives (to rounding), so cache, mask and positions are right."""
+    model = copy.deepcopy(model).double()
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    sampler = TurnSampler(model, prompts, generator=torch.Generator().manual_seed(2), temperature=0.8,
+                          eos_token_id=[3, 4, 5, 6], pad_token_id=PAD)
+    transcripts, logprobs = [list(p) for p in prompts], [[None] * len(p) for p in prompts]
+    rng, ended, lengths = random.Random(0), [], set()
+    for turn in range(4):
+        actions = sampler.sample(6)
+        going, observations = [], []
+        for r, n in enumerate(sampler.rows):
+            action = actions.completions()[r]
+            transcripts[n] += action
+            logprobs[n] += actions.logprobs_N_L[r, :len(action)].tolist()
+            if turn < 3 and (n, turn) not in ((1, 1), (4, 0)):
+                observation = [rng.randrange(7, VOCAB) for _ in range(rng.randrange(4))]
+                lengths.add(len(observation))
+                transcripts[n] += observation
+                logprobs[n] += [None] * len(observation)
+                going.append(n)
+                observations.append(observation)
+            else:
+                ended.append(n)
+        sampler.keep(going)
+        if not going:
+            break
+        sampler.extend(observations)
+    assert lengths == {0, 1, 2, 3} and len(set(len(t) for t in transcripts)) > 1
+    worst = 0.0
+    for tokens, expected in zip(transcripts, logprobs):
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([tokens])).logits[0, :-1] / 0.8, dim=-1)
+        for i, value in enumerate(expected[1:], start=1):
+            if value is not None:
+                worst = max(worst, abs(full[i - 1, tokens[i]].item() - value))
+    assert worst < 1e-12
+
+
+def test_keep_refuses_rows_that_are_not_live(model):
+    sampler = TurnSampler(model, PROMPTS, generator=torch.Generator(), eos_token_id=3, pad_token_id=PAD)
+    sampler.sample(2)
+    with pytest.raises(ValueError, match="subsequence"):
+        sampler.keep([2, 0])
+    with pytest.raises(ValueError, match="observations"):
+        sampler.extend([[5]])

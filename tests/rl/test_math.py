@@ -609,3 +609,14 @@ def test_group_spread_marks_the_groups_that_teach():
     rewards = torch.tensor([1.0, 1, 0, 1, 0.5, 0.5, 0, 0])
     assert group_spread(rewards, 2).tolist() == [False, True, False, False]
     assert group_spread(rewards, 4).tolist() == [True, True]
+
+
+def test_the_entropy_threshold_is_torch_quantile_and_takes_more_than_its_2_24_elements():
+    from paperloop.rl.losses import linear_quantile
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        values = torch.rand(n, generator=g, dtype=torch.float64)
+        for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+            torch.testing.assert_close(linear_quantile(values, q), torch.quantile(values, q), rtol=0, atol=1e-15)
+    many = torch.arange(2 ** 24 + 1, dtype=torch.float32)  # torch.quantile refuses this many
+    assert float(linear_quantile(many, 0.75)) == 0.75 * 2 ** 24

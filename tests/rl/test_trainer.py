@@ -16,7 +16,6 @@ from paperloop import CheckpointError, RLConfig, RLTrainer
 from paperloop.callbacks import LambdaCallback
 from paperloop.config import ConfigError
 from paperloop.plans import epoch_permutation
-from paperloop.lm.losses import chunked_scores
 from paperloop.rl import Episodes, rollout_batch, split_rows
 from paperloop.rl.trainer import disable_dropout
 from paperloop.models.lm import tiny_causal_lm
@@ -237,21 +236,6 @@ def test_rollout_batch_aligns_completions_weights_and_sampling_logprobs_by_hand(
     assert short["input_ids"].tolist() == [[1, 5, 6]] and short["advantages"].tolist() == [-1.0]
 
 
-def token_entropy(logits_B_T_V):
-    V = logits_B_T_V.shape[-1]
-    targets_N = torch.zeros(logits_B_T_V.shape[:-1], dtype=torch.long).reshape(-1)
-    return chunked_scores(logits_B_T_V.reshape(-1, V), targets_N, entropy="detached")[1].view(logits_B_T_V.shape[:-1])
-
-
-def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
-    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
-    expected = torch.distributions.Categorical(logits=logits).entropy()
-    torch.testing.assert_close(token_entropy(logits), expected)
-    monkeypatch.setattr("paperloop.lm.losses.CHUNK_ELEMENTS", 23)  # two rows of 11 per chunk
-    torch.testing.assert_close(token_entropy(logits.bfloat16()), torch.distributions.Categorical(
-        logits=logits.bfloat16().float()).entropy())
-
-
 # ---- configuration and inputs -------------------------------------------------------------------------------
 
 
@@ -273,17 +257,6 @@ def test_token_entropy_matches_categorical_and_chunks(monkeypatch):
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         RLConfig(batch_size=4, **overrides)
-
-
-def test_the_entropy_threshold_is_torch_quantile_and_takes_more_than_its_2_24_elements():
-    from paperloop.rl.losses import linear_quantile
-    g = torch.Generator().manual_seed(0)
-    for n in (1, 2, 7, 1000):
-        values = torch.rand(n, generator=g, dtype=torch.float64)
-        for q in (0.0, 0.2, 0.5, 0.8, 1.0):
-            torch.testing.assert_close(linear_quantile(values, q), torch.quantile(values, q), rtol=0, atol=1e-15)
-    many = torch.arange(2 ** 24 + 1, dtype=torch.float32)  # torch.quantile refuses this many
-    assert float(linear_quantile(many, 0.75)) == 0.75 * 2 ** 24
 
 
 def test_reward_function_errors_name_the_function_and_the_example(tmp_path):
