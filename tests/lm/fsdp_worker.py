@@ -1,8 +1,8 @@
-"""Run under torchrun by test_fsdp.py: FSDP2 (strategy="fsdp") on 2 CPU processes (gloo).
+"""Run under torchrun by test_fsdp.py: SFT with FSDP2 (strategy="fsdp") on 2 CPU processes (gloo).
 
-    --what sft        SFT, AdamW in float64 (float32 Adam amplifies last-bit differences of tiny gradients near its
-                     eps), a checkpoint every 3 steps, straight through; and RL with per-prompt seeded sampling
-    --what killed     the same SFT run, SIGKILLed on rank 0 at step 4 (after the checkpoint of step 3)
+    --what sft        AdamW in float64 (float32 Adam amplifies last-bit differences of tiny gradients near its eps),
+                     a checkpoint every 3 steps, straight through
+    --what killed     the same run, SIGKILLed on rank 0 at step 4 (after the checkpoint of step 3)
     --what resumed    that run resumed from its latest checkpoint
 
 Rank 0 writes each run's final weights. The processes then leave with os._exit: a gloo FSDP process sometimes
@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from paperloop import SFTConfig, SFTTrainer
 from tests.support.callbacks import KillAt
-from tests.support.rl import DDP_RUN, LayoutFreeEpisodes, make_rl_trainer
 from tests.support.lm import model, sorting_examples, tokenizer
 
 SFT_RUN = dict(max_length=24, batch_size=8, max_epochs=2, lr=3e-3, checkpoint_every_steps=3)
@@ -48,16 +47,17 @@ def main():
         t = sft_trainer(out / "straight", 2, strategy="fsdp")
         t.fit()
         write_weights(t, out / "straight.safetensors")
-        rl = make_rl_trainer(out / "rl", cls=LayoutFreeEpisodes, strategy="fsdp",
-                             **{**DDP_RUN, "batch_size": DDP_RUN["batch_size"] // 2})
-        rl.fit()
-        write_weights(rl, out / "rl.safetensors")
     elif args.what == "killed":
         sft_trainer(out / "stopped", 2, callbacks=[KillAt(4, "on_batch_end", rank=0)], strategy="fsdp").fit()
     else:
         t = sft_trainer(out / "stopped", 2, strategy="fsdp")
         t.fit(resume="latest")
         write_weights(t, out / "resumed.safetensors")
+    leave()
+
+
+def leave() -> None:
+    """Wait for every process, then exit without the interpreter's teardown (see above)."""
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
