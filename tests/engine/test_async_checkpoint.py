@@ -1,21 +1,14 @@
 """Async checkpoint saves (`async_checkpoint=True`): the files a synchronous save writes, an exact resume
 from checkpoints written while training went on, a failed background write stops the run with its error,
 fit() returns only once its last checkpoint is committed, at most one write in flight, and a SIGKILL in the
-middle of a background write loses nothing that was committed.
+middle of a background write loses nothing that was committed (async_checkpoint_worker.py, in a subprocess)."""
 
-Run as a script, this file is the worker that the SIGKILL, SIGTERM and DDP tests start in a subprocess:
-    python -m tests.engine.test_async_checkpoint --out DIR [--hang-in-save N] [--step S --signal SIGKILL]
-"""
-
-import argparse
 import errno
 import hashlib
 import json
 import logging
 import re
 import shutil
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,15 +17,14 @@ import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
-from tests.support.callbacks import KillAt, StopAt
-from tests.support.engine import (assert_bitwise_equal, make_data, make_model, make_resume_trainer, optimizer_tensors,
-                                  weights)
+from tests.engine.async_checkpoint_worker import ASYNC, before, in_writer_thread
+from tests.support.engine import assert_bitwise_equal, make_resume_trainer, optimizer_tensors, weights
 from tests.support.workers import run_worker
 from paperloop import CheckpointError, ConfigError, TrainerConfig
-from paperloop.callbacks import LambdaCallback, ModelCheckpoint
+from paperloop.callbacks import LambdaCallback
 from paperloop.config import load_config
 
-ASYNC = dict(async_checkpoint=True)
+WORKER = Path(__file__).with_name("async_checkpoint_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +47,6 @@ def assert_same_run(resumed, reference):
 def step_of(directory: Path) -> int:
     """The step of the checkpoint being written in `directory` (its temporary `.step-000009.tmp-PID`)."""
     return int(re.search(r"step-(\d+)", directory.name)[1])
-
-
-def before(hook, write):
-    """`write` (save_weights(model, directory) or save_state(directory, state)) with `hook(directory)` run
-    first, in whichever thread writes."""
-    def wrapped(*args):
-        hook(next(a for a in args if isinstance(a, Path)))
-        return write(*args)
-    return wrapped
-
-
-def in_writer_thread() -> bool:
-    return threading.current_thread() is not threading.main_thread()
 
 
 def join_writers() -> None:
@@ -347,7 +326,7 @@ def test_a_save_outside_a_hook_is_committed_when_it_returns(tmp_path, monkeypatc
 def test_sigkill_during_a_background_write_keeps_the_committed_ones_and_resumes_bitwise(tmp_path, straight, caplog):
     # The third save (step 9) hangs half-written in its thread while training goes on; SIGKILL before step 12.
     # keep_last=1: step 6 must stay until step 9 is committed, though the lists already name 9 the one kept.
-    proc = run_worker(__file__, "--out", tmp_path, "--hang-in-save", "3", "--keep-last", "1", "--step", "11",
+    proc = run_worker(WORKER, "--out", tmp_path, "--hang-in-save", "3", "--keep-last", "1", "--step", "11",
                       check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "checkpoints"
@@ -362,7 +341,7 @@ def test_sigkill_during_a_background_write_keeps_the_committed_ones_and_resumes_
 
 
 def test_sigterm_commits_the_async_checkpoint_before_fit_returns(tmp_path, straight):
-    proc = run_worker(__file__, "--out", tmp_path, "--slow-writes", "0.5", "--step", "7", "--signal", "SIGTERM")
+    proc = run_worker(WORKER, "--out", tmp_path, "--slow-writes", "0.5", "--step", "7", "--signal", "SIGTERM")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["state"]["stop_reason"] == "signal" and report["state"]["global_step"] == 8
@@ -376,7 +355,7 @@ def test_sigterm_commits_the_async_checkpoint_before_fit_returns(tmp_path, strai
 
 
 def torchrun(out, *args) -> list[dict]:
-    run_worker(__file__, "--ddp", "--out", out, *args, processes=2, timeout=180)
+    run_worker(WORKER, "--ddp", "--out", out, *args, processes=2, timeout=180)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -389,63 +368,3 @@ def test_ddp_async_saves_are_committed_for_every_process_and_resume_exactly(tmp_
     resumed = torchrun(tmp_path / "resumed", "--resume")
     assert resumed[0]["weights"] == straight_ranks[0]["weights"]  # bitwise: float lists compared exactly
     assert resumed[0]["state"]["train_loss_history"] == straight_ranks[0]["state"]["train_loss_history"]
-
-
-# ---- the worker -------------------------------------------------------------------------------------------
-
-
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--hang-in-save", type=int, help="the Nth background write stops half-written, forever")
-    p.add_argument("--slow-writes", type=float, default=0.0, help="seconds each background write sleeps first")
-    p.add_argument("--keep-last", type=int, default=3)
-    p.add_argument("--step", type=int, help="send --signal at on_batch_begin of this global_step")
-    p.add_argument("--signal", default="SIGKILL")
-    p.add_argument("--ddp", action="store_true", help="under torchrun: the DDP fixture of tests/engine/ddp_worker.py")
-    p.add_argument("--stop-at", type=int)
-    p.add_argument("--resume", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    writes, hanging = [], threading.Event()
-
-    def hang_or_sleep(directory):
-        if not in_writer_thread():
-            return
-        writes.append(directory)
-        time.sleep(args.slow_writes)
-        if len(writes) == args.hang_in_save:  # the weights are written; the state is not, and never will be
-            hanging.set()
-            threading.Event().wait()
-
-    ckpt.save_state = before(hang_or_sleep, ckpt.save_state)
-    callbacks = [ModelCheckpoint(every_n_steps=3, every_n_epochs=None, keep_last=args.keep_last)]
-    if args.hang_in_save:  # the signal comes while the writer hangs (a sync write never does: 10 s, then on)
-        callbacks.append(LambdaCallback(on_batch_begin=lambda t, s: t.state.global_step == args.step
-                                        and hanging.wait(timeout=10)))
-    if args.step is not None:
-        callbacks.append(KillAt(args.step, "on_batch_begin", getattr(signal, args.signal)))
-    if args.ddp:
-        return ddp_main(args, callbacks)
-    t = make_resume_trainer(args.out, callbacks=callbacks, **ASYNC)
-    state = t.fit()
-    committed = [p.name for p in ckpt.committed(t.checkpoint_dir)]
-    print(json.dumps({"state": state.to_dict(), "committed_when_fit_returned": committed}))
-
-
-def ddp_main(args, callbacks):
-    from tests.support.engine import ScheduledRegression
-
-    if args.stop_at:
-        callbacks.append(StopAt(args.stop_at))
-    cfg = TrainerConfig(max_epochs=3, batch_size=4, lr=0.01, output_dir=args.out, **ASYNC)
-    t = ScheduledRegression(make_model(dropout=0.0), cfg, train_data=make_data(48), val_data=make_data(20),
-                            callbacks=callbacks)
-    state = t.fit(resume="latest" if args.resume else None)
-    report = {"state": state.to_dict(), "committed_when_fit_returned": [p.name for p in ckpt.committed(t.checkpoint_dir)],
-              "weights": {k: v.flatten().tolist() for k, v in t.unwrapped_model.state_dict().items()}}
-    (Path(args.out) / f"rank{t.rank}.json").write_text(json.dumps(report))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
