@@ -7,10 +7,10 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import make_resume_trainer
+from tests.support.engine import make_resume_trainer
 from paperloop.callbacks import LambdaCallback, TensorBoardLogger
-from rl_helpers import make_prompts, make_rl_trainer
-from sft_helpers import sorting_examples
+from tests.support.rl import make_prompts, make_rl_trainer
+from tests.support.lm import sorting_examples
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ONLY_WITH = {"time/compile_s"}  # written with compile=True only: the compile test checks it
@@ -60,7 +60,7 @@ def test_every_metric_written_is_documented_once_and_every_documented_one_is_wri
 
 def _sft(out):
     from paperloop import SFTConfig, SFTTrainer
-    from sft_helpers import model, tokenizer
+    from tests.support.lm import model, tokenizer
 
     config = SFTConfig(max_length=24, batch_size=8, max_epochs=1, output_dir=str(out), eval_max_new_tokens=4)
     return SFTTrainer(model(), config, tokenizer=tokenizer(), train_data=sorting_examples(16),
@@ -69,7 +69,7 @@ def _sft(out):
 
 def _rl_env(out):
     """A multi-turn environment: its turns, its share of the transcript, its steps' own metrics."""
-    from rl_helpers import Retry
+    from tests.support.rl import Retry
     trainer = make_rl_trainer(out, max_steps=2, env=Retry, max_turns=2)
     trainer.val_data = make_prompts(4, seed=3)
     return trainer

@@ -2,7 +2,7 @@
 in order in one script; the language-model sections' blocks (SFT, GRPO, a custom RL step) run in order in another
 with fewer steps: they print what the README says, the SFT loss falls, and the custom REINFORCE step makes the
 update of the textbook estimator. (That RL raises accuracy takes longer than a test: the README gives the
-measured numbers; test_rl_trainer checks the updates against the papers' formulas.)"""
+measured numbers; tests/rl/test_trainer.py checks the updates against the papers' formulas.)"""
 
 import json
 import re
