@@ -39,17 +39,24 @@ def reaches(found: set[str], room: str) -> set[str]:
     return {name for name in found if name == room or name.startswith(room + ".")}
 
 
-def test_the_engine_imports_no_room_and_lm_does_not_import_rl():
+ROOMS = ("paperloop.lm", "paperloop.rl", "paperloop.preference")
+
+
+def test_the_engine_imports_no_room_lm_imports_neither_rl_nor_preference_and_those_not_each_other():
     for path in sorted(PACKAGE.glob("*.py")):
-        for room in ("paperloop.lm", "paperloop.rl"):
+        for room in ROOMS:
             allowed = LAZY_EXCEPTIONS.get(path.name, "-")
             for name in reaches(imports(path, "paperloop"), room) - reaches(imports(path, "paperloop"), allowed):
                 raise AssertionError(f"engine module {path.name} imports {name}")
-    for path in sorted((PACKAGE / "lm").glob("*.py")):
-        assert not reaches(imports(path, "paperloop.lm"), "paperloop.rl"), f"lm/{path.name} imports the rl room"
+    for folder, forbidden in (("lm", ("paperloop.rl", "paperloop.preference")), ("rl", ("paperloop.preference",)),
+                              ("preference", ("paperloop.rl",))):
+        for path in sorted((PACKAGE / folder).glob("*.py")):
+            found = imports(path, f"paperloop.{folder}")
+            for room in forbidden:
+                assert not reaches(found, room), f"{folder}/{path.name} imports {room}"
     for path in sorted((ROOT / "callbacks").glob("*.py")):
         found = imports(path, "paperloop.callbacks")
-        assert not reaches(found, "paperloop.lm") | reaches(found, "paperloop.rl"), f"callbacks/{path.name}"
+        assert not any(reaches(found, room) for room in ROOMS), f"callbacks/{path.name}"
 
 
 def test_the_checker_sees_an_import_against_the_grain(tmp_path):
@@ -63,7 +70,7 @@ def test_the_checker_sees_an_import_against_the_grain(tmp_path):
 
 
 def test_the_rooms_are_folders_and_the_root_stays_small():
-    assert (PACKAGE / "lm" / "__init__.py").is_file() and (PACKAGE / "rl" / "__init__.py").is_file()
+    assert all((PACKAGE / room / "__init__.py").is_file() for room in ("lm", "rl", "preference"))
     assert len(list(PACKAGE.glob("*.py"))) <= 15  # the engine, and envs.py: the short name of rl.envs
 
 
@@ -112,10 +119,10 @@ def test_the_checker_sees_a_language_model_behind_a_lazy_import_or_sys_modules(t
 def test_checkpoints_of_a_model_that_is_no_language_model_import_neither_transformers_nor_peft(tmp_path):
     """In a fresh interpreter: `import paperloop.checkpoint`, then a run that saves (in the background too) and
     resumes; neither import is made on the way."""
-    code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
             "import paperloop.checkpoint\n"
             "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n"
-            "from helpers import make_resume_trainer\n"
+            "from tests.support.engine import make_resume_trainer\n"
             f"make_resume_trainer({str(tmp_path)!r}, max_epochs=1, async_checkpoint=True).fit()\n"
             f"make_resume_trainer({str(tmp_path)!r}, max_epochs=2).fit(resume='latest')\n"
             "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n")

@@ -10,8 +10,8 @@ import pytest
 from paperloop.callbacks import LambdaCallback
 from paperloop.envs import Env, StepResult
 
-from rl_helpers import Retry, make_rl_trainer
-from test_envs import Faulty
+from tests.support.rl import Retry, make_rl_trainer
+from tests.rl.test_envs import Faulty
 
 
 def test_an_observation_that_would_pass_the_context_truncates_its_episode_and_the_run_goes_on(tmp_path, caplog):

@@ -11,8 +11,8 @@ from paperloop.config import ConfigError
 from paperloop.plans import epoch_permutation
 from paperloop.preference import DPOConfig, tokenize_pairs
 
-from dpo_helpers import SGDDPOTrainer, make_dpo, make_pairs
-from rl_helpers import make_lm, make_tokenizer
+from tests.support.preference import SGDDPOTrainer, make_dpo, make_pairs
+from tests.support.rl import make_lm, make_tokenizer
 
 
 def sequence_logps(model, prompt: str, completion: str, tok) -> tuple[torch.Tensor, int]:

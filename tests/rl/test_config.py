@@ -10,7 +10,7 @@ from paperloop.callbacks import JSONLLogger
 from paperloop.config import ConfigError
 from paperloop.rl import POLICY_LOSSES, loss_traits, register_policy_loss
 
-from rl_helpers import make_rl_trainer
+from tests.support.rl import make_rl_trainer
 
 
 @pytest.mark.parametrize("settings, key", [

@@ -1,7 +1,7 @@
 """Writes trl_preference_reference.json: TRL's preference losses and their gradients on fixed inputs, which
 test_preference_losses.py matches (so the tests run without TRL). Run where TRL is installed (the `bench` extra):
 
-    python tests/new/make_trl_reference.py          # TRL 1.16.0 made the file in the repository
+    python tests/preference/make_trl_reference.py     # TRL 1.16.0 made the file in the repository
 
 TRL's DPOTrainer computes its losses inside `_compute_loss`, from the model's per-token log-probs: a stand-in model
 returns fixed ones (a leaf tensor, for the gradient), and a stand-in trainer holds the settings `_compute_loss` reads.

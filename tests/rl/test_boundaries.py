@@ -1,7 +1,6 @@
 """Behaviours a mutation pass broke without a test failing (issue 26): validation episodes independent of the training
 step, boundaries (a transcript that exactly fits, a result of exactly max_chars, dynamic sampling stopping as soon as
-it can), a soft-capped model's temperature, a stop token drawn at a turn's last step, the output layer's gradient
-without an entropy, CISPO's detached weight."""
+it can), a soft-capped model's temperature, a stop token drawn at a turn's last step, CISPO's detached weight."""
 
 import math
 
@@ -10,11 +9,10 @@ import torch
 
 from paperloop.callbacks import LambdaCallback
 from paperloop.envs import Env, StepResult
-from paperloop.lm.losses import chunked_scores
 from paperloop.rl import policy_loss
 from paperloop.rl.tools import run_tool
 
-from rl_helpers import Retry, first_digit_reward, make_prompts, make_rl_trainer, make_tokenizer
+from tests.support.rl import Retry, first_digit_reward, make_prompts, make_rl_trainer, make_tokenizer
 
 
 def test_cispo_weight_is_detached_below_the_cap_too():
@@ -24,36 +22,6 @@ def test_cispo_weight_is_detached_below_the_cap_too():
     loss, _ = policy_loss(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([1.0]), torch.ones(1, 1),
                           loss="cispo")
     assert torch.autograd.grad(loss, logp)[0].item() == pytest.approx(-1.1)
-
-
-def test_the_output_layers_gradient_without_an_entropy_is_the_full_logits():
-    """Every SFT step's path: log-probs alone, no entropy asked; float64, chunks of 3 rows."""
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    head = torch.nn.Linear(5, 11, dtype=torch.float64)
-    targets = torch.randint(0, 11, (7,), generator=g)
-
-    class Logits:
-        def __init__(self, head):
-            self.head, self.vocabulary, self.scale, self.softcap = head, 11, 1.0, None
-
-        def __call__(self, h):
-            return self.head(h)
-
-    import paperloop.lm.losses as losses
-    old, losses.CHUNK_ELEMENTS = losses.CHUNK_ELEMENTS, 33
-    try:
-        logprobs, entropy, greedy = chunked_scores(hidden, targets, Logits(head), temperature=0.7)
-    finally:
-        losses.CHUNK_ELEMENTS = old
-    assert entropy is None and greedy is None
-    full = torch.log_softmax(head(hidden) / 0.7, dim=-1).gather(1, targets[:, None])[:, 0]
-    upstream = torch.randn(7, dtype=torch.float64, generator=g)
-    ours = torch.autograd.grad((logprobs * upstream).sum(), [hidden, head.weight, head.bias])
-    theirs = torch.autograd.grad((full * upstream).sum(), [hidden, head.weight, head.bias])
-    torch.testing.assert_close(logprobs, full, rtol=0, atol=1e-12)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_a_soft_capped_model_is_scored_at_the_temperature_it_was_sampled_at(tmp_path):

@@ -1,11 +1,12 @@
 """The output layer check: a forward that changes its logits in a way the chunked scoring does not know is refused,
-however small the change (a scale of 1.009 trained on log-probs 0.29 nats off) and at whichever position."""
+however small the change (a scale of 1.009 trained on log-probs 0.29 nats off) and at whichever position; and the
+output layer's gradient when no entropy is asked (every SFT step's path)."""
 
 import pytest
 import torch
 
 from paperloop.lm.data import pad_batch, tokenize_examples
-from paperloop.lm.losses import forward_logprobs
+from paperloop.lm.losses import chunked_scores, forward_logprobs
 from paperloop.models import tiny_causal_lm, word_level_tokenizer
 
 
@@ -49,3 +50,33 @@ def test_an_unchanged_forward_passes_in_float32_and_bfloat16(batch_and_model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         forward_logprobs(Changed(tiny_causal_lm(model.config.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
                                                 initializer_range=0.5), 1.0, 0), batch)
+
+
+def test_the_output_layers_gradient_without_an_entropy_is_the_full_logits():
+    """Every SFT step's path: log-probs alone, no entropy asked; float64, chunks of 3 rows."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    head = torch.nn.Linear(5, 11, dtype=torch.float64)
+    targets = torch.randint(0, 11, (7,), generator=g)
+
+    class Logits:
+        def __init__(self, head):
+            self.head, self.vocabulary, self.scale, self.softcap = head, 11, 1.0, None
+
+        def __call__(self, h):
+            return self.head(h)
+
+    import paperloop.lm.losses as losses
+    old, losses.CHUNK_ELEMENTS = losses.CHUNK_ELEMENTS, 33
+    try:
+        logprobs, entropy, greedy = chunked_scores(hidden, targets, Logits(head), temperature=0.7)
+    finally:
+        losses.CHUNK_ELEMENTS = old
+    assert entropy is None and greedy is None
+    full = torch.log_softmax(head(hidden) / 0.7, dim=-1).gather(1, targets[:, None])[:, 0]
+    upstream = torch.randn(7, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad((logprobs * upstream).sum(), [hidden, head.weight, head.bias])
+    theirs = torch.autograd.grad((full * upstream).sum(), [hidden, head.weight, head.bias])
+    torch.testing.assert_close(logprobs, full, rtol=0, atol=1e-12)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

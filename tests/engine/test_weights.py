@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import paperloop.checkpoint as ckpt
-from helpers import ScheduledRegression, assert_bitwise_equal, make_resume_trainer, weights
+from tests.support.engine import ScheduledRegression, assert_bitwise_equal, make_resume_trainer, weights
 from paperloop import CheckpointError
 from paperloop.callbacks import LambdaCallback
 

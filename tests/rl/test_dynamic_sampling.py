@@ -5,7 +5,7 @@ import torch
 
 from paperloop.callbacks import LambdaCallback
 
-from rl_helpers import first_digit_reward, make_rl_trainer
+from tests.support.rl import first_digit_reward, make_rl_trainer
 
 # 16 prompts, 4 a step: an epoch is 4 steps, and about 3 groups in 10 have a spread at the start, so most steps need
 # more rounds than the epoch has left

@@ -8,7 +8,7 @@ import torch
 
 from paperloop.preference import DPOConfig, DPOTrainer
 
-from rl_helpers import make_lm, make_tokenizer
+from tests.support.rl import make_lm, make_tokenizer
 
 
 def make_pairs(n: int = 16, seed: int = 0) -> list[dict]:
