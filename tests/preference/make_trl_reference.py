@@ -5,7 +5,8 @@ test_preference_losses.py matches (so the tests run without TRL). Run where TRL 
 
 TRL's DPOTrainer computes its losses inside `_compute_loss`, from the model's per-token log-probs: a stand-in model
 returns fixed ones (a leaf tensor, for the gradient), and a stand-in trainer holds the settings `_compute_loss` reads.
-SimPO is CPOTrainer's `cpo_loss`, on length-averaged log-probs."""
+SimPO is CPOTrainer's `cpo_loss`, on length-averaged log-probs. The reward model's loss is RewardTrainer's
+`compute_loss`, on fixed rewards (a stand-in model returns them), with margins and centring."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 import trl
-from trl import DPOTrainer
+from trl import DPOTrainer, RewardTrainer
 from trl.experimental.cpo import CPOTrainer
 
 P, L = 4, 6  # pairs, positions
@@ -69,6 +70,21 @@ def trl_simpo(beta: float, gamma: float, label_smoothing: float) -> tuple[float,
     return loss.item(), torch.autograd.grad(loss, per_token)[0].tolist()
 
 
+REWARDS = (2 * torch.rand(2 * P, generator=g, dtype=torch.float64) - 1).tolist()  # chosen rows, then rejected
+MARGINS = [0.0, 0.5, -0.25, 1.0]
+
+
+def trl_reward(center: float) -> tuple[float, list]:
+    rewards = torch.tensor(REWARDS, dtype=torch.float64, requires_grad=True)
+    model = lambda **kwargs: SimpleNamespace(logits=rewards[:, None])  # noqa: E731
+    accelerator = SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x)
+    fake = SimpleNamespace(model=SimpleNamespace(training=True), args=SimpleNamespace(center_rewards_coefficient=center),
+                           accelerator=accelerator, _metrics={"train": Metrics()}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"margin": torch.tensor(MARGINS, dtype=torch.float64), "attention_mask": torch.ones(2 * P, 3)}
+    loss = RewardTrainer.compute_loss(fake, model, inputs)
+    return loss.item(), torch.autograd.grad(loss, rewards)[0].tolist()
+
+
 if __name__ == "__main__":
     reference = {"trl": trl.__version__, "per_token": PER_TOKEN, "mask": MASK, "ref_chosen": REF_CHOSEN,
                  "ref_rejected": REF_REJECTED, "cases": {}}
@@ -78,5 +94,11 @@ if __name__ == "__main__":
     loss, grad = trl_simpo(2.0, 0.8, 0.1)
     reference["cases"]["simpo"] = {"loss_type": ["simpo"], "beta": 2.0, "simpo_gamma": 0.8, "label_smoothing": 0.1,
                                    "loss": loss, "grad": grad}
+    reference["rewards"], reference["margins"] = REWARDS, MARGINS
+    for center in (0.0, 0.01):
+        loss, grad = trl_reward(center)
+        reference["cases"][f"reward_model center={center}"] = {"loss_type": ["bradley_terry"],
+                                                                "center_rewards_coefficient": center,
+                                                                "loss": loss, "grad": grad}
     Path(__file__).with_name("trl_preference_reference.json").write_text(json.dumps(reference, indent=1) + "\n")
     print({name: round(case["loss"], 6) for name, case in reference["cases"].items()})

@@ -2,17 +2,22 @@
 reference (the initial policy, never the trained one, after a resume too), skipped pairs, chat pairs."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from paperloop.callbacks import LambdaCallback
 from paperloop.config import ConfigError
 from paperloop.plans import epoch_permutation
 from paperloop.preference import DPOConfig, tokenize_pairs
 
-from tests.support.preference import SGDDPOTrainer, make_dpo, make_pairs
+from paperloop.lm.losses import forward_logprobs
+from tests.preference.worker import DISTRIBUTED
+from tests.support.preference import make_dpo, make_pairs
 from tests.support.rl import make_lm, make_tokenizer
+from tests.support.workers import run_worker
 
 
 def sequence_logps(model, prompt: str, completion: str, tok) -> tuple[torch.Tensor, int]:
@@ -106,7 +111,6 @@ def test_the_reference_is_the_initial_policy_after_a_resume_and_the_run_ends_bit
     initial = make_lm(make_tokenizer())
     batch = resumed.fetch(torch.arange(4))
     with torch.no_grad():
-        from paperloop.lm.losses import forward_logprobs
         expected = forward_logprobs(initial, batch).logprobs
     assert torch.equal(resumed.reference_logprobs(batch), expected)
 
@@ -177,3 +181,47 @@ def test_a_reference_free_loss_builds_no_reference(tmp_path):
     assert trainer.reference is None and trainer.reference_checksum is None
     trainer.fit()
     assert trainer.state.global_step == 2
+
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def test_sigkill_then_resume_ends_bitwise_on_the_uninterrupted_run_with_the_initial_reference(tmp_path):
+    proc = run_worker(WORKER, "--out", tmp_path, "--kill-at-step", 5, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    resumed = make_dpo(tmp_path, checkpoint_every_steps=1)
+    resumed.fit(resume="latest")
+    straight = make_dpo(tmp_path / "straight")
+    straight.fit()
+    assert resumed.state.global_step == straight.state.global_step == 8
+    for name, value in straight.unwrapped_model.state_dict().items():
+        assert torch.equal(resumed.unwrapped_model.state_dict()[name], value), name
+    batch = resumed.fetch(torch.arange(4))
+    assert torch.equal(resumed.reference_logprobs(batch), forward_logprobs(make_lm(make_tokenizer()), batch).logprobs)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, strategy):
+    run_worker(WORKER, "--out", tmp_path, "--strategy", strategy, processes=2, timeout=240)
+    single = make_dpo(tmp_path / "single", **{**DISTRIBUTED, "batch_size": 8, "grad_accum_steps": 1})
+    single.fit()
+    two = load_file(str(tmp_path / "final.safetensors"))
+    for name, value in single.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5)  # float32, other reduction orders
+    moved = max((value - make_lm(make_tokenizer()).state_dict()[name]).abs().max().item()
+                for name, value in single.unwrapped_model.state_dict().items())
+    assert moved > 1e-2  # far above the tolerance: a wrong normalizer would show
+
+
+def test_lora_with_gradient_checkpointing_trains_the_adapters_against_the_base_as_reference(tmp_path):
+    pytest.importorskip("peft")
+    trainer = make_dpo(tmp_path, max_steps=2, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                       gradient_checkpointing=True, lr=0.05)
+    assert trainer.reference is None  # the base itself, adapters off: no copy
+    trainer.fit()
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    batch = trainer.fetch(torch.arange(4))
+    base = forward_logprobs(make_lm(make_tokenizer()), batch).logprobs
+    torch.testing.assert_close(trainer.reference_logprobs(batch), base, rtol=0, atol=1e-6)
+    assert not torch.allclose(trainer.forward(batch).logprobs, base, atol=1e-4)  # while the policy moved

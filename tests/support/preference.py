@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from paperloop.preference import DPOConfig, DPOTrainer
+from paperloop.preference import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
 from tests.support.rl import make_lm, make_tokenizer
 
@@ -30,3 +30,27 @@ def make_dpo(out, callbacks=(), model=None, pairs=16, cls=SGDDPOTrainer, val_dat
     cfg.update(overrides)
     return cls(model or make_lm(make_tokenizer()), DPOConfig(**cfg), tokenizer=make_tokenizer(),
                train_data=make_pairs(pairs), val_data=val_data, callbacks=list(callbacks))
+
+
+def make_reward_model(seed: int = 0, pad_token_id: int = 0):
+    """A tiny Llama with a one-label score head, from a config (the RL tests' vocabulary)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(make_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=pad_token_id,
+                         initializer_range=0.2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config)
+
+
+class SGDRewardTrainer(RewardTrainer):
+    def configure_optimizer(self):
+        return torch.optim.SGD(self.model.parameters(), lr=self.config.lr)
+
+
+def make_rm(out, callbacks=(), model=None, pairs=16, val_data=None, **overrides) -> RewardTrainer:
+    cfg = dict(batch_size=4, lr=0.5, max_epochs=2, seed=0, output_dir=str(out))
+    cfg.update(overrides)
+    return SGDRewardTrainer(model or make_reward_model(), RewardConfig(**cfg), tokenizer=make_tokenizer(),
+                            train_data=make_pairs(pairs), val_data=val_data, callbacks=list(callbacks))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..base import BaseTrainer
+from ..distributed import shard_model
 from ..config import ConfigError, TrainerConfig
 from ..steps import adamw
 from .lora import LoraSettings, apply_lora
@@ -124,7 +125,7 @@ class LMTrainer(BaseTrainer):
     end-of-turn marker, as `lm.sampling.default_stop_token_ids` finds them)."""
 
     def __init__(self, model: torch.nn.Module, config: LMConfig, tokenizer, train_data=None, val_data=None,
-                 callbacks=(), stop_token_ids: Sequence[int] | None = None):
+                 callbacks=(), stop_token_ids: Sequence[int] | None = None, reference: bool = False):
         if not isinstance(config, LMConfig):
             raise TypeError(f"config must be an LMConfig (SFTConfig, RLConfig), got {type(config).__name__}")
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
@@ -142,9 +143,16 @@ class LMTrainer(BaseTrainer):
                 model = apply_lora(model, config.lora, config.output_dir, write=PartialState().is_main_process)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        # The reference is taken now: before the model is sharded (a sharded model cannot be copied) and before a
+        # checkpoint's trained weights are loaded into it (a resumed run's reference is never the trained policy)
+        self.reference, self.reference_checksum = frozen_reference(model, config.lora is not None) if reference \
+            else (None, None)
         super().__init__(model, config, train_data=train_data, val_data=val_data, callbacks=callbacks)
+        if self.reference is not None:
+            self.reference.to(self.device)
+            if self.sharded:  # sharded as the policy is; its forwards run in lockstep with the policy's
+                shard_model(self.reference)
         self._stop_token_ids = _check_ids(stop_token_ids) if stop_token_ids is not None else None
-        self.reference, self.reference_checksum = None, None  # `use_reference` makes them
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -158,13 +166,9 @@ class LMTrainer(BaseTrainer):
         return {"tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
     # ---- the frozen reference (RL's KL, DPO's log-ratios) ---------------------------------------------
-
-    def use_reference(self) -> None:
-        """Score against the initial policy: a frozen copy of the model as given to the trainer — taken now, before
-        any checkpoint is loaded, so a resumed run's reference is never the trained policy — or with LoRA the base
-        itself (its adapters switched off, no copy). It is rebuilt, not checkpointed: the checkpoint holds its
-        weights' checksum, and a resume built with another initial model is refused."""
-        self.reference, self.reference_checksum = frozen_reference(self.unwrapped_model, self.config.lora is not None)
+    # `reference=True`: score against the initial policy, a frozen copy of the model as given to the trainer, or with
+    # LoRA the base itself (its adapters switched off, no copy). It is rebuilt, not checkpointed: the checkpoint holds
+    # its weights' checksum, and a resume built with another initial model is refused.
 
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """The reference's log-probs (B, T) of the batch's targets: the frozen copy's, or with LoRA the base's."""

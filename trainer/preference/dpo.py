@@ -14,7 +14,7 @@ per-pair summed log-probs (`preference.losses`), combined by weight (`loss`, `lo
 loss and its gradient are the same however a step is split into micro-batches and processes.
 
 The reference (losses that need one) is the initial policy, taken when the trainer is built — before a checkpoint
-is loaded — as a frozen copy, or with LoRA the base itself, adapters off (`LMTrainer.use_reference`); its weights'
+is loaded — as a frozen copy, or with LoRA the base itself, adapters off (`LMTrainer`'s `reference=True`); its weights'
 checksum is in every checkpoint, and a resume built from another initial model is refused. With
 `precompute_ref_logprobs`, the reference scores every pair once, before the first step, and the scores are kept in
 `output_dir/reference/` keyed by the reference's checksum and the tokenized pairs, so a resumed run reuses them.
@@ -99,12 +99,11 @@ class DPOTrainer(LMTrainer):
         self.skipped: dict[str, list[tuple[int, str]]] = {}
         train = self.tokenize(train_data, "train_data", tokenizer, config)
         val = self.tokenize(val_data, "val_data", tokenizer, config) if val_data is not None else None
-        super().__init__(model, config, tokenizer, train_data=train, val_data=val, callbacks=callbacks)
+        super().__init__(model, config, tokenizer, train_data=train, val_data=val, callbacks=callbacks,
+                         reference=config.needs_reference)
         self.check_positions(max(len(pair) for pair in train + (val or [])), "the longest side of a pair")
         if config.disable_dropout:
             disable_dropout(self.unwrapped_model)
-        if config.needs_reference:
-            self.use_reference()  # now: a resume loads the trained weights only later
         self._cached_reference: dict[str, torch.Tensor] | None = None
 
     def tokenize(self, data, name: str, tokenizer, config: DPOConfig) -> list[Pair]:

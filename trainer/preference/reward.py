@@ -152,7 +152,7 @@ def sequence_rewards(model, input_ids_B_T: torch.Tensor, attention_B_T: torch.Te
     if logits.shape[-1] != 1:
         raise ValueError(f"{type(model).__name__}: a reward model scores with one label, got logits of shape "
                          f"{tuple(logits.shape)} (num_labels=1)")
-    return logits[:, 0].float()
+    return logits[:, 0].to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
 
 def _score_head(model) -> torch.nn.Module | None:

@@ -111,7 +111,7 @@ class RLTrainer(LMTrainer):
         longest = max(self.source.longest(train_data, tokenizer, "train_data", split),
                       self.source.longest(val_data, tokenizer, "val_data", split))
         super().__init__(model, config, tokenizer, train_data=train_data, val_data=val_data, callbacks=callbacks,
-                         stop_token_ids=stop_token_ids)
+                         stop_token_ids=stop_token_ids, reference=config.beta > 0)
         if longest:
             self.check_positions(longest + config.max_new_tokens, "the longest prompt plus max_new_tokens")
         self.reward_weights_F = self.source.weights_F.to(self.device)
@@ -121,8 +121,6 @@ class RLTrainer(LMTrainer):
                 log.warning("lora.dropout=%g is switched off with every other dropout (disable_dropout=True: the "
                             "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
-        if config.beta > 0:
-            self.use_reference()
         self._replay_checked = False  # whether this trainer has checked that its episodes replay (`play`)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
