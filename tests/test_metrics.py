@@ -11,6 +11,7 @@ from tests.support.engine import make_resume_trainer
 from paperloop.callbacks import LambdaCallback, TensorBoardLogger
 from tests.support.rl import make_prompts, make_rl_trainer
 from tests.support.lm import sorting_examples
+from tests.support.preference import make_dpo, make_pairs, make_rm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ONLY_WITH = {"time/compile_s"}  # written with compile=True only: the compile test checks it
@@ -44,7 +45,10 @@ def test_every_metric_written_is_documented_once_and_every_documented_one_is_wri
     base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
     sft = written(_sft(tmp_path / "sft"))
     rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env"))
-    keys = {re.sub(r"pass@\d+", "pass@<k>", k.replace("digit_reward", "<function>")) for k in base | sft | rl}
+    preference = written(make_dpo(tmp_path / "dpo", max_steps=2, val_data=make_pairs(4, seed=1))) | written(
+        make_rm(tmp_path / "rm", max_steps=2, val_data=make_pairs(4, seed=1)))
+    keys = {re.sub(r"pass@\d+", "pass@<k>", k.replace("digit_reward", "<function>"))
+            for k in base | sft | rl | preference}
     # an environment's steps' own metrics; its return is the one reward, named "env" like a reward function
     keys = {"env/<key>" if k.startswith("env/") else k.replace("reward/env", "reward/<function>") for k in keys}
     table = documented()

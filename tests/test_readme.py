@@ -1,5 +1,6 @@
 """The README's code is what a newcomer copies: every ```python block runs as written. The engine's blocks run
-in order in one script; the language-model sections' blocks (SFT, GRPO, a custom RL step) run in order in another
+in order in one script; the language-model sections' blocks (SFT, GRPO, a custom RL step, an environment, DPO, a
+reward model) run in order in another
 with fewer steps: they print what the README says, the SFT loss falls, and the custom REINFORCE step makes the
 update of the textbook estimator. (That RL raises accuracy takes longer than a test: the README gives the
 measured numbers; tests/rl/test_trainer.py checks the updates against the papers' formulas.)"""
@@ -12,7 +13,7 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LM_SECTIONS = ("Fine-tuning a language model", "Reinforcement learning with verifiable rewards",
-               "Multi-turn environments and tools")
+               "Multi-turn environments and tools", "Preference optimization")
 
 # After the engine's blocks: the custom step the README shows is used, not only defined.
 ENGINE_EPILOGUE = """
@@ -24,7 +25,8 @@ print("README blocks ran")
 """
 
 # The language-model blocks at test length; what they learned is printed as JSON for the test to check.
-SHORTER = {"max_steps=300": "max_steps=60", "max_steps=600": "max_steps=10", "max_steps=40": "max_steps=2"}
+SHORTER = {"max_steps=300": "max_steps=60", "max_steps=600": "max_steps=10", "max_steps=40": "max_steps=2",
+           "max_steps=200": "max_steps=4", "max_steps=100": "max_steps=4"}
 LM_EPILOGUE = """
 import copy, json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -68,7 +70,10 @@ print(json.dumps({"sft_loss": scalars("runs/sft-addition/tensorboard", "train/lo
                   "retry_steps": retry.state.global_step,
                   "retry_turns": scalars("runs/retry/tensorboard", "rollout/turns_mean"),
                   "calculator": calculator({"prompt": "12+7=", "answer": "19"}).step("<call>add(12, 7)</call>")
-                  .observation}))
+                  .observation, "dpo_steps": dpo.state.global_step, "dpo_val": dpo.validate(),
+                  "dpo_margins": scalars("runs/dpo-addition/tensorboard", "rewards/margins"),
+                  "rm_steps": rm.state.global_step, "rm_val": rm.validate(),
+                  "scored": scorer(["12+7=", "12+7="], ["19", "18"], [{}, {}])}))
 """
 
 
@@ -104,7 +109,7 @@ def test_every_engine_block_of_the_readme_runs(tmp_path):
 def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     readme = README.read_text()
     blocks = [code for section, code in python_blocks(readme) if is_lm(section)]
-    assert len(blocks) == 4  # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment
+    assert len(blocks) == 6  # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment, DPO, a reward model
     code = "\n\n".join(blocks)
     for full, short in SHORTER.items():
         assert full in code, full
@@ -126,3 +131,10 @@ def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     # The environment's block: episodes of up to two turns, and the calculator answers a call.
     assert result["retry_steps"] == 2 and all(1 <= t <= 2 for t in result["retry_turns"]), result
     assert result["calculator"] == "<result>19</result>"
+    # The preference blocks: DPO's steps and its metrics (the margin moves off 0 as the policy leaves the reference),
+    # a reward model's, and its scores as RL's reward function
+    assert result["dpo_steps"] == 4 and {"val/rewards/accuracies", "val/rewards/margins", "val/loss"} <= set(
+        result["dpo_val"]), result["dpo_val"]
+    assert result["dpo_margins"][0] == 0 and result["dpo_margins"][-1] != 0, result["dpo_margins"]
+    assert result["rm_steps"] == 4 and "val/rewards/accuracies" in result["rm_val"]
+    assert len(result["scored"]) == 2 and all(isinstance(x, float) for x in result["scored"])
