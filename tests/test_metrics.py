@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.support.engine import make_resume_trainer
 from paperloop.callbacks import LambdaCallback, TensorBoardLogger
-from tests.support.rl import make_prompts, make_rl_trainer
+from tests.support.rl import make_lm, make_prompts, make_rl_trainer, make_tokenizer
 from tests.support.lm import sorting_examples
 from tests.support.preference import make_dpo, make_pairs, make_rm
 
@@ -44,7 +44,8 @@ def written(trainer) -> set[str]:
 def test_every_metric_written_is_documented_once_and_every_documented_one_is_written(tmp_path):
     base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
     sft = written(_sft(tmp_path / "sft"))
-    rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env"))
+    rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env")) | written(
+        make_rl_trainer(tmp_path / "distill", max_steps=1, teacher=make_lm(make_tokenizer(), seed=5)))
     preference = written(make_dpo(tmp_path / "dpo", max_steps=2, val_data=make_pairs(4, seed=1))) | written(
         make_rm(tmp_path / "rm", max_steps=2, val_data=make_pairs(4, seed=1)))
     keys = {re.sub(r"pass@\d+", "pass@<k>", k.replace("digit_reward", "<function>"))

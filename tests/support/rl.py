@@ -53,7 +53,8 @@ class SGDRLTrainer(RLTrainer):
 
 
 def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=(digit_reward,), reward_weights=None,
-                    model=None, prompt_seed=0, val_data=None, env=None, **overrides) -> RLTrainer:
+                    model=None, prompt_seed=0, val_data=None, env=None, teacher=None, teacher_tokenizer=None,
+                    **overrides) -> RLTrainer:
     tok = make_tokenizer()
     cfg = dict(batch_size=4, num_generations=4, max_new_tokens=5, lr=0.05, max_epochs=2, seed=0,
                output_dir=str(out), log_completions=2)
@@ -62,7 +63,7 @@ def make_rl_trainer(out, callbacks=(), cls=SGDRLTrainer, prompts=24, reward_fns=
         reward_fns = ()
     return cls(model or make_lm(tok), RLConfig(**cfg), tokenizer=tok, train_data=make_prompts(prompts, prompt_seed),
                reward_fns=reward_fns, reward_weights=reward_weights, callbacks=list(callbacks), val_data=val_data,
-               env=env)
+               env=env, teacher=teacher, teacher_tokenizer=teacher_tokenizer)
 
 
 class Retry(Env):

@@ -35,7 +35,7 @@ from ..config import ConfigError, TrainerConfig
 from ..steps import adamw
 from .lora import LoraSettings, apply_lora
 from .losses import TokenScores, forward_logprobs
-from .modules import check_reference, frozen_reference
+from .modules import check_reference, frozen_reference, weight_checksum
 from .sampling import Samples, default_stop_token_ids, sample
 from .weights import load_state_or_adapter, no_shard_progress_bar
 
@@ -125,7 +125,8 @@ class LMTrainer(BaseTrainer):
     end-of-turn marker, as `lm.sampling.default_stop_token_ids` finds them)."""
 
     def __init__(self, model: torch.nn.Module, config: LMConfig, tokenizer, train_data=None, val_data=None,
-                 callbacks=(), stop_token_ids: Sequence[int] | None = None, reference: bool = False):
+                 callbacks=(), stop_token_ids: Sequence[int] | None = None, reference: bool = False,
+                 teacher: torch.nn.Module | None = None, teacher_tokenizer=None):
         if not isinstance(config, LMConfig):
             raise TypeError(f"config must be an LMConfig (SFTConfig, RLConfig), got {type(config).__name__}")
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
@@ -147,11 +148,13 @@ class LMTrainer(BaseTrainer):
         # checkpoint's trained weights are loaded into it (a resumed run's reference is never the trained policy)
         self.reference, self.reference_checksum = frozen_reference(model, config.lora is not None) if reference \
             else (None, None)
+        self.teacher, self.teacher_checksum = check_teacher(teacher, teacher_tokenizer, tokenizer)
         super().__init__(model, config, train_data=train_data, val_data=val_data, callbacks=callbacks)
-        if self.reference is not None:
-            self.reference.to(self.device)
-            if self.sharded:  # sharded as the policy is; its forwards run in lockstep with the policy's
-                shard_model(self.reference)
+        for frozen in (self.reference, self.teacher):
+            if frozen is not None:
+                frozen.to(self.device)
+                if self.sharded:  # sharded as the policy is; its forwards run in lockstep with the policy's
+                    shard_model(frozen)
         self._stop_token_ids = _check_ids(stop_token_ids) if stop_token_ids is not None else None
 
     @property
@@ -177,11 +180,17 @@ class LMTrainer(BaseTrainer):
         with self.unwrapped_model.disable_adapter():
             return self.forward(batch, self.unwrapped_model, temperature).logprobs
 
+    def teacher_logprobs(self, batch: dict) -> torch.Tensor:
+        """The teacher's log-probs (B, T) of the batch's targets, at temperature 1 (its own distribution)."""
+        return self.forward(batch, self.teacher).logprobs
+
     def extra_state(self) -> dict:
-        return {} if self.reference_checksum is None else {"reference_checksum": self.reference_checksum}
+        checksums = {"reference_checksum": self.reference_checksum, "teacher_checksum": self.teacher_checksum}
+        return {key: value for key, value in checksums.items() if value is not None}
 
     def load_extra_state(self, state: dict) -> None:
         check_reference(state.get("reference_checksum"), self.reference_checksum, type(self).__name__)
+        check_reference(state.get("teacher_checksum"), self.teacher_checksum, type(self).__name__, "teacher")
 
     def check_positions(self, longest: int, what: str) -> None:
         """A sequence of `longest` positions against the model's context (`max_position_embeddings`): past it a
@@ -236,6 +245,27 @@ class LMTrainer(BaseTrainer):
             generator = torch.Generator(device=self.device)
         return sample(self.unwrapped_model, prompt_ids_P, num_samples, max_new_tokens, generator=generator,
                       temperature=temperature, top_p=top_p, eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id)
+
+
+def check_teacher(teacher, teacher_tokenizer, tokenizer) -> tuple[torch.nn.Module | None, torch.Tensor | None]:
+    """A teacher to score the student's tokens (distillation), frozen in place (eval mode, no gradient), and its
+    weights' checksum; or (None, None). It must read the student's ids as its own: its embedding must cover the
+    student's tokenizer, and `teacher_tokenizer`, when given, must map every token to the same id (else an error
+    naming the first that differs)."""
+    if teacher is None:
+        return None, None
+    if not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"teacher: a torch.nn.Module (a transformers causal LM), got {type(teacher).__name__}")
+    check_vocabulary(teacher, tokenizer)
+    if teacher_tokenizer is not None:
+        mine, theirs = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        for token in sorted(set(mine) | set(theirs), key=lambda t: (mine.get(t, len(mine)), t)):
+            if mine.get(token) != theirs.get(token):
+                raise ValueError(f"teacher: its tokenizer is not the student's: token {token!r} is id "
+                                 f"{mine.get(token)} for the student and {theirs.get(token)} for the teacher, so the "
+                                 "teacher would score other tokens than the student sampled")
+    teacher.eval().requires_grad_(False)
+    return teacher, weight_checksum(teacher.parameters())
 
 
 def enable_gradient_checkpointing(model) -> None:

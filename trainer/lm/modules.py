@@ -42,9 +42,15 @@ def frozen_reference(model: torch.nn.Module, lora: bool) -> tuple[torch.nn.Modul
     return reference, weight_checksum(frozen)
 
 
-def check_reference(saved: torch.Tensor | None, mine: torch.Tensor | None, owner: str) -> None:
-    """A checkpoint's reference checksum against this run's: another initial model is an error."""
-    if saved is not None and mine is not None and not torch.allclose(saved.to(mine), mine, rtol=1e-9, atol=0):
+def check_reference(saved: torch.Tensor | None, mine: torch.Tensor | None, owner: str,
+                    what: str = "reference model") -> None:
+    """A checkpoint's checksum of a frozen model (the reference, a teacher) against this run's: another one is an
+    error — for the reference, another initial model (it is rebuilt from the model given to the trainer)."""
+    if saved is None or mine is None or torch.allclose(saved.to(mine), mine, rtol=1e-9, atol=0):
+        return
+    if what == "reference model":
         raise ValueError(f"reference model: this run's initial model is not the one the checkpointed run started "
                          f"from (the frozen reference is rebuilt from the model given to {owner}); build the "
                          "trainer with the same initial model, not with trained weights")
+    raise ValueError(f"{what}: this run's {what} is not the one the checkpointed run used (its weights' checksum "
+                     f"differs); resume with the same {what}")

@@ -101,3 +101,26 @@ def overlong_penalty(lengths_N: torch.Tensor, max_new_tokens: int, buffer: int, 
         raise ValueError(f"buffer must be an int in [1, max_new_tokens={max_new_tokens}], got {buffer!r}")
     over_N = (lengths_N.double() - (max_new_tokens - buffer)).clamp(min=0, max=buffer)
     return -penalty * over_N / buffer
+
+
+def distillation_advantages(sampler_logprobs_B_T: torch.Tensor, teacher_logprobs_B_T: torch.Tensor,
+                            weights_B_T: torch.Tensor, coef: float = 1.0, discount: float = 0.0) -> torch.Tensor:
+    """On-policy distillation's per-token advantage (Agarwal et al. 2024; Thinking Machines, "On-Policy
+    Distillation", 2025): the negative reverse KL of each sampled token, -λ (log π_sampler(a_t) - log π_teacher(a_t)),
+    on the policy's tokens (`weights_B_T` != 0; 0 elsewhere), and with `discount` γ > 0 the discounted sum of the
+    future terms, Σ_{k>=t} γ^{k-t} d_k, position by position (an environment's tokens carry no term but count in the
+    discount). (B, T) in the logprobs' dtype. The Tinker cookbook's `incorporate_kl_penalty` computes the same.
+
+    Its expectation under the sampler is the reverse KL's gradient direction only because the sampled token is
+    scored: a penalty that ignored the sampled token (an expected KL) would have zero expected policy gradient."""
+    if not (isinstance(coef, (int, float)) and coef >= 0 and isinstance(discount, (int, float)) and 0 <= discount <= 1):
+        raise ValueError(f"coef must be >= 0 and discount in [0, 1], got {coef!r}, {discount!r}")
+    trained_B_T = weights_B_T != 0
+    terms_B_T = -coef * torch.where(trained_B_T, sampler_logprobs_B_T - teacher_logprobs_B_T, 0.0)
+    if not discount:
+        return terms_B_T
+    sums_B_T, running_B = torch.empty_like(terms_B_T), torch.zeros_like(terms_B_T[:, 0])
+    for t in range(terms_B_T.shape[1] - 1, -1, -1):  # one backward pass over the positions
+        running_B = terms_B_T[:, t] + discount * running_B
+        sums_B_T[:, t] = running_B
+    return sums_B_T

@@ -56,6 +56,8 @@ class RLConfig(LMConfig):
     eval_temperature: float = 1.0  # their temperature
     eval_pass_threshold: float = 1.0  # a sampled completion passes when its total reward is at least this
     max_turns: int = 1  # with an environment (RLTrainer(env=...)): at most this many actions an episode
+    distill_coef: float = 1.0  # with a teacher (RLTrainer(teacher=...)): λ of the per-token -λ (log π - log π_teacher)
+    distill_discount: float = 0.0  # γ: each token's term plus the discounted future ones (0: its own only)
     log_completions: int = 4  # rollouts written per logged step: TensorBoard text and rollouts.jsonl (0: none)
     disable_dropout: bool = True  # sampling runs without dropout; training must too, or the ratio is not 1 (TRL: same)
 
@@ -69,6 +71,7 @@ class RLConfig(LMConfig):
         self._check_sampling()
         self._check_updates()
         self._check_dapo()
+        self._check_distillation()
         self._check_validation()
 
     def _check_sampling(self) -> None:
@@ -137,6 +140,12 @@ class RLConfig(LMConfig):
             raise ConfigError("overlong_buffer: DAPO's overlong punishment measures a completion against "
                               "max_new_tokens; an episode of max_turns > 1 has several actions, each bounded by it: "
                               "use mask_truncated or a penalty in the environment's reward")
+
+    def _check_distillation(self) -> None:
+        if not 0 <= self.distill_coef < math.inf:
+            raise ConfigError(f"distill_coef: must be a finite number >= 0, got {self.distill_coef}")
+        if not 0 <= self.distill_discount <= 1:
+            raise ConfigError(f"distill_discount: must be in [0, 1], got {self.distill_discount}")
 
     def _check_validation(self) -> None:
         if self.eval_num_generations < 0:

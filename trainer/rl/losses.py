@@ -329,7 +329,9 @@ def policy_loss(logprobs_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, adva
     # Untrained positions (prompt, padding) may hold anything, -inf included: they are replaced by a log-ratio of 0
     # *before* exp, so that neither the loss (inf * 0) nor the gradient (0 * inf through exp) turns into NaN.
     trained_B_T = weights_B_T != 0
-    advantages_B_1 = advantages_B.detach().to(logprobs_B_T.dtype)[:, None]
+    # one advantage per sequence (B,), broadcast over its tokens, or one per token (B, T) (on-policy distillation)
+    advantages_B_1 = advantages_B.detach().to(logprobs_B_T.dtype)
+    advantages_B_1 = advantages_B_1[:, None] if advantages_B_1.ndim == 1 else advantages_B_1
     log_ratio_B_T = torch.where(trained_B_T, logprobs_B_T - old_logprobs_B_T.detach(), 0.0)
     loss_B_T, clipped = token_loss(log_ratio_B_T, advantages_B_1, weights_B_T, options)
     if policy_mask_B_T is not None:
@@ -406,8 +408,8 @@ def _check_loss_inputs(logprobs_B_T, old_logprobs_B_T, advantages_B, weights_B_T
         if tensor is not None and (not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape):
             raise ValueError(f"{name} must have the shape of logprobs_B_T {shape}, got "
                              f"{getattr(tensor, 'shape', type(tensor))}")
-    if not isinstance(advantages_B, torch.Tensor) or tuple(advantages_B.shape) != shape[:1]:
-        raise ValueError(f"advantages_B must have shape ({shape[0]},), got "
+    if not isinstance(advantages_B, torch.Tensor) or tuple(advantages_B.shape) not in (shape[:1], shape):
+        raise ValueError(f"advantages_B must have shape ({shape[0]},) or that of logprobs_B_T {shape}, got "
                          f"{getattr(advantages_B, 'shape', type(advantages_B))}")
     if policy_mask_B_T is not None and policy_mask_B_T.dtype != torch.bool:
         raise ValueError(f"policy_mask_B_T must be a bool tensor, got dtype {policy_mask_B_T.dtype}")

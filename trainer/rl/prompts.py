@@ -45,15 +45,15 @@ class Source:
 
 
 def rollout_source(config, env=None, reward_fns: Sequence[RewardFn] = (),
-                   reward_weights: Sequence[float] | None = None) -> Source:
-    """Prompts scored by `reward_fns` (each episode a `PromptEnv`, its parts each function's value), or a user's
-    environments (`env(example) -> Env`; the episode's return is its one part, "env"): checked against the rest
-    of what the trainer was given."""
+                   reward_weights: Sequence[float] | None = None, teacher: bool = False) -> Source:
+    """Prompts scored by `reward_fns` (each episode a `PromptEnv`, its parts each function's value; none at all with
+    a `teacher`: pure distillation), or a user's environments (`env(example) -> Env`; the episode's return is its one
+    part, "env"): checked against the rest of what the trainer was given."""
     if env is None:
         if config.max_turns != 1:
             raise ConfigError(f"max_turns: a prompt's completion is one turn; max_turns={config.max_turns} needs an "
                               "environment (RLTrainer(env=...))")
-        scorer = Scorer(reward_fns, reward_weights)
+        scorer = Scorer(reward_fns, reward_weights, allow_none=teacher)
         return Source(functools.partial(PromptEnv, scorer=scorer), scorer.names, scorer.weights_F,
                       lambda envs, episodes: scorer.score_batched(envs), longest_prompt)
     if not callable(env):
@@ -92,10 +92,12 @@ class Scorer:
     once for a whole rollout batch instead, `fn(prompts, completions, examples) -> values` (`score_batched`): None
     stands in its place until then."""
 
-    def __init__(self, reward_fns: Sequence[RewardFn], reward_weights: Sequence[float] | None = None):
+    def __init__(self, reward_fns: Sequence[RewardFn], reward_weights: Sequence[float] | None = None,
+                 allow_none: bool = False):
         fns = list(reward_fns)
-        if not fns or not all(callable(fn) for fn in fns):
-            raise ValueError("reward_fns: give a non-empty list of functions fn(prompt, completion, example) -> float")
+        if (not fns and not allow_none) or not all(callable(fn) for fn in fns):
+            raise ValueError("reward_fns: give a non-empty list of functions fn(prompt, completion, example) -> float "
+                             "(none only with a teacher: pure distillation)")
         names = [getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
                  for fn in fns]
         weights = [1.0] * len(fns) if reward_weights is None else list(reward_weights)
@@ -125,7 +127,7 @@ class Scorer:
             examples = [copy.deepcopy(env.example) for env in envs]
             where = f"a batch of {len(envs)} completions ({envs[0].name}, ...)"
             try:
-                values = list(fn([e.get("prompt", e.get("messages")) for e in examples],
+                values = list(fn([example.get("prompt", example.get("messages")) for example in examples],
                                  [env.completion for env in envs], examples))
             except Exception as e:
                 raise ScorerRaised(f"reward function {fn_name!r} raised {type(e).__name__} on {where}: {e}") from e
@@ -133,7 +135,7 @@ class Scorer:
                 raise NotAScore(f"reward function {fn_name!r} (batched) returned {len(values)} values for {where}")
             for n, (env, value) in enumerate(zip(envs, values)):
                 rewards_N_F[n][f] = call_scorer(lambda: value, name=f"reward function {fn_name!r}", where=env.name)
-        return torch.tensor(rewards_N_F, dtype=torch.float64)
+        return torch.tensor(rewards_N_F, dtype=torch.float64).reshape(len(envs), len(self.fns))
 
     @property
     def weights_F(self) -> torch.Tensor:

@@ -51,11 +51,12 @@ from typing import Callable
 
 import torch
 
+from ..config import ConfigError
 from ..lm.base import LMTrainer, digest
 from ..lm.modules import disable_dropout
 from ..plans import Step
 from ..rng import mixed_seed
-from .advantages import group_advantages, group_spread, overlong_penalty, zero_std_fraction
+from .advantages import distillation_advantages, group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .config import RLConfig
 from .envs import Episodes, check_replay, episode_seed, play
 from .losses import linear_quantile, masked_mean, policy_loss, update_shares
@@ -98,11 +99,14 @@ class RLTrainer(LMTrainer):
 
     def __init__(self, model: torch.nn.Module, config: RLConfig, tokenizer, train_data=None,
                  reward_fns: Sequence[RewardFn] = (), reward_weights: Sequence[float] | None = None, val_data=None,
-                 callbacks=(), stop_token_ids: Sequence[int] | None = None, env: Callable | None = None):
+                 callbacks=(), stop_token_ids: Sequence[int] | None = None, env: Callable | None = None,
+                 teacher: torch.nn.Module | None = None, teacher_tokenizer=None):
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+        if teacher is None and (config.distill_coef != 1.0 or config.distill_discount != 0.0):
+            raise ConfigError("distill_coef, distill_discount: set, but no teacher was given (RLTrainer(teacher=...))")
         # Where episodes come from, chosen once: everything after this line is the same for prompts and environments
-        self.source = rollout_source(config, env, reward_fns, reward_weights)
+        self.source = rollout_source(config, env, reward_fns, reward_weights, teacher is not None)
         self.reward_names = self.source.names
         # Every prompt checked and tokenized up front, before anything is built: a bad one is an error naming it now,
         # not at the step that first samples it. (An environment's first observations exist only once an episode
@@ -111,7 +115,8 @@ class RLTrainer(LMTrainer):
         longest = max(self.source.longest(train_data, tokenizer, "train_data", split),
                       self.source.longest(val_data, tokenizer, "val_data", split))
         super().__init__(model, config, tokenizer, train_data=train_data, val_data=val_data, callbacks=callbacks,
-                         stop_token_ids=stop_token_ids, reference=config.beta > 0)
+                         stop_token_ids=stop_token_ids, reference=config.beta > 0, teacher=teacher,
+                         teacher_tokenizer=teacher_tokenizer)
         if longest:
             self.check_positions(longest + config.max_new_tokens, "the longest prompt plus max_new_tokens")
         self.reward_weights_F = self.source.weights_F.to(self.device)
@@ -158,6 +163,7 @@ class RLTrainer(LMTrainer):
                        for minibatch in split_rows(batch, rows_per_update)]
         shares = update_shares(minibatches, c.aggregation, c.max_new_tokens, self.reduce_sum, c.entropy_coef > 0)
         self.add_fixed_logprobs(minibatches)
+        distill = self.add_distillation(minibatches) if self.teacher is not None else {}
         parts: list[dict] = []  # every micro-batch's policy metrics, for one token-weighted mean over the step
 
         def loss_fn(micro_batch: dict) -> dict:
@@ -170,7 +176,7 @@ class RLTrainer(LMTrainer):
         outputs = self.step_outputs(rollouts, rewards_N_F, shaped_N, advantages_N, updates, parts,
                                     time.perf_counter() - start)
         outputs.update({"rollout/sample_rounds": rounds,
-                        "rollout/prompts_sampled": rounds * c.batch_size * self.world_size})
+                        "rollout/prompts_sampled": rounds * c.batch_size * self.world_size, **distill})
         return outputs
 
     def sample_step(self, indices: torch.Tensor) -> tuple[Rollouts, int]:
@@ -282,6 +288,31 @@ class RLTrainer(LMTrainer):
         if by_entropy:
             for micro_batches in minibatches:
                 self.add_policy_masks(micro_batches)
+
+    @torch.no_grad()
+    def add_distillation(self, minibatches: list[list[dict]]) -> dict:
+        """On-policy distillation: the teacher scores every sampled token (one no-grad forward per micro-batch, the
+        output layer in chunks), and each token's advantage becomes its episode's plus -λ (log π_sampler - log
+        π_teacher) (`rl.advantages.distillation_advantages`, with its discounted future terms). Returns the step's
+        `distill/reverse_kl` (the mean sampled reverse KL per policy token) and `distill/advantage_share` (the
+        teacher term's share of the advantages' magnitude), over every process."""
+        c, sums = self.config, []
+        for batch in (b for micro_batches in minibatches for b in micro_batches):
+            teacher_B_T = self.teacher_logprobs(batch)
+            weights_B_T = batch["weights"]
+            distill_B_T = distillation_advantages(batch["sampling_logprobs"], teacher_B_T, weights_B_T,
+                                                  c.distill_coef, c.distill_discount)
+            episode_B_1 = batch["advantages"][:, None].to(distill_B_T.dtype)
+            batch["advantages"] = episode_B_1 + distill_B_T  # (B, T): one advantage per token
+            trained_B_T = weights_B_T != 0
+            sums.append(torch.stack([
+                torch.where(trained_B_T, batch["sampling_logprobs"] - teacher_B_T, 0.0).sum(),
+                torch.where(trained_B_T, distill_B_T.abs(), 0.0).sum(),
+                torch.where(trained_B_T, episode_B_1.abs().expand_as(distill_B_T), 0.0).sum(),
+                trained_B_T.sum()]).double())
+        kl, teacher, episode, tokens = self.reduce_sum(torch.stack(sums).sum(0)).tolist()
+        return {"distill/reverse_kl": kl / max(tokens, 1), "distill/advantage_share": teacher / max(teacher + episode,
+                                                                                                 1e-12)}
 
     def add_policy_masks(self, micro_batches: list[dict]) -> None:
         """`policy_mask` of one update's micro-batches: its trained tokens whose entropy is at least the update's
