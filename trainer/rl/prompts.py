@@ -14,7 +14,6 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,41 +27,64 @@ from .envs import Env, Episodes, StepResult
 RewardFn = Callable[[object, str, Mapping], float]
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a run's episodes come from, chosen once when the trainer is built (`rollout_source`): `make(example,
-    name)` builds one episode's environment; `names` and `weights_F` are the reward's parts (a prompt's reward
-    functions; an environment's return, "env") and their weights; `parts(envs, episodes)` reads each episode's
-    parts, (N, F) float64; `longest(data, tokenizer, name, split)` checks a dataset's examples up front where it can
-    and returns the most tokens a first observation takes (0: known only once an episode is reset)."""
+class PromptSource:
+    """Prompts scored by reward functions: each episode a `PromptEnv`; the reward's parts each function's value
+    (batched functions filled in once per rollout batch). Module-level and picklable, like `EnvSource`: an async
+    run sends its source to the generation process."""
 
-    make: Callable[[Mapping, str], Env]
-    names: list[str]
-    weights_F: torch.Tensor
-    parts: Callable[[list, Episodes], torch.Tensor]
-    longest: Callable[..., int]
-    factory: Callable | None = None  # a user's environment factory (its name is part of the run's fingerprint)
+    factory = None
+
+    def __init__(self, scorer: "Scorer"):
+        self.scorer, self.names, self.weights_F = scorer, scorer.names, scorer.weights_F
+
+    def make(self, example: Mapping, name: str) -> "PromptEnv":
+        return PromptEnv(example, name, self.scorer)
+
+    def parts(self, envs: list, episodes: Episodes) -> torch.Tensor:
+        return self.scorer.score_batched(envs)
+
+    def longest(self, data, tokenizer, name: str, split: bool = False) -> int:
+        return longest_prompt(data, tokenizer, name, split)
+
+
+class EnvSource:
+    """A user's environments, `factory(example) -> Env`: the episode's return is the reward's one part, "env"."""
+
+    def __init__(self, factory: Callable):
+        self.factory, self.names, self.weights_F = factory, ["env"], torch.ones(1, dtype=torch.float64)
+
+    def make(self, example: Mapping, name: str) -> Env:
+        return self.factory(example)
+
+    def parts(self, envs: list, episodes: Episodes) -> torch.Tensor:
+        return episodes.returns_N[:, None]
+
+    def longest(self, data, tokenizer, name: str, split: bool = False) -> int:
+        return 0  # a first observation exists only once an episode is reset: checked then
+
+
+Source = PromptSource | EnvSource  # where a run's episodes come from: `make(example, name)` builds an episode's
+#   environment; `names`, `weights_F` the reward's parts and their weights; `parts(envs, episodes)` reads each
+#   episode's parts, (N, F) float64; `longest(data, ...)` checks a dataset up front where it can and returns the most
+#   tokens a first observation takes (0: known only at reset); `factory` a user's factory (fingerprinted) or None
 
 
 def rollout_source(config, env=None, reward_fns: Sequence[RewardFn] = (),
                    reward_weights: Sequence[float] | None = None, teacher: bool = False) -> Source:
     """Prompts scored by `reward_fns` (each episode a `PromptEnv`, its parts each function's value; none at all with
     a `teacher`: pure distillation), or a user's environments (`env(example) -> Env`; the episode's return is its one
-    part, "env"): checked against the rest of what the trainer was given."""
+    part, "env"): checked against the rest of what the trainer was given, chosen once when the trainer is built."""
     if env is None:
         if config.max_turns != 1:
             raise ConfigError(f"max_turns: a prompt's completion is one turn; max_turns={config.max_turns} needs an "
                               "environment (RLTrainer(env=...))")
-        scorer = Scorer(reward_fns, reward_weights, allow_none=teacher)
-        return Source(functools.partial(PromptEnv, scorer=scorer), scorer.names, scorer.weights_F,
-                      lambda envs, episodes: scorer.score_batched(envs), longest_prompt)
+        return PromptSource(Scorer(reward_fns, reward_weights, allow_none=teacher))
     if not callable(env):
         raise TypeError(f"env: a callable example -> Env (an Env subclass works), got {type(env).__name__}")
     if list(reward_fns) or reward_weights is not None:
         raise ValueError("reward_fns: with env, an episode's reward is the sum of its steps' rewards; give no "
                          "reward_fns (score the final answer in the environment's step)")
-    return Source(lambda example, name: env(example), ["env"], torch.ones(1, dtype=torch.float64),
-                  lambda envs, episodes: episodes.returns_N[:, None], lambda *args: 0, env)
+    return EnvSource(env)
 
 
 class PromptEnv(Env):

@@ -11,14 +11,17 @@ rollout feature (a sampling rule, per-token rewards, a teacher's score) goes int
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..plans import EpochPlan, Step
-from .envs import PER_EPISODE, Episodes
+from .envs import PER_EPISODE, Episodes, check_replay, episode_seed, play
+from .prompts import env_factory_name
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,58 @@ class Rollouts:
 
     def batch(self, advantages_N: torch.Tensor, trained_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return rollout_batch(self.episodes, advantages_N, trained_N)
+
+
+@dataclass
+class Player:
+    """What plays a run's episodes, apart from the weights: the tokenizer, the episodes' source (`rl.prompts`), the
+    sampling settings of the config, the stop and pad ids. The trainer plays through one; an async run's generation
+    process through a copy (picklable: a source of module-level functions)."""
+
+    tokenizer: object
+    source: object
+    config: object  # the RLConfig
+    stop_token_ids: list[int]
+    pad_id: int
+    replay_checked: bool = False  # whether the first episodes played have been checked to replay (`check_replay`)
+
+    def play(self, model, examples: list, seeds_N: list[int], names: list[str], group_size: int, *,
+             temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None) -> Episodes:
+        """`group_size` episodes of each example with `model`, each in a fresh environment of its own (from a copy of
+        the example: an environment that edits it must not edit train_data), reset with `seeds_N`; their reward
+        parts read off the environments. The first call checks that an episode replays."""
+        envs = []
+        for n in range(len(seeds_N)):
+            example, name = examples[n // group_size], names[n // group_size]
+            try:
+                envs.append(self.source.make(copy.deepcopy(example), name))
+            except Exception as e:
+                raise RuntimeError(f"env {env_factory_name(self.source.factory)} raised {type(e).__name__} building "
+                                   f"the environment of {name}: {e}") from e
+        config = getattr(model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        played = play(model, self.tokenizer, envs, seeds_N, [names[n // group_size] for n in range(len(seeds_N))],
+                      group_size=group_size, max_turns=self.config.max_turns, max_new_tokens=self.config.max_new_tokens,
+                      generator=generator or torch.Generator(next(model.parameters()).device), temperature=temperature,
+                      top_p=top_p, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_id, max_positions=limit,
+                      split_special_tokens=self.config.split_special_tokens)
+        if not self.replay_checked:  # once a fit: are episodes pure functions of (example, seed, actions)?
+            check_replay(self.source.make(copy.deepcopy(examples[0]), names[0]), seeds_N[0], names[0],
+                         played.first_N[0])
+            self.replay_checked = True
+        return dataclasses.replace(played, rewards_N_F=self.source.parts(envs, played))
+
+    def rollout(self, play_fn: Callable, examples: list, indices: list[int], step: int,
+                generator: torch.Generator) -> tuple[Episodes, float]:
+        """G episodes of each train example (at `indices` of train_data) for loop step `step`, each reset with its
+        seed from (run seed, step, index, generation), played by `play_fn` (the trainer's `play`, which a subclass may
+        override, or `play` of a model): the episodes and the seconds they took."""
+        c, G = self.config, self.config.num_generations
+        seeds = [episode_seed(c.seed, step, i, g) for i in indices for g in range(G)]
+        start = time.perf_counter()
+        episodes = play_fn(examples, seeds, [f"train example {i}" for i in indices], G, temperature=c.temperature,
+                           top_p=c.top_p, generator=generator)
+        return episodes, time.perf_counter() - start
 
 
 def rollout_batch(episodes: Episodes, advantages_N: torch.Tensor,

@@ -41,7 +41,6 @@ A new algorithm's step is written the same way, with the same public pieces: `ro
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -58,12 +57,12 @@ from ..plans import Step
 from ..rng import mixed_seed
 from .advantages import distillation_advantages, group_advantages, group_spread, overlong_penalty, zero_std_fraction
 from .config import RLConfig
-from .envs import Episodes, check_replay, episode_seed, play
+from .envs import Episodes, episode_seed
 from .losses import linear_quantile, masked_mean, policy_loss, update_shares
 from .metrics import pass_at_powers
-from .prompts import RewardFn, describe_factory, env_factory_name, example_json, rollout_source
+from .prompts import RewardFn, describe_factory, example_json, rollout_source
 from .records import completions_text, episode_metrics, policy_metrics, rollout_records, transcript_texts
-from .rollouts import Rollouts, WholeStepsPlan, choose_groups, gather_episodes, split_rows
+from .rollouts import Player, Rollouts, WholeStepsPlan, choose_groups, gather_episodes, split_rows
 
 __all__ = ["RLConfig", "RLTrainer"]
 
@@ -126,7 +125,7 @@ class RLTrainer(LMTrainer):
                 log.warning("lora.dropout=%g is switched off with every other dropout (disable_dropout=True: the "
                             "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
-        self._replay_checked = False  # whether this trainer has checked that its episodes replay (`play`)
+        self.player = Player(tokenizer, self.source, config, self.stop_token_ids, self.pad_id)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
         self.sampling_generator = self.register_generator(
@@ -224,44 +223,22 @@ class RLTrainer(LMTrainer):
 
     def rollout(self, indices: torch.Tensor) -> Rollouts:
         """G episodes of each train example at `indices` (this process's), played and scored."""
-        c, G = self.config, self.config.num_generations
         examples = self.fetch(indices)
-        names = [f"train example {i}" for i in indices.tolist()]
-        seeds = [episode_seed(c.seed, self.state.global_step, i, g) for i in indices.tolist() for g in range(G)]
-        start = time.perf_counter()
-        episodes = self.play(examples, seeds, names, G, temperature=c.temperature, top_p=c.top_p,
-                             generator=self.sampling_generator)
+        episodes, seconds = self.player.rollout(self.play, examples, indices.tolist(), self.state.global_step,
+                                                self.sampling_generator)
+        return self.rollouts_of(examples, indices, episodes, seconds)
+
+    def rollouts_of(self, examples: list, indices: torch.Tensor, episodes: Episodes, seconds: float) -> Rollouts:
         rewards_N_F = episodes.rewards_N_F.to(self.device)
         return Rollouts(examples=examples, indices_P=indices.cpu(), episodes=episodes, rewards_N_F=rewards_N_F,
-                        rewards_N=rewards_N_F @ self.reward_weights_F,
-                        generate_s=time.perf_counter() - start - episodes.env_s, score_s=episodes.env_s)
+                        rewards_N=rewards_N_F @ self.reward_weights_F, generate_s=seconds - episodes.env_s,
+                        score_s=episodes.env_s)
 
     def play(self, examples: list, seeds_N: list[int], names: list[str], group_size: int, *, temperature: float,
              top_p: float = 1.0, generator: torch.Generator | None = None) -> Episodes:
-        """`group_size` episodes of each example, each in a fresh environment of its own (from a copy of the
-        example: an environment that edits it must not edit train_data), reset with `seeds_N`, played by the policy;
-        their reward parts read off the environments (`rl.prompts.Source`)."""
-        envs = []
-        for n, seed in enumerate(seeds_N):
-            example, name = examples[n // group_size], names[n // group_size]
-            try:
-                envs.append(self.source.make(copy.deepcopy(example), name))
-            except Exception as e:
-                raise RuntimeError(f"env {env_factory_name(self.source.factory)} raised {type(e).__name__} building "
-                                   f"the environment of {name}: {e}") from e
-        config = getattr(self.unwrapped_model, "config", None)
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        played = play(self.unwrapped_model, self.tokenizer, envs, seeds_N, [names[n // group_size] for n in
-                        range(len(seeds_N))], group_size=group_size, max_turns=self.config.max_turns,
-                        max_new_tokens=self.config.max_new_tokens, generator=generator or torch.Generator(self.device),
-                        temperature=temperature, top_p=top_p, stop_token_ids=self.stop_token_ids,
-                        pad_token_id=self.pad_id, max_positions=limit,
-                        split_special_tokens=self.config.split_special_tokens)
-        if not self._replay_checked:  # once a fit: are episodes pure functions of (example, seed, actions)?
-            check_replay(self.source.make(copy.deepcopy(examples[0]), names[0]), seeds_N[0], names[0],
-                         played.first_N[0])
-            self._replay_checked = True
-        return dataclasses.replace(played, rewards_N_F=self.source.parts(envs, played))
+        """`group_size` episodes of each example, reset with `seeds_N`, played by the policy (`Player.play`)."""
+        return self.player.play(self.unwrapped_model, examples, seeds_N, names, group_size, temperature=temperature,
+                                top_p=top_p, generator=generator)
 
     # ---- the updates --------------------------------------------------------------------------
 
