@@ -1,14 +1,19 @@
-"""Run by test_trainer.py and test_envs.py in a subprocess: train the RL fixture (checkpoints every 2 steps) and
-SIGKILL it between rollout batches, in the middle of generating one (in any of a step's sampling rounds, or an
-episode's turns), in an environment's step, or between two updates of one step."""
+"""Run by test_trainer.py, test_envs.py and test_async.py in a subprocess: train the RL fixture (checkpoints every 2
+steps) and SIGKILL it between rollout batches, in the middle of generating one (in any of a step's sampling rounds, or
+an episode's turns), in an environment's step, or between two updates of one step. With --resume it continues the
+run in --out first. Each trained step's prompt indices are appended to trained.jsonl; an async run writes its
+generation process's pid to generation.pid."""
 
 import argparse
 import os
 import signal
+from pathlib import Path
 
 import torch
 
-from tests.support.callbacks import KillAt
+from paperloop.callbacks import Callback
+
+from tests.support.callbacks import KillAt, TrainedPrompts
 from tests.support.rl import RESUME_RUNS, Retry, SGDRLTrainer, make_rl_trainer
 
 
@@ -16,6 +21,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--run", required=True, choices=sorted(RESUME_RUNS))
+    p.add_argument("--resume", action="store_true", help="fit(resume='latest')")
     p.add_argument("--kill-at-step", type=int, help="SIGKILL in on_batch_begin when global_step == this")
     p.add_argument("--kill-in-generate", type=int, help="SIGKILL at the first decoding forward (after the "
                    "prefill) of the step that starts at this global_step")
@@ -35,7 +41,13 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             return outputs
 
-    callbacks = [] if args.kill_at_step is None else [KillAt(args.kill_at_step)]
+    class GenerationPid(Callback):  # where the test finds the generation process (async runs) after the kill
+        def on_batch_begin(self, trainer, step):
+            if trainer.generation is not None:
+                Path(args.out, "generation.pid").write_text(str(trainer.generation.process.pid))
+
+    callbacks = [GenerationPid(), TrainedPrompts(Path(args.out, "trained.jsonl"))]
+    callbacks += [] if args.kill_at_step is None else [KillAt(args.kill_at_step)]
     trainer = make_rl_trainer(args.out, callbacks=callbacks, cls=Killing, **RESUME_RUNS[args.run])
     prefills = []
 
@@ -55,7 +67,7 @@ def main():
         return step(env, action)
 
     Retry.step = killing_step
-    trainer.fit()
+    trainer.fit(resume="latest" if args.resume else None)
 
 
 if __name__ == "__main__":

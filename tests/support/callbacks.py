@@ -1,11 +1,14 @@
 """Callbacks the tests attach, in every room and in the worker scripts: `Recorder` writes down every hook call,
 `KillAt` kills the process at a step (a preempted node), `StopAt` stops the run at a step the way a preemption with
-a grace period does (the one way to stop a run at step k)."""
+a grace period does (the one way to stop a run at step k), `TrainedPrompts` appends each trained step's prompt indices
+to a file (across kills and resumes)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from pathlib import Path
 
 from paperloop.callbacks import Callback
 from paperloop.callbacks.guards import checkpoint_and_stop
@@ -63,3 +66,28 @@ class StopAt(Callback):
             checkpoint_and_stop(trainer, self.reason)
         else:
             trainer.request_stop(self.reason, resumable=self.resumable)
+
+
+class TrainedPrompts(Callback):
+    """Appends {"step", "indices"} to `path` after each step is trained (a JSON line, flushed): over a run killed and
+    resumed several times, the last line of each step is what the final weights trained on (`trained_prompts`)."""
+
+    def __init__(self, path):
+        self.path, self.indices = Path(path), None
+
+    def on_batch_begin(self, trainer, step):
+        self.indices = [int(i) for micro_batch in step.micro_batches for i in micro_batch]
+
+    def on_batch_end(self, trainer, outputs):
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": trainer.state.global_step, "indices": self.indices}) + "\n")
+
+
+def trained_prompts(path) -> list[int]:
+    """The prompt indices the run recorded by `TrainedPrompts` trained on, sorted (a multiset): a step written again
+    by a resumed run replaces what a killed one wrote for it."""
+    steps = {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = record["indices"]
+    return sorted(i for indices in steps.values() for i in indices)

@@ -105,6 +105,9 @@ RESUME_RUNS = {
                  overlong_buffer=2),
     # a multi-turn environment: up to 3 actions an episode, two updates a step
     "env": dict(prompts=16, checkpoint_every_steps=2, env=Retry, max_turns=3, inner_epochs=2, minibatch_size=2),
+    # asynchronous generation two steps behind: a checkpoint holds a queue of two played, untrained steps
+    "async": dict(prompts=16, checkpoint_every_steps=2, async_generation=True, max_lag=2, inner_epochs=2,
+                  minibatch_size=2),
 }
 
 

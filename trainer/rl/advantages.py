@@ -124,3 +124,19 @@ def distillation_advantages(sampler_logprobs_B_T: torch.Tensor, teacher_logprobs
         running_B = terms_B_T[:, t] + discount * running_B
         sums_B_T[:, t] = running_B
     return sums_B_T
+
+
+def lag_importance_weights(old_logprobs_B_T: torch.Tensor, sampler_logprobs_B_T: torch.Tensor,
+                           weights_B_T: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The correction of rollouts sampled by older weights (asynchronous RL; decoupled PPO, Hilton et al. 2022;
+    truncated importance sampling, Yao et al. 2025): each token's importance weight π_old(a_t) / π_sampler(a_t),
+    the proximal policy π_old being the weights at the update's start (the one the policy loss clips against),
+    capped at `cap` (None: not capped). 1 off the policy's tokens (`weights_B_T` == 0). Returns the weights (B, T)
+    and which trained tokens were capped (B, T, bool)."""
+    if cap is not None and not (isinstance(cap, (int, float)) and cap >= 1):
+        raise ValueError(f"cap must be a number >= 1 or None, got {cap!r}")
+    trained_B_T = weights_B_T != 0
+    weight_B_T = torch.where(trained_B_T, old_logprobs_B_T - sampler_logprobs_B_T, 0.0).exp()
+    if cap is None:
+        return weight_B_T, torch.zeros_like(trained_B_T)
+    return weight_B_T.clamp(max=cap), trained_B_T & (weight_B_T > cap)

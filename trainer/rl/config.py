@@ -56,6 +56,9 @@ class RLConfig(LMConfig):
     eval_temperature: float = 1.0  # their temperature
     eval_pass_threshold: float = 1.0  # a sampled completion passes when its total reward is at least this
     max_turns: int = 1  # with an environment (RLTrainer(env=...)): at most this many actions an episode
+    async_generation: bool = False  # episodes played by a process of their own, from the weights max_lag steps back
+    max_lag: int = 1  # k: step s's episodes come from the weights after step s - k (0: the synchronous loop, bitwise)
+    async_is_cap: Optional[float] = 2.0  # the lag's importance weight π_old / π_sampler per token, capped (None: not)
     distill_coef: float = 1.0  # with a teacher (RLTrainer(teacher=...)): λ of the per-token -λ (log π - log π_teacher)
     distill_discount: float = 0.0  # γ: each token's term plus the discounted future ones (0: its own only)
     log_completions: int = 4  # rollouts written per logged step: TensorBoard text and rollouts.jsonl (0: none)
@@ -72,6 +75,7 @@ class RLConfig(LMConfig):
         self._check_updates()
         self._check_dapo()
         self._check_distillation()
+        self._check_async()
         self._check_validation()
 
     def _check_sampling(self) -> None:
@@ -140,6 +144,18 @@ class RLConfig(LMConfig):
             raise ConfigError("overlong_buffer: DAPO's overlong punishment measures a completion against "
                               "max_new_tokens; an episode of max_turns > 1 has several actions, each bounded by it: "
                               "use mask_truncated or a penalty in the environment's reward")
+
+    def _check_async(self) -> None:
+        if self.max_lag < 0:
+            raise ConfigError(f"max_lag: must be >= 0, got {self.max_lag}")
+        if self.async_is_cap is not None and not 1 <= self.async_is_cap < math.inf:
+            raise ConfigError(f"async_is_cap: must be a finite number >= 1, or null, got {self.async_is_cap}")
+        if self.async_generation and self.dynamic_sampling:
+            raise ConfigError("async_generation: not with dynamic_sampling, whose extra rounds depend on the rewards "
+                              "of the round before (the steps ahead could not be asked for)")
+        if self.async_generation and self.strategy == "fsdp":
+            raise ConfigError("async_generation: not with strategy='fsdp' (a sharded policy has no whole copy to "
+                              "generate with)")
 
     def _check_distillation(self) -> None:
         if not 0 <= self.distill_coef < math.inf:

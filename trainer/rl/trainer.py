@@ -55,12 +55,14 @@ from ..lm.base import LMTrainer, digest
 from ..lm.modules import disable_dropout
 from ..plans import Step
 from ..rng import mixed_seed
-from .advantages import distillation_advantages, group_advantages, group_spread, overlong_penalty, zero_std_fraction
+from .advantages import (distillation_advantages, group_advantages, group_spread, lag_importance_weights,
+                         overlong_penalty, zero_std_fraction)
 from .config import RLConfig
 from .envs import Episodes, episode_seed
 from .losses import linear_quantile, masked_mean, policy_loss, update_shares
 from .metrics import pass_at_powers
 from .prompts import RewardFn, describe_factory, example_json, rollout_source
+from .generation import check_async
 from .records import completions_text, episode_metrics, policy_metrics, rollout_records, transcript_texts
 from .rollouts import Player, Rollouts, WholeStepsPlan, choose_groups, gather_episodes, split_rows
 
@@ -126,6 +128,7 @@ class RLTrainer(LMTrainer):
                             "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
         self.player = Player(tokenizer, self.source, config, self.stop_token_ids, self.pad_id)
+        self.generation = check_async(config, self.world_size, train_data, self.player)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
         self.sampling_generator = self.register_generator(
@@ -163,6 +166,7 @@ class RLTrainer(LMTrainer):
         shares = update_shares(minibatches, c.aggregation, c.max_new_tokens, self.reduce_sum, c.entropy_coef > 0)
         self.add_fixed_logprobs(minibatches)
         distill = self.add_distillation(minibatches) if self.teacher is not None else {}
+        importance = self.add_importance_weights(minibatches) if self.lagged else {}
         parts: list[dict] = []  # every micro-batch's policy metrics, for one token-weighted mean over the step
 
         def loss_fn(micro_batch: dict) -> dict:
@@ -172,11 +176,26 @@ class RLTrainer(LMTrainer):
 
         updates = [self.update(micro_batches, micro_shares, loss_fn) for _ in range(c.inner_epochs)
                    for micro_batches, micro_shares in zip(minibatches, shares)]
+        if self.generation is not None:
+            self.generation.after_step(self.unwrapped_model, self.state.global_step)  # W_{s+1}, and the step it feeds
+            distill.update({**self.async_metrics, **importance})
         outputs = self.step_outputs(rollouts, rewards_N_F, shaped_N, advantages_N, updates, parts,
                                     time.perf_counter() - start)
         outputs.update({"rollout/sample_rounds": rounds,
                         "rollout/prompts_sampled": rounds * c.batch_size * self.world_size, **distill})
         return outputs
+
+    def train(self):
+        """The engine's loop; with `async_generation`, between the start and the stop of the generation process."""
+        if self.generation is None:
+            return super().train()
+        self.setup()
+        self.generation.total_steps = self.total_steps()
+        self.generation.start(self.unwrapped_model, self.plan, self.state.global_step, self.sampling_generator)
+        try:
+            return super().train()
+        finally:
+            self.generation.stop()
 
     def sample_step(self, indices: torch.Tensor) -> tuple[Rollouts, int]:
         """This step's rollouts and the number of sampling rounds they took.
@@ -191,6 +210,9 @@ class RLTrainer(LMTrainer):
         same updates. The filter reads the rewards before any shaping, gathered from every process, so every
         process takes the same decision."""
         c = self.config
+        if self.generation is not None:  # played ahead by the generation process
+            episodes, self.async_metrics = self.generation.take(self.state.global_step, indices)
+            return self.rollouts_of(self.fetch(indices), indices, episodes, self.async_metrics.pop("seconds")), 1
         drawn = [self.rollout(indices)]  # this process's rounds
         if not c.dynamic_sampling:
             return drawn[0], 1
@@ -251,7 +273,7 @@ class RLTrainer(LMTrainer):
         `policy_mask` of the update's highest-entropy tokens. With one update, the training forward's own
         log-probs are the old ones."""
         c = self.config
-        several, by_entropy = c.updates_per_step > 1, c.top_entropy_quantile < 1
+        several, by_entropy = c.updates_per_step > 1 or self.lagged, c.top_entropy_quantile < 1
         for batch in (b for micro_batches in minibatches for b in micro_batches):
             if several or by_entropy:
                 scores = self.forward(batch, self.unwrapped_model, c.temperature,
@@ -265,6 +287,27 @@ class RLTrainer(LMTrainer):
         if by_entropy:
             for micro_batches in minibatches:
                 self.add_policy_masks(micro_batches)
+
+    @property
+    def lagged(self) -> bool:
+        """Are the rollouts played by weights older than the ones trained (async, max_lag > 0)?"""
+        return self.generation is not None and self.config.max_lag > 0
+
+    @torch.no_grad()
+    def add_importance_weights(self, minibatches: list[list[dict]]) -> dict:
+        """Rollouts sampled max_lag steps back: each token's advantage times its capped π_old / π_sampler
+        (`rl.advantages.lag_importance_weights`), the policy loss clipping against π_old. Returns
+        `async/is_weight_mean` and `async/is_capped_frac` over the step's trained tokens, every process's."""
+        sums = []
+        for batch in (b for micro_batches in minibatches for b in micro_batches):
+            weight_B_T, capped_B_T = lag_importance_weights(batch["old_logprobs"], batch["sampling_logprobs"],
+                                                            batch["weights"], self.config.async_is_cap)
+            advantages = batch["advantages"]
+            batch["advantages"] = (advantages[:, None] if advantages.ndim == 1 else advantages) * weight_B_T
+            trained_B_T = batch["weights"] != 0
+            sums.append(torch.stack([weight_B_T[trained_B_T].sum(), capped_B_T.sum(), trained_B_T.sum()]).double())
+        weights, capped, tokens = self.reduce_sum(torch.stack(sums).sum(0)).tolist()
+        return {"async/is_weight_mean": weights / max(tokens, 1), "async/is_capped_frac": capped / max(tokens, 1)}
 
     @torch.no_grad()
     def add_distillation(self, minibatches: list[list[dict]]) -> dict:
@@ -424,6 +467,19 @@ class RLTrainer(LMTrainer):
     def total_updates(self) -> int:
         """A step makes μ passes over its minibatches, each an optimizer update: the schedule spans them all."""
         return self.total_steps() * self.config.updates_per_step
+
+    def extra_state(self) -> dict:
+        """LMTrainer's (the reference's and teacher's checksums) and, with async generation, the queue of finished,
+        untrained steps (awaited first) and the sampler's state (`rl.generation`)."""
+        state = super().extra_state()
+        if self.generation is not None:
+            state["async"] = self.generation.state_dict(self.state.global_step)
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if self.generation is not None and "async" in state:
+            self.generation.load_state_dict(state["async"])
 
     # ---- across processes ---------------------------------------------------------------------
 
