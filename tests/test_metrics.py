@@ -45,8 +45,8 @@ def test_every_metric_written_is_documented_once_and_every_documented_one_is_wri
     base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
     sft = written(_sft(tmp_path / "sft"))
     rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env")) | written(
-        make_rl_trainer(tmp_path / "distill", max_steps=1, teacher=make_lm(make_tokenizer(), seed=5),
-                        val_data=make_prompts(4, seed=3)))
+        make_rl_trainer(tmp_path / "distill_async", max_steps=2, teacher=make_lm(make_tokenizer(), seed=5),
+                        val_data=make_prompts(4, seed=3), async_generation=True, max_lag=1))
     preference = written(make_dpo(tmp_path / "dpo", max_steps=2, val_data=make_pairs(4, seed=1))) | written(
         make_rm(tmp_path / "rm", max_steps=2, val_data=make_pairs(4, seed=1)))
     keys = {re.sub(r"pass@\d+", "pass@<k>", k.replace("digit_reward", "<function>"))
