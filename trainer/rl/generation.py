@@ -19,7 +19,8 @@ The protocol, parent (`AsyncGeneration`) and child (`generation_main`):
 - A checkpoint holds the queue: every requested step whose weights would be gone after a resume (all but the last
   request) is awaited, and its finished episodes, their weights' version and the generator's state after them are
   saved; the data position is the one consumed. A resume restarts the child from that generator state and asks for
-  the rest again: no prompt is skipped or trained twice.
+  the rest again: no prompt is skipped or trained twice. (A second `fit()` of the same trainer without a resume
+  has no queue: its first steps sample from the weights it starts with, the lag growing back to k.)
 - The child dies with the parent (PR_SET_PDEATHSIG, and a check of the parent's pid while it waits); an error in it
   (an environment, a reward function) is sent back and raised by the trainer; its death is an error naming its exit.
 """
@@ -112,6 +113,7 @@ class AsyncGeneration:
         self.lag, self.player, self.data, self.total_steps = lag, player, data, total_steps
         self.finished: dict[int, dict] = {}  # step -> the child's answer, not trained yet
         self.requested = 0  # the next step to ask for
+        self.oldest = 0  # the first step of this start: the oldest weights version in the slots
         self.generator: torch.Generator | None = None  # the trainer's sampling stream: its state after each step taken
         self.process = self.requests = self.results = self.slots = self.lookahead = None
         self.answered = False  # has the process sent anything since it started
@@ -129,8 +131,7 @@ class AsyncGeneration:
         self.requests, self.results = context.Queue(), context.Queue()
         self.slots = WeightSlots(model, self.lag)
         self.slots.publish(model, step)
-        for version in range(max(step - self.lag, 0), step):  # a resume restarts with W_step alone: the queue holds
-            self.slots.publish(model, version)  # what needed older weights, so these slots are never read
+        self.oldest = step  # the oldest weights there are: a step asked for now samples from W_step at the earliest
         self.lookahead = copy.deepcopy(plan)
         self.requested = step
         for _ in range(len(self.finished)):  # the queue's steps were asked for before the checkpoint
@@ -172,6 +173,7 @@ class AsyncGeneration:
         was not taken is dropped: a later `fit()` asks again from the trainer's state (a resume, from the
         checkpoint's queue)."""
         self.finished.clear()
+        self.requested = 0  # nothing in flight: a checkpoint taken now holds no queue
         if self.process is None:
             return
         if self.process.is_alive():
@@ -204,7 +206,7 @@ class AsyncGeneration:
         if self.total_steps is not None and self.requested >= self.total_steps:
             return False
         indices = self._next_indices()
-        self.requests.put((self.requested, indices, max(self.requested - self.lag, 0)))
+        self.requests.put((self.requested, indices, max(self.requested - self.lag, self.oldest)))
         self.requested += 1
         return True
 
