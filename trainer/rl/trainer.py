@@ -25,7 +25,8 @@ prompt, step scores the completion), and `RLTrainer(..., env=factory)` plays a u
 through `rl.envs.play` and one batch through `rollout_batch`. Where a new rollout feature goes: how an episode is
 sampled or stepped, `rl.envs.play` (and `lm.sampling.TurnSampler`, the one decode loop); what a transcript trains
 on (per-token weights or rewards, a teacher's term), `Episodes` and `rollout_batch`; where episodes come from,
-`rl.prompts.Source`.
+`rl.prompts.Source`; who plays them, `rl.rollouts.Player` (in the trainer, or with `async_generation` in a process
+of its own: `rl.generation`).
 
 The recipes of `paperloop.rl` are config values: GRPO (advantage=group_std, aggregation=sequence_mean), DAPO
 (token_mean, clip_high=0.28, dynamic_sampling, overlong_buffer), Dr. GRPO (advantage=none, aggregation=constant),
@@ -59,10 +60,10 @@ from .advantages import (distillation_advantages, group_advantages, group_spread
                          overlong_penalty, zero_std_fraction)
 from .config import RLConfig
 from .envs import Episodes, episode_seed
+from .generation import check_async
 from .losses import linear_quantile, masked_mean, policy_loss, update_shares
 from .metrics import pass_at_powers
 from .prompts import RewardFn, describe_factory, example_json, rollout_source
-from .generation import check_async
 from .records import completions_text, episode_metrics, policy_metrics, rollout_records, transcript_texts
 from .rollouts import Player, Rollouts, WholeStepsPlan, choose_groups, gather_episodes, split_rows
 
