@@ -204,3 +204,16 @@ def test_a_script_without_a_main_guard_is_told_why_the_generation_process_died(t
     proc = run_worker(script, check=False, timeout=300)
     assert proc.returncode != 0
     assert "if __name__ == '__main__':" in proc.stderr
+
+
+class Unpicklable(list):
+    def __reduce__(self):
+        raise TypeError("a database cursor")
+
+
+def test_train_data_the_generation_process_cannot_get_is_refused_naming_why(tmp_path):
+    trainer = make_rl_trainer(tmp_path, async_generation=True, max_steps=2)
+    trainer.train_data = Unpicklable(trainer.train_data)
+    with pytest.raises(TypeError, match="async_generation: .* cannot be pickled: a database cursor"):
+        trainer.fit()
+    assert trainer.generation.process is None

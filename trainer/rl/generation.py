@@ -109,8 +109,8 @@ class AsyncGeneration:
     """The trainer's side: starts the generation process, asks for steps k ahead, hands each step its episodes,
     publishes the weights after each step, and holds (and restores) the queue a checkpoint needs."""
 
-    def __init__(self, lag: int, player: Player, data, total_steps: int | None):
-        self.lag, self.player, self.data, self.total_steps = lag, player, data, total_steps
+    def __init__(self, lag: int, player: Player):
+        self.lag, self.player, self.total_steps = lag, player, None  # total_steps: set by start()
         self.finished: dict[int, dict] = {}  # step -> the child's answer, not trained yet
         self.requested = 0  # the next step to ask for
         self.oldest = 0  # the first step of this start: the oldest weights version in the slots
@@ -120,11 +120,12 @@ class AsyncGeneration:
 
     # ---- the run ------------------------------------------------------------------------------
 
-    def start(self, model: torch.nn.Module, plan, step: int, generator: torch.Generator) -> None:
-        """Start the child at loop step `step` (weights W_step are `model`'s), the data plan at its consumed
-        position, `generator` the trainer's sampling stream (a synchronous run's; it is kept at the state after
+    def start(self, model: torch.nn.Module, data, plan, step: int, total_steps: int | None,
+              generator: torch.Generator) -> None:
+        """Start the child at loop step `step` of `total_steps` (weights W_step are `model`'s) on `data`, the data plan
+        at its consumed position, `generator` the trainer's sampling stream (a synchronous run's; it is kept at the state after
         the last step taken, so a checkpoint saves it); ask for every step whose weights exist (up to `step` + k)."""
-        self.generator = generator
+        self.generator, self.total_steps = generator, total_steps
         # the child draws on from the last step asked for: the queue's last (a resume), else the last one taken
         start_state = self.finished[max(self.finished)]["generator"] if self.finished else generator.get_state()
         context = torch.multiprocessing.get_context("spawn")
@@ -137,12 +138,18 @@ class AsyncGeneration:
         for _ in range(len(self.finished)):  # the queue's steps were asked for before the checkpoint
             self._next_indices()
             self.requested += 1
-        spec = Spec(generation_copy(model), str(next(model.parameters()).device), self.slots, self.player, self.data,
+        spec = Spec(generation_copy(model), str(next(model.parameters()).device), self.slots, self.player, data,
                     start_state, torch.get_num_threads())
         self.answered = False
         self.process = context.Process(target=generation_main, args=(spec, self.requests, self.results, os.getpid()),
                                        daemon=True, name="paperloop-generation")
-        self.process.start()
+        try:
+            self.process.start()  # pickles the spec: the model, the player (tokenizer, rewards, env), the data
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            self.process = None
+            raise TypeError(f"async_generation: the generation process is started with a copy of the model, the "
+                            f"tokenizer, the reward functions or environment factory and train_data, and one of "
+                            f"them cannot be pickled: {e}") from e
         while self.requested <= step + self.lag:
             if not self._ask():
                 break
@@ -242,7 +249,7 @@ class AsyncGeneration:
         return [s for s in range(self.requested) if s not in self.finished] or [self.requested]
 
 
-def check_async(config: RLConfig, world_size: int, train_data, player: Player) -> AsyncGeneration | None:
+def check_async(config: RLConfig, world_size: int, player: Player) -> AsyncGeneration | None:
     """The async generation of a run that asks for it (None otherwise), or an error naming what it cannot go with."""
     if not config.async_generation:
         return None
@@ -256,7 +263,7 @@ def check_async(config: RLConfig, world_size: int, train_data, player: Player) -
     except Exception as e:
         raise ValueError(f"async_generation: the reward functions or the environment factory must be picklable "
                          f"(module-level functions and classes) to reach the generation process: {e}") from e
-    return AsyncGeneration(config.max_lag, player, train_data, None)
+    return AsyncGeneration(config.max_lag, player)
 
 
 def generation_copy(model: torch.nn.Module) -> torch.nn.Module:

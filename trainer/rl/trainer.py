@@ -129,7 +129,7 @@ class RLTrainer(LMTrainer):
                             "sampled completions must be scored by the same policy that trains)", config.lora.dropout)
             disable_dropout(self.unwrapped_model)
         self.player = Player(tokenizer, self.source, config, self.stop_token_ids, self.pad_id)
-        self.generation = check_async(config, self.world_size, train_data, self.player)
+        self.generation = check_async(config, self.world_size, self.player)
         # Each process draws its own episodes; its stream is checkpointed with the RNG state.
         self.eval_generator = None  # validation's own sampling stream (eval_num_generations), set by evaluate()
         self.sampling_generator = self.register_generator(
@@ -191,8 +191,8 @@ class RLTrainer(LMTrainer):
         if self.generation is None:
             return super().train()
         self.setup()
-        self.generation.total_steps = self.total_steps()
-        self.generation.start(self.unwrapped_model, self.plan, self.state.global_step, self.sampling_generator)
+        self.generation.start(self.unwrapped_model, self.train_data, self.plan, self.state.global_step,
+                              self.total_steps(), self.sampling_generator)
         try:
             return super().train()
         finally:
