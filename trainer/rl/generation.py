@@ -122,9 +122,10 @@ class AsyncGeneration:
 
     def start(self, model: torch.nn.Module, data, plan, step: int, total_steps: int | None,
               generator: torch.Generator) -> None:
-        """Start the child at loop step `step` of `total_steps` (weights W_step are `model`'s) on `data`, the data plan
-        at its consumed position, `generator` the trainer's sampling stream (a synchronous run's; it is kept at the state after
-        the last step taken, so a checkpoint saves it); ask for every step whose weights exist (up to `step` + k)."""
+        """Start the child at loop step `step` of `total_steps` (weights W_step are `model`'s) on `data`, the data
+        plan at its consumed position, `generator` the trainer's sampling stream (a synchronous run's; it is kept at
+        the state after the last step taken, so a checkpoint saves it); ask for every step whose weights exist (up
+        to `step` + k)."""
         self.generator, self.total_steps = generator, total_steps
         # the child draws on from the last step asked for: the queue's last (a resume), else the last one taken
         start_state = self.finished[max(self.finished)]["generator"] if self.finished else generator.get_state()
