@@ -192,7 +192,9 @@ def fetch(dataset, indices: torch.Tensor, collate=default_collate):
 
 
 def check_dataset(name: str, dataset) -> int:
-    """len(dataset), or a clear error when it has none or is empty."""
+    """len(dataset), or a clear error when it has none, is empty, or is a DataFrame."""
+    if (why := dataframe_problem(name, dataset)) is not None:
+        raise TypeError(why)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"{name} must be a map-style dataset (len() and [i]); got {type(dataset).__name__}. "
                         "Exact resume needs random access to samples by index.")
@@ -200,3 +202,14 @@ def check_dataset(name: str, dataset) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty")
     return n
+
+
+def dataframe_problem(name: str, data) -> str | None:
+    """Why `data` cannot be a dataset when it is a DataFrame (pandas, polars, ...), else None. A DataFrame has a
+    length and [ ], but its [0] selects a column named 0, not the first row: a bare `KeyError: 0` later on."""
+    kind = type(data)
+    if kind.__name__ != "DataFrame":
+        return None
+    return (f"{name}: is a {kind.__module__.split('.')[0]} DataFrame, whose [i] selects a column, not a row; give "
+            "a dataset of rows: datasets.Dataset.from_pandas(df) (for tensors, with .with_format('torch')), or a "
+            "list of dicts (df.to_dict('records'))")
