@@ -163,6 +163,7 @@ class BaseTrainer(Checkpointing, ABC):
     def train(self) -> TrainState:
         self.setup()
         first_step, first_update = self.state.global_step, self.state.updates
+        self._enter_train_mode()  # before on_train_begin: a callback may put modules of its choice in eval mode
         try:
             self._call("on_train_begin")
             self._load_callback_states()
@@ -182,6 +183,14 @@ class BaseTrainer(Checkpointing, ABC):
             finally:
                 self.finish_checkpoints()  # returns only once the last save (on_train_end's too) is committed
         return self.state
+
+    def _enter_train_mode(self) -> None:
+        """Train in train mode (dropout on; transformers' gradient checkpointing recomputes only in train mode). A
+        model handed over in eval mode, as `from_pretrained` returns it, is put in train mode whole; one in train
+        mode keeps each submodule's own mode (a frozen BatchNorm or teacher the user put in eval mode stays so)."""
+        if not self.model.training:
+            log.info("the model was in eval mode (as from_pretrained returns it): it trains in train mode")
+            self.model.train()
 
     def _check_something_trained(self, first_step: int, first_update: int) -> None:
         """A run that took steps and applied no update at all (every loss or gradient non-finite: a NaN setting, a
