@@ -172,15 +172,21 @@ def detached(obj):
     return obj  # numbers, strings, None: immutable
 
 
-def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` to write while the original trains on: every trainable parameter and every buffer
-    cloned to CPU memory, the rest of the object (the model's config, an adapter's settings) deep-copied,
-    so a weights writer given the copy writes the same files as given the model at this moment. One clone per tensor
-    object: tied weights stay tied, so the same duplicates are dropped. Frozen parameters (a LoRA base) are
-    shared, not copied: no training step writes them, and a base model can be most of the memory."""
+def cpu_copy(model: torch.nn.Module, omit_frozen: bool = False) -> torch.nn.Module:
+    """A copy of `model` to write while the original trains on: every parameter and every buffer cloned to CPU
+    memory, the rest of the object (the model's config, an adapter's settings) deep-copied, so a weights writer given
+    the copy writes the same files as given the model at this moment. One clone per tensor object: tied weights stay
+    tied, so the same duplicates are dropped.
+
+    Frozen parameters are cloned too: frozen says no optimizer writes them, not that nothing does (an EMA teacher or
+    a target network updated in place after each step would otherwise be written from a later step). With
+    `omit_frozen` (the caller's writer writes no frozen parameter: a LoRA checkpoint holds the adapter alone) they
+    are left out, as empty meta tensors: no copy of a base model that can be most of the memory, and a writer that
+    reads one after all fails ("Cannot copy out of meta tensor") instead of writing another step's values."""
     memo: dict[int, torch.Tensor] = {}
     for t in model.parameters():
-        clone = t.detach().to("cpu", copy=True) if t.requires_grad else t.detach()
+        omitted = omit_frozen and not t.requires_grad
+        clone = torch.empty_like(t, device="meta") if omitted else t.detach().to("cpu", copy=True)
         memo[id(t)] = torch.nn.Parameter(clone, requires_grad=t.requires_grad)
     for t in model.buffers():  # running statistics change in training whether or not they require grad
         memo.setdefault(id(t), t.detach().to("cpu", copy=True))

@@ -61,6 +61,11 @@ class Checkpointing:
     resume_keeps = ("lr", "weight_decay", "lr_scheduler", "warmup_steps", "warmup_ratio", "min_lr_ratio")
     # Config keys the data plan checks itself, with its own message (before anything is loaded).
     plan_checks = ("seed", "batch_size", "grad_accum_steps")
+    # Does `write_weights` write the model's frozen parameters? An async save writes a copy of the model while training
+    # goes on, frozen parameters included (an EMA teacher is updated in place after each step). A trainer whose
+    # checkpoints leave them out (LoRA: the adapter alone) says False: its copy leaves them out too, so a base model
+    # is not copied at every save, and a writer that reads one after all fails instead of writing a later step's.
+    writes_frozen_weights = True
 
     def __init__(self):
         self._in_hook = False  # between begin_hook() and end_hook(): callbacks are handling a hook
@@ -308,11 +313,28 @@ class Checkpointing:
     def _weights_writer(self, gathered: dict, copy: bool) -> Callable[[Path], None]:
         """`write_weights` bound to what this save writes, so it writes the same files on this thread or the
         writer's: the weights gathered whole from the shards (FSDP: copies already), else the model itself, or a
-        copy of it in CPU memory when the write runs while training changes the original (`copy`)."""
+        copy of it in CPU memory when the write runs while training changes the original (`copy`; without the frozen
+        parameters when `writes_frozen_weights` is False)."""
         model = self.unwrapped_model
         if self.sharded:
             return functools.partial(self.write_weights, model, state_dict=gathered)
-        return functools.partial(self.write_weights, ckpt.cpu_copy(model) if copy else model)
+        if not copy:
+            return functools.partial(self.write_weights, model)
+        if self.writes_frozen_weights:
+            return functools.partial(self.write_weights, ckpt.cpu_copy(model))
+        return functools.partial(self._write_without_frozen, ckpt.cpu_copy(model, omit_frozen=True))
+
+    def _write_without_frozen(self, copy: torch.nn.Module, directory: Path) -> None:
+        """`write_weights` of a copy that left the frozen parameters out (`writes_frozen_weights` False): a writer that
+        reads one is told so, rather than failing on a meta tensor with no word of why."""
+        try:
+            self.write_weights(copy, directory)
+        except NotImplementedError as e:  # torch's "Cannot copy out of meta tensor"
+            if "meta" not in str(e):
+                raise
+            raise RuntimeError(f"{type(self).__name__}.write_weights read a frozen parameter, which the copy an async "
+                               f"save writes leaves out as {type(self).__name__}.writes_frozen_weights is False; set "
+                               f"it to True if the checkpoint holds frozen parameters ({e})") from e
 
     def wait_for_checkpoint(self) -> None:
         """Wait until the checkpoint being written in the background, if any, is committed; then run its

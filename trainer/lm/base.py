@@ -177,6 +177,12 @@ class LMTrainer(BaseTrainer):
     def write_artifacts(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
 
+    @property
+    def writes_frozen_weights(self) -> bool:
+        """A LoRA checkpoint holds the adapter alone (peft's `save_pretrained`): an async save need not copy the
+        frozen base (and, left out of the copy, it is checked not to be read)."""
+        return self.config.lora is None
+
     def write_weights(self, model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         """The engine's writer, the model's own `save_pretrained` folder (a LoRA model: its adapter alone), without
         the "Writing model shards" bar transformers draws at every save."""
