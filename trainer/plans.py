@@ -154,7 +154,18 @@ class EpochPlan:
                 raise ValueError(f"data plan: the checkpoint's {key} is {state[key]}, this run's {value} (a "
                                  "changed dataset, batch size, accumulation or process count); resume with the "
                                  "same ones")
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        epoch, offset = state["epoch"], state["offset"]
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"data plan: the checkpoint's epoch is {epoch!r}, not an epoch (an integer >= 0)")
+        if type(offset) is not int or not 0 <= offset <= self.offset_limit(epoch):
+            raise ValueError(f"data plan: the checkpoint's offset is {offset!r}, outside the 0 .. "
+                             f"{self.offset_limit(epoch)} steps a position in its epoch can hold")
+        self.epoch, self.offset = epoch, offset
+
+    def offset_limit(self, epoch: int) -> int:
+        """The largest offset a position in `epoch` can hold: the epoch's step count (all of them taken, the epoch
+        not yet closed). A plan whose steps may take the next epoch's steps too says so here."""
+        return len(self._steps_of(epoch))
 
 
 def eval_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[torch.Tensor]:

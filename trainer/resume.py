@@ -126,6 +126,10 @@ class Checkpointing:
         """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
         loads them right after `on_train_begin` (where callbacks reset their counters)."""
         self._check_same_run(state)  # before anything is loaded: an error leaves the trainer as it was
+        train_state = TrainState.from_dict(state["train_state"])  # checked: counters in range, of the right types
+        if state["data"].get("epoch") != train_state.epoch:
+            raise ValueError(f"data plan: the checkpoint's data position is in epoch {state['data'].get('epoch')!r}, "
+                             f"its train_state in epoch {train_state.epoch}: they are one epoch in a checkpoint written")
         if self._keep_checkpoint_config(state["config"]):
             self.setup_again()  # the optimizer and schedule from the checkpoint's values; their state comes next
         self.setup()
@@ -146,7 +150,7 @@ class Checkpointing:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState.from_dict(state["train_state"])
+        self.state = train_state
         if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
             self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
         self.epoch_loss.load_state_dict(state["epoch_loss"])
@@ -375,7 +379,8 @@ class Checkpointing:
     def load_checkpoint(self, path: str | Path) -> None:
         """Verify the checkpoint at `path` and restore everything it holds (`load_state_dict`). "latest" is
         the newest committed checkpoint in `checkpoint_dir` that verifies and parses."""
-        path, state = self._read_latest() if str(path) == "latest" else (Path(path), ckpt.read(Path(path)))
+        limit = self.checkpoint_size_limit()
+        path, state = self._read_latest() if str(path) == "latest" else (Path(path), ckpt.read(Path(path), limit=limit))
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -385,12 +390,21 @@ class Checkpointing:
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
 
     def _read_latest(self) -> tuple[Path, dict]:
-        path, state, skipped = ckpt.read_latest(self.checkpoint_dir)
+        path, state, skipped = ckpt.read_latest(self.checkpoint_dir, self.checkpoint_size_limit())
         for bad, reason in skipped:
             log.warning("resume: skipped %s: %s", bad, reason)
         if path is None:
             raise ckpt.CheckpointError(f"{self.checkpoint_dir}: no committed checkpoint verifies, nothing to resume")
         return path, state
+
+    def checkpoint_size_limit(self) -> int:
+        """The most bytes of tensors (weights and state) a checkpoint of this run can hold: one whose manifest seals more
+        is refused before anything is hashed (a crafted manifest naming a sparse file of 200 GB would otherwise stall
+        `resume="latest"` for many minutes before it tried an older checkpoint). Eight times the model's tensors (its
+        weights, an optimizer's moments, a copy of the weights of its own) and 1 GiB for the rest of the state;
+        override for a trainer whose `extra_state` holds more."""
+        model_bytes = sum(t.numel() * t.element_size() for t in self.unwrapped_model.state_dict().values())
+        return 8 * model_bytes + (1 << 30)
 
     def has_checkpoints(self) -> bool:
         """Was a checkpoint ever committed in `checkpoint_dir` (what `fit(resume="auto")` asks)?"""
