@@ -158,6 +158,7 @@ class BaseTrainer(Checkpointing, ABC):
                 resume = "latest" if self.has_checkpoints() else None
             if resume is not None:
                 self.load_checkpoint(resume)
+            self.claim_output_dir(resumed=resume is not None)  # a folder holds one run's history
             return self.train()
 
     def train(self) -> TrainState:

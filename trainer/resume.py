@@ -33,7 +33,9 @@ from accelerate.utils import gather_object
 
 from . import checkpoint as ckpt
 from .callbacks.base import is_stateful
+from .config import ConfigError
 from .distributed import full_state, load_full_state
+from .lock import claim_folder, folder_owner
 from .rng import mixed_seed, reseed, rng_state, set_rng_state
 from .state import TrainState
 
@@ -129,7 +131,7 @@ class Checkpointing:
         train_state = TrainState.from_dict(state["train_state"])  # checked: counters in range, of the right types
         if state["data"].get("epoch") != train_state.epoch:
             raise ValueError(f"data plan: the checkpoint's data position is in epoch {state['data'].get('epoch')!r}, "
-                             f"its train_state in epoch {train_state.epoch}: they are one epoch in a checkpoint written")
+                             f"its train_state in epoch {train_state.epoch}: a checkpoint written holds one epoch")
         if self._keep_checkpoint_config(state["config"]):
             self.setup_again()  # the optimizer and schedule from the checkpoint's values; their state comes next
         self.setup()
@@ -398,13 +400,45 @@ class Checkpointing:
         return path, state
 
     def checkpoint_size_limit(self) -> int:
-        """The most bytes of tensors (weights and state) a checkpoint of this run can hold: one whose manifest seals more
-        is refused before anything is hashed (a crafted manifest naming a sparse file of 200 GB would otherwise stall
-        `resume="latest"` for many minutes before it tried an older checkpoint). Eight times the model's tensors (its
-        weights, an optimizer's moments, a copy of the weights of its own) and 1 GiB for the rest of the state;
+        """The most bytes of tensors (weights and state) a checkpoint of this run can hold: one whose manifest seals
+        more is refused before anything is hashed (a crafted manifest naming a sparse file of 200 GB would otherwise
+        stall `resume="latest"` for many minutes before it tried an older checkpoint). Eight times the model's tensors
+        (its weights, an optimizer's moments, a copy of the weights of its own) and 1 GiB for the rest of the state;
         override for a trainer whose `extra_state` holds more."""
         model_bytes = sum(t.numel() * t.element_size() for t in self.unwrapped_model.state_dict().values())
         return 8 * model_bytes + (1 << 30)
+
+    def claim_output_dir(self, resumed: bool) -> None:
+        """A folder holds one run's history: its checkpoints and logs (what each callback's `logged_history` finds).
+        A new run into an output_dir holding another run's history is refused (its logs would be trimmed, its
+        TensorBoard mixed with this one's, its checkpoints named beside this run's), and so is a resume into a folder
+        another run owns; otherwise this run claims the folder (`run.json`). Every process raises alike."""
+        why = self._output_dir_refusal(resumed) if self.is_main_process else None
+        if self.any_process(why is not None):
+            raise ConfigError(why or f"output_dir: {self.config.output_dir} holds another run's history (the main "
+                              "process says which)")
+        if self.is_main_process:
+            claim_folder(self.config.output_dir, self.state.run_id)
+
+    def _output_dir_refusal(self, resumed: bool) -> str | None:
+        folder, mine = Path(self.config.output_dir), self.state.run_id
+        owner = folder_owner(folder)
+        if owner == mine:
+            return None  # this run's own folder: a resume, or this trainer's next fit()
+        found = [f"{self.checkpoint_dir} holds checkpoints"] if ckpt.index_events(self.checkpoint_dir, warn=False) \
+            else []
+        found += [what for cb in self.callbacks if (what := cb.logged_history(self)) is not None]
+        if not found or (owner is None and (resumed or self.state.global_step)):
+            return None  # nothing written yet; or a folder from before run.json, which a resume of its run adopts
+        history = "; ".join(found)
+        if resumed:
+            return (f"output_dir: {folder} holds the history of run {owner} ({history}), and the checkpoint resumed "
+                    f"is run {mine}'s: their logs and checkpoints would mix. Resume it in its own output_dir, or a "
+                    "new one")
+        resume = ("resume it (fit(resume='latest'), or resume='auto' to start or continue), "
+                  if self.has_checkpoints() else "it wrote no checkpoint to resume from: ")
+        return (f"output_dir: {folder} holds another run's history ({history}), which a new run would mix with and "
+                f"trim; {resume}choose another output_dir, or delete those files to start over")
 
     def has_checkpoints(self) -> bool:
         """Was a checkpoint ever committed in `checkpoint_dir` (what `fit(resume="auto")` asks)?"""
