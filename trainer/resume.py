@@ -206,8 +206,13 @@ class Checkpointing:
         for name, digest in self.fingerprints().items():
             recorded = state.get("fingerprints", {}).get(name)  # a checkpoint written before fingerprints: none
             if recorded is not None and recorded != digest:
-                raise ValueError(f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume "
-                                 f"with the same {name}, or start a new run")
+                raise ValueError(self.fingerprint_mismatch(name))
+
+    def fingerprint_mismatch(self, name: str) -> str:
+        """What a resume is told when this run's `name` fingerprint differs from the checkpoint's; override to say
+        more (where that part of the run comes from)."""
+        return (f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume with the same "
+                f"{name}, or start a new run")
 
     def _keep_checkpoint_config(self, saved: dict) -> bool:
         """Take the `resume_keeps` keys whose values differ from the checkpoint's config into `config`, warning
