@@ -50,6 +50,7 @@ class TrainState:
         return state
 
     def check(self) -> None:
+        """Raise a ValueError naming the first field out of range or of another type."""
         for name in ("epoch", "global_step", "step_in_epoch", "updates"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,27 +38,12 @@ class Student(torch.nn.Module):
         self.ema_updates.add_(1)
 
 
-class Progress:
-    """The training thread's last finished step, which the writer thread can wait for."""
-
-    def __init__(self):
-        self.step, self.changed = 0, threading.Condition()
-
-    def set(self, step):
-        with self.changed:
-            self.step = step
-            self.changed.notify_all()
-
-    def wait_for(self, step):
-        with self.changed:
-            assert self.changed.wait_for(lambda: self.step >= step, timeout=30), f"training never reached {step}"
-
-
 class Distillation(BaseTrainer):
-    """Writes each checkpoint's weights only once training has finished the next step (as a slow disk would), so
-    the copy it writes must not share a tensor that step changes."""
+    """With `slow_disk`, writes each checkpoint's weights in the background only once training has updated the
+    teacher for the next step (as a slow disk would let it), so the copy it writes must not share a tensor that
+    step changes."""
 
-    progress: Progress | None = None
+    slow_disk = False
 
     def training_step(self, batch):
         x, y = batch
@@ -65,19 +51,21 @@ class Distillation(BaseTrainer):
 
     def write_weights(self, model, directory, state_dict=None):
         step = int(re.search(r"step-(\d+)", directory.name)[1])
-        if self.progress is not None and threading.current_thread() is not threading.main_thread() and step < 6:
-            self.progress.wait_for(step + 1)
+        in_writer = threading.current_thread() is not threading.main_thread()
+        if self.slow_disk and in_writer and step < self.config.max_steps:
+            deadline = time.monotonic() + 30
+            while int(self.unwrapped_model.ema_updates) <= step:  # the training thread's teacher, updated in place
+                assert time.monotonic() < deadline, f"training never updated the teacher after step {step}"
+                time.sleep(0.005)
         super().write_weights(model, directory, state_dict)
 
 
 def fit(out: Path, async_checkpoint: bool) -> Distillation:
-    progress = Progress()
-    callbacks = [LambdaCallback(on_batch_end=lambda t, o: t.unwrapped_model.update_teacher()),  # before the save
-                 LambdaCallback(on_batch_end=lambda t, o: progress.set(t.state.global_step))]
+    update = LambdaCallback(on_batch_end=lambda t, o: t.unwrapped_model.update_teacher())  # before the save
     config = TrainerConfig(max_steps=6, batch_size=8, lr=0.01, checkpoint_every_steps=1, output_dir=str(out),
                            async_checkpoint=async_checkpoint)
-    t = Distillation(Student(), config, train_data=make_data(48), callbacks=callbacks)
-    t.progress = progress if async_checkpoint else None
+    t = Distillation(Student(), config, train_data=make_data(48), callbacks=[update])
+    t.slow_disk = True
     t.state.run_id = "one-run"  # what a fresh fit draws at random: the same, so the files may be the same bytes
     t.fit()
     return t
