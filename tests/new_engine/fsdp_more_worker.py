@@ -82,10 +82,15 @@ def main():
     torch.set_num_threads(1)
     resume(out, args.checkpoint)
     sample(out)
+    leave()
+
+
+def leave() -> None:
+    """Out at once when every process is done (see the module's docstring)."""
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     os._exit(0)
 
 
