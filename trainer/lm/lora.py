@@ -152,7 +152,8 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path |
     """Merge a LoRA checkpoint's adapter into its base and write a plain `transformers` folder to `out`
     (weights, config, and the checkpoint's tokenizer when it has one) that
     `AutoModelForCausalLM.from_pretrained(out)` loads without peft. `base`: the base model folder, by default
-    the one `adapter_config.json` names.
+    the one `adapter_config.json` names; it is loaded in the dtype the run trained it in and must hold the weights
+    the adapter was trained on (the checksum the checkpoint records, `check_base`).
 
     What the checkpoint holds is data: the adapter is rebuilt from the run's own recorded LoRA settings (never
     from `adapter_config.json`'s, whose module patterns peft would run as regular expressions), the base and
