@@ -19,7 +19,10 @@ What a checkpoint says is data. The manifest and every index line are checked ag
 before use (a garbled one is skipped by `read_latest`, or a CheckpointError naming the file); a name
 read from checkpoint data must be a plain entry of the checkpoint folder; each index entry carries
 the id of the run that wrote it, and `record_removal` deletes only checkpoints of the calling run.
-The next save cleans up what interrupted writes left (`remove_leftovers`).
+What it costs to verify is bounded before anything is hashed (`verify`): a resume hashes only the files it reads,
+each sealed file must be a regular file of its recorded size (a safetensors file: the size its header declares),
+and the tensors at most what the run's checkpoint can hold. The next save cleans up what interrupted writes left
+(`remove_leftovers`).
 
 A write is two halves: `take` (at the step boundary: the temporary folder, config.yaml and artifacts)
 and `finish` (weights and state files, manifest, rename, index). The weights are written by a function the

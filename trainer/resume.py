@@ -1,5 +1,5 @@
-"""The resume half of BaseTrainer: the state a resume needs, as one dict of named components, and when
-and where checkpoints of it are written.
+"""The resume half of BaseTrainer: the state a resume needs, as one dict of named components, when and where
+checkpoints of it are written, and whose history the output folder holds (`claim_output_dir`: one run's).
 
 `trainer.state_dict()` is everything a resume needs; `load_state_dict()` puts it back; `checkpoint.py`
 writes and reads that dict (files, crash safety, verification) and nothing else: the weights go through
