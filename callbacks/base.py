@@ -42,6 +42,12 @@ class Callback:
     def state_dict(self) -> dict:
         return {}
 
+    def logged_history(self, trainer) -> str | None:
+        """Not a hook: asked once as a fit starts, on the main process. What a run has written where this callback
+        writes (a logger's files), in a few words naming the place, or None. A folder holds one run's history: a new
+        run that would write beside another's is refused (`Checkpointing.claim_output_dir`)."""
+        return None
+
     def load_state_dict(self, state: dict) -> None:
         pass
 

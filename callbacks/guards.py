@@ -13,11 +13,13 @@ from .base import Callback
 log = logging.getLogger(__name__)
 
 
-def checkpoint_and_stop(trainer, reason: str) -> None:
-    """Checkpoint, then stop in a way a resume undoes: the run is interrupted, not finished. An async
-    checkpoint is committed before the run stops: train() waits for it before on_train_end."""
-    trainer.save_checkpoint()
-    trainer.request_stop(reason, resumable=True)
+def checkpoint_and_stop(trainer, reason: str, interrupt: bool = False):
+    """Checkpoint, then stop in a way a resume undoes: the run is interrupted, not finished (`interrupt`: by the
+    user, so fit() raises KeyboardInterrupt once it has ended). An async checkpoint is committed before the run
+    stops: train() waits for it before on_train_end. Returns the checkpoint's path."""
+    path = trainer.save_checkpoint()
+    trainer.request_stop(reason, resumable=True, interrupt=interrupt)
+    return path
 
 
 class TerminateOnNonFinite(Callback):
@@ -31,9 +33,12 @@ class TerminateOnNonFinite(Callback):
 
 
 class SignalCheckpoint(Callback):
-    """On SIGTERM or SIGINT (a preemption, a Ctrl-C): finish the current step, write a
-    checkpoint, and stop with reason "signal"; `fit(resume="latest")` then continues exactly. A second
-    signal of the same kind gets the default behaviour. The trainer attaches one unless you do."""
+    """On SIGTERM or SIGINT (a preemption, a Ctrl-C): finish the current step, write a checkpoint, and stop with
+    reason "signal" (`state.interrupted` is then True), saying so in a warning; `fit(resume="latest")` then continues
+    exactly. After a SIGINT, fit() raises KeyboardInterrupt once the run has ended (checkpoint committed,
+    `on_train_end` run): the script stops, as a Ctrl-C should, instead of going on as if training had finished. After
+    a SIGTERM, fit() returns (a scheduler's preemption: the script may requeue itself). A second signal of the same
+    kind gets the default behaviour. The trainer attaches one unless you do."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
@@ -59,7 +64,13 @@ class SignalCheckpoint(Callback):
     def _maybe_stop(self, trainer):
         # Every process must take the same decision at the same step, or the next collective hangs.
         if trainer.any_process(self.received is not None):
-            checkpoint_and_stop(trainer, "signal")
+            ctrl_c = trainer.any_process(self.received == signal.SIGINT)
+            name = signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+            path = checkpoint_and_stop(trainer, "signal", interrupt=ctrl_c)
+            if trainer.is_main_process:
+                log.warning("%s: the run stops after step %d, checkpointed in %s; fit(resume='latest') continues it%s",
+                            name, trainer.state.global_step, path,
+                            " (fit() raises KeyboardInterrupt once the checkpoint is written)" if ctrl_c else "")
             self.received = None
 
     def on_train_end(self, trainer):

@@ -11,8 +11,11 @@ unless you attach your own); the main process writes.
 A resumed run writes no line twice. The lines of steps after the checkpoint it starts from were written by the run
 that went on past that checkpoint (and was killed, or is being redone from an earlier one); the resumed run writes
 them again. So before its first line into a file, each fit() rewrites the file with only the lines of steps up to
-its start (`trim`): a fresh run (step 0) starts its files empty. A run that stops early (a signal, a time limit)
-logs its last step as it ends, like TensorBoardLogger; the run resumed from there keeps that line and goes on after.
+its start (`trim`); a complete last line missing its newline is terminated there, not joined by the next line. The
+lines trimmed are this run's own: a folder holds one run's history, and the trainer refuses a new run, or another
+run's resume, into a folder whose metrics.jsonl holds a logged step (`logged_history`). A run that stops early (a
+signal, a time limit) logs its last step as it ends, like TensorBoardLogger; the run resumed from there keeps that
+line and goes on after.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class JSONLLogger(StepLogger):
         self.directory = directory
         self.files: dict[str, JSONLFile] = {}
         self.line: dict | None = None  # the step's metrics, written when the hook ends
+
+    def logged_history(self, trainer) -> str | None:
+        path = Path(self.directory or trainer.config.output_dir) / f"{METRICS}.jsonl"
+        return f"{path} holds logged steps" if has_a_step(path) else None
 
     def _open(self, trainer):
         self.folder = Path(self.directory or trainer.config.output_dir)
@@ -208,6 +215,14 @@ def trim(path: Path, through_step: int) -> tuple[int, bytes] | None:
     if not kept:
         return None
     return sum(map(len, kept[:-1])), kept[-1]
+
+
+def has_a_step(path: Path) -> bool:
+    """Does the JSON-lines file `path` hold a line of a logged step? (Read until the first one.)"""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return any(_step(line) is not None for line in f)
 
 
 def _step(line: bytes) -> int | None:

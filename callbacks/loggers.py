@@ -135,6 +135,10 @@ class TensorBoardLogger(StepLogger):
         self.log_dir = log_dir
         self.writer = None
 
+    def logged_history(self, trainer) -> str | None:
+        folder = Path(self.log_dir or Path(trainer.config.output_dir) / "tensorboard")
+        return f"{folder} holds TensorBoard events" if any(folder.glob("events.out.tfevents.*")) else None
+
     def _open(self, trainer):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 

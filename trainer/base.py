@@ -96,6 +96,7 @@ class BaseTrainer(Checkpointing, ABC):
         self.optimizer = self.scheduler = self.plan = None
         self.generators: dict[str, torch.Generator] = {}  # checkpointed with the RNG state
         self.error: BaseException | None = None  # set when fit() ends by an exception
+        self._interrupted = False  # a stop asked with interrupt=True: train() raises KeyboardInterrupt at its end
         # default_collate itself (not a bound method) lets fetch() index tensor datasets directly.
         overridden = type(self).collate is not BaseTrainer.collate
         self._collate = self.collate if overridden else torch.utils.data.default_collate
@@ -151,18 +152,22 @@ class BaseTrainer(Checkpointing, ABC):
     def fit(self, resume: str | Path | None = None) -> TrainState:
         """Train to the end; `resume` is a checkpoint directory, "latest" (the newest in
         `output_dir/checkpoints` that verifies) or "auto" ("latest" when a checkpoint was ever committed
-        there, else a fresh start: the same command starts a run or continues it). Returns the TrainState."""
+        there, else a fresh start: the same command starts a run or continues it). Returns the TrainState; after a
+        Ctrl-C (SIGINT), raises KeyboardInterrupt once the run is checkpointed and ended (`SignalCheckpoint`)."""
         self.setup()
         with OutputLock(self.config.output_dir, enabled=self.is_main_process):  # one run writes into a folder
             if resume == "auto":
                 resume = "latest" if self.has_checkpoints() else None
             if resume is not None:
                 self.load_checkpoint(resume)
+            self.claim_output_dir(resumed=resume is not None)  # a folder holds one run's history
             return self.train()
 
     def train(self) -> TrainState:
         self.setup()
         first_step, first_update = self.state.global_step, self.state.updates
+        self._interrupted = False
+        self._enter_train_mode()  # before on_train_begin: a callback may put modules of its choice in eval mode
         try:
             self._call("on_train_begin")
             self._load_callback_states()
@@ -181,7 +186,20 @@ class BaseTrainer(Checkpointing, ABC):
                 self._call("on_train_end")
             finally:
                 self.finish_checkpoints()  # returns only once the last save (on_train_end's too) is committed
+        if self._interrupted:  # the run ended cleanly: now the script that was interrupted stops too
+            saved = "checkpointed; fit(resume='latest') continues it" if self.has_current_checkpoint() else \
+                "with no checkpoint at that step"
+            raise KeyboardInterrupt(f"{self.config.output_dir}: interrupted at step {self.state.global_step} "
+                                    f"({self.state.stop_reason}), {saved}")
         return self.state
+
+    def _enter_train_mode(self) -> None:
+        """Train in train mode (dropout on; transformers' gradient checkpointing recomputes only in train mode). A
+        model handed over in eval mode, as `from_pretrained` returns it, is put in train mode whole; one in train
+        mode keeps each submodule's own mode (a frozen BatchNorm or teacher the user put in eval mode stays so)."""
+        if not self.model.training:
+            log.info("the model was in eval mode (as from_pretrained returns it): it trains in train mode")
+            self.model.train()
 
     def _check_something_trained(self, first_step: int, first_update: int) -> None:
         """A run that took steps and applied no update at all (every loss or gradient non-finite: a NaN setting, a
@@ -373,11 +391,14 @@ class BaseTrainer(Checkpointing, ABC):
             raise
         self.end_hook(completed=True)
 
-    def request_stop(self, reason: str, resumable: bool = False) -> None:
+    def request_stop(self, reason: str, resumable: bool = False, interrupt: bool = False) -> None:
         """Ask the loop to stop after the current step (or epoch). A `resumable` stop (a signal, a time
-        limit) is undone by a resume; any other ends the run for good."""
+        limit) is undone by a resume; any other ends the run for good. `interrupt`: the user interrupted the
+        run (Ctrl-C): once it has ended cleanly (on_train_end run, checkpoints committed), fit() raises
+        KeyboardInterrupt instead of returning as if it had finished."""
         if not self.state.should_stop:
             self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = True, reason, resumable
+            self._interrupted = interrupt
             log.info("stopping: %s", reason)
 
     # ---- evaluation ---------------------------------------------------------------------------

@@ -19,7 +19,10 @@ What a checkpoint says is data. The manifest and every index line are checked ag
 before use (a garbled one is skipped by `read_latest`, or a CheckpointError naming the file); a name
 read from checkpoint data must be a plain entry of the checkpoint folder; each index entry carries
 the id of the run that wrote it, and `record_removal` deletes only checkpoints of the calling run.
-The next save cleans up what interrupted writes left (`remove_leftovers`).
+What it costs to verify is bounded before anything is hashed (`verify`): a resume hashes only the files it reads,
+each sealed file must be a regular file of its recorded size (a safetensors file: the size its header declares),
+and the tensors at most what the run's checkpoint can hold. The next save cleans up what interrupted writes left
+(`remove_leftovers`).
 
 A write is two halves: `take` (at the step boundary: the temporary folder, config.yaml and artifacts)
 and `finish` (weights and state files, manifest, rename, index). The weights are written by a function the
@@ -38,6 +41,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,6 +66,11 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")  # temporary_dir's names
 SHA256 = re.compile(r"[0-9a-f]{64}")
+# What a checkpoint's files can hold, checked before hashing (`verify`): a manifest lists names and digests; the
+# state's JSON holds counters, histories and RNG states (tensors go to their own file); safetensors caps its header.
+MANIFEST_LIMIT = 16 << 20
+METADATA_LIMIT = 1 << 30
+SAFETENSORS_HEADER_LIMIT = 100_000_000
 
 
 class CheckpointError(RuntimeError):
@@ -172,15 +181,21 @@ def detached(obj):
     return obj  # numbers, strings, None: immutable
 
 
-def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` to write while the original trains on: every trainable parameter and every buffer
-    cloned to CPU memory, the rest of the object (the model's config, an adapter's settings) deep-copied,
-    so a weights writer given the copy writes the same files as given the model at this moment. One clone per tensor
-    object: tied weights stay tied, so the same duplicates are dropped. Frozen parameters (a LoRA base) are
-    shared, not copied: no training step writes them, and a base model can be most of the memory."""
+def cpu_copy(model: torch.nn.Module, omit_frozen: bool = False) -> torch.nn.Module:
+    """A copy of `model` to write while the original trains on: every parameter and every buffer cloned to CPU
+    memory, the rest of the object (the model's config, an adapter's settings) deep-copied, so a weights writer given
+    the copy writes the same files as given the model at this moment. One clone per tensor object: tied weights stay
+    tied, so the same duplicates are dropped.
+
+    Frozen parameters are cloned too: frozen says no optimizer writes them, not that nothing does (an EMA teacher or
+    a target network updated in place after each step would otherwise be written from a later step). With
+    `omit_frozen` (the caller's writer writes no frozen parameter: a LoRA checkpoint holds the adapter alone) they
+    are left out, as empty meta tensors: no copy of a base model that can be most of the memory, and a writer that
+    reads one after all fails ("Cannot copy out of meta tensor") instead of writing another step's values."""
     memo: dict[int, torch.Tensor] = {}
     for t in model.parameters():
-        clone = t.detach().to("cpu", copy=True) if t.requires_grad else t.detach()
+        omitted = omit_frozen and not t.requires_grad
+        clone = torch.empty_like(t, device="meta") if omitted else t.detach().to("cpu", copy=True)
         memo[id(t)] = torch.nn.Parameter(clone, requires_grad=t.requires_grad)
     for t in model.buffers():  # running statistics change in training whether or not they require grad
         memo.setdefault(id(t), t.detach().to("cpu", copy=True))
@@ -188,18 +203,31 @@ def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def weight_files(directory: Path) -> list[str]:
-    """The safetensors files holding the weights in `directory`: those a sharded save's index names; else, in a
-    checkpoint, those its weights writer wrote, as the manifest records them (one written before the record: every
-    safetensors file it seals but the trainer's state); else model.safetensors (a `save_pretrained` folder)."""
+    """The safetensors files holding the weights in `directory`. In a checkpoint, only files its manifest seals: those
+    a sealed sharded-save index names, else those its weights writer wrote, as the manifest records them (one
+    written before the record: every safetensors file it seals but the trainer's state). Elsewhere (a
+    `save_pretrained` folder): those its index names, else model.safetensors."""
     index = directory / WEIGHTS_INDEX
-    if index.exists():
-        return _indexed_files(index)
     if not (directory / MANIFEST).exists():
-        return [WEIGHTS]
+        return _indexed_files(index) if index.exists() else [WEIGHTS]
     manifest = checked_manifest(directory)
-    if "weights" in manifest:
-        return manifest["weights"]
-    return [name for name in manifest["files"] if name.endswith(".safetensors") and name != STATE_TENSORS]
+    files = manifest["files"]
+    if WEIGHTS_INDEX in files:
+        names = _indexed_files(index)
+    elif "weights" in manifest:
+        names = manifest["weights"]
+    else:
+        names = [name for name in files if name.endswith(".safetensors") and name != STATE_TENSORS]
+    if unsealed := [name for name in names if name not in files]:
+        raise CheckpointError(f"{index}: names {unsealed[0]}, which {directory / MANIFEST} does not seal")
+    return names
+
+
+def read_back_files(directory: Path) -> list[str]:
+    """The files of the checkpoint `directory` that a resume reads: the state's two, the weights and their index.
+    The rest (config.yaml, a tokenizer, a model's config.json) is for people and tools, never read back."""
+    sealed = read_manifest(directory)
+    return [STATE_JSON, STATE_TENSORS, *([WEIGHTS_INDEX] if WEIGHTS_INDEX in sealed else []), *weight_files(directory)]
 
 
 def _indexed_files(index: Path) -> list[str]:
@@ -471,6 +499,9 @@ def checked_manifest(directory: Path) -> dict:
     against its schema, or a CheckpointError naming it and why."""
     path = directory / MANIFEST
     try:
+        if path.stat().st_size > MANIFEST_LIMIT:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than a manifest of file names and "
+                                  f"digests holds (at most {MANIFEST_LIMIT})")
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing, so the checkpoint was never committed") from None
@@ -489,8 +520,9 @@ def _manifest_problem(manifest) -> str | None:
     files = manifest.get("files")
     if not isinstance(files, dict):
         return f"'files' is a JSON {type(files).__name__}, not an object"
-    if STATE_JSON not in files:
-        return f"'files' lists no {STATE_JSON}"
+    for name in (STATE_JSON, STATE_TENSORS):
+        if name not in files:
+            return f"'files' lists no {name}"
     if not isinstance(manifest.get("run_id", ""), str):
         return "'run_id' is not a string"
     for name, entry in files.items():
@@ -505,6 +537,8 @@ def _manifest_problem(manifest) -> str | None:
     weights = manifest.get("weights", [])
     if not isinstance(weights, list) or not all(isinstance(name, str) and name in files for name in weights):
         return "'weights' is not a list of names from 'files'"
+    if not all(name.endswith(".safetensors") and name != STATE_TENSORS for name in weights):
+        return "'weights' names a file that is not a safetensors file of weights"
     return None
 
 
@@ -514,31 +548,77 @@ def _outside(name: str) -> bool:
     return not parts or name.startswith("/") or "\\" in name or ".." in parts or parts == (".",)
 
 
-def verify(directory: Path) -> None:
-    """Raise CheckpointError naming the first file that is missing or differs from the manifest."""
+def verify(directory: Path, limit: int | None = None, read_back_only: bool = False) -> None:
+    """Raise CheckpointError naming the first file that is missing or differs from the manifest.
+
+    Cheap checks come before any hashing, so a crafted manifest (naming a sparse file of 200 GB, say) is refused in
+    microseconds rather than hashed for many minutes: every file is a regular file of the size the manifest says;
+    a safetensors file is the size its own header declares; the state's JSON and the weights' index are at most
+    METADATA_LIMIT; and the safetensors files to hash hold at most `limit` bytes (what the run's model and state can
+    hold, `Checkpointing.checkpoint_size_limit`). `read_back_only`: hash only what a resume reads (`read_back_files`),
+    not the files for people and tools (config.yaml, a tokenizer), which a resume never reads."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     files = read_manifest(directory)
     for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing")
-        if path.stat().st_size != expected["size"]:
-            raise CheckpointError(f"{path}: size {path.stat().st_size} != {expected['size']} in the manifest")
+        _check_file(directory / name, expected["size"])
+    hashed = read_back_files(directory) if read_back_only else list(files)
+    for name in (STATE_JSON, WEIGHTS_INDEX):
+        if name in hashed and files[name]["size"] > METADATA_LIMIT:
+            raise CheckpointError(f"{directory / name}: {files[name]['size']} bytes, more than a checkpoint writes "
+                                  f"there (at most {METADATA_LIMIT})")
+    tensor_bytes = sum(files[name]["size"] for name in hashed if name.endswith(".safetensors"))
+    if limit is not None and tensor_bytes > limit:
+        raise CheckpointError(f"{directory / MANIFEST}: seals {tensor_bytes} bytes of tensors, more than a checkpoint "
+                              f"of this run can hold ({limit}: Checkpointing.checkpoint_size_limit)")
     with ThreadPoolExecutor() as pool:
-        digests = pool.map(_sha256, [directory / name for name in files])
-        for (name, expected), digest in zip(files.items(), digests):
-            if digest != expected["sha256"]:
+        digests = pool.map(_sha256, [directory / name for name in hashed])
+        for name, digest in zip(hashed, digests):
+            if digest != files[name]["sha256"]:
                 raise CheckpointError(f"{directory / name}: sha256 differs from the manifest (corrupted or modified)")
 
 
-def read_latest(folder: Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
-    """The newest committed checkpoint whose files verify and parse, its state dict, and the newer ones skipped
-    with the reason (a damaged file, a garbled manifest, a state nested too deep to parse)."""
+def _check_file(path: Path, size: int) -> None:
+    """`path` is a regular file of `size` bytes (a safetensors file: the size its header declares, when it parses),
+    or a CheckpointError says why not. A checkpoint writes no link: one could lead to a device or to any other file."""
+    try:
+        found = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"{path}: missing") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a link, a folder or a device), which a checkpoint never "
+                              "writes")
+    if found.st_size != size:
+        raise CheckpointError(f"{path}: size {found.st_size} != {size} in the manifest")
+    # A header that does not parse is left to the digest (and to `limit`): a file we wrote always parses
+    if path.suffix == ".safetensors" and (declared := _safetensors_size(path)) not in (None, size):
+        raise CheckpointError(f"{path}: {size} bytes, but its safetensors header declares {declared}")
+
+
+def _safetensors_size(path: Path) -> int | None:
+    """The size a safetensors file has by its own header (8 bytes giving the header's length, the JSON header, then
+    exactly the data its tensors' offsets index), or None when the header is not one."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > SAFETENSORS_HEADER_LIMIT:
+            return None
+        try:
+            header = json.loads(f.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError):
+            return None
+    if not all(type(end) is int and end >= 0 for end in ends):
+        return None
+    return 8 + length + max(ends, default=0)
+
+
+def read_latest(folder: Path, limit: int | None = None) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest committed checkpoint whose files verify (`limit`: see `verify`) and parse, its state dict, and the
+    newer ones skipped with the reason (a damaged file, a garbled manifest, a state nested too deep to parse)."""
     skipped = []
     for path in committed(folder):
         try:
-            return path, read(path), skipped
+            return path, read(path, limit=limit), skipped
         except CheckpointError as e:
             skipped.append((path, str(e)))
     return None, None, skipped
@@ -604,11 +684,11 @@ def finish_in_background(snapshot: Snapshot) -> Future:
     return future
 
 
-def read(path: Path, verified: bool = False) -> dict:
-    """The state dict a checkpoint holds, "model" included, after verifying every file (unless the caller
-    just did: `verified`)."""
+def read(path: Path, verified: bool = False, limit: int | None = None) -> dict:
+    """The state dict a checkpoint holds, "model" included, after verifying the files it is read from (unless the
+    caller just did: `verified`); `limit`: see `verify`."""
     if not verified:
-        verify(path)
+        verify(path, limit, read_back_only=True)
     state = load_state(path)
     state["model"] = read_weights(path)
     return state

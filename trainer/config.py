@@ -82,6 +82,8 @@ class TrainerConfig:
                      positive_or_none=("max_epochs", "max_steps", "val_every_steps", "checkpoint_every_steps",
                                        "time_limit_s", "early_stopping_patience", "max_grad_norm"),
                      non_negative=("lr", "weight_decay", "warmup_steps", "warmup_ratio", "min_lr_ratio"))
+        if not 0 <= self.seed < 2**32:  # numpy's global seed is 32 bits: a wider one would fail later, naming nothing
+            raise ConfigError(f"seed: must be in [0, 2**32 - 1], got {self.seed}")
         if self.lr_scheduler not in SCHEDULES:
             raise ConfigError(f"lr_scheduler: must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.warmup_steps and self.warmup_ratio:

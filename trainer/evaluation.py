@@ -28,14 +28,14 @@ class Weighted:
 
 @torch.no_grad()
 def evaluate(trainer, dataset, prefix: str, step_fn) -> dict:
-    """{"<prefix>/<name>": mean} of `step_fn(batch)`'s metrics over every sample of `dataset`: in eval mode,
-    without grad, each batch weighted by its sample count (a short last batch counts right) or by the weight
-    of a `Weighted` value, summed over every process."""
+    """{"<prefix>/<name>": mean} of `step_fn(batch)`'s metrics over every sample of `dataset`: in eval mode (each
+    module's own mode put back after), without grad, each batch weighted by its sample count (a short last batch
+    counts right) or by the weight of a `Weighted` value, summed over every process."""
     if dataset is None:
         raise ValueError(f"{prefix}: no {prefix}_data was given to the trainer")
     owner = f"{type(trainer).__name__}.{getattr(step_fn, '__name__', 'step_fn')}"
     model, device = trainer.model, trainer.device
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # each put back: a frozen part stays in eval
     model.eval()
     sums: dict[str, torch.Tensor] = {}  # key -> (Σ total, Σ weight)
     try:
@@ -52,7 +52,8 @@ def evaluate(trainer, dataset, prefix: str, step_fn) -> dict:
                 pair = pair if real else torch.zeros_like(pair)
                 sums[key] = sums[key] + pair if key in sums else pair
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     keys = sorted(sums)
     totals = trainer.reduce_sum(torch.stack([sums[k] for k in keys])).tolist() if keys else []
     return {f"{prefix}/{k}": total / weight if weight else float("nan") for k, (total, weight) in zip(keys, totals)}

@@ -1,4 +1,4 @@
-"""OutputLock: one run at a time writes into an output folder.
+"""OutputLock: one run at a time writes into an output folder; and `run.json`: whose history the folder holds.
 
     with OutputLock("runs/exp1"):      # raises OutputLockError while another live run holds it
         trainer.train()
@@ -18,6 +18,10 @@ Why flock rather than creating the file with O_EXCL and judging staleness by its
 A lock file left behind by a holder that died (its flock is gone, its contents are not) is taken
 over, with a warning naming the dead holder. A filesystem that refuses flock altogether falls back
 to the contents: a holder on this host whose pid is alive is refused, anything else taken over.
+
+A folder holds one run's history (its checkpoints, logs, TensorBoard events): `<folder>/run.json` names the run
+that writes it (`claim_folder`, when a fit starts), so the next fit can tell whether what it finds there is its own
+(`folder_owner`); the trainer refuses a new run into a folder holding another run's history.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "paperloop.lock"
+RUN_FILE = "run.json"  # {"run_id": the run whose history the folder holds}
 
 
 class OutputLockError(RuntimeError):
@@ -165,3 +170,23 @@ def _why_stale(holder: dict) -> str:
         return "which no longer holds it"
     return ("which no longer holds it (killed, or its host went down); if that run is still going, this "
             "filesystem does not share locks between hosts: stop one of the two")
+
+
+def folder_owner(folder: str | Path) -> str | None:
+    """The id of the run whose history `folder` holds, as its run.json records it; None when there is none (a new
+    folder, or one written before run.json was), or it is not one."""
+    try:
+        owner = json.loads((Path(folder) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def claim_folder(folder: str | Path, run_id: str) -> None:
+    """Record that run `run_id` writes its history into `folder` (atomically: a temporary file renamed over)."""
+    path = Path(folder) / RUN_FILE
+    if folder_owner(folder) == run_id:
+        return
+    tmp = path.with_name(f".{RUN_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
+    os.replace(tmp, path)

@@ -154,7 +154,18 @@ class EpochPlan:
                 raise ValueError(f"data plan: the checkpoint's {key} is {state[key]}, this run's {value} (a "
                                  "changed dataset, batch size, accumulation or process count); resume with the "
                                  "same ones")
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        epoch, offset = state["epoch"], state["offset"]
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"data plan: the checkpoint's epoch is {epoch!r}, not an epoch (an integer >= 0)")
+        if type(offset) is not int or not 0 <= offset <= self.offset_limit(epoch):
+            raise ValueError(f"data plan: the checkpoint's offset is {offset!r}, outside the 0 .. "
+                             f"{self.offset_limit(epoch)} steps a position in its epoch can hold")
+        self.epoch, self.offset = epoch, offset
+
+    def offset_limit(self, epoch: int) -> int:
+        """The largest offset a position in `epoch` can hold: the epoch's step count (all of them taken, the epoch
+        not yet closed). A plan whose steps may take the next epoch's steps too says so here."""
+        return len(self._steps_of(epoch))
 
 
 def eval_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[torch.Tensor]:
@@ -192,7 +203,9 @@ def fetch(dataset, indices: torch.Tensor, collate=default_collate):
 
 
 def check_dataset(name: str, dataset) -> int:
-    """len(dataset), or a clear error when it has none or is empty."""
+    """len(dataset), or a clear error when it has none, is empty, or is a DataFrame."""
+    if (why := dataframe_problem(name, dataset)) is not None:
+        raise TypeError(why)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"{name} must be a map-style dataset (len() and [i]); got {type(dataset).__name__}. "
                         "Exact resume needs random access to samples by index.")
@@ -200,3 +213,14 @@ def check_dataset(name: str, dataset) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty")
     return n
+
+
+def dataframe_problem(name: str, data) -> str | None:
+    """Why `data` cannot be a dataset when it is a DataFrame (pandas, polars, ...), else None. A DataFrame has a
+    length and [ ], but its [0] selects a column named 0, not the first row: a bare `KeyError: 0` later on."""
+    kind = type(data)
+    if kind.__name__ != "DataFrame":
+        return None
+    return (f"{name}: is a {kind.__module__.split('.')[0]} DataFrame, whose [i] selects a column, not a row; give "
+            "a dataset of rows: datasets.Dataset.from_pandas(df) (for tensors, with .with_format('torch')), or a "
+            "list of dicts (df.to_dict('records'))")

@@ -1,5 +1,5 @@
-"""The resume half of BaseTrainer: the state a resume needs, as one dict of named components, and when
-and where checkpoints of it are written.
+"""The resume half of BaseTrainer: the state a resume needs, as one dict of named components, when and where
+checkpoints of it are written, and whose history the output folder holds (`claim_output_dir`: one run's).
 
 `trainer.state_dict()` is everything a resume needs; `load_state_dict()` puts it back; `checkpoint.py`
 writes and reads that dict (files, crash safety, verification) and nothing else: the weights go through
@@ -33,7 +33,9 @@ from accelerate.utils import gather_object
 
 from . import checkpoint as ckpt
 from .callbacks.base import is_stateful
+from .config import ConfigError
 from .distributed import full_state, load_full_state
+from .lock import claim_folder, folder_owner
 from .rng import mixed_seed, reseed, rng_state, set_rng_state
 from .state import TrainState
 
@@ -61,6 +63,11 @@ class Checkpointing:
     resume_keeps = ("lr", "weight_decay", "lr_scheduler", "warmup_steps", "warmup_ratio", "min_lr_ratio")
     # Config keys the data plan checks itself, with its own message (before anything is loaded).
     plan_checks = ("seed", "batch_size", "grad_accum_steps")
+    # Does `write_weights` write the model's frozen parameters? An async save writes a copy of the model while training
+    # goes on, frozen parameters included (an EMA teacher is updated in place after each step). A trainer whose
+    # checkpoints leave them out (LoRA: the adapter alone) says False: its copy leaves them out too, so a base model
+    # is not copied at every save, and a writer that reads one after all fails instead of writing a later step's.
+    writes_frozen_weights = True
 
     def __init__(self):
         self._in_hook = False  # between begin_hook() and end_hook(): callbacks are handling a hook
@@ -121,6 +128,10 @@ class Checkpointing:
         """Put back what `state_dict()` returned. Callback states wait for the next `train()`, which
         loads them right after `on_train_begin` (where callbacks reset their counters)."""
         self._check_same_run(state)  # before anything is loaded: an error leaves the trainer as it was
+        train_state = TrainState.from_dict(state["train_state"])  # checked: counters in range, of the right types
+        if state["data"].get("epoch") != train_state.epoch:
+            raise ValueError(f"data plan: the checkpoint's data position is in epoch {state['data'].get('epoch')!r}, "
+                             f"its train_state in epoch {train_state.epoch}: a checkpoint written holds one epoch")
         if self._keep_checkpoint_config(state["config"]):
             self.setup_again()  # the optimizer and schedule from the checkpoint's values; their state comes next
         self.setup()
@@ -141,7 +152,7 @@ class Checkpointing:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState.from_dict(state["train_state"])
+        self.state = train_state
         if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
             self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
         self.epoch_loss.load_state_dict(state["epoch_loss"])
@@ -195,8 +206,13 @@ class Checkpointing:
         for name, digest in self.fingerprints().items():
             recorded = state.get("fingerprints", {}).get(name)  # a checkpoint written before fingerprints: none
             if recorded is not None and recorded != digest:
-                raise ValueError(f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume "
-                                 f"with the same {name}, or start a new run")
+                raise ValueError(self.fingerprint_mismatch(name))
+
+    def fingerprint_mismatch(self, name: str) -> str:
+        """What a resume is told when this run's `name` fingerprint differs from the checkpoint's; override to say
+        more (where that part of the run comes from)."""
+        return (f"{name}: is not the one the checkpointed run used (its fingerprint differs); resume with the same "
+                f"{name}, or start a new run")
 
     def _keep_checkpoint_config(self, saved: dict) -> bool:
         """Take the `resume_keeps` keys whose values differ from the checkpoint's config into `config`, warning
@@ -308,11 +324,28 @@ class Checkpointing:
     def _weights_writer(self, gathered: dict, copy: bool) -> Callable[[Path], None]:
         """`write_weights` bound to what this save writes, so it writes the same files on this thread or the
         writer's: the weights gathered whole from the shards (FSDP: copies already), else the model itself, or a
-        copy of it in CPU memory when the write runs while training changes the original (`copy`)."""
+        copy of it in CPU memory when the write runs while training changes the original (`copy`; without the frozen
+        parameters when `writes_frozen_weights` is False)."""
         model = self.unwrapped_model
         if self.sharded:
             return functools.partial(self.write_weights, model, state_dict=gathered)
-        return functools.partial(self.write_weights, ckpt.cpu_copy(model) if copy else model)
+        if not copy:
+            return functools.partial(self.write_weights, model)
+        if self.writes_frozen_weights:
+            return functools.partial(self.write_weights, ckpt.cpu_copy(model))
+        return functools.partial(self._write_without_frozen, ckpt.cpu_copy(model, omit_frozen=True))
+
+    def _write_without_frozen(self, copy: torch.nn.Module, directory: Path) -> None:
+        """`write_weights` of a copy that left the frozen parameters out (`writes_frozen_weights` False): a writer that
+        reads one is told so, rather than failing on a meta tensor with no word of why."""
+        try:
+            self.write_weights(copy, directory)
+        except NotImplementedError as e:  # torch's "Cannot copy out of meta tensor"
+            if "meta" not in str(e):
+                raise
+            raise RuntimeError(f"{type(self).__name__}.write_weights read a frozen parameter, which the copy an async "
+                               f"save writes leaves out as {type(self).__name__}.writes_frozen_weights is False; set "
+                               f"it to True if the checkpoint holds frozen parameters ({e})") from e
 
     def wait_for_checkpoint(self) -> None:
         """Wait until the checkpoint being written in the background, if any, is committed; then run its
@@ -353,7 +386,8 @@ class Checkpointing:
     def load_checkpoint(self, path: str | Path) -> None:
         """Verify the checkpoint at `path` and restore everything it holds (`load_state_dict`). "latest" is
         the newest committed checkpoint in `checkpoint_dir` that verifies and parses."""
-        path, state = self._read_latest() if str(path) == "latest" else (Path(path), ckpt.read(Path(path)))
+        limit = self.checkpoint_size_limit()
+        path, state = self._read_latest() if str(path) == "latest" else (Path(path), ckpt.read(Path(path), limit=limit))
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -363,12 +397,53 @@ class Checkpointing:
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
 
     def _read_latest(self) -> tuple[Path, dict]:
-        path, state, skipped = ckpt.read_latest(self.checkpoint_dir)
+        path, state, skipped = ckpt.read_latest(self.checkpoint_dir, self.checkpoint_size_limit())
         for bad, reason in skipped:
             log.warning("resume: skipped %s: %s", bad, reason)
         if path is None:
             raise ckpt.CheckpointError(f"{self.checkpoint_dir}: no committed checkpoint verifies, nothing to resume")
         return path, state
+
+    def checkpoint_size_limit(self) -> int:
+        """The most bytes of tensors (weights and state) a checkpoint of this run can hold: one whose manifest seals
+        more is refused before anything is hashed (a crafted manifest naming a sparse file of 200 GB would otherwise
+        stall `resume="latest"` for many minutes before it tried an older checkpoint). Eight times the model's tensors
+        (its weights, an optimizer's moments, a copy of the weights of its own) and 1 GiB for the rest of the state;
+        override for a trainer whose `extra_state` holds more."""
+        model_bytes = sum(t.numel() * t.element_size() for t in self.unwrapped_model.state_dict().values())
+        return 8 * model_bytes + (1 << 30)
+
+    def claim_output_dir(self, resumed: bool) -> None:
+        """A folder holds one run's history: its checkpoints and logs (what each callback's `logged_history` finds).
+        A new run into an output_dir holding another run's history is refused (its logs would be trimmed, its
+        TensorBoard mixed with this one's, its checkpoints named beside this run's), and so is a resume into a folder
+        another run owns; otherwise this run claims the folder (`run.json`). Every process raises alike."""
+        why = self._output_dir_refusal(resumed) if self.is_main_process else None
+        if self.any_process(why is not None):
+            raise ConfigError(why or f"output_dir: {self.config.output_dir} holds another run's history (the main "
+                              "process says which)")
+        if self.is_main_process:
+            claim_folder(self.config.output_dir, self.state.run_id)
+
+    def _output_dir_refusal(self, resumed: bool) -> str | None:
+        folder, mine = Path(self.config.output_dir), self.state.run_id
+        owner = folder_owner(folder)
+        if owner == mine:
+            return None  # this run's own folder: a resume, or this trainer's next fit()
+        found = [f"{self.checkpoint_dir} holds checkpoints"] if ckpt.index_events(self.checkpoint_dir, warn=False) \
+            else []
+        found += [what for cb in self.callbacks if (what := cb.logged_history(self)) is not None]
+        if not found or (owner is None and (resumed or self.state.global_step)):
+            return None  # nothing written yet; or a folder from before run.json, which a resume of its run adopts
+        history = "; ".join(found)
+        if resumed:
+            return (f"output_dir: {folder} holds the history of run {owner} ({history}), and the checkpoint resumed "
+                    f"is run {mine}'s: their logs and checkpoints would mix. Resume it in its own output_dir, or a "
+                    "new one")
+        resume = ("resume it (fit(resume='latest'), or resume='auto' to start or continue), "
+                  if self.has_checkpoints() else "it wrote no checkpoint to resume from: ")
+        return (f"output_dir: {folder} holds another run's history ({history}), which a new run would mix with and "
+                f"trim; {resume}choose another output_dir, or delete those files to start over")
 
     def has_checkpoints(self) -> bool:
         """Was a checkpoint ever committed in `checkpoint_dir` (what `fit(resume="auto")` asks)?"""

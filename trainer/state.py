@@ -37,8 +37,30 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
+        """The state `to_dict` gave, checked (a checkpoint is data): a ValueError names a field that is unknown, of
+        another type, or out of range (a step count below 0, more epochs or steps in the epoch than steps)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"TrainState: a mapping of fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"TrainState: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        state = cls(**d)
+        state.check()
+        return state
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first field out of range or of another type."""
+        for name in ("epoch", "global_step", "step_in_epoch", "updates"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"TrainState: {name} is {value!r}, not a count (an integer >= 0)")
+        # Every epoch holds a step, and a step counts once in its epoch: neither can pass the run's steps.
+        for name in ("epoch", "step_in_epoch"):
+            if getattr(self, name) > self.global_step:
+                raise ValueError(f"TrainState: {name} is {getattr(self, name)}, more than the {self.global_step} "
+                                 "steps the run took")
+        for name, kind in (("train_loss_history", list), ("val_history", list), ("should_stop", bool),
+                           ("stop_resumable", bool), ("run_id", str), ("stop_reason", (str, type(None)))):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"TrainState: {name} is a {type(getattr(self, name)).__name__}")

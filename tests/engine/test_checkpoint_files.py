@@ -61,7 +61,9 @@ def test_resuming_into_another_runs_folder_deletes_none_of_its_checkpoints(tmp_p
     # Our run's list names step-000003, step-000006 and step-000009 too, in its own folder ...
     make_resume_trainer(elsewhere, callbacks=[StopAt(9)]).fit()
     ours = ckpt.committed(elsewhere / "checkpoints")[0]
-    # ... and it continues into the folder holding the other run: it prunes only what it writes there.
+    # ... and it continues into the folder holding the other run: it prunes only what it writes there. (A resume into
+    # a folder another run owns is refused; one written before run.json recorded its owner is adopted, as here.)
+    (shared / "run.json").unlink()
     with caplog.at_level(logging.WARNING):
         make_resume_trainer(shared).fit(resume=ours)
     for name, tensors in theirs.items():

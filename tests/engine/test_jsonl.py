@@ -168,11 +168,14 @@ def test_trim_keeps_the_steps_up_to_the_start_and_warns_about_a_broken_line(tmp_
     assert trim(path, 0) is None and path.read_text() == ""  # a fresh run starts it empty
 
 
-def test_a_fresh_run_in_a_used_folder_starts_its_files_empty(tmp_path):
+def test_a_fresh_run_in_a_used_folder_is_refused_and_its_files_kept(tmp_path):
+    from paperloop import ConfigError
+
     run(tmp_path)
-    run(tmp_path, max_epochs=1)
-    assert [line["step"] for line in lines(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    assert {line["step"] for line in lines(tmp_path / "rollouts.jsonl")} == {1, 3, 5}
+    before = {name: (tmp_path / f"{name}.jsonl").read_bytes() for name in ("metrics", "rollouts")}
+    with pytest.raises(ConfigError, match="output_dir: .* holds another run's history"):
+        run(tmp_path, max_epochs=1)
+    assert {name: (tmp_path / f"{name}.jsonl").read_bytes() for name in ("metrics", "rollouts")} == before
 
 
 def test_a_record_that_json_cannot_write_is_a_type_error_naming_its_key(tmp_path):

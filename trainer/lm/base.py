@@ -33,7 +33,7 @@ from ..base import BaseTrainer
 from ..distributed import shard_model
 from ..config import ConfigError, TrainerConfig
 from ..steps import adamw
-from .lora import LoraSettings, apply_lora
+from .lora import LORA_BASE, LoraSettings, apply_lora, base_fingerprint
 from .losses import TokenScores, forward_logprobs
 from .modules import check_reference, frozen_reference, weight_checksum
 from .sampling import Samples, default_stop_token_ids, sample
@@ -137,6 +137,9 @@ class LMTrainer(BaseTrainer):
         if config.lora is not None:
             from accelerate import PartialState  # the trainer's Accelerator is made after the model is wrapped
 
+            # The base's tensors (references, no copy), fingerprinted when a checkpoint first needs it: the adapters
+            # of a run fit only the weights they were trained on, whatever the folder holds later
+            self._lora_base = (dict(model.state_dict()), getattr(model, "dtype", torch.float32))
             # peft draws the adapters' initial weights from the global RNG: seeded here, they are a function of the
             # run's seed (a rebuilt trainer gets the same ones), and the caller's RNG is left as it was.
             with torch.random.fork_rng(devices=[]):
@@ -166,7 +169,18 @@ class LMTrainer(BaseTrainer):
         return self._stop_token_ids
 
     def compute_fingerprints(self) -> dict[str, str]:
-        return {"tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        prints = {"tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        if self.config.lora is not None:
+            prints[LORA_BASE] = base_fingerprint(*self._lora_base)
+        return prints
+
+    def fingerprint_mismatch(self, name: str) -> str:
+        if name != LORA_BASE:
+            return super().fingerprint_mismatch(name)
+        folder = self.unwrapped_model.peft_config["default"].base_model_name_or_path
+        return (f"lora base model: {folder} does not hold the weights this run's adapters were trained on (their "
+                "checksum differs from the checkpoint's): the folder holds other weights now, or the base was loaded "
+                "in another dtype? Build the trainer on the base the run started from, or start a new run")
 
     # ---- the frozen reference (RL's KL, DPO's log-ratios) ---------------------------------------------
     # `reference=True`: score against the initial policy, a frozen copy of the model as given to the trainer, or with
@@ -213,6 +227,12 @@ class LMTrainer(BaseTrainer):
 
     def write_artifacts(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(directory)  # so AutoTokenizer.from_pretrained(checkpoint) works
+
+    @property
+    def writes_frozen_weights(self) -> bool:
+        """A LoRA checkpoint holds the adapter alone (peft's `save_pretrained`): an async save need not copy the
+        frozen base (and, left out of the copy, it is checked not to be read)."""
+        return self.config.lora is None
 
     def write_weights(self, model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         """The engine's writer, the model's own `save_pretrained` folder (a LoRA model: its adapter alone), without

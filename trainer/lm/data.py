@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..plans import dataframe_problem
 from ..timeouts import time_limit
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,38 @@ def load_examples(source) -> Sequence[Mapping]:
     torch map-style dataset), or a path to a JSONL file with one JSON object per line (blank lines skipped)."""
     if isinstance(source, (str, os.PathLike)):
         return _read_jsonl(Path(source))
+    if (why := dataframe_problem("examples", source)) is not None:
+        raise TypeError(why)
     if isinstance(source, Mapping) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise TypeError(f"examples: expected a list of dicts, a map-style dataset or a JSONL path, "
                         f"got {type(source).__name__}")
     return source
 
 
+# Data files that are not JSON lines, told by their first bytes or their suffix, and how `datasets` (whose
+# Dataset the trainers take as it is) reads each: a parquet file otherwise fails as "not UTF-8", a CSV as "not JSON".
+MAGIC = {b"PAR1": "parquet", b"ARROW1": "arrow", b"\x1f\x8b": "gzip"}
+SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".gz": "gzip", ".csv": "csv", ".tsv": "tsv"}
+READERS = {"parquet": 'datasets.load_dataset("parquet", data_files=PATH)["train"]',
+           "arrow": "datasets.Dataset.from_file(PATH)",
+           "gzip": 'datasets.load_dataset("json", data_files=PATH)["train"] (it reads compressed JSON lines)',
+           "csv": 'datasets.load_dataset("csv", data_files=PATH)["train"]',
+           "tsv": 'datasets.load_dataset("csv", data_files=PATH, delimiter="\\t")["train"]'}
+
+
+def other_format(path: Path) -> str | None:
+    """The format of a data file that is not JSON lines (parquet, arrow, gzip, csv, tsv), else None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    found = next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+    return found or SUFFIXES.get(path.suffix.lower())
+
+
 def _read_jsonl(path: Path) -> list[dict]:
+    if (kind := other_format(path)) is not None:
+        reader = READERS[kind].replace("PATH", repr(str(path)))
+        raise ValueError(f"{path}: is a {kind} file, and a path as examples is read as JSON lines (one JSON object a "
+                         f"line); load it with datasets and pass the Dataset: {reader}")
     examples = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):

@@ -7,10 +7,15 @@ A LoRA checkpoint holds the adapter only (`adapter_model.safetensors`, `adapter_
 base is rebuilt by the code that built it, as DESIGN says of frozen models. To merge, the adapter needs the
 base's weights: `adapter_config.json` names the base folder. A base loaded from a local folder is named as
 it is; a base built in memory (e.g. `tiny_causal_lm`) is written once to `output_dir/base_model`.
+
+A base is known by its content, not its path: every LoRA checkpoint records a checksum of the base's weights and
+their dtype (the run's `lora_base` fingerprint, `base_fingerprint`), so a resume onto a base whose folder now holds
+other weights is refused, and `merge` loads the base in the recorded dtype and refuses one whose checksum differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BASE_FOLDER = "base_model"
 ADAPTER_CONFIG = "adapter_config.json"
+LORA_BASE = "lora_base"  # the fingerprint naming the base's weights in a LoRA checkpoint
 # A module name as peft matches it in a list (a suffix of the module's dotted path); peft reads a *string* as a
 # regular expression, which a crafted one can make backtrack for ever, so only names in a list are passed on.
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -102,6 +108,17 @@ def _local_folder(model) -> str | None:
     return name if name and (Path(name) / "config.json").is_file() else None
 
 
+def base_fingerprint(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+    """"<dtype>:<sha256>" of a base model's weights as they are in memory: each tensor of its state dict (name, dtype,
+    shape, bytes), in name order; `dtype` is the model's (`model.dtype`), which `merge` loads the base in again."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the bytes, whatever the dtype (bf16 too)
+    return f"{str(dtype).removeprefix('torch.')}:{digest.hexdigest()}"
+
+
 def save_base_model(model, folder: Path, write: bool = True) -> None:
     """Write the frozen base once (atomically: a temporary folder renamed into place; only with `write`, the main
     process); if it is there already, check that it holds these very weights (every process: a mismatch must
@@ -135,7 +152,8 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path |
     """Merge a LoRA checkpoint's adapter into its base and write a plain `transformers` folder to `out`
     (weights, config, and the checkpoint's tokenizer when it has one) that
     `AutoModelForCausalLM.from_pretrained(out)` loads without peft. `base`: the base model folder, by default
-    the one `adapter_config.json` names.
+    the one `adapter_config.json` names; it is loaded in the dtype the run trained it in and must hold the weights
+    the adapter was trained on (the checksum the checkpoint records, `check_base`).
 
     What the checkpoint holds is data: the adapter is rebuilt from the run's own recorded LoRA settings (never
     from `adapter_config.json`'s, whose module patterns peft would run as regular expressions), the base and
@@ -156,15 +174,18 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path |
         raise CheckpointError(f"{checkpoint / ADAPTER_CONFIG}: the base model folder ({source}) {str(base)!r} is not "
                               "there; pass the base folder (paperloop merge CHECKPOINT OUT --base FOLDER)")
     check_merge_target(out, checkpoint, base, force)
+    recorded = recorded_base(checkpoint)
     report(f"merge: loading the base model from {base} ({source}): local files only, no code of its own")
     local = dict(trust_remote_code=False, local_files_only=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **local)
+        model = AutoModelForCausalLM.from_pretrained(base, **local, **({} if recorded is None else
+                                                                        {"dtype": recorded[0]}))
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, **local) \
             if (checkpoint / "tokenizer_config.json").is_file() else None
     except (OSError, ValueError) as e:  # transformers' refusal of remote code is a ValueError
         raise CheckpointError(f"{base} or {checkpoint}: cannot be loaded as a local model and tokenizer without "
                               f"running their own code ({str(e).splitlines()[0]})") from None
+    check_base(model, base, checkpoint, recorded, report)
     wrapped = peft.get_peft_model(model, peft_config(settings))
     adapter = read_weights(checkpoint)  # adapter_model.safetensors, checked to fit below
     expected = set(peft.get_peft_model_state_dict(wrapped))
@@ -175,6 +196,33 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path |
     peft.set_peft_model_state_dict(wrapped, adapter)
     write_checked(wrapped.merge_and_unload(), tokenizer, out)
     return out
+
+
+def recorded_base(checkpoint: Path) -> tuple[torch.dtype, str] | None:
+    """(dtype, fingerprint) of the base the checkpoint's adapter was trained on, as its state records them; None for
+    a checkpoint written before they were recorded."""
+    fingerprints = _recorded(checkpoint, "fingerprints")
+    value = fingerprints.get(LORA_BASE) if isinstance(fingerprints, dict) else None
+    dtype = getattr(torch, value.split(":")[0], None) if isinstance(value, str) else None
+    if value is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{checkpoint / STATE_JSON}: its {LORA_BASE} fingerprint {value!r:.40} is not one this "
+                              "code writes ('<dtype>:<sha256>')")
+    return dtype, value
+
+
+def check_base(model, base: Path, checkpoint: Path, recorded: tuple[torch.dtype, str] | None, report) -> None:
+    """The base loaded from `base` is the one the checkpoint's adapter was trained on (its fingerprint), or a
+    CheckpointError naming the folder: a path is reused, an archived checkpoint outlives the base it named."""
+    if recorded is None:
+        report(f"merge: {checkpoint / STATE_JSON} records no checksum of its base (written before they were): "
+               f"{base} is merged onto unchecked")
+        return
+    if base_fingerprint(model.state_dict(), recorded[0]) != recorded[1]:
+        raise CheckpointError(f"{base}: does not hold the base model the adapter in {checkpoint} was trained on (the "
+                              f"checksum of its weights differs from the one {checkpoint / STATE_JSON} records): the "
+                              "folder holds other weights now? Pass the base the run trained on (--base FOLDER)")
 
 
 def write_checked(model, tokenizer, out: Path) -> None:
@@ -204,13 +252,18 @@ def peft_config(settings: LoraSettings):
                            target_modules=targets, task_type="CAUSAL_LM")
 
 
+def _recorded(checkpoint: Path, key: str):
+    """The entry `key` of the checkpoint's state (its JSON alone, no tensors), or None when it cannot be read."""
+    try:
+        return decode(json.loads((checkpoint / STATE_JSON).read_text()).get(key), {})
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        return None
+
+
 def recorded_lora_settings(checkpoint: Path) -> LoraSettings:
     """The LoRA settings the run that wrote `checkpoint` recorded in its state (checked like any config)."""
-    try:
-        config = decode(json.loads((checkpoint / STATE_JSON).read_text()).get("config"), {})
-        values = config["lora"]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        values = None
+    config = _recorded(checkpoint, "config")
+    values = config.get("lora") if isinstance(config, dict) else None
     if not isinstance(values, dict):
         raise CheckpointError(f"{checkpoint / STATE_JSON}: records no LoRA settings, so this is not a paperloop LoRA "
                               "checkpoint (a full checkpoint loads with AutoModelForCausalLM.from_pretrained as it is)")

@@ -218,6 +218,10 @@ class WholeStepsPlan(EpochPlan):
         self.offset += 1 + self.extra
         self.extra = 0
 
+    def offset_limit(self, epoch: int) -> int:
+        # A step's draws go on into the next epoch's steps but its last: every step of both epochs but that one taken
+        return 2 * self.steps_per_epoch() - 1
+
     def start_epoch(self, epoch: int) -> None:
         carried = self.offset - len(self._steps_of(self.epoch)) if epoch == self.epoch + 1 else 0
         super().start_epoch(epoch)
