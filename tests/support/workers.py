@@ -29,8 +29,7 @@ def run_worker(script: str | Path, *args, processes: int = 1, timeout: float = 1
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     cmd = [*launcher, str(script), *map(str, args)]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = worker_env()
     # A session of its own, so that a timeout kills the whole group: torchrun's processes too.
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as proc:
@@ -46,6 +45,13 @@ def run_worker(script: str | Path, *args, processes: int = 1, timeout: float = 1
     if check and proc.returncode != 0:
         raise AssertionError(_failure(cmd, f"exited with {proc.returncode}", stdout, stderr))
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker process: one thread, the repository root on PYTHONPATH (for a test that must
+    drive its worker itself, e.g. signal it mid-run)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

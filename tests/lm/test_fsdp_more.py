@@ -22,7 +22,8 @@ from paperloop.callbacks import LambdaCallback
 from paperloop.lm.sampling import sample
 from paperloop.rng import mixed_seed, reseed, set_rng_state
 
-from fsdp_more_worker import RUN, VOCAB, rng_digest, tied_model, tokenizer, trainer
+from tests.lm.fsdp_more_worker import RUN, VOCAB, rng_digest, tied_model, tokenizer, trainer
+from tests.support.workers import worker_env
 
 WORKER = Path(__file__).with_name("fsdp_more_worker.py")
 
@@ -33,7 +34,7 @@ def torchrun(out, checkpoint, timeout: float = 240) -> subprocess.CompletedProce
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            "--out", str(out), "--checkpoint", str(checkpoint)]
     with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=worker_env())
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

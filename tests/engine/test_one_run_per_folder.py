@@ -9,7 +9,7 @@ import json
 import pytest
 
 import paperloop.checkpoint as ckpt
-from helpers import make_resume_trainer
+from tests.support.engine import make_resume_trainer
 from paperloop import ConfigError
 from paperloop.callbacks import JSONLLogger, LambdaCallback, TensorBoardLogger
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import paperloop.checkpoint as ckpt
+from tests.support.workers import worker_env
 
 WORKER = Path(__file__).with_name("interrupt_worker.py")
 
@@ -19,7 +20,7 @@ WORKER = Path(__file__).with_name("interrupt_worker.py")
 def run_and_signal(out, sig, *args, after_step=3) -> tuple[subprocess.CompletedProcess, int]:
     """The worker, sent `sig` once it has printed `after_step`; its exit and output, and the last step it printed."""
     proc = subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env=worker_env())
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -46,7 +47,7 @@ def test_ctrl_c_checkpoints_says_so_and_stops_the_script(tmp_path):
            "fit(resume='latest') continues it" in proc.stderr
 
     resumed = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp_path), "--resume"], capture_output=True,
-                             text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             text=True, timeout=120, env=worker_env())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     result = json.loads(resumed.stdout.splitlines()[-1].removeprefix("results "))
     assert result == {"interrupted": False, "stop_reason": None, "global_step": 120}

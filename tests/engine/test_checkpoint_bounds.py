@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import paperloop.checkpoint as ckpt
-from helpers import make_resume_trainer
+from tests.support.engine import make_resume_trainer
 from paperloop import CheckpointError
 from paperloop.plans import EpochPlan
 from paperloop.rl.rollouts import WholeStepsPlan

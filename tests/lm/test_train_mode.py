@@ -4,11 +4,11 @@ puts each module's own mode back (a part the user froze in eval mode stays in ev
 
 import torch
 
-from helpers import Regression, make_data, make_model
+from tests.support.engine import Regression, make_data, make_model
 from paperloop import SFTConfig, SFTTrainer, TrainerConfig
 from paperloop.callbacks import LambdaCallback
 from paperloop.models import tiny_causal_lm
-from sft_helpers import VOCAB, sorting_examples, tokenizer
+from tests.support.lm import VOCAB, sorting_examples, tokenizer
 
 RUN = dict(max_length=24, batch_size=8, max_steps=1, lr=3e-3)
 
@@ -51,7 +51,7 @@ def count_layer_forwards(model) -> list[int]:
 def test_gradient_checkpointing_recomputes_every_layer_even_for_a_model_left_in_eval_mode(tmp_path):
     """LoRA leaves the embeddings frozen: reentrant checkpointing would give the layers no gradient (the loss would
     not require grad), and a model in eval mode would not recompute at all."""
-    from sft_helpers import model
+    from tests.support.lm import model
 
     lm = model()
     counts = count_layer_forwards(lm)

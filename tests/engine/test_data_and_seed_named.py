@@ -5,7 +5,7 @@ import gzip
 
 import pytest
 
-from helpers import Regression, make_data, make_model
+from tests.support.engine import Regression, make_data, make_model
 from paperloop import ConfigError, TrainerConfig
 from paperloop.lm import load_examples
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import paperloop.checkpoint as ckpt
-from helpers import make_data, make_model
+from tests.support.engine import make_data, make_model
 from paperloop import BaseTrainer, CheckpointError, TrainerConfig
 from paperloop.callbacks import LambdaCallback
 
@@ -100,7 +100,7 @@ def test_frozen_weights_updated_in_place_are_written_as_a_synchronous_save_write
 
 
 def lora_trainer(out, **cfg):
-    from sft_helpers import make_trainer
+    from tests.support.lm import make_trainer
 
     return make_trainer(out, n=32, max_epochs=None, max_steps=4, checkpoint_every_steps=2, lora={"r": 4}, **cfg)
 

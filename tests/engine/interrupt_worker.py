@@ -1,20 +1,18 @@
 """Run by test_interrupt.py in a subprocess, which sends it SIGINT or SIGTERM mid-run: the README's shape (fit, then
 print the results) over many slow steps, printing each finished step.
 
-    python tests/new_engine/interrupt_worker.py --out DIR [--catch] [--resume]
+    python tests/engine/interrupt_worker.py --out DIR [--catch] [--resume]
 
 --catch: catch KeyboardInterrupt and print the trainer's state, as a script that wants to do more after a Ctrl-C."""
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
-from helpers import make_resume_trainer  # noqa: E402
-from paperloop.callbacks import LambdaCallback  # noqa: E402
+from tests.support.engine import make_resume_trainer
+from paperloop.callbacks import LambdaCallback
 
 
 def state_line(state) -> str:

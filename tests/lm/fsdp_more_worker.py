@@ -17,16 +17,15 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import numpy as np
+import torch
+from safetensors.torch import save_file
 
-from paperloop import SFTConfig, SFTTrainer  # noqa: E402
-from paperloop.callbacks import LambdaCallback  # noqa: E402
-from paperloop.models import tiny_causal_lm  # noqa: E402
-from sft_helpers import VOCAB, sorting_examples, tokenizer  # noqa: E402
+from paperloop import SFTConfig, SFTTrainer
+from paperloop.callbacks import LambdaCallback
+from paperloop.models import tiny_causal_lm
+from tests.support.lm import VOCAB, sorting_examples, tokenizer
 
 RUN = dict(max_length=24, max_epochs=2, lr=3e-3, seed=3)
 GLOBAL_BATCH = 8

@@ -11,7 +11,7 @@ import torch
 
 import paperloop.checkpoint as ckpt
 from paperloop import CheckpointError, SFTConfig, SFTTrainer
-from sft_helpers import model, sorting_examples, tokenizer
+from tests.support.lm import model, sorting_examples, tokenizer
 
 peft = pytest.importorskip("peft")
 
