@@ -48,7 +48,7 @@ class Checked(Reinforce):
         return self.seen
 
 checked = Checked(AutoModelForCausalLM.from_pretrained("runs/sft-addition/model"),
-                  dataclasses.replace(config, output_dir="runs/checked", max_steps=1), tokenizer=tok,
+                  dataclasses.replace(reinforce.config, output_dir="runs/checked", max_steps=1), tokenizer=tok,
                   train_data=prompts[100:], reward_fns=[lambda prompt, completion, example: len(completion)])
 before = copy.deepcopy(checked.unwrapped_model)
 checked.fit()
