@@ -113,6 +113,8 @@ class Clock:
         self.cpu.append(-time.thread_time())
 
     def stop(self) -> None:
+        if torch.cuda.is_available():  # on a GPU, the queued kernels are part of the interval
+            torch.cuda.synchronize()
         self.wall.append(self.wall.pop() + time.perf_counter())
         self.cpu.append(self.cpu.pop() + time.thread_time())
 
@@ -176,7 +178,8 @@ def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
                         learning_rate=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps,
                         loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
                         report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
-                        use_cpu=True, seed=0, dataloader_num_workers=0)
+                        use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+                        **({"bf16": False} if torch.cuda.is_available() else {}))  # on a GPU: where ours runs, fp32
     trainer = GRPOTrainer(model=never_eos(LlamaForCausalLM.from_pretrained(model_dir)), args=config,
                           reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
                           train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -201,20 +204,22 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
-    model = never_eos(LlamaForCausalLM.from_pretrained(model_dir))
-    reference = never_eos(LlamaForCausalLM.from_pretrained(model_dir)).eval().requires_grad_(False) if beta else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where Accelerate puts the trainers' models
+    model = never_eos(LlamaForCausalLM.from_pretrained(model_dir)).to(device)
+    reference = (never_eos(LlamaForCausalLM.from_pretrained(model_dir)).to(device).eval().requires_grad_(False)
+                 if beta else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     G = args.generations
     for start in range(0, (args.warmup + args.steps) * args.prompts, args.prompts):
         steps.start()
-        prompt = tokenizer(prompts[start:start + args.prompts], return_tensors="pt", padding=True)
+        prompt = tokenizer(prompts[start:start + args.prompts], return_tensors="pt", padding=True).to(device)
         generate.start()
         with torch.no_grad():
             ids_N_L = model.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens, temperature=1.0,
                                      top_k=0, top_p=1.0, num_return_sequences=G, pad_token_id=0)
         generate.stop()
         completion_N_C = ids_N_L[:, prompt["input_ids"].shape[1]:]
-        rewards_N = torch.tensor([reward_count(t) for t in tokenizer.batch_decode(completion_N_C)])
+        rewards_N = torch.tensor([reward_count(t) for t in tokenizer.batch_decode(completion_N_C)], device=device)
         rewards_P_G = rewards_N.view(-1, G)
         std_P_1 = rewards_P_G.std(1, keepdim=True)
         advantages_N = ((rewards_P_G - rewards_P_G.mean(1, keepdim=True)) / (std_P_1 + 1e-4)).flatten()
@@ -274,7 +279,8 @@ def main() -> None:
         for round_ in range(args.repeats):
             for beta in args.betas:
                 for name, run in CONTENDERS.items():
-                    steps, generate = run(model_dir, prompts, args, beta, str(Path(tmp) / f"run-{round_}-{name}"))
+                    out = str(Path(tmp) / f"run-{round_}-{beta}-{name}")  # a folder holds one run
+                    steps, generate = run(model_dir, prompts, args, beta, out)
                     skip = slice(args.warmup, None)
                     results.setdefault((name, beta), []).append(
                         {key: statistics.median(values[skip]) for key, values in (
