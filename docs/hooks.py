@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def package_tree() -> Path:
     return package.parent
 
 
+@event_priority(100)  # before mkdocstrings' on_config, which drops a `paths` entry that does not exist yet
 def on_config(config):
     package_tree()
     return config
