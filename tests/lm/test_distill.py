@@ -12,10 +12,10 @@ import torch
 
 from paperloop import CheckpointError, ConfigError, SFTConfig, SFTTrainer
 from paperloop.callbacks import LambdaCallback
-from paperloop.lm import losses
-from paperloop.lm import pad_token_id
+from paperloop.lm import distill, pad_token_id
 from paperloop.lm.data import pad_batch, tokenize_examples
-from paperloop.lm.distill import distill_loss, distill_scores, divergence_fn
+from paperloop.lm.distill import chunked_distillation, distill_loss, divergence_fn
+from paperloop.lm.losses import output_hidden
 from paperloop.models import tiny_causal_lm
 from tests.support.engine import assert_bitwise_equal, optimizer_tensors, weights
 from tests.support.lm import VOCAB, model, sorting_examples, tokenizer
@@ -69,54 +69,72 @@ CASES = [("forward_kl", {}), ("top_k", {"top_k": 4}), ("jsd", {"beta": 0.3}), ("
          ("jsd", {"beta": 1.0})]
 
 
+class Wrapped(torch.nn.Sequential):
+    """An output layer that is not a plain nn.Linear (as a LoRA-wrapped one is not): the chunks go through autograd."""
+
+
+@pytest.mark.parametrize("path", ["fused", "fused, a bias", "autograd"])
 @pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}{s}" for n, s in CASES])
-def test_each_divergence_and_its_gradient_are_a_naive_full_logits_references(name, settings, monkeypatch):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * V)  # 5 rows a chunk: several chunks, a short last one
+def test_each_divergence_and_its_gradient_are_a_naive_full_logits_references(name, settings, path, monkeypatch):
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 5 * V)  # 5 rows a chunk: several chunks, a short last one
     student, teacher_, batch = model().double(), teacher().double(), batch_of()
-    weight = 0.4
-    scores = distill_scores(student, teacher_, batch, divergence_fn(name, **settings))
-    ours = distill_loss(scores, batch, weight)
+    if path == "autograd":
+        student.lm_head = Wrapped(student.lm_head)
+    if path == "fused, a bias":
+        head = torch.nn.Linear(32, V, bias=True, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(student.lm_head.weight)
+            head.bias.normal_(generator=torch.Generator().manual_seed(1))
+        student.lm_head = head
+    weight, fn = 0.4, divergence_fn(name, **settings)
+    ours = distill_loss(student, teacher_, batch, fn, weight)
     ours_grads = torch.autograd.grad(ours["loss"], list(student.parameters()))
     div, lp = naive(name, student, teacher_, batch, **settings)
     loss = (1 - weight) * -lp.mean() + weight * div.mean()
     ref_grads = torch.autograd.grad(loss, list(student.parameters()))
-    trained = batch["weights"] != 0
-    torch.testing.assert_close(scores.divergence[trained], div.detach(), rtol=0, atol=1e-12)
-    torch.testing.assert_close(ours["loss"], loss.detach(), rtol=0, atol=1e-12)
-    assert float(ours["distill/kl"]) == pytest.approx(div.mean().item(), abs=1e-12)
-    assert float(ours["distill/nll"]) == pytest.approx(-lp.mean().item(), abs=1e-12)
+    torch.testing.assert_close(ours["loss"].detach(), loss.detach(), rtol=0, atol=1e-12)
+    assert ours["distill/kl"].item() == pytest.approx(div.mean().item(), abs=1e-12)
+    assert ours["distill/nll"].item() == pytest.approx(-lp.mean().item(), abs=1e-12)
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with torch.no_grad():  # each position's divergence, not only their mean
+        s, t = output_hidden(student, batch), output_hidden(teacher_, batch)
+        n = len(s.targets_N)
+        _, div_N, _ = chunked_distillation(s.hidden_N_H, s.logits_fn, t.hidden_N_H, t.logits_fn, s.targets_N, fn,
+                                           torch.ones(n), torch.zeros(n))
+    torch.testing.assert_close(div_N, div.detach(), rtol=0, atol=1e-12)
     assert div.min() > 1e-3  # the two models differ: the divergence is not trivially 0
-    assert scores.divergence[~trained].abs().sum() == 0
 
 
 def test_top_k_with_k_equal_to_the_vocabulary_is_the_forward_kl():
     student, teacher_, batch = model().double(), teacher().double(), batch_of()
     results = []
     for name, settings in (("forward_kl", {}), ("top_k", {"top_k": V})):
-        loss = distill_loss(distill_scores(student, teacher_, batch, divergence_fn(name, **settings)), batch, 1.0)
-        results.append((loss["loss"].detach(), torch.autograd.grad(loss["loss"], list(student.parameters()))))
+        loss = distill_loss(student, teacher_, batch, divergence_fn(name, **settings), 1.0)["loss"]
+        results.append((loss.detach(), torch.autograd.grad(loss, list(student.parameters()))))
     (kl, kl_grads), (top, top_grads) = results
     torch.testing.assert_close(top, kl, rtol=0, atol=1e-12)
     for a, b in zip(top_grads, kl_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # fewer tokens than the vocabulary is another divergence (the test above would pass a top_k ignoring k)
-    fewer = distill_loss(distill_scores(student, teacher_, batch, divergence_fn("top_k", top_k=3)), batch, 1.0)
-    assert abs(fewer["loss"].item() - kl.item()) > 1e-3
+    fewer = distill_loss(student, teacher_, batch, divergence_fn("top_k", top_k=3), 1.0)["loss"]
+    assert abs(fewer.item() - kl.item()) > 1e-3
 
 
 def test_neither_models_output_layer_ever_makes_more_than_one_chunk_of_logits(tmp_path, monkeypatch):
-    """What would fail if either model's logits were made whole: every call of either output layer (the models' own
-    forwards, the chunks, their recomputation in the backward) makes at most one chunk's rows."""
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * V)
+    """What would fail if either model's logits were made whole: the models' own forwards make two rows of logits
+    (the output layer's check), and every chunk of either (the student's through `_chunk_logits`, the teacher's
+    through its output layer) at most CHUNK_ELEMENTS."""
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 5 * V)
+    chunks, make_chunk = [], distill._chunk_logits
+    monkeypatch.setattr(distill, "_chunk_logits", lambda *a: chunks.append(make_chunk(*a)[0].numel()) or make_chunk(*a))
     trainer = make(tmp_path, n=16, max_steps=2, distill="jsd")
     rows = {"student": [], "teacher": []}
     for who, lm in (("student", trainer.unwrapped_model), ("teacher", trainer.teacher)):
         lm.lm_head.register_forward_hook(lambda module, args, out, who=who: rows[who].append(out.numel() // V))
     trainer.fit()
-    for who, counts in rows.items():
-        assert len(counts) > 20 and max(counts) <= 5, (who, counts)
+    assert max(rows["student"]) == 2 and len(rows["teacher"]) > 10 and max(rows["teacher"]) <= 5, rows
+    assert len(chunks) > 10 and max(chunks) <= 5 * V
 
 
 def record(trainer) -> list[dict]:

@@ -46,7 +46,7 @@ from ..evaluation import Weighted
 from ..plans import EpochPlan, lockstep_eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
-from .distill import DIVERGENCES, distill_loss, distill_scores, divergence_fn, divergence_reads
+from .distill import DIVERGENCES, distill_loss, divergence_fn, divergence_reads
 from .losses import cross_entropy
 from .registry import is_int
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
@@ -217,8 +217,7 @@ class SFTTrainer(LMTrainer):
         """The mean loss over the micro-batch's trained tokens: the NLL, or with a teacher `lm.distill`'s mix of the
         NLL and the divergence from the teacher (`distill/kl`, `distill/nll` beside it)."""
         if self.teacher is not None:
-            return distill_loss(distill_scores(self._scoring_model, self.teacher, batch, self.divergence), batch,
-                                self.config.distill_weight)
+            return distill_loss(self._scoring_model, self.teacher, batch, self.divergence, self.config.distill_weight)
         return cross_entropy(self.forward(batch, self._scoring_model).logprobs, batch)
 
     def train_step(self, step) -> dict:
