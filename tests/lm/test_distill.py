@@ -2,9 +2,9 @@
 naive reference over both models' full logits (in chunks of a few rows), top-k with k = V as forward KL, a teacher
 that is the student (divergence 0), the step's loss and update independent of its micro-batch split, packing, LoRA,
 bitwise resume after SIGKILL, and what a teacher must be (the student's tokenizer and vocabulary; the same teacher on
-resume)."""
+resume); the generalized JSD against TRL's on fixed inputs."""
 
-import math
+import json
 from pathlib import Path
 
 import pytest
@@ -104,6 +104,26 @@ def test_each_divergence_and_its_gradient_are_a_naive_full_logits_references(nam
                                            torch.ones(n), torch.zeros(n))
     torch.testing.assert_close(div_N, div.detach(), rtol=0, atol=1e-12)
     assert div.min() > 1e-3  # the two models differ: the divergence is not trivially 0
+
+
+TRL = json.loads(Path(__file__).with_name("trl_distill_reference.json").read_text())
+
+
+@pytest.mark.parametrize("beta", [case["beta"] for case in TRL["cases"]])
+def test_the_generalized_jsd_and_its_gradient_are_trls(beta):
+    """TRL's GKDTrainer.generalized_jsd_loss (`batchmean` over the labelled positions), by make_trl_distill_reference.py,
+    against ours on the same logits (given whole: no output layer)."""
+    case = next(c for c in TRL["cases"] if c["beta"] == beta)
+    student = torch.tensor(TRL["student"], dtype=torch.float64, requires_grad=True)
+    kept = torch.tensor(TRL["labels"]) != -100
+    n = int(kept.sum())
+    loss, _, _ = chunked_distillation(student[kept], None, torch.tensor(TRL["teacher"], dtype=torch.float64)[kept],
+                                      None, torch.zeros(n, dtype=torch.long), divergence_fn("jsd", beta=beta),
+                                      torch.full((n,), 1 / n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
+    loss.backward()
+    assert loss.item() == pytest.approx(case["loss"], rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(student.grad, torch.tensor(case["grad"], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert case["loss"] > 0.05
 
 
 def test_top_k_with_k_equal_to_the_vocabulary_is_the_forward_kl():
