@@ -57,6 +57,10 @@ def naive(name, student, teacher_, batch, **settings):
         b = settings["beta"]
         m = b * q + (1 - b) * p
         div = b * (q * (lq - m.log())).sum(-1) + (1 - b) * (p * (lp - m.log())).sum(-1)
+    elif name == "top_k_renormalized":  # the Tinker cookbook's: cross-entropy on the renormalized top k, less its entropy
+        q_k, ids = q.topk(settings["top_k"], -1)
+        q_k = q_k / q_k.sum(-1, keepdim=True)
+        div = -(q_k * lp.gather(1, ids)).sum(-1) + (q_k * q_k.log()).sum(-1)
     else:  # top_k: the teacher's k best tokens, one bucket each, and a tail bucket for the rest, in both
         q_k, ids = q.topk(settings["top_k"], -1)
         p_k = p.gather(1, ids)
@@ -65,8 +69,8 @@ def naive(name, student, teacher_, batch, **settings):
     return div, lp.gather(1, batch["target_tokens"][trained][:, None]).squeeze(1)
 
 
-CASES = [("forward_kl", {}), ("top_k", {"top_k": 4}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 0.0}),
-         ("jsd", {"beta": 1.0})]
+CASES = [("forward_kl", {}), ("top_k", {"top_k": 4}), ("top_k_renormalized", {"top_k": 4}), ("jsd", {"beta": 0.3}),
+         ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0})]
 
 
 class Wrapped(torch.nn.Sequential):
@@ -126,19 +130,21 @@ def test_the_generalized_jsd_and_its_gradient_are_trls(beta):
     assert case["loss"] > 0.05
 
 
-def test_top_k_with_k_equal_to_the_vocabulary_is_the_forward_kl():
+def test_top_k_either_way_with_k_equal_to_the_vocabulary_is_the_forward_kl():
     student, teacher_, batch = model().double(), teacher().double(), batch_of()
     results = []
-    for name, settings in (("forward_kl", {}), ("top_k", {"top_k": V})):
+    for name, settings in (("forward_kl", {}), ("top_k", {"top_k": V}), ("top_k_renormalized", {"top_k": V})):
         loss = distill_loss(student, teacher_, batch, divergence_fn(name, **settings), 1.0)["loss"]
         results.append((loss.detach(), torch.autograd.grad(loss, list(student.parameters()))))
-    (kl, kl_grads), (top, top_grads) = results
-    torch.testing.assert_close(top, kl, rtol=0, atol=1e-12)
-    for a, b in zip(top_grads, kl_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    (kl, kl_grads), *tops = results
+    for top, top_grads in tops:
+        torch.testing.assert_close(top, kl, rtol=0, atol=1e-12)
+        for a, b in zip(top_grads, kl_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # fewer tokens than the vocabulary is another divergence (the test above would pass a top_k ignoring k)
-    fewer = distill_loss(student, teacher_, batch, divergence_fn("top_k", top_k=3), 1.0)["loss"]
-    assert abs(fewer.item() - kl.item()) > 1e-3
+    for name in ("top_k", "top_k_renormalized"):
+        fewer = distill_loss(student, teacher_, batch, divergence_fn(name, top_k=3), 1.0)["loss"]
+        assert abs(fewer.item() - kl.item()) > 1e-3
 
 
 def test_neither_models_output_layer_ever_makes_more_than_one_chunk_of_logits(tmp_path, monkeypatch):

@@ -6,12 +6,14 @@ next-token distribution at every trained position. Pure functions; `SFTTrainer(.
 
 A divergence is registered by name (`register_divergence`): a pure function of one chunk of rows, the student's
 log-probs (n, V) and the teacher's (n, V), returning each row's divergence and, when asked, its gradient in the
-student's logits (n, V); the backward is written once, around it. Registered here:
+student's logits (n, V); the chain into the hidden states and the output layer is written once, around it.
+Registered here:
 
 | name | what | settings |
 |---|---|---|
 | `forward_kl` | KL(teacher ‖ student) over the whole vocabulary (Hinton et al. 2015; GKD's supervised KD) | |
-| `top_k` | the same over the teacher's k most likely tokens and one tail bucket holding the rest of each model's mass (the Tinker cookbook keeps a teacher's top 20); k = V is `forward_kl` | `top_k` |
+| `top_k` | the same over the teacher's k most likely tokens and one tail bucket holding the rest of each model's mass; k = V is `forward_kl` | `top_k` |
+| `top_k_renormalized` | the Tinker cookbook's soft targets (`distillation/train_off_policy.py`, k = 20 there): the teacher's top k renormalized to sum to 1, no tail; its cross-entropy's gradient, its value less the targets' entropy | `top_k` |
 | `jsd` | GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024): β KL(teacher ‖ M) + (1 - β) KL(student ‖ M), M = β teacher + (1 - β) student; β = 0 is forward KL and β = 1 reverse KL, as TRL's `generalized_jsd_loss` | `beta` |
 
 Neither model's (tokens x vocabulary) logits are ever made: both forwards stop at the final hidden states of the
@@ -98,6 +100,19 @@ def top_k_kl(logp_n_V, teacher_logp_n_V, *, grad: bool, top_k: int):
     if ratio_n is not None:
         p_n_V.mul_(1 - ratio_n[:, None])
     return kl_n, p_n_V.scatter_(1, ids_n_K, p_n_K - q_n_K)
+
+
+@register_divergence("top_k_renormalized")
+def top_k_renormalized(logp_n_V, teacher_logp_n_V, *, grad: bool, top_k: int):
+    """Σ_k q̃_k (log q̃_k - log p_k) over the teacher's k most likely tokens, q̃ their probabilities renormalized to
+    sum to 1 and p the student's own (not renormalized): the Tinker cookbook's cross-entropy on soft targets less
+    q̃'s entropy, so 0 only when the student puts q̃ on those k tokens and nothing elsewhere; d/dlogit_j = p_j - q̃_j
+    (q̃ = 0 off the top k)."""
+    logq_n_K, ids_n_K = teacher_logp_n_V.topk(min(top_k, logp_n_V.shape[-1]), dim=-1)
+    logq_n_K = logq_n_K - logq_n_K.logsumexp(-1, keepdim=True)
+    q_n_K = logq_n_K.exp()
+    kl_n = (logq_n_K - logp_n_V.gather(1, ids_n_K)).mul_(q_n_K).sum(-1)
+    return kl_n, (logp_n_V.exp().scatter_add_(1, ids_n_K, -q_n_K) if grad else None)
 
 
 @register_divergence("jsd")

@@ -14,7 +14,7 @@ the step, however it is split into micro-batches and processes (the engine's wei
 
 With `teacher=model` (a frozen model sharing the tokenizer: `LMTrainer` checks it and records its checksum, and a
 resume with another teacher is refused) the loss is off-policy distillation (`lm.distill`): on the dataset's own
-completions the student matches the teacher's next-token distribution (`distill`: forward_kl, top_k or jsd), mixed
+completions the student matches the teacher's next-token distribution (`distill`: forward_kl, top_k, top_k_renormalized or jsd), mixed
 with the hard-label loss by `distill_weight`, neither model's (tokens x vocabulary) logits ever made.
 
 Batches are the data plan's (`lm.plans`, chosen in `make_plan` and nowhere else): padded, one example per row
@@ -48,8 +48,8 @@ from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
 from .distill import DIVERGENCES, distill_loss, divergence_fn, divergence_reads
 from .losses import cross_entropy
-from .registry import is_int
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
+from .registry import is_int
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ class SFTConfig(LMConfig):
     compile: bool = False  # torch.compile the model's forward (dynamic shapes); compile time is logged apart
     eval_max_new_tokens: int = 64  # greedy generation length for eval_fn
     # With a teacher (SFTTrainer(teacher=...)): off-policy distillation on the dataset's completions (lm.distill)
-    distill: str = "forward_kl"  # the divergence from the teacher: forward_kl | top_k | jsd (lm.distill.DIVERGENCES)
+    distill: str = "forward_kl"  # divergence from the teacher: forward_kl | top_k | top_k_renormalized | jsd (lm.distill)
     distill_weight: float = 1.0  # loss = (1 - w) NLL of the data + w divergence; 0: plain SFT, 1: distillation only
-    distill_top_k: int = 20  # top_k: the teacher's k most likely tokens, plus a tail bucket (the Tinker cookbook's 20)
+    distill_top_k: int = 20  # top_k(_renormalized): the teacher's k most likely tokens (the Tinker cookbook's 20)
     distill_beta: float = 0.5  # jsd: GKD's β; 0 is forward KL, 1 reverse KL
 
     DISTILL_KEYS = ("distill", "distill_weight", "distill_top_k", "distill_beta")
