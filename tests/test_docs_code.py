@@ -64,7 +64,8 @@ moved = max((p_after - (p - 0.1 * p.grad)).abs().max().item()
             for p, p_after in zip(before.parameters(), checked.unwrapped_model.parameters()))
 
 print(json.dumps({"sft_loss": scalars("runs/sft-addition/tensorboard", "train/loss"),
-                  "sft_val": sft.validate(), "rl_steps": [rl.state.global_step, rl.state.updates],
+                  "sft_val": sft.validate(), "kd_steps": kd.state.global_step,
+                  "rl_steps": [rl.state.global_step, rl.state.updates],
                   "rl_val": rl.validate(), "rl_reward": scalars("runs/grpo-addition/tensorboard", "reward/mean"),
                   "reinforce_updates": reinforce.state.updates,
                   "reinforce_reward": scalars("runs/reinforce/tensorboard", "reward/mean"),
@@ -109,8 +110,9 @@ def test_every_engine_block_runs(tmp_path):
 
 def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     blocks = [code for page in LM_PAGES for code in python_blocks(page)]
-    # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment, DPO, a reward model, distillation
-    assert len(blocks) == 7
+    # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment, DPO, a reward model, on-policy
+    # distillation, off-policy distillation (KD from the SFT model)
+    assert len(blocks) == 8
     code = "\n\n".join(blocks)
     for full, short in SHORTER.items():
         assert full in code, full
@@ -124,6 +126,7 @@ def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     sft_loss = result["sft_loss"]  # steps 1, 20, 40, 60 and each epoch's end
     assert len(sft_loss) >= 4 and sft_loss[-1] < 0.6 * sft_loss[0], sft_loss
     assert {"val/loss", "val/perplexity", "val/exact_match", "val/score"} <= set(result["sft_val"])
+    assert result["kd_steps"] == 4  # the off-policy distillation block, the SFT model its teacher
     assert result["rl_steps"] == [10, 10] and len(result["rl_reward"]) == 2  # steps 1 and 10
     assert {"val/reward", "val/reward/correct", "val/completion_len"} <= set(result["rl_val"])
     assert result["reinforce_updates"] == 10 and len(result["reinforce_reward"]) == 2

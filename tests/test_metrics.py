@@ -42,7 +42,7 @@ def written(trainer) -> set[str]:
 
 def test_every_metric_written_is_documented_once_and_every_documented_one_is_written(tmp_path):
     base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
-    sft = written(_sft(tmp_path / "sft"))
+    sft = written(_sft(tmp_path / "sft")) | written(_sft(tmp_path / "kd", teacher=True))
     rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env")) | written(
         make_rl_trainer(tmp_path / "distill_async", max_steps=2, teacher=make_lm(make_tokenizer(), seed=5),
                         val_data=make_prompts(4, seed=3), async_generation=True, max_lag=1))
@@ -63,13 +63,15 @@ def test_every_metric_written_is_documented_once_and_every_documented_one_is_wri
             assert key.endswith("_s"), key
 
 
-def _sft(out):
+def _sft(out, teacher: bool = False):
+    """SFT with an eval_fn; with `teacher`, off-policy distillation (its `distill/` keys)."""
     from paperloop import SFTConfig, SFTTrainer
     from tests.support.lm import model, tokenizer
 
     config = SFTConfig(max_length=24, batch_size=8, max_epochs=1, output_dir=str(out), eval_max_new_tokens=4)
     return SFTTrainer(model(), config, tokenizer=tokenizer(), train_data=sorting_examples(16),
-                      val_data=sorting_examples(4, seed=1), eval_fn=lambda example, text: 0.0)
+                      val_data=sorting_examples(4, seed=1), eval_fn=lambda example, text: 0.0,
+                      teacher=model(seed=3) if teacher else None)
 
 
 def _rl_env(out):
