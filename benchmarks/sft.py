@@ -26,7 +26,7 @@ round). The first round is warm-up (and compilation) and is dropped; the rest gi
 table shows their median. TRL's loop runs in a thread that a callback pauses between chunks; ours runs in the
 main thread by raising `max_steps` and calling `train()` again. Trained tokens are counted the same way for
 every mode: target positions with a nonzero loss weight (completion tokens and EOS). TRL runs in float32
-(`bf16=False`) like every other mode. The README's Performance section has the table measured here.
+(`bf16=False`) like every other mode. The docs' Performance page (docs/performance.md) has the table measured here.
 """
 
 from __future__ import annotations
