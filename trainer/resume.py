@@ -106,6 +106,7 @@ class Checkpointing:
             raise RuntimeError("the state can only be taken between steps, not between forward_backward() and "
                                "optimizer_step()")
         rng = rng_state(self.generators)
+        self.settle_last_loss()
         # FSDP: gathered whole to the main process (a collective), in the format every other run writes
         model, optimizer = (full_state(self.model, self.optimizer) if self.sharded
                             else (self.unwrapped_model.state_dict(), self.optimizer.state_dict()))
@@ -152,7 +153,7 @@ class Checkpointing:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.state = train_state
+        self.state, self._last_loss = train_state, None
         if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
             self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
         self.epoch_loss.load_state_dict(state["epoch_loss"])
