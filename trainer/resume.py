@@ -92,6 +92,21 @@ class Checkpointing:
         stored once is not missing. (An FSDP-sharded model loads its full state dict on every rank instead.)"""
         ckpt.load_model_state(self.unwrapped_model, tensors)
 
+    def save_model(self, directory: str | Path) -> Path:
+        """Write the model for use outside paperloop as a checkpoint holds it: the weights through `write_weights` (a
+        `transformers` model: its `save_pretrained` folder; a LoRA run: its adapter) and what `write_artifacts` adds
+        (a language model's tokenizer), so `from_pretrained(directory)` loads the model and its tokenizer alike.
+        Every process calls it (FSDP gathers the weights whole); the main process writes."""
+        directory = Path(directory)
+        self.setup()
+        gathered = full_state(self.model, self.optimizer)[0] if self.sharded else None
+        if self.is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.write_weights(self.unwrapped_model, directory, gathered)
+            self.write_artifacts(directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
     def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
         """Checkpoint `generator` (e.g. the one sampling draws from) with the RNG state of each process."""
         self.generators[name] = generator
