@@ -32,6 +32,7 @@ class ProgressBar(Callback):
         if not every_s >= 0:
             raise ValueError(f"ProgressBar: every_s must be >= 0 seconds, got {every_s!r}")
         self.every_n_steps, self.disable, self.every_s, self.stream = every_n_steps, disable, every_s, stream
+        self.bar, self.plain = None, False  # on_train_end runs even when an earlier callback's on_train_begin raised
 
     def on_train_begin(self, trainer):
         self.bar, self.plain = None, False
