@@ -13,18 +13,16 @@ model (how a model's weights are written and read is the trainer's: `write_weigh
 `paperloop.papers` are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
 """
 
-from .base import BaseTrainer
-from .checkpoint import CheckpointError
 from .config import ConfigError, TrainerConfig, load_config
-from .evaluation import Weighted
 from .state import TrainState
 
-# The language-model names load on first use: `import paperloop` for an MLP does not import transformers.
-_LAZY = {"SFTTrainer": "lm", "SFTConfig": "lm", "LMTrainer": "lm", "LMConfig": "lm", "LoraSettings": "lm",
+# Names that import torch load on first use: `paperloop --help` (every `paperloop.*` module runs this file first)
+# answers without importing torch, and `import paperloop` for an MLP does not import transformers.
+_LAZY = {"BaseTrainer": "base", "CheckpointError": "checkpoint", "Weighted": "evaluation",
+         "SFTTrainer": "lm", "SFTConfig": "lm", "LMTrainer": "lm", "LMConfig": "lm", "LoraSettings": "lm",
          "RLTrainer": "rl", "RLConfig": "rl", "DPOTrainer": "preference", "DPOConfig": "preference"}
 
-__all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError", "Weighted",
-           *_LAZY]
+__all__ = ["TrainerConfig", "TrainState", "load_config", "ConfigError", *_LAZY]
 
 
 def __getattr__(name: str):
