@@ -8,7 +8,10 @@ cost dominates) and "compute" (MLP 512->2048->512, batch 256, 300 steps: the mat
 Contenders, each timed over the whole training run including setup: a loop over pre-batched tensors,
 a loop over a shuffled DataLoader, BaseTrainer with TensorBoardLogger and ProgressBar, and where
 installed (`pip install -e ".[bench]"`) Lightning (bare, and with its default logger and progress bar)
-and the transformers Trainer. Prints steps/s and the ratio to the DataLoader loop.
+and the transformers Trainer. Prints steps/s and the ratio to the DataLoader loop, by wall time and by this
+process's CPU time (`time.process_time`): on a shared machine other jobs stretch the wall time of whichever
+contender they overlap, while the CPU time a contender spends is its own, so the two ratios agreeing says the
+machine's noise did not decide the row. `--only` runs a subset (the DataLoader loop, the baseline, always runs).
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ def run_hf_trainer(sizes, batch, steps, data):
             Trainer(model=WithLoss(), args=args, train_dataset=rows).train()
 
 
+BASELINE = "loop, shuffled DataLoader"
+
+
 def contenders() -> dict:
     found = {"loop, pre-batched tensors": run_prebatched, "loop, shuffled DataLoader": run_dataloader,
              "paperloop BaseTrainer + TensorBoard + ProgressBar": run_paperloop}
@@ -154,6 +160,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--only", nargs="+", metavar="WORD", help="contenders whose name holds one of these words")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -162,21 +169,26 @@ def main():
     for name in args.workloads:
         w = WORKLOADS[name]
         data = make_data(w["sizes"], w["batch"], w["steps"])
-        runs = contenders()
-        times: dict[str, list[float]] = {k: [] for k in runs}
+        runs = {label: fn for label, fn in contenders().items() if label == BASELINE or not args.only
+                or any(word.lower() in label.lower() for word in args.only)}
+        wall: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):  # interleaved: machine noise hits every contender alike
             for label, fn in runs.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn(w["sizes"], w["batch"], w["steps"], data)
-                times[label].append(time.perf_counter() - start)
-        base = statistics.median(times["loop, shuffled DataLoader"])
+                wall[label].append(time.perf_counter() - start)
+                cpu[label].append(time.process_time() - start_cpu)
+        base, base_cpu = statistics.median(wall[BASELINE]), statistics.median(cpu[BASELINE])
         print(f"\n{name}: MLP {'->'.join(map(str, w['sizes']))}, batch {w['batch']}, {w['steps']} steps, "
               f"1 thread, median of {args.repeats}")
-        print(f"| {'contender':52s} | steps/s | vs DataLoader loop |")
-        print(f"|{'-' * 54}|---------|--------------------|")
-        for label, ts in times.items():
-            med = statistics.median(ts)
-            print(f"| {label:52s} | {w['steps'] / med:7.1f} | {base / med:17.2f}x |")
+        print(f"| {'contender':52s} | steps/s | vs DataLoader loop | steps/CPU-s | vs DataLoader loop, CPU | "
+              "wall / CPU |")
+        print(f"|{'-' * 54}|---------|--------------------|-------------|-------------------------|------------|")
+        for label in runs:
+            med, med_cpu = statistics.median(wall[label]), statistics.median(cpu[label])
+            print(f"| {label:52s} | {w['steps'] / med:7.1f} | {base / med:17.2f}x | {w['steps'] / med_cpu:11.1f} | "
+                  f"{base_cpu / med_cpu:22.2f}x | {med / med_cpu:9.2f}x |")
 
 
 if __name__ == "__main__":

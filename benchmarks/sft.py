@@ -1,32 +1,39 @@
 """SFT throughput: trained tokens per second of SFTTrainer vs a hand-written loop and TRL's SFTTrainer.
 
-    python benchmarks/sft.py                                  # both sizes, every mode (about 20 minutes)
+    python benchmarks/sft.py                                  # both sizes, every mode (about 25 minutes)
     python benchmarks/sft.py --sizes h128 --no-compile        # quick: eager modes only
 
 Needs the `bench` extra (trl). Workload: 2,000 synthetic prompt/completion examples over a 1,000-word
 vocabulary (prompts 4-36 words, completions 2-24; with BOS and EOS at most 62 tokens, so max_length 64 cuts
-nothing), completion-only loss, batch 16, AdamW, tiny Llamas h128/4 layers and h256/6 layers (sdpa).
+nothing), completion-only loss, batch 16, tiny Llamas h128/4 layers and h256/6 layers (sdpa).
+
+Like with like: every contender runs float32 (no autocast), without gradient checkpointing, without gradient
+clipping, and steps the same optimizer kernel, PyTorch's fused AdamW (weight decay 0, constant LR): paperloop's
+default, transformers' default (`optim="adamw_torch_fused"`), and the hand loop's here. The table prints each
+contender's settings as read from its live objects after the run, not as asked for. TRL's own defaults (bf16
+autocast, gradient checkpointing, clipping at 1.0, a linear LR decay) are one extra row, labelled as such.
 
 Modes, each its own model built from the same seed:
     hand eager / hand compiled  a plain loop over our padded batches (forward with use_cache=False, masked
-                                cross-entropy over every position, backward, AdamW step), as a user writes it;
-                                compiled with torch.compile(model, dynamic=True)
-    hand eager, fused AdamW     the same with AdamW(fused=True), the optimizer paperloop (and transformers'
-                                Trainer) uses: what is left between the two is the framework and its forward
+                                cross-entropy over every position, backward, fused AdamW step), as a user writes
+                                it; compiled with torch.compile(model, dynamic=True)
     ours padded / packed        SFTTrainer's real loop (fit's train(), callbacks and all), padded batches of 16 or
                                 packing=True (micro-batches of 16 x 64 positions in rows of 128)
     ours ... compiled           the same with compile=True (a second trainer of the same architecture reuses
                                 the first one's compiled graph: compile time 0)
     TRL padded / padding-free / packed   trl.SFTTrainer with per_device_train_batch_size 16, max_length 64
-                                (padding-free: one row of 16 examples with position_ids; packed: BFD rows of 64)
+                                (padding-free: one row of 16 examples with position_ids; packed: BFD rows of 64),
+                                with the settings above
+    TRL padded, TRL defaults    the same as TRL padded with TRL's SFTConfig defaults for everything but the
+                                workload (an extra row: not like with like)
 
 Method: one intra-op thread (on this shared 2-core machine two threads made TRL 18x slower). Every mode
 advances in chunks of `--steps` steps, interleaved: a round runs one chunk of every mode (order rotated each
 round). The first round is warm-up (and compilation) and is dropped; the rest give per-chunk rates, and the
 table shows their median. TRL's loop runs in a thread that a callback pauses between chunks; ours runs in the
 main thread by raising `max_steps` and calling `train()` again. Trained tokens are counted the same way for
-every mode: target positions with a nonzero loss weight (completion tokens and EOS). TRL runs in float32
-(`bf16=False`) like every other mode. The docs' Performance page (docs/performance.md) has the table measured here.
+every mode: target positions with a nonzero loss weight (completion tokens and EOS). The docs' Performance page
+(docs/performance.md) has the table measured here.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from paperloop import SFTConfig, SFTTrainer
-from paperloop.callbacks import Callback
+from paperloop.callbacks import Callback, ProgressBar
 from paperloop.models import tiny_causal_lm, word_level_tokenizer
 
 SIZES = {"h128": dict(hidden_size=128, num_layers=4), "h256": dict(hidden_size=256, num_layers=6)}
@@ -63,11 +70,11 @@ def build_model(tokenizer, size: str):
 class HandLoop:
     """A plain training loop over our padded batches, in our plan's order: nothing but the math."""
 
-    def __init__(self, model, batches: list[dict], compiled: bool, fused: bool = False):
+    def __init__(self, model, batches: list[dict], compiled: bool):
         # on the device the trainers chose for their batches (Accelerate's: a GPU where there is one)
         self.model, self.batches, self.i = model.to(batches[0]["input_ids"].device), batches, 0
         self.forward = torch.compile(model, dynamic=True) if compiled else model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
         self.compile_seconds = None
         if compiled:
             start = time.perf_counter()
@@ -91,6 +98,9 @@ class HandLoop:
         synchronize()
         return time.perf_counter() - start, tokens
 
+    def settings(self) -> str:
+        return describe(torch.float32, False, self.model, self.optimizer, clip=None)
+
 
 class CountTokens(Callback):
     def __init__(self):
@@ -106,8 +116,10 @@ class Ours:
     def __init__(self, model, tokenizer, examples, out: str, packing: bool, compile: bool):
         self.counter = CountTokens()
         config = SFTConfig(max_length=MAX_LENGTH, packing=packing, batch_size=BATCH, lr=LR, max_steps=1,
-                           log_every_steps=50, compile=compile, output_dir=out)
-        self.trainer = SFTTrainer(model, config, tokenizer=tokenizer, train_data=examples, callbacks=[self.counter])
+                           log_every_steps=50, compile=compile, output_dir=out, precision="32",
+                           gradient_checkpointing=False, max_grad_norm=None, weight_decay=0.0, lr_scheduler="constant")
+        self.trainer = SFTTrainer(model, config, tokenizer=tokenizer, train_data=examples,
+                                  callbacks=[self.counter, ProgressBar(disable=True)])
         self.trainer.fit()  # the first step (and compilation), so later chunks are steady state
         self.compile_seconds = self.trainer.compile_seconds if compile else None
 
@@ -118,6 +130,11 @@ class Ours:
         t.train()
         synchronize()
         return time.perf_counter() - start, self.counter.tokens - tokens
+
+    def settings(self) -> str:
+        c = self.trainer.config
+        return describe(torch.bfloat16 if c.precision == "bf16" else torch.float32, c.gradient_checkpointing,
+                        self.trainer.unwrapped_model, self.trainer.optimizer, c.max_grad_norm)
 
     def batches(self, count: int) -> list[dict]:
         """The padded batches this trainer's plan takes first (for the hand-written loop)."""
@@ -133,7 +150,7 @@ class Ours:
 class TRL:
     """trl.SFTTrainer.train() in a thread that a callback pauses after every chunk of steps."""
 
-    def __init__(self, model, tokenizer, examples, out: str, mode: str):
+    def __init__(self, model, tokenizer, examples, out: str, mode: str, defaults: bool = False):
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import SFTConfig as TRLConfig
@@ -156,12 +173,15 @@ class TRL:
                 runner.tokens += float((inputs["labels"][..., 1:] != -100).sum())  # trained target positions
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
-        args = TRLConfig(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="constant",
-                         weight_decay=0.0, max_steps=10**6, max_length=None if mode == "padding-free" else MAX_LENGTH,
+        # Like with like: float32, no checkpointing, no clipping, fused AdamW (TRL's defaults differ in all but the
+        # last); `defaults`: TRL's own settings for all of them, the extra row.
+        like = dict(bf16=False, fp16=False, gradient_checkpointing=False, max_grad_norm=0.0, optim="adamw_torch_fused",
+                    weight_decay=0.0, lr_scheduler_type="constant")
+        args = TRLConfig(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LR, max_steps=10**6,
+                         max_length=None if mode == "padding-free" else MAX_LENGTH,
                          padding_free=mode == "padding-free", packing=mode == "packed", report_to="none",
                          save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available(),
-                         disable_tqdm=True, seed=0,
-                         dataloader_num_workers=0, bf16=False, fp16=False)  # float32 like every other mode
+                         disable_tqdm=True, seed=0, dataloader_num_workers=0, **({} if defaults else like))
         self.trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(examples),
                                 processing_class=tokenizer, callbacks=[Pause()])
         self.go, self.chunk_done = threading.Event(), threading.Event()
@@ -180,6 +200,12 @@ class TRL:
         synchronize()
         return time.perf_counter() - start, self.tokens - tokens
 
+    def settings(self) -> str:
+        args = self.trainer.args
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        return describe(dtype, self.trainer.model.is_gradient_checkpointing, self.trainer.model, self.trainer.optimizer,
+                        args.max_grad_norm or None)
+
     def close(self):
         self.stop = True
         self.go.set()
@@ -192,6 +218,17 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def describe(autocast: torch.dtype, checkpointing: bool, model, optimizer, clip) -> str:
+    """A contender's settings, read from its objects: the forward's dtype (weights' dtype, or the autocast),
+    gradient checkpointing, AdamW's kernel, clipping."""
+    weights = next(model.parameters()).dtype
+    dtype = str(weights if autocast == torch.float32 else f"{autocast} autocast").replace("torch.", "")
+    kernel = "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else \
+        "default (foreach)"
+    return (f"{dtype}, checkpointing {'on' if checkpointing else 'off'}, AdamW {kernel}, "
+            f"clip {clip if clip else 'off'}")
+
+
 def build_modes(size: str, compile: bool, trl: bool, out: str) -> dict:
     tokenizer = word_level_tokenizer(WORDS)
     examples = make_examples()
@@ -200,7 +237,6 @@ def build_modes(size: str, compile: bool, trl: bool, out: str) -> dict:
         modes[name] = Ours(build_model(tokenizer, size), tokenizer, examples, f"{out}/{name}", packing, False)
     batches = modes["ours padded"].batches(EXAMPLES // BATCH)
     modes["hand eager"] = HandLoop(build_model(tokenizer, size), batches, compiled=False)
-    modes["hand eager, fused AdamW"] = HandLoop(build_model(tokenizer, size), batches, compiled=False, fused=True)
     if compile:
         modes["hand compiled"] = HandLoop(build_model(tokenizer, size), batches, compiled=True)
         for name, packing in (("ours padded compiled", False), ("ours packed compiled", True)):
@@ -208,32 +244,45 @@ def build_modes(size: str, compile: bool, trl: bool, out: str) -> dict:
     if trl:
         for mode in ("padded", "padding-free", "packed"):
             modes[f"TRL {mode}"] = TRL(build_model(tokenizer, size), tokenizer, examples, f"{out}/trl-{mode}", mode)
+        modes["TRL padded, TRL defaults"] = TRL(build_model(tokenizer, size), tokenizer, examples,
+                                                f"{out}/trl-defaults", "padded", defaults=True)
     return modes
 
 
 def measure(modes: dict, rounds: int, steps: int) -> dict[str, dict]:
+    """Per mode, the medians over the measured rounds of tokens/s (wall), tokens per CPU-second of this process (one
+    mode runs at a time, so it is that mode's: a busy machine's other jobs stretch the wall time, not this), and
+    ms/step."""
     rates = {name: [] for name in modes}
     names = list(modes)
     for r in range(rounds + 1):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            cpu = time.process_time()
             seconds, tokens = modes[name].run(steps)
+            cpu = time.process_time() - cpu
             if r > 0:  # round 0 is warm-up
-                rates[name].append((tokens / seconds, seconds / steps, tokens / steps))
-    return {name: {"tokens_per_s": statistics.median(x[0] for x in rs), "ms_per_step": 1e3 * statistics.median(x[1] for x in rs),
-                   "tokens_per_step": statistics.mean(x[2] for x in rs), "compile_s": modes[name].compile_seconds}
+                rates[name].append((tokens / seconds, tokens / cpu, seconds / steps, tokens / steps))
+    return {name: {"tokens_per_s": statistics.median(x[0] for x in rs),
+                   "tokens_per_cpu_s": statistics.median(x[1] for x in rs),
+                   "ms_per_step": 1e3 * statistics.median(x[2] for x in rs),
+                   "tokens_per_step": statistics.mean(x[3] for x in rs), "compile_s": modes[name].compile_seconds,
+                   "settings": modes[name].settings()}
             for name, rs in rates.items()}
 
 
 def table(size: str, results: dict) -> str:
-    trl = [r["tokens_per_s"] for n, r in results.items() if n.startswith("TRL")]
+    """Ratios of wall-clock tokens/s to the hand-written eager loop and to the best like-with-like TRL mode (the TRL
+    defaults row is not a candidate)."""
+    trl = [r["tokens_per_s"] for n, r in results.items() if n.startswith("TRL") and "defaults" not in n]
     hand = results["hand eager"]["tokens_per_s"]
-    lines = [f"{size}: {'mode':24s} {'ms/step':>8s} {'tokens/step':>11s} {'tokens/s':>9s} {'vs hand eager':>13s} "
-             f"{'vs TRL best':>11s} {'compile s':>9s}"]
+    lines = [f"{size}: {'mode':26s} {'ms/step':>8s} {'tokens/step':>11s} {'tokens/s':>9s} {'tok/CPU-s':>9s} "
+             f"{'vs hand eager':>13s} {'vs TRL best':>11s} {'compile s':>9s}  settings"]
     for name, r in results.items():
         vs_trl = f"{r['tokens_per_s'] / max(trl):.2f}x" if trl else "-"
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-        lines.append(f"{'':5s} {name:24s} {r['ms_per_step']:8.1f} {r['tokens_per_step']:11.0f} {r['tokens_per_s']:9.0f} "
-                     f"{r['tokens_per_s'] / hand:12.2f}x {vs_trl:>11s} {compile_s:>9s}")
+        lines.append(f"{'':5s} {name:26s} {r['ms_per_step']:8.1f} {r['tokens_per_step']:11.0f} {r['tokens_per_s']:9.0f} "
+                     f"{r['tokens_per_cpu_s']:9.0f} {r['tokens_per_s'] / hand:12.2f}x {vs_trl:>11s} {compile_s:>9s}  "
+                     f"{r['settings']}")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """The callbacks a config asks for (`early_stopping_patience`, `checkpoint_every_steps`, `time_limit_s`) and
-the ones every run gets (`SignalCheckpoint`, `JSONLLogger`), where the user has not attached one of that kind."""
+the ones every run gets (`ProgressBar`, `SignalCheckpoint`, `JSONLLogger`), where the user has not attached one of
+that kind."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from .early_stopping import EarlyStopping
 from .guards import SignalCheckpoint, TimeLimit
 from .jsonl import JSONLLogger
 from .model_checkpoint import ModelCheckpoint
+from .progress import ProgressBar
 
 
 def default_callbacks(config, attached) -> list[Callback]:
@@ -21,6 +23,8 @@ def default_callbacks(config, attached) -> list[Callback]:
         extra.append(ModelCheckpoint(every_n_steps=config.checkpoint_every_steps, every_n_epochs=None))
     if config.time_limit_s and not has(TimeLimit):
         extra.append(TimeLimit(config.time_limit_s))
+    if not has(ProgressBar):  # a long run is never silent: a bar in a terminal, plain lines in a log file
+        extra.append(ProgressBar())
     if not has(SignalCheckpoint):
         extra.append(SignalCheckpoint())
     if not has(JSONLLogger):  # last: should it raise at the run's end, the others' on_train_end ran

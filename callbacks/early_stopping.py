@@ -40,7 +40,8 @@ class EarlyStopping(Callback):
     others of its kind are there (a typo) is warned about once. With `stopping_threshold`, training stops
     as soon as `monitor` reaches it (>= in mode "max", <= in "min"), e.g. validation accuracy 99%. With
     `restore_best`, the weights of the best epoch are put back when it stops. `best` is the best value
-    so far (None before the first)."""
+    so far (None before the first). A `val/` monitor in a run that never validates at an epoch's end (no
+    `val_data`, or `val_every=0`) is refused as the run starts."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  baseline: float | None = None, restore_best: bool = False, stopping_threshold: float | None = None):
@@ -56,6 +57,13 @@ class EarlyStopping(Callback):
 
     def on_train_begin(self, trainer):
         self._reset()
+        if self.monitor.startswith("val/"):
+            never = "there is no val_data" if trainer.val_data is None else \
+                "val_every=0" if trainer.config.val_every == 0 else None
+            if never:  # no epoch's logs will hold the monitor: the run would go on to its end, stopping never
+                raise ValueError(f"EarlyStopping: monitors {self.monitor!r}, which no epoch's logs will hold: "
+                                 f"{never}, so it could never stop the run. Pass val_data (validated at epoch ends), "
+                                 "or monitor a metric the epoch logs hold (e.g. 'train/loss')")
 
     def _reset(self):
         self.best, self.wait, self.best_weights, self.warned = self.baseline, 0, None, False

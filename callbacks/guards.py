@@ -42,6 +42,7 @@ class SignalCheckpoint(Callback):
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
+        self.received, self._previous = None, {}  # on_train_end runs even when an earlier on_train_begin raised
 
     def on_train_begin(self, trainer):
         self.received, self._previous = None, {}

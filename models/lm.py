@@ -79,17 +79,18 @@ def tiny_causal_lm(vocab_size: int, hidden_size: int = 128, num_layers: int = 2,
 def word_level_tokenizer(vocab: list[str], per_character: bool = False) -> PreTrainedTokenizerFast:
     """One token per whitespace-separated word of `vocab` (ids follow the special tokens, in `vocab`'s order).
 
-    With `per_character=True` every non-space character is its own token (`"12+7"` -> `1 2 + 7`), so `vocab`
-    lists single characters. Text outside the vocabulary becomes `<unk>`. Decoding joins words with one
-    space (whitespace mode) or nothing (per-character mode): the original spacing is not kept.
+    With `per_character=True` every character is its own token, whitespace included (`"7 + 5"` -> `7`, ` `, `+`,
+    ` `, `5`), so `vocab` lists single characters and may list a space, a tab or a newline; decoding gives the
+    text back exactly. A character outside the vocabulary, a space too, becomes `<unk>` (never dropped). In
+    whitespace mode no entry holds whitespace, and decoding joins words with one space: the spacing is not kept.
     """
     _check_vocab(vocab, per_character)
     ids = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vocab])}
     tokenizer = Tokenizer(models.WordLevel(ids, unk_token=UNK))
     if per_character:
-        # Whitespace separates nothing here; every remaining character stands alone with its own offsets.
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")])
+        # Every character stands alone with its own offsets, whitespace too: a space is text the model reads and
+        # writes (" hello tib!" is not "hellotib!"), so it is a token or an `<unk>`, never skipped.
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tokenizer.decoder = decoders.Fuse()
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no decoder: tokens join with a space
@@ -125,10 +126,13 @@ def _wrap(tokenizer: Tokenizer, processor: processors.PostProcessor | None = Non
 def _check_vocab(vocab: list[str], per_character: bool) -> None:
     seen = set(SPECIAL_TOKENS)
     for token in vocab:
-        if not isinstance(token, str) or not token or any(ch.isspace() for ch in token):
-            raise ValueError(f"vocab entry {token!r}: a token is a non-empty string without whitespace")
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"vocab entry {token!r}: a token is a non-empty string")
         if per_character and len(token) != 1:
             raise ValueError(f"vocab entry {token!r}: with per_character=True every entry is one character")
+        if not per_character and any(ch.isspace() for ch in token):
+            raise ValueError(f"vocab entry {token!r}: a word holds no whitespace (per_character=True keeps spaces "
+                             "as tokens)")
         if token in seen:
             raise ValueError(f"vocab entry {token!r} appears twice (or is a special token)")
         seen.add(token)

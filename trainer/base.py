@@ -101,6 +101,7 @@ class BaseTrainer(Checkpointing, ABC):
         overridden = type(self).collate is not BaseTrainer.collate
         self._collate = self.collate if overridden else torch.utils.data.default_collate
         self._pending_loss = None  # forward_backward's weighted loss sum since the last optimizer_step
+        self._last_loss = None  # the last step's train/loss, read into state.last_loss only when asked (a sync)
         self.epoch_loss = EpochLoss(self.device)
         super().__init__()
 
@@ -182,6 +183,7 @@ class BaseTrainer(Checkpointing, ABC):
             self._abandon_step()
             raise
         finally:
+            self.settle_last_loss()
             try:
                 self._call("on_train_end")
             finally:
@@ -192,6 +194,11 @@ class BaseTrainer(Checkpointing, ABC):
             raise KeyboardInterrupt(f"{self.config.output_dir}: interrupted at step {self.state.global_step} "
                                     f"({self.state.stop_reason}), {saved}")
         return self.state
+
+    def settle_last_loss(self) -> None:
+        """Put the last step's loss into `state.last_loss` (a device sync: done at a run's end and in state_dict)."""
+        if self._last_loss is not None:
+            self.state.last_loss, self._last_loss = float(self._last_loss), None
 
     def _enter_train_mode(self) -> None:
         """Train in train mode (dropout on; transformers' gradient checkpointing recomputes only in train mode). A
@@ -322,6 +329,7 @@ class BaseTrainer(Checkpointing, ABC):
         self.state.global_step += 1
         self.state.step_in_epoch += 1
         outputs.setdefault("train/samples", step.samples)
+        self._last_loss = outputs.get("train/loss", self._last_loss)
         if outputs.get("train/finite", True) and "train/loss" in outputs:
             self.epoch_loss.add(outputs["train/loss"], step.weight)
         every = self.config.val_every_steps

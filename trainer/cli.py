@@ -1,6 +1,6 @@
 """The `paperloop` command.
 
-    paperloop --version                         the installed version
+    paperloop --help, paperloop --version       answer at once (nothing here imports torch until a command runs)
     paperloop list                              the reproduced papers
     paperloop run PAPER [key=value ...]         run one with its config.yaml and overrides
     paperloop run PAPER --help                  its config keys, their defaults and what they mean
@@ -15,14 +15,15 @@ import argparse
 import logging
 import sys
 
-from . import __version__
 from .config import ConfigError, describe_keys, load_config
 from .lock import OutputLockError
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--help` and `--version` answer before anything imports torch (seconds): this module and the config's import
+    # none of it, and a subcommand imports what it needs when it runs.
     parser = argparse.ArgumentParser(prog="paperloop", description="Reproduce ML papers with paperloop.")
-    parser.add_argument("--version", action="version", version=f"paperloop {__version__}")
+    parser.add_argument("--version", action="version", version=f"paperloop {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the reproduced papers", description="List the reproduced papers.")
     # Help is ours: `run PAPER --help` lists that paper's keys, which argparse cannot know.
@@ -55,11 +56,10 @@ def list_papers(args) -> int:
 
 
 def run_paper(args, parser: argparse.ArgumentParser) -> int:
-    from . import papers
-
     if args.paper is None:  # `paperloop run --help`
         parser.print_help()
         return 0
+    from . import papers
     try:
         module = papers.load(args.paper)
         if args.help:
@@ -95,6 +95,15 @@ def merge_adapter(args) -> int:
     except (CheckpointError, ImportError) as e:
         return error(e, 2)
     return 0
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("paperloop")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def error(e: Exception, code: int) -> int:

@@ -225,8 +225,39 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *sources))
     except OmegaConfBaseException as e:
         if getattr(e, "full_key", None):
-            raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(_named_error(cls, sources, e.full_key, e)) from None
         raise ConfigError(_unnamed_error(cls, sources, e)) from None
+
+
+def _named_error(cls, sources, key: str, error: Exception) -> str:
+    """OmegaConf's words for a value that does not fit a key of `cls` ("Invalid value assigned: str is not a
+    ListConfig"), said as every other config error says it: what the key must be and what it got. One value where a
+    list goes (`models=cnn`) is tried as a list: the config's own check then names the values it takes, or, when the
+    list would do, the message says to write it so (`models=[cnn]`), beside the default. An unknown key keeps
+    OmegaConf's message, which names it."""
+    hint = _hints(cls).get(key)
+    holding = [source for source in sources if key in source]
+    if hint is None or not holding:
+        return f"{key}: {str(error).splitlines()[0]}"
+    value = OmegaConf.to_container(holding[-1])[key]
+    message = f"{key}: must be {describe_type(hint)}, got {value!r}"
+    takes_list = typing.get_origin(hint) in (tuple, list) or hint in (tuple, list)
+    if isinstance(value, (list, tuple, dict)) or not takes_list:
+        return message
+    as_list = [OmegaConf.merge(source, {key: [value]}) if key in source else source for source in sources]
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *as_list))
+    except ConfigError as e:
+        return str(e) if str(e).startswith(f"{key}: ") else message
+    except (OmegaConfBaseException, ValueError, TypeError):
+        return message
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    shown = f" (the default: {key}=[{','.join(map(_as_yaml, default))}])" if isinstance(default, (list, tuple)) else ""
+    return f"{message}: write {key}=[{_as_yaml(value)}]{shown}"
+
+
+def _as_yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _unnamed_error(cls, sources, error: Exception) -> str:

@@ -92,6 +92,21 @@ class Checkpointing:
         stored once is not missing. (An FSDP-sharded model loads its full state dict on every rank instead.)"""
         ckpt.load_model_state(self.unwrapped_model, tensors)
 
+    def save_model(self, directory: str | Path) -> Path:
+        """Write the model for use outside paperloop as a checkpoint holds it: the weights through `write_weights` (a
+        `transformers` model: its `save_pretrained` folder; a LoRA run: its adapter) and what `write_artifacts` adds
+        (a language model's tokenizer), so `from_pretrained(directory)` loads the model and its tokenizer alike.
+        Every process calls it (FSDP gathers the weights whole); the main process writes."""
+        directory = Path(directory)
+        self.setup()
+        gathered = full_state(self.model, self.optimizer)[0] if self.sharded else None
+        if self.is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.write_weights(self.unwrapped_model, directory, gathered)
+            self.write_artifacts(directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
     def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
         """Checkpoint `generator` (e.g. the one sampling draws from) with the RNG state of each process."""
         self.generators[name] = generator
@@ -106,6 +121,7 @@ class Checkpointing:
             raise RuntimeError("the state can only be taken between steps, not between forward_backward() and "
                                "optimizer_step()")
         rng = rng_state(self.generators)
+        self.settle_last_loss()
         # FSDP: gathered whole to the main process (a collective), in the format every other run writes
         model, optimizer = (full_state(self.model, self.optimizer) if self.sharded
                             else (self.unwrapped_model.state_dict(), self.optimizer.state_dict()))
@@ -152,7 +168,7 @@ class Checkpointing:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.state = train_state
+        self.state, self._last_loss = train_state, None
         if self.state.stop_resumable:  # it stopped for a signal or a time limit: carry on
             self.state.should_stop, self.state.stop_reason, self.state.stop_resumable = False, None, False
         self.epoch_loss.load_state_dict(state["epoch_loss"])

@@ -17,6 +17,9 @@ class TrainState:
     # per step; a trainer that makes several per step (RL: a pass over minibatches) counts each here.
     updates: int = 0
     train_loss_history: list[float] = field(default_factory=list)  # mean train loss per completed epoch
+    # The last step's train loss (its weighted mean over the step); None before the first. A run shorter than an
+    # epoch has no train_loss_history yet, and this is its loss.
+    last_loss: Optional[float] = None
     val_history: list[dict] = field(default_factory=list)  # one dict per validation, with epoch and step
     should_stop: bool = False
     stop_reason: Optional[str] = None
@@ -61,6 +64,7 @@ class TrainState:
                 raise ValueError(f"TrainState: {name} is {getattr(self, name)}, more than the {self.global_step} "
                                  "steps the run took")
         for name, kind in (("train_loss_history", list), ("val_history", list), ("should_stop", bool),
-                           ("stop_resumable", bool), ("run_id", str), ("stop_reason", (str, type(None)))):
+                           ("stop_resumable", bool), ("run_id", str), ("stop_reason", (str, type(None))),
+                           ("last_loss", (float, type(None)))):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"TrainState: {name} is a {type(getattr(self, name)).__name__}")

@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 
 from paperloop import ConfigError, TrainerConfig
-from paperloop.callbacks import PlainProgress, ProgressBar, TensorBoardLogger
+from paperloop.callbacks import PlainProgress, TensorBoardLogger
 from paperloop.lock import OutputLock
 from paperloop.models import BUILDERS, build_classifier
 
@@ -107,7 +107,7 @@ def run_row(cfg: Config, raw: dict, model_name: str, shuffled: bool) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights for a row, run after run
     model = build_classifier(model_name, length=train.tensors[0].shape[1])
     trainer = Classifier(model, dataclasses.replace(cfg, output_dir=str(row_dir)), train_data=train, val_data=test,
-                         test_data=test, callbacks=[TensorBoardLogger(), ProgressBar(), PlainProgress(row_dir.name)])
+                         test_data=test, callbacks=[TensorBoardLogger(), PlainProgress(row_dir.name)])
     result, start = None, time.perf_counter()
     try:
         with intra_op_threads(cfg.threads):

@@ -111,9 +111,45 @@ def test_step_validation_on_an_epoch_end_runs_and_logs_once(tmp_path):
     assert [v for _, v in scalars["val/loss"]] == pytest.approx([h["val/loss"] for h in t.state.val_history])
 
 
-def test_progress_bar_is_quiet_without_a_terminal(tmp_path, capsys):
+@pytest.mark.parametrize("settings, reason", [
+    (dict(), "there is no val_data"),
+    (dict(val_every=0, val_every_steps=2), "val_every=0"),
+])
+def test_early_stopping_on_a_validation_metric_without_validation_is_refused(tmp_path, settings, reason):
+    """It could never fire: the run would train to its end, silently, instead of stopping. (The config's
+    early_stopping_patience without val_data is refused as the trainer is built.)"""
+    val = make_data(8) if settings else None
+    cfg = TrainerConfig(max_epochs=3, batch_size=8, output_dir=str(tmp_path), **settings)
+    t = Regression(make_model(), cfg, train_data=make_data(16), val_data=val,
+                   callbacks=[EarlyStopping("val/loss", patience=2)])
+    with pytest.raises(ValueError, match=f"EarlyStopping: monitors 'val/loss', .*: {reason}, so it could never"):
+        t.fit()
+    assert t.state.global_step == 0
+    cfg = TrainerConfig(max_epochs=3, batch_size=8, output_dir=str(tmp_path / "train"))  # a train metric is fine
+    state = Regression(make_model(), cfg, train_data=make_data(16),
+                       callbacks=[EarlyStopping("train/loss", patience=1, min_delta=1e9)]).fit()
+    assert state.stop_reason.startswith("early stopping: train/loss did not improve")
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds_by_default(tmp_path, capsys, monkeypatch):
+    """No callback attached, stderr a pipe (a batch job's log): a run is not silent. A fake clock moves 4 s a
+    reading, so with lines at most every 10 s they come after steps 3 and 6, and at the last."""
+    from paperloop.callbacks import progress
+
+    readings = iter(range(0, 1000, 4))
+    monkeypatch.setattr(progress, "clock", lambda: next(readings))
+    cfg = TrainerConfig(max_epochs=1, batch_size=4, output_dir=str(tmp_path))
+    state = Regression(make_model(), cfg, train_data=make_data(32)).fit()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "training 8 steps"
+    assert [line.split(", loss ")[0] for line in lines[1:]] == ["step 3/8 (38%)", "step 6/8 (75%)", "step 8/8 (100%)"]
+    assert lines[-1] == f"step 8/8 (100%), loss {state.last_loss:.4g}, 4.0 s/step, about 0 s left"
+    assert lines[1].endswith(", 4.0 s/step, about 20 s left")
+
+
+def test_progress_bar_disabled_is_silent(tmp_path, capsys):
     cfg = TrainerConfig(max_epochs=1, batch_size=8, log_every_steps=1, output_dir=str(tmp_path))
-    Regression(make_model(), cfg, train_data=make_data(32), callbacks=[ProgressBar()]).fit()
+    Regression(make_model(), cfg, train_data=make_data(32), callbacks=[ProgressBar(disable=True)]).fit()
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
 

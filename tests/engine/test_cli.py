@@ -40,6 +40,20 @@ def test_help_works_for_each_command():
         assert paperloop(*args).returncode == 0
 
 
+def test_help_and_version_answer_without_importing_torch():
+    """`paperloop --help` took 3.5-9 s when importing the CLI imported torch for the help text."""
+    code = ("import sys\nfrom paperloop.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['run', '--help'], ['list', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+            "print(sorted(name for name in ('torch', 'transformers', 'accelerate') if name in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from importlib.metadata import version
+
+    assert "usage: paperloop" in proc.stdout and f"paperloop {version('paperloop')}" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
 def test_mnist1d_row_writes_results(tmp_path):
     command = ("run", "mnist1d", f"output_dir={tmp_path}", "models=[mlp]", "shuffled=[false,true]", "max_steps=200",
                "val_every_steps=100", "log_every_steps=100")

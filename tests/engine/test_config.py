@@ -110,6 +110,39 @@ def test_a_subclass_field_is_checked_from_its_annotation_alone():
         load_config(Paper, None, ["widths=[8,2.5]"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("models=cnn", "models: must be a list of strings, got 'cnn': write models=[cnn] "
+                   "(the default: models=[logistic,mlp,cnn,gru])"),
+    ("models=resnet", "models: must be a non-empty list from ['cnn', 'gru', 'logistic', 'mlp'], got ['resnet']"),
+    ("shuffled=true", "shuffled: must be a list of true/false values, got True: write shuffled=[true] "
+                      "(the default: shuffled=[false,true])"),
+    ("shuffled=maybe", "shuffled: must be a list of true/false values, got 'maybe'"),
+    ("lr=abc", "lr: must be a finite number, got 'abc'"),
+    ("threads=[1]", "threads: must be an integer, got [1]"),
+])
+def test_a_value_of_the_wrong_shape_is_said_in_our_words_with_what_to_write(override, message):
+    """Not OmegaConf's "Invalid value assigned: str is not a TupleConfig, ListConfig, list, or tuple" (mnist1d's
+    `paperloop run mnist1d models=cnn`); a paper's own check names the values it takes."""
+    from typing import Tuple
+
+    names = ("logistic", "mlp", "cnn", "gru")
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(TrainerConfig):
+        models: Tuple[str, ...] = names
+        shuffled: Tuple[bool, ...] = (False, True)
+        threads: int = 1
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not self.models or not set(self.models) <= set(names):
+                raise ConfigError(f"models: must be a non-empty list from {sorted(names)}, got {list(self.models)}")
+
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, [override])
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize("text, words", [("- lr\n- 0.1\n", "holds a list"), ("5\n", "not a readable YAML config"),
                                          ("lr: [\n", "not a readable YAML config")])
 def test_a_config_file_that_is_not_a_mapping_is_an_error_naming_the_file(tmp_path, text, words):

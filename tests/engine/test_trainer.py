@@ -154,6 +154,24 @@ def test_max_steps_stops_mid_epoch(tmp_path):
     assert (t.state.global_step, t.state.epoch, t.state.step_in_epoch) == (7, 1, 2)
 
 
+def test_last_loss_is_the_last_steps_loss_and_survives_a_checkpoint(tmp_path):
+    """A run shorter than an epoch has no epoch mean yet (train_loss_history is empty): state.last_loss is its loss,
+    the last step's, and a checkpoint carries it."""
+    from paperloop.callbacks import LambdaCallback
+    from paperloop.checkpoint import committed
+
+    losses = []
+    record = LambdaCallback(on_batch_end=lambda trainer, outputs: losses.append(float(outputs["train/loss"])))
+    cfg = TrainerConfig(batch_size=8, max_steps=3, output_dir=str(tmp_path))
+    t = Regression(make_model(), cfg, train_data=make_data(40), callbacks=[record, StopAt(2, checkpoint=True)])
+    assert t.fit().last_loss == losses[-1] and t.state.train_loss_history == []
+    resumed = Regression(make_model(), cfg, train_data=make_data(40))
+    resumed.load_checkpoint(committed(tmp_path / "checkpoints")[0])
+    assert resumed.state.last_loss == losses[1]
+    state = resumed.fit(resume="latest")
+    assert state.global_step == 3 and state.train_loss_history == [] and isinstance(state.last_loss, float)
+
+
 def test_bf16_on_cpu_learns(tmp_path):
     t = Regression(make_model(dropout=0.0), TrainerConfig(max_epochs=30, batch_size=8, lr=0.02, precision="bf16",
                                                           output_dir=str(tmp_path)), train_data=make_data(64))

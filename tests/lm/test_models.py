@@ -51,18 +51,34 @@ def test_word_level_ids_offsets_and_unknown_words():
 
 def test_word_level_per_character():
     tok = word_level_tokenizer(list("0123456789+="), per_character=True)
-    enc = tok("12+7 = 19", return_offsets_mapping=True, add_special_tokens=False)
+    enc = tok("12+7=19", return_offsets_mapping=True, add_special_tokens=False)
     assert tok.convert_ids_to_tokens(enc["input_ids"]) == ["1", "2", "+", "7", "=", "1", "9"]
-    assert enc["offset_mapping"] == [(0, 1), (1, 2), (2, 3), (3, 4), (5, 6), (7, 8), (8, 9)]
+    assert enc["offset_mapping"] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
     assert tok.decode(enc["input_ids"]) == "12+7=19"
+
+
+def test_word_level_per_character_keeps_whitespace():
+    """A space is a character like any other: listed, it is a token and the text comes back exactly; left out of
+    the vocabulary it is an `<unk>` where it stood, never dropped (" hello tib!" once trained as "hellotib!")."""
+    tok = word_level_tokenizer(list(" \nhelotib!"), per_character=True)
+    text = " hello tib!\nhi"
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(enc["input_ids"]) == list(text)
+    assert enc["offset_mapping"] == [(i, i + 1) for i in range(len(text))]
+    assert tok.decode(enc["input_ids"]) == text
+    without_space = word_level_tokenizer(list("helotib!"), per_character=True)
+    tokens = without_space.convert_ids_to_tokens(without_space(" hello tib!", add_special_tokens=False)["input_ids"])
+    assert tokens == ["<unk>", *"hello", "<unk>", *"tib!"]
 
 
 @pytest.mark.parametrize("vocab, per_character, message", [
     (["a", "a"], False, "appears twice"),
     (["a", "<eos>"], False, "appears twice"),
-    (["a b"], False, "without whitespace"),
+    (["a b"], False, "holds no whitespace"),
+    ([" "], False, "holds no whitespace"),
     ([""], False, "non-empty"),
     (["12"], True, "one character"),
+    (["a", " ", " "], True, "appears twice"),
 ])
 def test_word_level_rejects_bad_vocab(vocab, per_character, message):
     with pytest.raises(ValueError, match=message):
@@ -101,7 +117,7 @@ def _round_trip(tok, tmp_path):
 
 @pytest.mark.parametrize("build", [
     lambda: word_level_tokenizer(VOCAB),
-    lambda: word_level_tokenizer(list("abc+=123"), per_character=True),
+    lambda: word_level_tokenizer(list("abc+=123 "), per_character=True),
     lambda: bpe_tokenizer(TEXTS * 20, vocab_size=300),
 ], ids=["word", "char", "bpe"])
 def test_tokenizer_save_load_round_trip(build, tmp_path):

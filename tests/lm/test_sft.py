@@ -292,6 +292,23 @@ def test_checkpoint_loads_with_auto_classes(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, t.unwrapped_model(ids).logits, rtol=0, atol=0)
 
 
+def test_save_model_writes_the_model_with_its_tokenizer(tmp_path):
+    """The trained model, saved for use elsewhere, loads with its tokenizer: a bare save_pretrained of the model
+    left AutoTokenizer.from_pretrained failing on a folder without one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = make_trainer(tmp_path, max_steps=2)
+    t.fit()
+    folder = t.save_model(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("sort 3 1 =")["input_ids"] == tokenizer()("sort 3 1 =")["input_ids"]
+    assert tok.apply_chat_template([{"role": "user", "content": "1"}], tokenize=False) == \
+        tokenizer().apply_chat_template([{"role": "user", "content": "1"}], tokenize=False)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    for name, tensor in t.unwrapped_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_checkpoint_writes_no_progress_bar_and_leaves_the_users_setting(tmp_path, capfd):
     from transformers.utils import logging as hf_logging
 

@@ -63,3 +63,16 @@ def test_chat_prompts_holding_numpy_values_are_logged_not_a_crash_at_the_first_l
     trainer.fit()
     records = (tmp_path / "rollouts.jsonl").read_text().splitlines()
     assert len(records) == 2 and all('"id": ' in record for record in records)  # log_completions=2, ids as numbers
+
+
+@pytest.mark.parametrize("value, count", [(True, 4), (False, 0), (7, 7), (0, 0)])
+def test_log_completions_takes_a_count_or_trls_flag(value, count):
+    """TRL's `log_completions=True` means "log some": here the default count; False logs none."""
+    config = RLConfig(batch_size=4, log_completions=value)
+    assert config.log_completions == count and type(config.log_completions) is int
+
+
+@pytest.mark.parametrize("value, message", [("yes", "must be an integer or true or false"), (-1, "must be >= 0")])
+def test_log_completions_refuses_what_is_neither(value, message):
+    with pytest.raises(ConfigError, match=f"^log_completions: {message}"):
+        RLConfig(batch_size=4, log_completions=value)

@@ -18,7 +18,7 @@ from paperloop.config import ConfigError
 from paperloop.plans import epoch_permutation
 from paperloop.rl import Episodes, rollout_batch, split_rows
 from paperloop.rl.trainer import disable_dropout
-from paperloop.models.lm import tiny_causal_lm
+from paperloop.models.lm import tiny_causal_lm, word_level_tokenizer
 from paperloop.lm.data import prompt_ids
 from paperloop.lm.sampling import sample
 from tests.support.callbacks import StopAt
@@ -26,7 +26,7 @@ from tests.support.engine import assert_bitwise_equal, straight_and_resumed, wei
 from tests.support.workers import run_worker
 from paperloop.checkpoint import committed
 
-from tests.support.rl import (DDP_DAPO, DDP_ENV, DDP_RUN, RESUME_RUNS, LayoutFreeEpisodes, digit_reward,
+from tests.support.rl import (DDP_DAPO, DDP_ENV, DDP_RUN, DIGITS, RESUME_RUNS, LayoutFreeEpisodes, digit_reward,
                               first_digit_reward, make_lm, make_prompts, make_rl_trainer, make_tokenizer)
 
 WORKER = Path(__file__).with_name("resume_worker.py")  # the RL fixture, killed mid-run
@@ -667,7 +667,9 @@ def test_what_cannot_train_is_refused_when_the_trainer_is_built_naming_it(tmp_pa
     no_role[3] = {"messages": [{"content": "1+1="}]}
     with pytest.raises(ValueError, match=r"train_data example 3, message 0: expected a dict with 'role'"):
         build(train_data=no_role)
-    no_bos = make_tokenizer()
+    # A whitespace-mode tokenizer of the same vocabulary and no BOS: whitespace alone holds no word (the
+    # per-character one keeps every character, a space too)
+    no_bos = word_level_tokenizer(DIGITS)
     no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
     empty = make_prompts()
     empty[2] = {"prompt": "   ", "answer": "0"}

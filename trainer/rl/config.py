@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ..config import ConfigError
 from ..lm.base import LMConfig
@@ -21,6 +21,7 @@ __all__ = ["RLConfig", "MIN_TEMPERATURE"]
 
 # logits / temperature must stay finite in float32 and bfloat16 (~3e38) for logits of any size a model produces.
 MIN_TEMPERATURE = 1e-4
+LOG_COMPLETIONS = 4  # rollouts logged per logged step by default (log_completions=True)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class RLConfig(LMConfig):
     async_is_cap: Optional[float] = 2.0  # the lag's importance weight π_old / π_sampler per token, capped (None: not)
     distill_coef: float = 1.0  # with a teacher (RLTrainer(teacher=...)): λ of the per-token -λ (log π - log π_teacher)
     distill_discount: float = 0.0  # γ: each token's term plus the discounted future ones (0: its own only)
-    log_completions: int = 4  # rollouts written per logged step: TensorBoard text and rollouts.jsonl (0: none)
+    log_completions: Union[int, bool] = LOG_COMPLETIONS  # rollouts shown per log: TensorBoard, rollouts.jsonl (true: 4)
     disable_dropout: bool = True  # sampling runs without dropout; training must too, or the ratio is not 1 (TRL: same)
 
     # micro_batch_size bounds memory and changes rounding only; the eval_* keys change what validation measures,
@@ -71,6 +72,8 @@ class RLConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.log_completions, bool):  # TRL's flag: on (the default count) or off
+            object.__setattr__(self, "log_completions", LOG_COMPLETIONS if self.log_completions else 0)
         self._check_sampling()
         self._check_updates()
         self._check_dapo()
