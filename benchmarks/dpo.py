@@ -1,6 +1,6 @@
 """DPO throughput and peak memory: a hand-written loop (full logits), TRL's DPOTrainer and ours, at vocabulary 32k.
 
-    python benchmarks/dpo.py                                  # every contender, 5 measured rounds (~15 minutes)
+    python benchmarks/dpo.py                                  # every contender, 5 rounds (45 min on a busy 2-core box)
     python benchmarks/dpo.py --rounds 2 --steps 3             # quick
     python benchmarks/dpo.py --contenders hand ours           # without TRL (no `bench` extra needed)
 
@@ -28,8 +28,8 @@ high-water mark, so the peaks do not mix):
 Method: one intra-op thread per process. Every contender is built, takes one step, and waits; then rounds
 interleave them (order rotated each round), each advancing `--steps` steps while the others wait. The first round is
 warm-up and dropped; the table shows the median pairs/s of the rest, and each process's peak RSS at the end (the
-whole process: Python, torch, the model, the reference, the data), with the RSS it held after building everything
-and before its first step ("before the first step"). TRL's loop runs in a thread that a callback pauses between
+whole process: Python, torch, the model, the reference, the data), with the RSS it held once the model and the pairs
+were built, before the trainer ("model and data built"). TRL's loop runs in a thread that a callback pauses between
 chunks; ours by raising `max_steps` and calling `train()` again. The README's preference section has the table.
 """
 
@@ -274,7 +274,7 @@ def main():
     trl = median.get("TRL")
     print(f"\n{STEP_PAIRS} pairs a step, vocabulary {VOCAB:,}, hidden {HIDDEN}, {LAYERS} layers, float32, 1 thread each; "
           f"medians of {args.rounds} rounds of {args.steps} steps\n")
-    print("| contender | pairs/s | vs hand | vs TRL | peak RSS MB | before the first step MB | peak vs hand |")
+    print("| contender | pairs/s | vs hand | vs TRL | peak RSS MB | model and data built MB | peak vs hand |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
         m = memory[name]
@@ -282,7 +282,7 @@ def main():
         vs_trl = f"{median[name] / trl:.2f}x" if trl else "-"
         peak_vs = f"{m['peak_mb'] / memory['hand']['peak_mb']:.2f}x" if hand else "-"
         bold = "**" if name.startswith("ours") else ""
-        print(f"| {bold}{name}{bold} | {median[name]:.1f} | {vs_hand} | {vs_trl} | {m['peak_mb']:,.0f} | "
+        print(f"| {bold}{name}{bold} | {median[name]:.2f} | {vs_hand} | {vs_trl} | {m['peak_mb']:,.0f} | "
               f"{m['baseline_mb']:,.0f} | {peak_vs} |")
 
 
