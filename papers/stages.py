@@ -36,13 +36,14 @@ def stage_settings(cfg, not_settings) -> dict:
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in not_settings}))
 
 
-def stage(folder: Path, build, settings: dict) -> tuple[object, float]:
+def stage(folder: Path, build, settings: dict, model_class=None) -> tuple[object, float]:
     """Train one stage in `folder` (continuing its checkpoints if a signal or a time limit stopped it), save its
     final model to `folder/model` and its settings beside it; a stage finished with these same settings is loaded
-    instead, one finished with others is refused (naming the key). `build(folder)` makes its trainer. Returns
-    (model, training seconds)."""
+    instead (with `model_class.from_pretrained`, default `AutoModelForCausalLM`; a reward model's stage passes
+    `AutoModelForSequenceClassification`), one finished with others is refused (naming the key). `build(folder)`
+    makes its trainer. Returns (model, training seconds)."""
     if (folder / "model" / "config.json").exists():
-        return finished_stage(folder, settings)
+        return finished_stage(folder, settings, model_class)
     trainer = build(folder)
     start = time.perf_counter()
     state = trainer.fit(resume="auto")  # continues a stage a signal or a time limit stopped
@@ -60,7 +61,7 @@ def stage(folder: Path, build, settings: dict) -> tuple[object, float]:
     return trainer.unwrapped_model.eval(), seconds
 
 
-def finished_stage(folder: Path, settings: dict) -> tuple[object, float]:
+def finished_stage(folder: Path, settings: dict, model_class=None) -> tuple[object, float]:
     """The model of the stage finished in `folder` and its training seconds, or a ConfigError naming the first key
     whose recorded value is not the one in `settings`."""
     from transformers import AutoModelForCausalLM
@@ -77,4 +78,5 @@ def finished_stage(folder: Path, settings: dict) -> tuple[object, float]:
             why = f"was trained with {key}={recorded[key]!r}, this command asks for {settings[key]!r}"
         raise ConfigError(f"{key or 'output_dir'}: the finished {folder.name} stage in {folder} {why}; use "
                           f"another output_dir, or remove {folder} to train it again")
-    return AutoModelForCausalLM.from_pretrained(folder / "model").eval(), json.loads(record.read_text())["seconds"]
+    model = (model_class or AutoModelForCausalLM).from_pretrained(folder / "model").eval()
+    return model, json.loads(record.read_text())["seconds"]
