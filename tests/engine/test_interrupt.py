@@ -38,7 +38,11 @@ def last_checkpoint_step(out) -> int:
 
 def test_ctrl_c_checkpoints_says_so_and_stops_the_script(tmp_path):
     proc, sent = run_and_signal(tmp_path, signal.SIGINT)
-    assert proc.returncode == -signal.SIGINT, proc.stderr[-2000:]  # as an uncaught Ctrl-C ends a Python script
+    # The script ends on the uncaught KeyboardInterrupt. (Its status is -SIGINT only where nothing evaluates a string
+    # at exit: CPython 3.11 clears its "died of Ctrl-C" flag on any eval, and torch's atexit dump_compile_times
+    # imports tabulate, whose namedtuples are evals, when tabulate is installed; the status is then 1.)
+    assert proc.returncode in (-signal.SIGINT, 1), proc.stderr[-2000:]
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("KeyboardInterrupt: "), proc.stderr[-2000:]
     assert "results" not in proc.stdout  # the lines after fit() never ran
     step = last_checkpoint_step(tmp_path)
     assert step >= sent and proc.stdout.splitlines()[-1] == f"step {step}"  # the step in flight finished, no more
