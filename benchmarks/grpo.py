@@ -343,7 +343,8 @@ def main() -> None:
         for round_ in range(args.repeats):
             for beta in args.betas:
                 for name, run in contenders.items():
-                    steps, generate = run(model_dir, prompts, args, beta, str(Path(tmp) / f"run-{round_}-{beta:g}-{name}"))
+                    out = str(Path(tmp) / f"run-{round_}-{beta:g}-{name}")  # a folder holds one run's history
+                    steps, generate = run(model_dir, prompts, args, beta, out)
                     results.setdefault((name, beta), []).append(round_medians(steps, generate, args))
             print(f"round {round_ + 1}/{args.repeats} done", flush=True)
     if args.async_:
