@@ -9,10 +9,10 @@ A tiny Llama (width 128, 4 layers) is first trained with SFTTrainer to partial c
 token per character), then trained from that same SFT checkpoint by RLTrainer with GRPO and with Dr. GRPO on a
 0/1 correctness reward (or with the recipes chosen in `methods`: DAPO, GSPO, CISPO too, and GRPO with
 asynchronous generation `max_lag` steps behind; once per seed of `rl_seeds`). Each model is scored on held-out
-pairs that neither stage saw: n samples per prompt, pass@k by the unbiased estimator for k = 1, 2, 4, ..., n. Writes results.json, results.md and results.png (the
-pass@k curves) under output_dir, with each stage's run (checkpoints, TensorBoard) in its own folder. A stage
-interrupted by a signal checkpoints and the command stops; the same command again continues it, and skips
-stages already done.
+pairs that neither stage saw: n samples per prompt, pass@k by the unbiased estimator for k = 1, 2, 4, ..., n.
+Writes results.json, results.md and results.png (the pass@k curves) under output_dir, with each stage's run
+(checkpoints, TensorBoard) in its own folder. A stage interrupted by a signal checkpoints and the command stops;
+the same command again continues it, and skips stages already done.
 """
 
 from __future__ import annotations
