@@ -141,6 +141,8 @@ class Clock:
         self.cpu.append(-time.thread_time())
 
     def stop(self) -> None:
+        if torch.cuda.is_available():  # on a GPU, the queued kernels are part of the interval
+            torch.cuda.synchronize()
         self.wall.append(self.wall.pop() + time.perf_counter())
         self.cpu.append(self.cpu.pop() + time.thread_time())
 
@@ -232,8 +234,8 @@ def run_trl(model_dir, prompts, args, beta, out, defaults=False) -> tuple[Clock,
                         learning_rate=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps,
                         loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
                         report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
-                        use_cpu=True, seed=0, dataloader_num_workers=0, optim="adamw_torch_fused", weight_decay=0.0,
-                        **like_ours)
+                        use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+                        optim="adamw_torch_fused", weight_decay=0.0, **like_ours)  # on a GPU too: fp32, as ours
     trainer = GRPOTrainer(model=never_eos(LlamaForCausalLM.from_pretrained(model_dir)), args=config,
                           reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
                           train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -263,21 +265,23 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
-    model = never_eos(LlamaForCausalLM.from_pretrained(model_dir))
-    reference = never_eos(LlamaForCausalLM.from_pretrained(model_dir)).eval().requires_grad_(False) if beta else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where Accelerate puts the trainers' models
+    model = never_eos(LlamaForCausalLM.from_pretrained(model_dir)).to(device)
+    reference = (never_eos(LlamaForCausalLM.from_pretrained(model_dir)).to(device).eval().requires_grad_(False)
+                 if beta else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0,
                                   fused=True)  # ours: the fused kernel, no weight decay
     G = args.generations
     for start in range(0, (args.warmup + args.steps) * args.prompts, args.prompts):
         steps.start()
-        prompt = tokenizer(prompts[start:start + args.prompts], return_tensors="pt", padding=True)
+        prompt = tokenizer(prompts[start:start + args.prompts], return_tensors="pt", padding=True).to(device)
         generate.start()
         with torch.no_grad():
             ids_N_L = model.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens, temperature=1.0,
                                      top_k=0, top_p=1.0, num_return_sequences=G, pad_token_id=0)
         generate.stop()
         completion_N_C = ids_N_L[:, prompt["input_ids"].shape[1]:]
-        rewards_N = torch.tensor([reward_count(t) for t in tokenizer.batch_decode(completion_N_C)])
+        rewards_N = torch.tensor([reward_count(t) for t in tokenizer.batch_decode(completion_N_C)], device=device)
         rewards_P_G = rewards_N.view(-1, G)
         std_P_1 = rewards_P_G.std(1, keepdim=True)
         advantages_N = ((rewards_P_G - rewards_P_G.mean(1, keepdim=True)) / (std_P_1 + 1e-4)).flatten()

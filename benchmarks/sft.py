@@ -26,7 +26,7 @@ round). The first round is warm-up (and compilation) and is dropped; the rest gi
 table shows their median. TRL's loop runs in a thread that a callback pauses between chunks; ours runs in the
 main thread by raising `max_steps` and calling `train()` again. Trained tokens are counted the same way for
 every mode: target positions with a nonzero loss weight (completion tokens and EOS). TRL runs in float32
-(`bf16=False`) like every other mode. The README's Performance section has the table measured here.
+(`bf16=False`) like every other mode. The docs' Performance page (docs/performance.md) has the table measured here.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class HandLoop:
     """A plain training loop over our padded batches, in our plan's order: nothing but the math."""
 
     def __init__(self, model, batches: list[dict], compiled: bool, fused: bool = False):
-        self.model, self.batches, self.i = model, batches, 0
+        # on the device the trainers chose for their batches (Accelerate's: a GPU where there is one)
+        self.model, self.batches, self.i = model.to(batches[0]["input_ids"].device), batches, 0
         self.forward = torch.compile(model, dynamic=True) if compiled else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused or None)
         self.compile_seconds = None
@@ -87,6 +88,7 @@ class HandLoop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             tokens += float(batch["weights"].sum())
+        synchronize()
         return time.perf_counter() - start, tokens
 
 
@@ -114,6 +116,7 @@ class Ours:
         t.config = dataclasses.replace(t.config, max_steps=t.state.global_step + steps)
         tokens, start = self.counter.tokens, time.perf_counter()
         t.train()
+        synchronize()
         return time.perf_counter() - start, self.counter.tokens - tokens
 
     def batches(self, count: int) -> list[dict]:
@@ -156,7 +159,8 @@ class TRL:
         args = TRLConfig(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="constant",
                          weight_decay=0.0, max_steps=10**6, max_length=None if mode == "padding-free" else MAX_LENGTH,
                          padding_free=mode == "padding-free", packing=mode == "packed", report_to="none",
-                         save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=0,
+                         save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available(),
+                         disable_tqdm=True, seed=0,
                          dataloader_num_workers=0, bf16=False, fp16=False)  # float32 like every other mode
         self.trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(examples),
                                 processing_class=tokenizer, callbacks=[Pause()])
@@ -173,12 +177,19 @@ class TRL:
         start = time.perf_counter()
         self.go.set()
         self.chunk_done.wait()
+        synchronize()
         return time.perf_counter() - start, self.tokens - tokens
 
     def close(self):
         self.stop = True
         self.go.set()
         self.thread.join()
+
+
+def synchronize() -> None:
+    """On a GPU, wait for the queued kernels before reading the clock (a no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def build_modes(size: str, compile: bool, trl: bool, out: str) -> dict:

@@ -1,4 +1,4 @@
-"""The README's Metrics table is the one list of metric keys: every key the trainers write (to `on_batch_end`, the
+"""The Metrics page's table (docs/metrics.md) is the one list of metric keys: every key the trainers write (to `on_batch_end`, the
 epoch's logs and TensorBoard) is in it, and every key in it is written by some run here; rates are spelled
 `perf/<what>_per_s`, durations `time/<what>_s`."""
 
@@ -13,14 +13,13 @@ from tests.support.rl import make_lm, make_prompts, make_rl_trainer, make_tokeni
 from tests.support.lm import sorting_examples
 from tests.support.preference import make_dpo, make_pairs, make_rm
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+METRICS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 ONLY_WITH = {"time/compile_s"}  # written with compile=True only: the compile test checks it
 
 
 def documented() -> set[str]:
-    section = README.read_text().split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
     keys = set()
-    for row in re.findall(r"^\| (`[^|]*`) \|", section, flags=re.M):
+    for row in re.findall(r"^\| (`[^|]*`) \|", METRICS_PAGE.read_text(), flags=re.M):
         keys.update(re.findall(r"`([^`]+)`", row))
     return keys
 
@@ -43,7 +42,7 @@ def written(trainer) -> set[str]:
 
 def test_every_metric_written_is_documented_once_and_every_documented_one_is_written(tmp_path):
     base = {k for k in written(make_resume_trainer(tmp_path / "base", max_epochs=1)) if not k.startswith("val/")}
-    sft = written(_sft(tmp_path / "sft"))
+    sft = written(_sft(tmp_path / "sft")) | written(_sft(tmp_path / "kd", teacher=True))
     rl = written(_rl(tmp_path / "rl")) | written(_rl_env(tmp_path / "rl_env")) | written(
         make_rl_trainer(tmp_path / "distill_async", max_steps=2, teacher=make_lm(make_tokenizer(), seed=5),
                         val_data=make_prompts(4, seed=3), async_generation=True, max_lag=1))
@@ -54,8 +53,8 @@ def test_every_metric_written_is_documented_once_and_every_documented_one_is_wri
     # an environment's steps' own metrics; its return is the one reward, named "env" like a reward function
     keys = {"env/<key>" if k.startswith("env/") else k.replace("reward/env", "reward/<function>") for k in keys}
     table = documented()
-    assert keys - table == set(), "written but not in the README's Metrics table"
-    assert table - keys - ONLY_WITH == set(), "in the README's Metrics table but written by no trainer"
+    assert keys - table == set(), "written but not in the Metrics page's table"
+    assert table - keys - ONLY_WITH == set(), "in the Metrics page's table but written by no trainer"
     for key in table:
         assert not re.search(r"_per_sec|/s$|_sec$|_seconds$", key), key  # one spelling per kind
         if key.startswith("perf/"):
@@ -64,13 +63,15 @@ def test_every_metric_written_is_documented_once_and_every_documented_one_is_wri
             assert key.endswith("_s"), key
 
 
-def _sft(out):
+def _sft(out, teacher: bool = False):
+    """SFT with an eval_fn; with `teacher`, off-policy distillation (its `distill/` keys)."""
     from paperloop import SFTConfig, SFTTrainer
     from tests.support.lm import model, tokenizer
 
     config = SFTConfig(max_length=24, batch_size=8, max_epochs=1, output_dir=str(out), eval_max_new_tokens=4)
     return SFTTrainer(model(), config, tokenizer=tokenizer(), train_data=sorting_examples(16),
-                      val_data=sorting_examples(4, seed=1), eval_fn=lambda example, text: 0.0)
+                      val_data=sorting_examples(4, seed=1), eval_fn=lambda example, text: 0.0,
+                      teacher=model(seed=3) if teacher else None)
 
 
 def _rl_env(out):

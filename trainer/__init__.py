@@ -13,18 +13,23 @@ model (how a model's weights are written and read is the trainer's: `write_weigh
 `paperloop.papers` are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
 """
 
+from importlib.metadata import version as _version
+
 from .base import BaseTrainer
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainerConfig, load_config
 from .evaluation import Weighted
 from .state import TrainState
 
+# One source of truth: the version in pyproject.toml, as the installed distribution records it.
+__version__ = _version("paperloop")
+
 # The language-model names load on first use: `import paperloop` for an MLP does not import transformers.
 _LAZY = {"SFTTrainer": "lm", "SFTConfig": "lm", "LMTrainer": "lm", "LMConfig": "lm", "LoraSettings": "lm",
          "RLTrainer": "rl", "RLConfig": "rl", "DPOTrainer": "preference", "DPOConfig": "preference"}
 
 __all__ = ["BaseTrainer", "TrainerConfig", "TrainState", "load_config", "ConfigError", "CheckpointError", "Weighted",
-           *_LAZY]
+           *_LAZY, "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
 """The `paperloop` command.
 
+    paperloop --version                         the installed version
     paperloop list                              the reproduced papers
     paperloop run PAPER [key=value ...]         run one with its config.yaml and overrides
     paperloop run PAPER --help                  its config keys, their defaults and what they mean
@@ -14,12 +15,14 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError, describe_keys, load_config
 from .lock import OutputLockError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paperloop", description="Reproduce ML papers with paperloop.")
+    parser.add_argument("--version", action="version", version=f"paperloop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the reproduced papers", description="List the reproduced papers.")
     # Help is ours: `run PAPER --help` lists that paper's keys, which argparse cannot know.

@@ -95,3 +95,33 @@ def test_a_busy_output_dir_is_a_one_line_error(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"paperloop: error: {tmp_path}: another run is writing into this output folder")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_version_is_pyprojects_in_the_command_the_package_and_the_changelog():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    import paperloop as package
+    from paperloop.checkpoint import FORMAT
+
+    root = Path(__file__).resolve().parents[2]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    assert package.__version__ == version
+    proc = paperloop("--version")
+    assert proc.returncode == 0 and proc.stdout == f"paperloop {version}\n"
+    # the newest changelog entry is this version, and it says which checkpoint format it resumes
+    changelog = (root / "CHANGELOG.md").read_text()
+    newest = re.search(r"^## (\S+) — .*?(?=^## |\Z)", changelog, re.M | re.S)
+    assert newest.group(1) == version and f'"format": "{FORMAT}"' in newest.group(0)
+
+
+def test_license_is_the_mit_license_pyproject_names():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"] == "MIT"
+    text = (root / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the paperloop authors\n")
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text

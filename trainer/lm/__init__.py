@@ -7,6 +7,7 @@ KV-cached sampling, the layer both language-model trainers stand on, and SFTTrai
 - `data.py`: examples -> tokens with a loss mask -> padded or packed rows (first fit)
 - `plans.py`: data plans over tokenized examples (padded, bucketed, packed by a token budget), each owning its layout
 - `losses.py`: the one forward (`forward_logprobs`), per-token log-probs and entropy, cross-entropy
+- `distill.py`: off-policy distillation (SFTTrainer with a teacher): the divergences by name, both models chunked
 - `lora.py`: LoRA adapters through peft, their base folder, and `paperloop merge`
 - `weights.py`: how a language model's weights are written into a checkpoint and read back (save_pretrained
   folders, LoRA adapters alone)

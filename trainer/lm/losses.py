@@ -74,6 +74,28 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     """
     if entropy not in (None, "detached", "trained"):
         raise ValueError(f"entropy: None, 'detached' or 'trained', got {entropy!r}")
+    out = output_hidden(model, batch, only_trained)
+    logprobs_N, entropy_N, greedy_N = chunked_scores(out.hidden_N_H, out.targets_N, out.logits_fn, temperature,
+                                                     entropy=entropy, greedy=greedy)
+    scored_B_T = out.scored_B_T
+    return TokenScores(at_positions(logprobs_N, scored_B_T),
+                       at_positions(entropy_N, scored_B_T) if entropy_N is not None else None,
+                       at_positions(greedy_N, scored_B_T) if greedy_N is not None else None)
+
+
+class OutputHidden(NamedTuple):
+    """What the model's forward leaves for the output layer, at the scored positions (N of them, row-major)."""
+
+    hidden_N_H: torch.Tensor  # final hidden states; or, with `logits_fn` None, the model's own logits (N, V)
+    logits_fn: Optional["OutputLogits"]  # hidden (n, H) -> logits (n, V) as the model makes them; None: given
+    scored_B_T: torch.Tensor  # bool: the positions scored
+    targets_N: torch.Tensor  # their target tokens
+
+
+def output_hidden(model, batch: dict[str, torch.Tensor], only_trained: bool = True) -> OutputHidden:
+    """The model's forward up to its output layer (`forward_logprobs`'s first half, whose docstring says how): the
+    final hidden states of the scored positions and the map to their logits, the model's output layer checked
+    once; a model whose output layer cannot be hooked gives its logits."""
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     scored_B_T = batch["weights"] != 0 if only_trained else torch.ones_like(batch["input_ids"], dtype=torch.bool)
     targets_N = batch["target_tokens"][scored_B_T]
@@ -94,18 +116,13 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     if len(calls) > 1:
         raise RuntimeError(f"{type(model).__name__} calls its output layer {len(calls)} times in one forward; score it "
                            "with a forward of your own (lm.losses.chunked_scores scores hidden states or logits)")
-    if calls:
-        hidden_N_H = calls[0][scored_B_T]
-        logits_fn = output_logits_fn(model, head)
-        _check_output_layer(model, head, logits_fn, hidden_N_H[checked_rows(n_scored)],
-                            logits.reshape(-1, logits.shape[-1]))
-    else:  # no hook: (B, T, V) logits, scored as they are
-        hidden_N_H, logits_fn = logits[scored_B_T], None
-    logprobs_N, entropy_N, greedy_N = chunked_scores(hidden_N_H, targets_N, logits_fn, temperature,
-                                                     entropy=entropy, greedy=greedy)
-    return TokenScores(at_positions(logprobs_N, scored_B_T),
-                       at_positions(entropy_N, scored_B_T) if entropy_N is not None else None,
-                       at_positions(greedy_N, scored_B_T) if greedy_N is not None else None)
+    if not calls:  # no hook: (B, T, V) logits, scored as they are
+        return OutputHidden(logits[scored_B_T], None, scored_B_T, targets_N)
+    hidden_N_H = calls[0][scored_B_T]
+    logits_fn = output_logits_fn(model, head)
+    _check_output_layer(model, head, logits_fn, hidden_N_H[checked_rows(n_scored)],
+                        logits.reshape(-1, logits.shape[-1]))
+    return OutputHidden(hidden_N_H, logits_fn, scored_B_T, targets_N)
 
 
 def chunked_scores(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, logits_fn=None, temperature: float = 1.0, *,

@@ -12,6 +12,11 @@ error naming it; one left with nothing to train after truncation is skipped, cou
 and logged. Each example weighs its trained tokens, so a step's loss is the mean over every trained token of
 the step, however it is split into micro-batches and processes (the engine's weighted step).
 
+With `teacher=model` (a frozen model sharing the tokenizer: `LMTrainer` checks it and records its checksum, and a
+resume with another teacher is refused) the loss is off-policy distillation (`lm.distill`): on the dataset's own
+completions the student matches the teacher's next-token distribution (`distill`: forward_kl, top_k, top_k_renormalized or jsd), mixed
+with the hard-label loss by `distill_weight`, neither model's (tokens x vocabulary) logits ever made.
+
 Batches are the data plan's (`lm.plans`, chosen in `make_plan` and nowhere else): padded, one example per row
 (optionally steps bucketed by length: `bucket_window`), or packed (`packing=True`) into rows of `pack_length`
 (default 2 x max_length) with `position_ids` restarting per example; the one forward (`lm.losses`) passes
@@ -27,6 +32,7 @@ generations when an `eval_fn` is given.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -40,8 +46,10 @@ from ..evaluation import Weighted
 from ..plans import EpochPlan, lockstep_eval_batches
 from .base import LMConfig, LMTrainer, call_scorer, digest
 from .data import TokenizedExample, example_shape, load_examples, pad_batch, prompt_ids, tokenize_examples
+from .distill import DIVERGENCES, distill_loss, divergence_fn, divergence_reads
 from .losses import cross_entropy
 from .plans import BucketedPlan, PackedPlan, PaddedPlan
+from .registry import is_int
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,13 @@ class SFTConfig(LMConfig):
     train_prompt: bool = False  # prompt/completion: train the prompt's tokens too
     compile: bool = False  # torch.compile the model's forward (dynamic shapes); compile time is logged apart
     eval_max_new_tokens: int = 64  # greedy generation length for eval_fn
+    # With a teacher (SFTTrainer(teacher=...)): off-policy distillation on the dataset's completions (lm.distill)
+    distill: str = "forward_kl"  # divergence from the teacher: forward_kl | top_k | top_k_renormalized | jsd (lm.distill)
+    distill_weight: float = 1.0  # loss = (1 - w) NLL of the data + w divergence; 0: plain SFT, 1: distillation only
+    distill_top_k: int = 20  # top_k(_renormalized): the teacher's k most likely tokens (the Tinker cookbook's 20)
+    distill_beta: float = 0.5  # jsd: GKD's β; 0 is forward KL, 1 reverse KL
+
+    DISTILL_KEYS = ("distill", "distill_weight", "distill_top_k", "distill_beta")
 
     # compile changes rounding only (its kernels are not bitwise eager's): a resume may switch it.
     resume_may_change = LMConfig.resume_may_change + ("eval_max_new_tokens", "compile")
@@ -76,11 +91,35 @@ class SFTConfig(LMConfig):
             raise ConfigError(f"bucket_window: must be >= 0 (0 turns bucketing off), got {self.bucket_window}")
         if self.packing and self.bucket_window:
             raise ConfigError("bucket_window: bucketing is for padded batches; packing=True leaves no padding to save")
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        if self.distill not in DIVERGENCES:
+            raise ConfigError(f"distill: unknown divergence {self.distill!r}; choose one of {sorted(DIVERGENCES)}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"distill_weight: must be in [0, 1], got {self.distill_weight}")
+        if not is_int(self.distill_top_k) or self.distill_top_k < 1:
+            raise ConfigError(f"distill_top_k: must be an integer >= 1, got {self.distill_top_k!r}")
+        if not 0 <= self.distill_beta <= 1:
+            raise ConfigError(f"distill_beta: must be in [0, 1], got {self.distill_beta}")
+        reads = divergence_reads(self.distill)
+        for setting in ("top_k", "beta"):
+            key = f"distill_{setting}"
+            if setting not in reads and getattr(self, key) != _DEFAULTS[key]:
+                raise ConfigError(f"{key}: set, but distill={self.distill!r} does not read it (it would be ignored)")
+
+    @property
+    def distilling_changed(self) -> list[str]:
+        """The distillation settings changed from their defaults (an error without a teacher)."""
+        return [key for key in self.DISTILL_KEYS if getattr(self, key) != _DEFAULTS[key]]
 
     @property
     def row_length(self) -> Optional[int]:
         """Positions per packed row, or None when batches are padded."""
         return (self.pack_length or 2 * self.max_length) if self.packing else None
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
 
 
 class SFTTrainer(LMTrainer):
@@ -94,11 +133,17 @@ class SFTTrainer(LMTrainer):
     """
 
     def __init__(self, model: torch.nn.Module, config: SFTConfig, tokenizer, train_data, val_data=None,
-                 eval_fn: Callable[[dict, str], float] | None = None, callbacks=(), stop_token_ids=None):
+                 eval_fn: Callable[[dict, str], float] | None = None, callbacks=(), stop_token_ids=None,
+                 teacher: torch.nn.Module | None = None, teacher_tokenizer=None):
         if not isinstance(config, SFTConfig):
             raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
         if train_data is None:
             raise ValueError("SFTTrainer needs train_data")
+        if teacher is None and config.distilling_changed:
+            raise ConfigError(f"{', '.join(config.distilling_changed)}: set, but no teacher was given "
+                              "(SFTTrainer(teacher=...))")
+        if teacher is not None:
+            check_same_vocabulary(model, teacher)
         self.config, self.tokenizer, self.eval_fn = config, tokenizer, eval_fn
         self.skipped: dict[str, list[tuple[int, str]]] = {}
         train = self.tokenize(train_data, "train_data")
@@ -110,7 +155,8 @@ class SFTTrainer(LMTrainer):
             self._prompts = [generation_prompt(self.val_source[e.index], tokenizer, e.index, config.split_special_tokens)
                              for e in val]
         super().__init__(model, config, tokenizer, train_data=train, val_data=val, callbacks=callbacks,
-                         stop_token_ids=stop_token_ids)
+                         stop_token_ids=stop_token_ids, teacher=teacher, teacher_tokenizer=teacher_tokenizer)
+        self.divergence = divergence_fn(config.distill, top_k=config.distill_top_k, beta=config.distill_beta)
         self.lengths = [len(example) for example in train]
         self.check_positions(max(self.lengths + [len(e) for e in val or []]), "the longest example")
         if eval_fn is not None:
@@ -168,13 +214,20 @@ class SFTTrainer(LMTrainer):
         return pad_batch(samples, self.pad_id)
 
     def training_step(self, batch):
-        return cross_entropy(self.forward(batch, self._scoring_model).logprobs, batch)  # mean over the micro-batch's trained tokens
+        """The mean loss over the micro-batch's trained tokens: the NLL, or with a teacher `lm.distill`'s mix of the
+        NLL and the divergence from the teacher (`distill/kl`, `distill/nll` beside it)."""
+        if self.teacher is not None:
+            return distill_loss(self._scoring_model, self.teacher, batch, self.divergence, self.config.distill_weight)
+        return cross_entropy(self.forward(batch, self._scoring_model).logprobs, batch)
 
     def train_step(self, step) -> dict:
         graphs = compiled_graphs() if self.config.compile else 0
         start = time.perf_counter()
         outputs = super().train_step(step)
         seconds = time.perf_counter() - start
+        if self.teacher is not None:  # this process's mean over its micro-batches -> the step's, over every process
+            keys, mine = ("distill/kl", "distill/nll"), sum(step.shares())  # this process's part of the step
+            outputs.update(zip(keys, self.reduce_sum(torch.stack([outputs[k].float() * mine for k in keys])).unbind()))
         lengths = [[self.lengths[i] for i in indices.tolist()] for indices in step.micro_batches]
         positions = sum(self.plan.positions(ls) for ls in lengths)
         outputs["train/padding_fraction"] = 1.0 - sum(map(sum, lengths)) / positions
@@ -220,6 +273,14 @@ class SFTTrainer(LMTrainer):
                 total += call_scorer(self.eval_fn, self.val_source[index], text, name="eval_fn",
                                      where=f"validation example {index} (generated {text!r:.80})")
         return float(self.reduce_sum(total)) / len(self.val_data)
+
+
+def check_same_vocabulary(model, teacher) -> None:
+    """Distilling a distribution needs one vocabulary: the teacher's output layer as wide as the student's."""
+    widths = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, teacher)]
+    if None not in widths and widths[0] != widths[1]:
+        raise ValueError(f"teacher: its vocab_size is {widths[1]} and the student's {widths[0]}: distilling the "
+                         "next-token distribution needs the same vocabulary (resize one: resize_token_embeddings)")
 
 
 def compiled_graphs() -> int:

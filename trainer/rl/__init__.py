@@ -16,6 +16,8 @@
 - `rollouts.py`: a step's rollouts with their rewards, the one training batch built from them, the data plan
 - `records.py`: a few rollouts as records (`rollouts.jsonl`) and text
 - `tools.py`: `ToolEnv`, tool use as an environment (Python functions called from the action, with time limits)
+- `adapters.py`: tasks and environments written elsewhere: reasoning-gym's tasks (`reasoning_gym_examples`,
+  `reasoning_gym_score`, `ReasoningGymEnv`) and skyrl-gym's text environments (`SkyRLGymEnv`)
 - `config.py`: `RLConfig`
 - `trainer.py`: `RLTrainer`
 """
@@ -28,6 +30,7 @@ from .envs import Env, Episodes, StepResult, play
 from .metrics import pass_at_k
 from .prompts import PromptEnv
 from .tools import ToolEnv
+from .adapters import ReasoningGymEnv, SkyRLGymEnv, reasoning_gym_examples, reasoning_gym_score
 from .rollouts import Rollouts, WholeStepsPlan, rollout_batch, split_rows
 from .config import RLConfig
 from .trainer import RLTrainer
@@ -35,4 +38,5 @@ from .trainer import RLTrainer
 __all__ = ["group_advantages", "group_spread", "overlong_penalty", "zero_std_fraction", "register_advantage", "ADVANTAGE_NORMALIZERS", "STD_EPS",
            "policy_loss", "ppo_clip", "gspo", "cispo", "sapo", "LossOptions", "loss_traits", "aggregation_weights", "k3_kl", "masked_mean", "register_aggregation",
            "register_policy_loss", "AGGREGATIONS", "POLICY_LOSSES", "pass_at_k", "Rollouts", "WholeStepsPlan",
-           "rollout_batch", "split_rows", "RLConfig", "RLTrainer", "Env", "StepResult", "Episodes", "play", "PromptEnv", "ToolEnv"]
+           "rollout_batch", "split_rows", "RLConfig", "RLTrainer", "Env", "StepResult", "Episodes", "play", "PromptEnv", "ToolEnv",
+           "ReasoningGymEnv", "SkyRLGymEnv", "reasoning_gym_examples", "reasoning_gym_score"]

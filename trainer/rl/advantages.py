@@ -140,3 +140,30 @@ def lag_importance_weights(old_logprobs_B_T: torch.Tensor, sampler_logprobs_B_T:
     if cap is None:
         return weight_B_T, torch.zeros_like(trained_B_T)
     return weight_B_T.clamp(max=cap), trained_B_T & (weight_B_T > cap)
+
+
+def weigh_by_lag(batch: dict, cap: float | None) -> torch.Tensor:
+    """One micro-batch of rollouts sampled max_lag steps back, corrected in place: each token's advantage times its
+    capped π_old / π_sampler (`lag_importance_weights`), so `batch["advantages"]` becomes (B, T). Returns the float64
+    sums (Σ weight, capped tokens, trained tokens) over its trained tokens, for the step's means."""
+    weight_B_T, capped_B_T = lag_importance_weights(batch["old_logprobs"], batch["sampling_logprobs"],
+                                                    batch["weights"], cap)
+    advantages = batch["advantages"]
+    batch["advantages"] = (advantages[:, None] if advantages.ndim == 1 else advantages) * weight_B_T
+    trained_B_T = batch["weights"] != 0
+    return torch.stack([weight_B_T[trained_B_T].sum(), capped_B_T.sum(), trained_B_T.sum()]).double()
+
+
+def add_teacher_term(batch: dict, teacher_logprobs_B_T: torch.Tensor, coef: float, discount: float) -> torch.Tensor:
+    """One micro-batch's episode advantages plus on-policy distillation's per-token term
+    (`distillation_advantages`), in place: `batch["advantages"]` becomes (B, T). Returns the float64 sums (sampled
+    reverse KL, |teacher term|, |episode advantage|, trained tokens) over its trained tokens, for the step's means."""
+    weights_B_T, sampler_B_T = batch["weights"], batch["sampling_logprobs"]
+    distill_B_T = distillation_advantages(sampler_B_T, teacher_logprobs_B_T, weights_B_T, coef, discount)
+    episode_B_1 = batch["advantages"][:, None].to(distill_B_T.dtype)
+    batch["advantages"] = episode_B_1 + distill_B_T
+    trained_B_T = weights_B_T != 0
+    return torch.stack([torch.where(trained_B_T, sampler_B_T - teacher_logprobs_B_T, 0.0).sum(),
+                        torch.where(trained_B_T, distill_B_T.abs(), 0.0).sum(),
+                        torch.where(trained_B_T, episode_B_1.abs().expand_as(distill_B_T), 0.0).sum(),
+                        trained_B_T.sum()]).double()

@@ -56,8 +56,8 @@ from ..lm.base import LMTrainer, digest
 from ..lm.modules import disable_dropout
 from ..plans import Step
 from ..rng import mixed_seed
-from .advantages import (distillation_advantages, group_advantages, group_spread, lag_importance_weights,
-                         overlong_penalty, zero_std_fraction)
+from .advantages import (add_teacher_term, group_advantages, group_spread, overlong_penalty, weigh_by_lag,
+                         zero_std_fraction)
 from .config import RLConfig
 from .envs import Episodes, episode_seed
 from .generation import check_async
@@ -297,16 +297,9 @@ class RLTrainer(LMTrainer):
     @torch.no_grad()
     def add_importance_weights(self, minibatches: list[list[dict]]) -> dict:
         """Rollouts sampled max_lag steps back: each token's advantage times its capped π_old / π_sampler
-        (`rl.advantages.lag_importance_weights`), the policy loss clipping against π_old. Returns
-        `async/is_weight_mean` and `async/is_capped_frac` over the step's trained tokens, every process's."""
-        sums = []
-        for batch in (b for micro_batches in minibatches for b in micro_batches):
-            weight_B_T, capped_B_T = lag_importance_weights(batch["old_logprobs"], batch["sampling_logprobs"],
-                                                            batch["weights"], self.config.async_is_cap)
-            advantages = batch["advantages"]
-            batch["advantages"] = (advantages[:, None] if advantages.ndim == 1 else advantages) * weight_B_T
-            trained_B_T = batch["weights"] != 0
-            sums.append(torch.stack([weight_B_T[trained_B_T].sum(), capped_B_T.sum(), trained_B_T.sum()]).double())
+        (`rl.advantages.weigh_by_lag`), the policy loss clipping against π_old. Returns `async/is_weight_mean` and
+        `async/is_capped_frac` over the step's trained tokens, every process's."""
+        sums = [weigh_by_lag(b, self.config.async_is_cap) for micro_batches in minibatches for b in micro_batches]
         weights, capped, tokens = self.reduce_sum(torch.stack(sums).sum(0)).tolist()
         return {"async/is_weight_mean": weights / max(tokens, 1), "async/is_capped_frac": capped / max(tokens, 1)}
 
@@ -314,26 +307,15 @@ class RLTrainer(LMTrainer):
     def add_distillation(self, minibatches: list[list[dict]]) -> dict:
         """On-policy distillation: the teacher scores every sampled token (one no-grad forward per micro-batch, the
         output layer in chunks), and each token's advantage becomes its episode's plus -λ (log π_sampler - log
-        π_teacher) (`rl.advantages.distillation_advantages`, with its discounted future terms). Returns the step's
+        π_teacher) (`rl.advantages.add_teacher_term`, with its discounted future terms). Returns the step's
         `distill/reverse_kl` (the mean sampled reverse KL per policy token) and `distill/advantage_share` (the
         teacher term's share of the advantages' magnitude), over every process."""
-        c, sums = self.config, []
-        for batch in (b for micro_batches in minibatches for b in micro_batches):
-            teacher_B_T = self.teacher_logprobs(batch)
-            weights_B_T = batch["weights"]
-            distill_B_T = distillation_advantages(batch["sampling_logprobs"], teacher_B_T, weights_B_T,
-                                                  c.distill_coef, c.distill_discount)
-            episode_B_1 = batch["advantages"][:, None].to(distill_B_T.dtype)
-            batch["advantages"] = episode_B_1 + distill_B_T  # (B, T): one advantage per token
-            trained_B_T = weights_B_T != 0
-            sums.append(torch.stack([
-                torch.where(trained_B_T, batch["sampling_logprobs"] - teacher_B_T, 0.0).sum(),
-                torch.where(trained_B_T, distill_B_T.abs(), 0.0).sum(),
-                torch.where(trained_B_T, episode_B_1.abs().expand_as(distill_B_T), 0.0).sum(),
-                trained_B_T.sum()]).double())
+        c = self.config
+        sums = [add_teacher_term(b, self.teacher_logprobs(b), c.distill_coef, c.distill_discount)
+                for micro_batches in minibatches for b in micro_batches]
         kl, teacher, episode, tokens = self.reduce_sum(torch.stack(sums).sum(0)).tolist()
-        return {"distill/reverse_kl": kl / max(tokens, 1), "distill/advantage_share": teacher / max(teacher + episode,
-                                                                                                 1e-12)}
+        return {"distill/reverse_kl": kl / max(tokens, 1),
+                "distill/advantage_share": teacher / max(teacher + episode, 1e-12)}
 
     def add_policy_masks(self, micro_batches: list[dict]) -> None:
         """`policy_mask` of one update's micro-batches: its trained tokens whose entropy is at least the update's

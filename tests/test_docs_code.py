@@ -1,9 +1,10 @@
-"""The README's code is what a newcomer copies: every ```python block runs as written. The engine's blocks run
-in order in one script; the language-model sections' blocks (SFT, GRPO, a custom RL step, an environment, DPO, a
-reward model) run in order in another
-with fewer steps: they print what the README says, the SFT loss falls, and the custom REINFORCE step makes the
-update of the textbook estimator. (That RL raises accuracy takes longer than a test: the README gives the
-measured numbers; tests/rl/test_trainer.py checks the updates against the papers' formulas.)"""
+"""The code of the README and the docs pages is what a newcomer copies: every ```python block runs as written, in
+the order of `ENGINE_PAGES` and `LM_PAGES` (a page's blocks build on the pages before it). The engine's blocks run
+in one script; the language-model guides' blocks (SFT, GRPO, a custom RL step, an environment, DPO, a reward
+model, distillation) run in another with fewer steps: they print what the guide says, the SFT loss falls, and the
+custom REINFORCE step makes the update of the textbook estimator. (That RL raises accuracy takes longer than a
+test: the guides give the measured numbers; tests/rl/test_trainer.py checks the updates against the papers'
+formulas.) A ```python block on a page in neither list fails the test: it would never run."""
 
 import json
 import re
@@ -11,22 +12,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-LM_SECTIONS = ("Fine-tuning a language model", "Reinforcement learning with verifiable rewards",
-               "Multi-turn environments and tools", "Preference optimization")
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_PAGES = ("README.md", "docs/guides/own-trainer.md")
+LM_PAGES = ("docs/guides/sft.md", "docs/guides/rl.md", "docs/guides/environments.md", "docs/guides/preference.md",
+            "docs/guides/distillation.md")
 
-# After the engine's blocks: the custom step the README shows is used, not only defined.
+# After the engine's blocks: the custom step of the own-trainer guide is used, not only defined.
 ENGINE_EPILOGUE = """
 config = TrainerConfig(max_epochs=2, batch_size=48, lr=1e-2, output_dir="runs/three")
 three = ThreeUpdates(model, config, train_data=data)
 three.fit()
 assert (three.state.global_step, three.state.updates) == (2 * 11, 3 * 2 * 11), three.state
-print("README blocks ran")
+print("engine blocks ran")
 """
 
 # The language-model blocks at test length; what they learned is printed as JSON for the test to check.
 SHORTER = {"max_steps=300": "max_steps=60", "max_steps=600": "max_steps=10", "max_steps=40": "max_steps=2",
-           "max_steps=200": "max_steps=4", "max_steps=100": "max_steps=4"}
+           "max_steps=200": "max_steps=4", "max_steps=100": "max_steps=4", "max_steps=50": "max_steps=2"}
 LM_EPILOGUE = """
 import copy, json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -36,7 +38,7 @@ def scalars(log_dir, tag):
     events.Reload()
     return [e.value for e in events.Scalars(tag)]
 
-# The README's REINFORCE step, one update with plain SGD, against the textbook estimator
+# The RL guide's REINFORCE step, one update with plain SGD, against the textbook estimator
 # -mean_n (r_n - mean r) * sum_t grad log pi(o_n,t), computed here from the same rollouts. The reward (the
 # completion's length) varies within the batch, so the update is not zero.
 class Checked(Reinforce):
@@ -62,7 +64,8 @@ moved = max((p_after - (p - 0.1 * p.grad)).abs().max().item()
             for p, p_after in zip(before.parameters(), checked.unwrapped_model.parameters()))
 
 print(json.dumps({"sft_loss": scalars("runs/sft-addition/tensorboard", "train/loss"),
-                  "sft_val": sft.validate(), "rl_steps": [rl.state.global_step, rl.state.updates],
+                  "sft_val": sft.validate(), "kd_steps": kd.state.global_step,
+                  "rl_steps": [rl.state.global_step, rl.state.updates],
                   "rl_val": rl.validate(), "rl_reward": scalars("runs/grpo-addition/tensorboard", "reward/mean"),
                   "reinforce_updates": reinforce.state.updates,
                   "reinforce_reward": scalars("runs/reinforce/tensorboard", "reward/mean"),
@@ -73,56 +76,57 @@ print(json.dumps({"sft_loss": scalars("runs/sft-addition/tensorboard", "train/lo
                   .observation, "dpo_steps": dpo.state.global_step, "dpo_val": dpo.validate(),
                   "dpo_margins": scalars("runs/dpo-addition/tensorboard", "rewards/margins"),
                   "rm_steps": rm.state.global_step, "rm_val": rm.validate(),
-                  "scored": scorer(["12+7=", "12+7="], ["19", "18"], [{}, {}])}))
+                  "scored": scorer(["12+7=", "12+7="], ["19", "18"], [{}, {}]),
+                  "distill_steps": distill.state.global_step,
+                  "distill_kl": scalars("runs/distill-addition/tensorboard", "distill/reverse_kl")}))
 """
 
 
-def python_blocks(text: str) -> list[tuple[str, str]]:
-    """(the `## ` section it is in, code) for each ```python block, in order."""
-    blocks, section = [], ""
-    for part in re.split(r"(^## .*$)", text, flags=re.M):
-        if part.startswith("## "):
-            section = part[3:]
-        else:
-            blocks += [(section, code) for code in re.findall(r"```python\n(.*?)```", part, flags=re.S)]
-    return blocks
+def python_blocks(page: str) -> list[str]:
+    """The ```python blocks of a page (a path from the repository root), in order."""
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(), flags=re.S | re.M)
 
 
-def is_lm(section: str) -> bool:
-    return section.startswith(LM_SECTIONS)
+def test_every_python_block_is_on_a_page_that_runs():
+    pages = [str(p.relative_to(ROOT)) for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+             if python_blocks(str(p.relative_to(ROOT)))]
+    assert set(pages) <= set(ENGINE_PAGES + LM_PAGES), set(pages) - set(ENGINE_PAGES + LM_PAGES)
 
 
 def run(script: Path, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    # the language-model blocks took 563 s here (2026-12-07) with the 2 cores shared by other jobs
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_every_engine_block_of_the_readme_runs(tmp_path):
-    blocks = [code for section, code in python_blocks(README.read_text()) if not is_lm(section)]
-    assert len(blocks) >= 2
-    script = tmp_path / "readme.py"
+def test_every_engine_block_runs(tmp_path):
+    blocks = [code for page in ENGINE_PAGES for code in python_blocks(page)]
+    assert len(blocks) == 2  # the README's trainer, a step of your own
+    script = tmp_path / "engine_blocks.py"
     script.write_text("\n\n".join(blocks) + ENGINE_EPILOGUE)
-    assert run(script, tmp_path).strip().endswith("README blocks ran")
+    assert run(script, tmp_path).strip().endswith("engine blocks ran")
 
 
 def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
-    readme = README.read_text()
-    blocks = [code for section, code in python_blocks(readme) if is_lm(section)]
-    assert len(blocks) == 6  # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment, DPO, a reward model
+    blocks = [code for page in LM_PAGES for code in python_blocks(page)]
+    # SFT, GRPO from the SFT model, REINFORCE as a custom step, an environment, DPO, a reward model, on-policy
+    # distillation, off-policy distillation (KD from the SFT model)
+    assert len(blocks) == 8
     code = "\n\n".join(blocks)
     for full, short in SHORTER.items():
         assert full in code, full
         code = code.replace(full, short)
-    script = tmp_path / "readme_lm.py"
+    script = tmp_path / "lm_blocks.py"
     script.write_text(code + LM_EPILOGUE)
     printed = run(script, tmp_path).splitlines()
-    mask_comment = re.search(r"print\(show_mask\(.*# (.*)", readme).group(1)
-    assert printed[0] == mask_comment  # what the README says show_mask prints
+    mask_comment = re.search(r"print\(show_mask\(.*# (.*)", code).group(1)
+    assert printed[0] == mask_comment  # what the SFT guide says show_mask prints
     result = json.loads(printed[-1])
     sft_loss = result["sft_loss"]  # steps 1, 20, 40, 60 and each epoch's end
     assert len(sft_loss) >= 4 and sft_loss[-1] < 0.6 * sft_loss[0], sft_loss
     assert {"val/loss", "val/perplexity", "val/exact_match", "val/score"} <= set(result["sft_val"])
+    assert result["kd_steps"] == 4  # the off-policy distillation block, the SFT model its teacher
     assert result["rl_steps"] == [10, 10] and len(result["rl_reward"]) == 2  # steps 1 and 10
     assert {"val/reward", "val/reward/correct", "val/completion_len"} <= set(result["rl_val"])
     assert result["reinforce_updates"] == 10 and len(result["reinforce_reward"]) == 2
@@ -138,3 +142,5 @@ def test_language_model_blocks_run_print_what_they_say_and_learn(tmp_path):
     assert result["dpo_margins"][0] == 0 and result["dpo_margins"][-1] != 0, result["dpo_margins"]
     assert result["rm_steps"] == 4 and "val/rewards/accuracies" in result["rm_val"]
     assert len(result["scored"]) == 2 and all(isinstance(x, float) for x in result["scored"])
+    # distillation: the GRPO model teaches the SFT model, and the teacher's term is logged
+    assert result["distill_steps"] == 2 and len(result["distill_kl"]) == 2, result
