@@ -1,17 +1,22 @@
-"""GRPO steps per second: paperloop's RLTrainer, TRL's GRPOTrainer (the `bench` extra) and a hand-written loop.
+"""GRPO steps per second: paperloop's RLTrainer, TRL's GRPOTrainer (the `bench` extra) and a hand-written loop; with
+`--async`, the synchronous loop against asynchronous generation.
 
     python benchmarks/grpo.py                      # 8 prompts x 4 completions, 16 new tokens, beta 0 and 0.04
     python benchmarks/grpo.py --repeats 7 --steps 10
+    python benchmarks/grpo.py --async --betas 0    # sync (2 threads) vs async_generation, max_lag 1 and 2
 
 A fourth row runs RLTrainer with DAPO's dynamic sampling on a reward where about half the groups tie: the extra
-prompts it draws are its cost.
+prompts it draws are its cost. A fifth runs TRL with its own defaults (bf16 autocast and gradient checkpointing,
+which GRPOConfig turns on), labelled as such: on a CPU without native bf16 that is what a TRL user gets, but not
+the same work as the other rows.
 
 One intra-op thread, one process, a tiny Llama (hidden 128, 4 layers, MLP 256, vocab 101) saved to a temporary
-folder that all three load. Its output layer gives EOS (id 100) a logit of -1e9 in every contender (`never_eos`, a
-forward hook; TRL rebuilds its reference from the folder, without it: another KL value, the same cost), so
-no completion stops early: all decode the full budget (equal work).
+folder that all load. Its output layer gives EOS (id 100) a logit of -1e9 in every contender (`never_eos`: a
+frozen bias on the output layer; TRL rebuilds its reference from the folder, without it: another KL value, the
+same cost), so no completion stops early: all decode the full budget (equal work).
 Equal settings: group-std advantages with the per-sequence mean (TRL `loss_type="grpo"`), one update per rollout
-batch, AdamW at lr 1e-6, gradient clipping at 1.0, temperature 1, no top-k/top-p, fp32, no completion logging.
+batch, fused AdamW (PyTorch's one-kernel update; no weight decay) at lr 1e-6, gradient clipping at 1.0,
+temperature 1, no top-k/top-p, float32 without autocast, no gradient checkpointing, no completion logging.
 
 The hand-written loop is what a researcher writes without a framework (`run_hand`): `model.generate`, the GRPO
 update in plain torch, clip, AdamW; no checkpointable sampler, no metrics, no callbacks.
@@ -22,6 +27,15 @@ thread's CPU seconds, robust to other processes on a shared machine), and genera
 (`time/generate_s`, ours) or around `model.generate` (TRL, hand). The table gives medians over rounds of each
 round's median. `--only ours hand` runs a subset (e.g. to compare two versions of paperloop against the same hand
 loop, as `benchmarks/ab.py` does).
+
+`--async` measures what `RLConfig(async_generation=True, max_lag=k)` buys on a machine with two cores: the
+synchronous RLTrainer on two intra-op threads (sampling and training each use both) against async generation
+with k = 1 and 2, where a process of its own samples on one thread while the trainer trains on the other.
+Completions per wall second, a step timed from the end of the one before (the loop's whole time: with async
+generation, whatever the trainer waits for); each round's ratio to that round's synchronous run, the median and
+range of those ratios. An extra row runs the synchronous loop on one thread (what each side of the asynchronous one
+gets): on a machine whose cores other jobs share, two threads that wait for each other at every op can cost more
+than they give.
 """
 
 from __future__ import annotations
@@ -69,11 +83,16 @@ def save_model(folder: Path) -> str:
 
 def never_eos(model):
     """`model` with EOS's logit at -1e9 (its probability exactly 0 in float32): every completion runs the full
-    budget, in each contender alike."""
-    def hook(module, args, logits):
-        return logits.index_fill(-1, torch.tensor([EOS], device=logits.device), -1e9)
-
-    model.get_output_embeddings().register_forward_hook(hook)
+    budget, in each contender alike. The output layer becomes an `nn.Linear` with a frozen bias, 0 but -1e9 at EOS
+    (the same weights): a part of the model, not a hook, so a generation process's copy of it has it too."""
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[EOS] = -1e9
+    biased.bias.requires_grad_(False)
+    model.set_output_embeddings(biased)
     return model
 
 
@@ -91,6 +110,15 @@ def reward_count(text: str) -> float:
 def reward_has_w7(text: str) -> float:
     """1 when w7 is among the 16 words (~15% of completions): about half the groups of 4 tie, all 0."""
     return float("w7" in text.split())
+
+
+def score_count(prompt: str, completion: str, example: dict) -> float:
+    """RLTrainer's reward function (module-level: a generation process of its own gets it by pickling)."""
+    return reward_count(completion)
+
+
+def score_has_w7(prompt: str, completion: str, example: dict) -> float:
+    return reward_has_w7(completion)
 
 
 def fresh_accelerate_state() -> None:
@@ -128,23 +156,28 @@ class Clock:
         return timed
 
 
-def run_ours(model_dir, prompts, args, beta, out, dynamic=False) -> tuple[Clock, Clock]:
+def run_ours(model_dir, prompts, args, beta, out, dynamic=False, threads=1, lag=None) -> tuple[Clock, Clock]:
+    """RLTrainer on `threads` intra-op threads; `lag` k: with `async_generation=True, max_lag=k` (the generation
+    process runs on as many threads as the trainer's)."""
     fresh_accelerate_state()
+    torch.set_num_threads(threads)
     steps, generate = Clock(), Clock()
     config = RLConfig(batch_size=args.prompts, num_generations=args.generations, max_new_tokens=args.new_tokens,
                       beta=beta, lr=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps, output_dir=out,
-                      log_completions=0, seed=0, dynamic_sampling=dynamic, max_sample_rounds=4)
-    reward = reward_has_w7 if dynamic else reward_count
-    steps.rounds = []
+                      log_completions=0, seed=0, dynamic_sampling=dynamic, max_sample_rounds=4,
+                      **({"async_generation": True, "max_lag": lag} if lag is not None else {}))
+    steps.rounds, steps.ends, steps.waits = [], [], []
 
     def step_end(trainer, outputs):
         steps.stop()
+        steps.ends.append(time.perf_counter())
         steps.rounds.append(outputs["rollout/sample_rounds"])
         generate.wall.append(outputs["time/generate_s"])  # every round's sampling (the reward functions excluded)
+        steps.waits.append((outputs.get("async/generation_wait_s", 0.0), outputs.get("async/training_wait_s", 0.0)))
 
     trainer = RLTrainer(never_eos(LlamaForCausalLM.from_pretrained(model_dir)), config, tokenizer=make_tokenizer(),
                         train_data=[{"prompt": p} for p in prompts],
-                        reward_fns=[lambda prompt, completion, example: reward(completion)],
+                        reward_fns=[score_has_w7 if dynamic else score_count],
                         callbacks=[LambdaCallback(on_batch_begin=lambda t, s: steps.start(), on_batch_end=step_end)])
     trainer.fit()
     return steps, generate
@@ -154,6 +187,25 @@ def run_ours_dynamic(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]
     """RLTrainer with DAPO's dynamic sampling, on a reward where about half the groups tie (`reward_has_w7`): each
     step draws further rounds of prompts (at most 4) until it has `--prompts` groups with a spread."""
     return run_ours(model_dir, prompts, args, beta, out, dynamic=True)
+
+
+def run_sync_2_threads(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    """The synchronous loop given both cores: two intra-op threads for sampling and training alike."""
+    return run_ours(model_dir, prompts, args, beta, out, threads=2)
+
+
+def run_sync_1_thread(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    """The synchronous loop on one thread: what each side of the asynchronous loop gets."""
+    return run_ours(model_dir, prompts, args, beta, out, threads=1)
+
+
+def run_async_1(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    """`async_generation=True, max_lag=1`: one thread generating (its own process), one training."""
+    return run_ours(model_dir, prompts, args, beta, out, threads=1, lag=1)
+
+
+def run_async_2(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    return run_ours(model_dir, prompts, args, beta, out, threads=1, lag=2)
 
 
 class _StepClock(TrainerCallback):
@@ -167,19 +219,23 @@ class _StepClock(TrainerCallback):
         self.clock.stop()
 
 
-def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+def run_trl(model_dir, prompts, args, beta, out, defaults=False) -> tuple[Clock, Clock]:
+    """TRL's GRPOTrainer as the others run: float32, no gradient checkpointing, fused AdamW. `defaults`: with TRL's
+    own precision and checkpointing instead (bf16 autocast and gradient checkpointing, as GRPOConfig sets them)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     fresh_accelerate_state()
+    torch.set_num_threads(1)
     steps, generate = Clock(), Clock()
+    like_ours = {} if defaults else dict(bf16=False, fp16=False, gradient_checkpointing=False)
     config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.generations,
                         num_generations=args.generations, max_completion_length=args.new_tokens, beta=beta,
                         learning_rate=1e-6, max_grad_norm=1.0, max_steps=args.warmup + args.steps,
                         loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
                         report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
                         use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
-                        **({"bf16": False} if torch.cuda.is_available() else {}))  # on a GPU: where ours runs, fp32
+                        optim="adamw_torch_fused", weight_decay=0.0, **like_ours)  # on a GPU too: fp32, as ours
     trainer = GRPOTrainer(model=never_eos(LlamaForCausalLM.from_pretrained(model_dir)), args=config,
                           reward_funcs=[lambda completions, **kw: [reward_count(c) for c in completions]],
                           train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -188,6 +244,10 @@ def run_trl(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     trainer.model.generate = generate.timing(trainer.model.generate)
     trainer.train()
     return steps, generate
+
+
+def run_trl_defaults(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
+    return run_trl(model_dir, prompts, args, beta, out, defaults=True)
 
 
 def completion_logprobs(logits_N_L_V: torch.Tensor, completion_N_C: torch.Tensor) -> torch.Tensor:
@@ -201,6 +261,7 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     """What a researcher writes without a framework: `model.generate`, then one GRPO update per rollout batch
     (group-std advantages, per-sequence mean, ratio 1, k3 KL to a frozen copy when beta > 0), clip, AdamW."""
     steps, generate = Clock(), Clock()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
@@ -208,7 +269,8 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     model = never_eos(LlamaForCausalLM.from_pretrained(model_dir)).to(device)
     reference = (never_eos(LlamaForCausalLM.from_pretrained(model_dir)).to(device).eval().requires_grad_(False)
                  if beta else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0,
+                                  fused=True)  # ours: the fused kernel, no weight decay
     G = args.generations
     for start in range(0, (args.warmup + args.steps) * args.prompts, args.prompts):
         steps.start()
@@ -243,10 +305,12 @@ def run_hand(model_dir, prompts, args, beta, out) -> tuple[Clock, Clock]:
     return steps, generate
 
 
-ONLY = {"ours": "paperloop RLTrainer", "trl": "TRL GRPOTrainer", "hand": "hand-written loop",
-        "dynamic": "paperloop, dynamic sampling"}
-CONTENDERS = {"paperloop RLTrainer": run_ours, "TRL GRPOTrainer": run_trl, "hand-written loop": run_hand,
-              "paperloop, dynamic sampling": run_ours_dynamic}
+TRAINERS = {"ours": ("paperloop RLTrainer", run_ours), "trl": ("TRL GRPOTrainer", run_trl),
+            "hand": ("hand-written loop", run_hand), "dynamic": ("paperloop, dynamic sampling", run_ours_dynamic),
+            "trl-defaults": ("TRL GRPOTrainer, TRL's defaults (bf16 autocast, checkpointing)", run_trl_defaults)}
+ASYNC = {"sync": ("synchronous, 2 threads", run_sync_2_threads), "async1": ("async, max_lag=1", run_async_1),
+         "async2": ("async, max_lag=2", run_async_2), "sync1": ("synchronous, 1 thread", run_sync_1_thread)}
+SYNC, SYNC_1 = ASYNC["sync"][0], ASYNC["sync1"][0]
 
 
 def main() -> None:
@@ -259,38 +323,59 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write every round's medians to this file (for benchmarks/ab.py)")
-    parser.add_argument("--only", nargs="+", choices=["ours", "trl", "hand", "dynamic"],
-                        help="run only these contenders (default: all); the table's ratios need TRL and the hand loop")
+    parser.add_argument("--async", dest="async_", action="store_true",
+                        help="the asynchronous generation table instead: the synchronous loop on 2 threads vs "
+                             "async_generation with max_lag 1 and 2 (one thread generating, one training)")
+    parser.add_argument("--only", nargs="+", choices=[*TRAINERS, *ASYNC],
+                        help="run only these contenders (default: all of the table's); the ratios need TRL and the "
+                             "hand loop (with --async: the synchronous loop)")
     args = parser.parse_args()
-    if args.only:
-        keep = {ONLY[key] for key in args.only}
-        for name in list(CONTENDERS):
-            if name not in keep:
-                del CONTENDERS[name]
-    torch.set_num_threads(1)
+    table = ASYNC if args.async_ else TRAINERS
+    if args.only and not set(args.only) <= set(table):
+        parser.error(f"--only: {'with' if args.async_ else 'without'} --async, choose from {list(table)}")
+    if args.async_ and args.warmup < 1:
+        parser.error("--async: --warmup must be >= 1 (a step is timed from the end of the one before)")
+    contenders = dict(table[key] for key in (args.only or table))
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     prompts = make_prompts(4 * args.prompts * (args.warmup + args.steps))  # dynamic sampling draws up to 4 rounds
-    results: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model")
         for round_ in range(args.repeats):
             for beta in args.betas:
-                for name, run in CONTENDERS.items():
-                    out = str(Path(tmp) / f"run-{round_}-{beta}-{name}")  # a folder holds one run
+                for name, run in contenders.items():
+                    out = str(Path(tmp) / f"run-{round_}-{beta:g}-{name}")  # a folder holds one run's history
                     steps, generate = run(model_dir, prompts, args, beta, out)
-                    skip = slice(args.warmup, None)
-                    results.setdefault((name, beta), []).append(
-                        {key: statistics.median(values[skip]) for key, values in (
-                            ("step", steps.wall), ("step_cpu", steps.cpu), ("generate", generate.wall),
-                            ("rounds", getattr(steps, "rounds", [1] * len(steps.wall))))})
+                    results.setdefault((name, beta), []).append(round_medians(steps, generate, args))
             print(f"round {round_ + 1}/{args.repeats} done", flush=True)
-    print_table(results, args)
+    if args.async_:
+        print_async_table(results, contenders, args)
+    else:
+        print_table(results, contenders, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"trainer": name, "beta": beta, **{k: v for k, v in r.items()}}
+                                               for (name, beta), rows in results.items() for r in rows]))
 
 
-def print_table(results, args) -> None:
+def round_medians(steps: Clock, generate: Clock, args) -> dict:
+    """One run's medians over its timed steps (after `--warmup`). `loop`: the wall seconds from one step's end to
+    the next's, everything the loop does included (with async generation, whatever the trainer waits for)."""
+    skip = slice(args.warmup, None)
+    medians = {key: statistics.median(values[skip]) for key, values in (
+        ("step", steps.wall), ("step_cpu", steps.cpu), ("generate", generate.wall),
+        ("rounds", getattr(steps, "rounds", [1] * len(steps.wall))))}
+    ends = getattr(steps, "ends", None)
+    if ends:
+        medians["loop"] = statistics.median(b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:]))
+        medians["generation_wait"] = statistics.median(w[0] for w in steps.waits[skip])
+        medians["training_wait"] = statistics.median(w[1] for w in steps.waits[skip])
+    return medians
+
+
+def print_table(results, contenders, args) -> None:
     completions = args.prompts * args.generations
     print(f"\n{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new tokens, one thread, "
           f"median of {args.repeats} rounds x {args.steps} steps (wall seconds; CPU: the thread's CPU seconds)\n")
@@ -303,22 +388,45 @@ def print_table(results, args) -> None:
         return f"{median(reference, beta, key) / mine:.2f}x" if (reference, beta) in results else "-"
 
     for beta in args.betas:
-        for name in CONTENDERS:
+        for name in contenders:
             step, cpu = median(name, beta, "step"), median(name, beta, "step_cpu")
             generate = median(name, beta, "generate")
             print(f"| {beta:g} | {name} | {completions / step:.0f} | {step:.3f} | {generate:.3f} | "
                   f"{step - generate:.3f} | {completions / cpu:.0f} | {ratio('TRL GRPOTrainer', beta, 'step', step)} | "
                   f"{ratio('TRL GRPOTrainer', beta, 'step_cpu', cpu)} | "
                   f"{ratio('hand-written loop', beta, 'step_cpu', cpu)} |")
-    if "paperloop, dynamic sampling" in CONTENDERS:
+    if "paperloop, dynamic sampling" in contenders:
         rounds = statistics.median(r["rounds"] for beta in args.betas
                                    for r in results[("paperloop, dynamic sampling", beta)])
         print(f"\nDynamic sampling: on a reward where about half the groups of {args.generations} tie, a step drew a "
               f"median of {rounds:g} rounds of {args.prompts} prompts (at most 4) to train {args.prompts} groups with "
               "a spread: its s/step against paperloop's row above is what the extra prompts cost.")
-    if args.json:
-        Path(args.json).write_text(json.dumps([{"trainer": name, "beta": beta, **{k: v for k, v in r.items()}}
-                                               for (name, beta), rows in results.items() for r in rows]))
+
+
+def print_async_table(results, contenders, args) -> None:
+    """Completions per wall second of each loop, and each round's ratio to the synchronous loop of the same round
+    (interleaved: the machine's load of that moment hits both): the median ratio and its range over rounds."""
+    completions = args.prompts * args.generations
+    print(f"\n{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new tokens, median of "
+          f"{args.repeats} rounds x {args.steps} steps (wall seconds from a step's end to the next's)\n")
+    print("| beta | loop | completions/s | s/step | trainer waits for generation, s/step | generation waits for "
+          "trainer, s/step | vs synchronous, 2 threads: median of rounds (range) | vs synchronous, 1 thread |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def versus(reference, beta, rows):
+        if (reference, beta) not in results:
+            return "-"
+        ratios = [s["loop"] / r["loop"] for s, r in zip(results[(reference, beta)], rows)]
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)"
+
+    for beta in args.betas:
+        for name in contenders:
+            rows = results[(name, beta)]
+            loop = statistics.median(r["loop"] for r in rows)
+            waits = [statistics.median(r[key] for r in rows) for key in ("generation_wait", "training_wait")]
+            waits = ["-" if name in (SYNC, SYNC_1) else f"{w:.3f}" for w in waits]
+            print(f"| {beta:g} | {name} | {completions / loop:.1f} | {loop:.3f} | {waits[0]} | {waits[1]} | "
+                  f"{versus(SYNC, beta, rows)} | {versus(SYNC_1, beta, rows)} |")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ Capacity in LLMs Beyond the Base Model?"), on two-digit addition.
 
 A tiny Llama (width 128, 4 layers) is first trained with SFTTrainer to partial competence on `a+b=` -> `c` (one
 token per character), then trained from that same SFT checkpoint by RLTrainer with GRPO and with Dr. GRPO on a
-0/1 correctness reward (or with the recipes chosen in `methods`: DAPO, GSPO, CISPO too; once per seed of
-`rl_seeds`). Each model is scored on held-out pairs that neither stage saw: n samples per prompt, pass@k by the
-unbiased estimator for k = 1, 2, 4, ..., n. Writes results.json, results.md and results.png (the
-pass@k curves) under output_dir, with each stage's run (checkpoints, TensorBoard) in its own folder. A stage
-interrupted by a signal checkpoints and the command stops; the same command again continues it, and skips
-stages already done.
+0/1 correctness reward (or with the recipes chosen in `methods`: DAPO, GSPO, CISPO too, and GRPO with
+asynchronous generation `max_lag` steps behind; once per seed of `rl_seeds`). Each model is scored on held-out
+pairs that neither stage saw: n samples per prompt, pass@k by the unbiased estimator for k = 1, 2, 4, ..., n.
+Writes results.json, results.md and results.png (the pass@k curves) under output_dir, with each stage's run
+(checkpoints, TensorBoard) in its own folder. A stage interrupted by a signal checkpoints and the command stops;
+the same command again continues it, and skips stages already done.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ PAPER = ('Yue et al. 2025, "Does Reinforcement Learning Really Incentivize Reaso
 # paper does): their losses differ from GRPO's only off-policy, where the ratio is not 1.
 METHODS = {"grpo": dict(advantage="group_std", aggregation="sequence_mean"),  # Shao et al. 2024
            "dr_grpo": dict(advantage="none", aggregation="constant"),  # Liu et al. 2025
+           # GRPO with generation in a process of its own: step s samples from the weights after step s - max_lag
+           "grpo_async": dict(advantage="group_std", aggregation="sequence_mean", async_generation=True),
            # Yu et al. 2025: token mean, clip-higher, dynamic sampling, soft overlong punishment (answers are at most
            # 4 tokens with EOS: the last 2 of the 6 are the buffer)
            "dapo": dict(advantage="group_std", aggregation="token_mean", clip_high=0.28, dynamic_sampling=True,

@@ -112,3 +112,26 @@ def test_a_finished_stage_is_never_reused_with_other_settings_and_thrown_away_ov
     with pytest.raises(ConfigError, match=r"^max_steps: the finished grpo stage in .* records no max_steps \(this "
                                           r"command asks for 1\)"):
         module.run(load_config(module.Config, config_path("rlvr"), base))
+
+
+def test_grpo_async_is_grpo_with_generation_in_its_own_process_max_lag_steps_behind(tmp_path):
+    """The `grpo_async` method trains GRPO's loss with async generation at the config's lag; every other key is
+    GRPO's, so its row compares with GRPO's."""
+    from paperloop import load_config
+    from paperloop.models.lm import tiny_causal_lm
+    from paperloop.papers import config_path, load
+    from paperloop.papers.rlvr.task import make_tokenizer
+
+    module = load("rlvr")
+    tokenizer = make_tokenizer()
+    tiny_causal_lm(len(tokenizer), 16, 1, seed=0).save_pretrained(tmp_path / "sft")
+    configs = {}
+    for method, overrides in (("grpo", []), ("grpo_async", []), ("grpo_async", ["max_lag=2"])):
+        cfg = load_config(module.Config, config_path("rlvr"), [f"output_dir={tmp_path}", *overrides])
+        trainer = module.rl_trainer(cfg, tokenizer, [(10, 11)], method, tmp_path / method, tmp_path / "sft", 0)
+        configs[method, *overrides] = trainer.config
+        assert (trainer.generation is not None) == (method == "grpo_async")
+    sync, lag_1, lag_2 = configs.values()
+    assert (lag_1.async_generation, lag_1.max_lag, lag_2.max_lag) == (True, 1, 2)
+    assert {key for key in sync.__dataclass_fields__ if getattr(sync, key) != getattr(lag_1, key)} == {
+        "async_generation", "output_dir"}
