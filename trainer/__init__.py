@@ -13,13 +13,16 @@ model (how a model's weights are written and read is the trainer's: `write_weigh
 `paperloop.papers` are the `callbacks/`, `models/` and `papers/` folders (mapped in pyproject.toml).
 """
 
-from importlib.metadata import version as _version
+from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
 
 from .config import ConfigError, TrainerConfig, load_config
 from .state import TrainState
 
 # One source of truth: the version in pyproject.toml, as the installed distribution records it.
-__version__ = _version("paperloop")
+try:
+    __version__ = _version("paperloop")
+except _NotInstalled:  # run from a source tree that was never installed
+    __version__ = "(not installed)"
 
 # Names that import torch load on first use: `paperloop --help` (every `paperloop.*` module runs this file first)
 # answers without importing torch, and `import paperloop` for an MLP does not import transformers.

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError, describe_keys, load_config
 from .lock import OutputLockError
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     # `--help` and `--version` answer before anything imports torch (seconds): this module and the config's import
     # none of it, and a subcommand imports what it needs when it runs.
     parser = argparse.ArgumentParser(prog="paperloop", description="Reproduce ML papers with paperloop.")
-    parser.add_argument("--version", action="version", version=f"paperloop {package_version()}")
+    parser.add_argument("--version", action="version", version=f"paperloop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the reproduced papers", description="List the reproduced papers.")
     # Help is ours: `run PAPER --help` lists that paper's keys, which argparse cannot know.
@@ -95,15 +96,6 @@ def merge_adapter(args) -> int:
     except (CheckpointError, ImportError) as e:
         return error(e, 2)
     return 0
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("paperloop")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
 
 
 def error(e: Exception, code: int) -> int:

@@ -53,7 +53,7 @@ class Distillation(BaseTrainer):
         step = int(re.search(r"step-(\d+)", directory.name)[1])
         in_writer = threading.current_thread() is not threading.main_thread()
         if self.slow_disk and in_writer and step < self.config.max_steps:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a hang guard, not a speed bound
             while int(self.unwrapped_model.ema_updates) <= step:  # the training thread's teacher, updated in place
                 assert time.monotonic() < deadline, f"training never updated the teacher after step {step}"
                 time.sleep(0.005)
