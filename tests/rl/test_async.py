@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import paperloop.rl.trainer
+
 from paperloop.callbacks import Callback
 from paperloop.checkpoint import committed
 from paperloop.config import ConfigError
@@ -20,7 +22,7 @@ from paperloop.lm.base import ScorerRaised
 from paperloop.rl.advantages import lag_importance_weights
 
 from tests.support.callbacks import TrainedPrompts, trained_prompts
-from tests.support.rl import RESUME_RUNS, SGDRLTrainer, digit_reward, make_rl_trainer
+from tests.support.rl import RESUME_RUNS, Retry, SGDRLTrainer, digit_reward, make_rl_trainer
 from tests.support.workers import run_worker
 
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -67,11 +69,11 @@ def test_lag_zero_is_the_synchronous_loop_bitwise(tmp_path, run):
 
 
 class Recording(SGDRLTrainer):
-    """Keeps each step's weights at its start and its first micro-batch as the loss sees it."""
+    """Keeps each step's weights at its start, its first micro-batch, and what the policy loss was given for it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.weights_at, self.batches, self.outputs = [], [], []
+        self.weights_at, self.batches, self.loss_inputs, self.outputs = [], [], [], []
 
     def train_step(self, step):
         self.weights_at.append(copy.deepcopy(self.unwrapped_model.state_dict()))
@@ -85,10 +87,23 @@ class Recording(SGDRLTrainer):
         return super().training_step(batch)
 
 
-def test_lag_one_samples_from_the_weights_one_step_back_and_weights_each_token_by_its_capped_ratio(tmp_path):
-    settings = dict(async_generation=True, max_lag=1, max_steps=4, max_epochs=None, async_is_cap=1.05, lr=0.5)
+@pytest.mark.parametrize("updates", [1, 2])
+def test_lag_one_samples_from_the_weights_one_step_back_and_weights_each_token_by_its_capped_ratio(tmp_path,
+                                                                                                 monkeypatch, updates):
+    """One update a step (π_old: the training forward's own log-probs) and two (π_old: a no-grad forward first)."""
+    settings = dict(async_generation=True, max_lag=1, max_steps=4, max_epochs=None, async_is_cap=1.05, lr=0.5,
+                    **({"inner_epochs": 2} if updates == 2 else {}))
     trainer = make_rl_trainer(tmp_path / "a", cls=Recording, **settings)
+    real_loss = paperloop.rl.trainer.policy_loss
+
+    def recording_loss(logprobs_B_T, old_B_T, advantages, weights_B_T, **kwargs):
+        if len(trainer.loss_inputs) < len(trainer.batches):  # the step's first micro-batch
+            trainer.loss_inputs.append((old_B_T.detach().clone(), advantages.detach().clone()))
+        return real_loss(logprobs_B_T, old_B_T, advantages, weights_B_T, **kwargs)
+
+    monkeypatch.setattr(paperloop.rl.trainer, "policy_loss", recording_loss)
     trainer.fit()
+    monkeypatch.undo()
     again = make_rl_trainer(tmp_path / "b", **settings)
     again.fit()
     assert same_weights(again, trainer)  # whatever the timing of the two processes
@@ -101,18 +116,60 @@ def test_lag_one_samples_from_the_weights_one_step_back_and_weights_each_token_b
         sampler = trainer.forward(batch, model, trainer.config.temperature).logprobs.detach()
         torch.testing.assert_close(batch["sampling_logprobs"][trained], sampler[trained], rtol=0, atol=1e-5)
         model.load_state_dict(trainer.weights_at[s])  # the proximal policy: W_s, the step's start
-        old = trainer.forward(batch, model, trainer.config.temperature).logprobs.detach()
-        torch.testing.assert_close(batch["old_logprobs"][trained], old[trained], rtol=0, atol=1e-6)
+        proximal = trainer.forward(batch, model, trainer.config.temperature).logprobs.detach()
+        old_B_T, advantages_B_T = trainer.loss_inputs[s]
+        torch.testing.assert_close(old_B_T[trained], proximal[trained], rtol=0, atol=1e-6)
         # the advantage the loss reads is the episode's times min(π_old / π_sampler, cap), token by token
-        ratio = (batch["old_logprobs"] - batch["sampling_logprobs"]).exp()
-        episode = batch["advantages"] / ratio.clamp(max=1.05)  # one advantage a row once the weights are undone
-        rows = [row[m] for row, m in zip(episode, trained) if m.any()]
-        assert all(torch.allclose(r, r[:1].expand_as(r), atol=1e-5) for r in rows)
+        ratio = (proximal - batch["sampling_logprobs"]).exp()
+        episode = batch["advantages"] if batch["advantages"].ndim == 2 else batch["advantages"][:, None]
+        expected = episode * ratio.clamp(max=1.05)
+        torch.testing.assert_close(advantages_B_T[trained], expected.expand_as(ratio)[trained], rtol=1e-4, atol=1e-6)
         capped_any |= bool(((ratio > 1.05) & trained).any())
         assert trainer.outputs[s]["async/is_capped_frac"] == pytest.approx(
             ((ratio > 1.05) & trained).sum().item() / trained.sum().item(), abs=0.2)
     assert capped_any  # lr=0.5 moves the weights enough for the cap to bite
     assert not any(torch.equal(a, b) for a, b in zip(trainer.weights_at[0].values(), trainer.weights_at[1].values()))
+
+
+class InProcessLag(SGDRLTrainer):
+    """The synchronous loop with the lag made by hand: step s's episodes played in this process by a copy of the
+    weights after step max(s - lag, 0), and corrected as a lagged run corrects them."""
+
+    lag = 1
+
+    @property
+    def lagged(self) -> bool:
+        return True
+
+    def train_step(self, step):
+        if not hasattr(self, "history"):
+            self.history, self.behaviour = [], copy.deepcopy(self.unwrapped_model).eval()
+        self.history.append(copy.deepcopy(self.unwrapped_model.state_dict()))  # W_s, for step s + lag
+        self.behaviour.load_state_dict(self.history[max(len(self.history) - 1 - self.lag, 0)])
+        return super().train_step(step)
+
+    def play(self, examples, seeds_N, names, group_size, *, temperature, top_p=1.0, generator=None):
+        return self.player.play(self.behaviour, examples, seeds_N, names, group_size, temperature=temperature,
+                                top_p=top_p, generator=generator)
+
+
+@pytest.mark.parametrize("lag, run", [(1, {}), (2, {"env": Retry, "inner_epochs": 2, "minibatch_size": 2})],
+                         ids=["k1", "k2-env-mu2"])
+def test_a_lagged_run_is_the_synchronous_loop_sampling_from_the_weights_k_steps_back_bitwise(tmp_path, lag, run):
+    """What the generation process adds to RL is the lag and nothing else: the same weights, losses and sampling
+    stream as the synchronous loop that plays each step with a kept copy of the weights k steps back (one update a
+    step, and a multi-turn environment with four)."""
+    settings = {"prompts": 16, "max_steps": 6, "max_epochs": None, "lr": 0.2, **run}
+    by_hand = make_rl_trainer(tmp_path / "by_hand", cls=type("Lag", (InProcessLag,), {"lag": lag}), **settings)
+    by_hand.fit()
+    lagged = make_rl_trainer(tmp_path / "async", async_generation=True, max_lag=lag, **settings)
+    lagged.fit()
+    assert same_weights(lagged, by_hand)
+    assert lagged.state.train_loss_history == by_hand.state.train_loss_history
+    assert torch.equal(lagged.sampling_generator.get_state(), by_hand.sampling_generator.get_state())
+    synchronous = make_rl_trainer(tmp_path / "sync", **settings)
+    synchronous.fit()
+    assert not same_weights(lagged, synchronous)  # the lag is there: the comparison can fail
 
 
 def test_three_kills_with_steps_in_flight_then_resume_train_the_uninterrupted_runs_prompts_to_its_weights(tmp_path):

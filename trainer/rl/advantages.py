@@ -142,16 +142,16 @@ def lag_importance_weights(old_logprobs_B_T: torch.Tensor, sampler_logprobs_B_T:
     return weight_B_T.clamp(max=cap), trained_B_T & (weight_B_T > cap)
 
 
-def weigh_by_lag(batch: dict, cap: float | None) -> torch.Tensor:
-    """One micro-batch of rollouts sampled max_lag steps back, corrected in place: each token's advantage times its
-    capped π_old / π_sampler (`lag_importance_weights`), so `batch["advantages"]` becomes (B, T). Returns the float64
-    sums (Σ weight, capped tokens, trained tokens) over its trained tokens, for the step's means."""
-    weight_B_T, capped_B_T = lag_importance_weights(batch["old_logprobs"], batch["sampling_logprobs"],
-                                                    batch["weights"], cap)
-    advantages = batch["advantages"]
-    batch["advantages"] = (advantages[:, None] if advantages.ndim == 1 else advantages) * weight_B_T
-    trained_B_T = batch["weights"] != 0
-    return torch.stack([weight_B_T[trained_B_T].sum(), capped_B_T.sum(), trained_B_T.sum()]).double()
+def lag_weighted(advantages: torch.Tensor, old_logprobs_B_T: torch.Tensor, sampler_logprobs_B_T: torch.Tensor,
+                 weights_B_T: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's advantages (B,) or (B, T) for rollouts sampled max_lag steps back: each token's times its
+    capped π_old / π_sampler (`lag_importance_weights`), (B, T). Also its metrics (0-dim), means over the trained
+    tokens weighted as the loss weighs them: `async/is_weight_mean` and `async/is_capped_frac`."""
+    weight_B_T, capped_B_T = lag_importance_weights(old_logprobs_B_T, sampler_logprobs_B_T, weights_B_T, cap)
+    total = weights_B_T.sum().clamp_min(1e-12)
+    metrics = {"async/is_weight_mean": (weight_B_T * weights_B_T).sum() / total,
+               "async/is_capped_frac": (capped_B_T * weights_B_T).sum() / total}
+    return (advantages[:, None] if advantages.ndim == 1 else advantages) * weight_B_T, metrics
 
 
 def add_teacher_term(batch: dict, teacher_logprobs_B_T: torch.Tensor, coef: float, discount: float) -> torch.Tensor:

@@ -79,9 +79,9 @@ def episode_metrics(episodes: Episodes, reduce_sum: Callable, gather_objects: Ca
 
 
 def policy_metrics(parts: list[dict], reduce_sum: Callable) -> dict:
-    """Token-weighted means of the micro-batches' policy metrics over every update and process: `parts` holds each
-    micro-batch's metrics and its trained "tokens"."""
-    keys = sorted(k for k in parts[0] if k.startswith("policy/"))
+    """Token-weighted means of the micro-batches' policy metrics (`policy/`, and the lag's `async/` weights) over every
+    update and process: `parts` holds each micro-batch's metrics and its trained "tokens"."""
+    keys = sorted(k for k in parts[0] if k.startswith(("policy/", "async/")))
     sums = torch.stack([sum(p[k] * p["tokens"] for p in parts) for k in keys] + [sum(p["tokens"] for p in parts)])
     *totals, tokens = reduce_sum(sums).unbind()
     return {k: total / tokens.clamp_min(1) for k, total in zip(keys, totals)}

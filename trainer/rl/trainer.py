@@ -56,7 +56,7 @@ from ..lm.base import LMTrainer, digest
 from ..lm.modules import disable_dropout
 from ..plans import Step
 from ..rng import mixed_seed
-from .advantages import (add_teacher_term, group_advantages, group_spread, overlong_penalty, weigh_by_lag,
+from .advantages import (add_teacher_term, group_advantages, group_spread, overlong_penalty, lag_weighted,
                          zero_std_fraction)
 from .config import RLConfig
 from .envs import Episodes, episode_seed
@@ -167,7 +167,6 @@ class RLTrainer(LMTrainer):
         shares = update_shares(minibatches, c.aggregation, c.max_new_tokens, self.reduce_sum, c.entropy_coef > 0)
         self.add_fixed_logprobs(minibatches)
         distill = self.add_distillation(minibatches) if self.teacher is not None else {}
-        importance = self.add_importance_weights(minibatches) if self.lagged else {}
         parts: list[dict] = []  # every micro-batch's policy metrics, for one token-weighted mean over the step
 
         def loss_fn(micro_batch: dict) -> dict:
@@ -179,7 +178,7 @@ class RLTrainer(LMTrainer):
                    for micro_batches, micro_shares in zip(minibatches, shares)]
         if self.generation is not None:
             self.generation.after_step(self.unwrapped_model, self.state.global_step)  # W_{s+1}, and the step it feeds
-            distill.update({**self.async_metrics, **importance})
+            distill.update(self.async_metrics)
         outputs = self.step_outputs(rollouts, rewards_N_F, shaped_N, advantages_N, updates, parts,
                                     time.perf_counter() - start)
         outputs.update({"rollout/sample_rounds": rounds,
@@ -274,7 +273,7 @@ class RLTrainer(LMTrainer):
         `policy_mask` of the update's highest-entropy tokens. With one update, the training forward's own
         log-probs are the old ones."""
         c = self.config
-        several, by_entropy = c.updates_per_step > 1 or self.lagged, c.top_entropy_quantile < 1
+        several, by_entropy = c.updates_per_step > 1, c.top_entropy_quantile < 1
         for batch in (b for micro_batches in minibatches for b in micro_batches):
             if several or by_entropy:
                 scores = self.forward(batch, self.unwrapped_model, c.temperature,
@@ -293,15 +292,6 @@ class RLTrainer(LMTrainer):
     def lagged(self) -> bool:
         """Are the rollouts played by weights older than the ones trained (async, max_lag > 0)?"""
         return self.generation is not None and self.config.max_lag > 0
-
-    @torch.no_grad()
-    def add_importance_weights(self, minibatches: list[list[dict]]) -> dict:
-        """Rollouts sampled max_lag steps back: each token's advantage times its capped π_old / π_sampler
-        (`rl.advantages.weigh_by_lag`), the policy loss clipping against π_old. Returns `async/is_weight_mean` and
-        `async/is_capped_frac` over the step's trained tokens, every process's."""
-        sums = [weigh_by_lag(b, self.config.async_is_cap) for micro_batches in minibatches for b in micro_batches]
-        weights, capped, tokens = self.reduce_sum(torch.stack(sums).sum(0)).tolist()
-        return {"async/is_weight_mean": weights / max(tokens, 1), "async/is_capped_frac": capped / max(tokens, 1)}
 
     @torch.no_grad()
     def add_distillation(self, minibatches: list[list[dict]]) -> dict:
@@ -337,10 +327,15 @@ class RLTrainer(LMTrainer):
         # An entropy bonus trains the entropy; otherwise it is a metric
         scores = self.forward(batch, temperature=c.temperature, entropy="trained" if c.entropy_coef > 0 else "detached")
         logprobs_B_T = scores.logprobs
-        # One update per rollout batch: the policy that sampled is the one trained, so its own log-probs, detached,
-        # are the old ones (ratio exactly 1, gradient that of the plain policy gradient).
+        # One update per rollout batch: the weights at the step's start are the ones trained, so their own log-probs,
+        # detached, are π_old (ratio exactly 1, gradient that of the plain policy gradient) — the policy that sampled,
+        # unless the rollouts lag behind, which the advantages' weights below correct.
         old_B_T = batch["old_logprobs"] if "old_logprobs" in batch else logprobs_B_T.detach()
-        loss, metrics = policy_loss(logprobs_B_T, old_B_T, batch["advantages"], batch["weights"], loss=c.policy_loss,
+        advantages, lag_metrics = batch["advantages"], {}
+        if self.lagged:  # sampled by older weights: decoupled PPO's π_old / π_sampler on each token, capped
+            advantages, lag_metrics = lag_weighted(advantages, old_B_T, batch["sampling_logprobs"], batch["weights"],
+                                                   c.async_is_cap)
+        loss, metrics = policy_loss(logprobs_B_T, old_B_T, advantages, batch["weights"], loss=c.policy_loss,
                                     aggregation=c.aggregation, max_tokens=c.max_new_tokens,
                                     ref_logprobs_B_T=batch.get("ref_logprobs"), beta=c.beta,
                                     entropy_B_T=scores.entropy, entropy_coef=c.entropy_coef,
@@ -350,7 +345,7 @@ class RLTrainer(LMTrainer):
         # (~1e-7 in float32); a large value means sampling and training disagree on the policy.
         metrics["policy/sampler_logprob_gap"] = masked_mean((old_B_T - batch["sampling_logprobs"]).abs(),
                                                             batch["weights"])
-        return loss, metrics
+        return loss, {**metrics, **lag_metrics}
 
     # ---- outputs ------------------------------------------------------------------------------
 
