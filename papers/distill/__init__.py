@@ -46,8 +46,9 @@ MAX_LENGTH = 16  # `99+99=` and `198` + EOS, with room to spare
 
 @dataclass(frozen=True)
 class Config(RLConfig):
-    """RLConfig's keys configure every student method: `max_steps` steps each, at `lr`; a step trains on `batch_size`
-    prompts x `num_generations` samples (on_policy, grpo) or on as many examples (sft, seqkd, supervised_kd)."""
+    """RLConfig's keys configure every student method: `max_steps` steps each; a step trains on `batch_size` prompts
+    x `num_generations` samples (on_policy, grpo, at `lr`) or on as many examples (sft, seqkd, supervised_kd, at
+    `supervised_lr`)."""
 
     methods: Tuple[str, ...] = METHODS
     seeds: Tuple[int, ...] = (0,)  # each method once per seed, from the one student start
@@ -55,18 +56,19 @@ class Config(RLConfig):
     data_seed: int = 0  # the split, and the teacher's and the student start's initial weights and data order
     teacher_hidden_size: int = 128
     teacher_num_layers: int = 4
-    teacher_sft_steps: int = 300
-    teacher_rl_steps: int = 300
+    teacher_sft_steps: int = 800
+    teacher_rl_steps: int = 200
     teacher_rl_batch_size: int = 16
     teacher_num_generations: int = 8
     teacher_rl_lr: float = 1e-4
     student_hidden_size: int = 64
     student_num_layers: int = 2
-    student_sft_steps: int = 100  # the student start: SFT on ground truth to partial competence
+    student_sft_steps: int = 500  # the student start: SFT on ground truth to partial competence
     sft_batch_size: int = 64  # the teacher's and the student start's SFT
     sft_lr: float = 1e-3
+    supervised_lr: float = 1e-3  # sft, seqkd, supervised_kd (on_policy and grpo train at `lr`)
     seqkd_temperature: float = 0.0  # the teacher's completions for SeqKD: 0 greedy, else sampled at it
-    eval_every: int = 25  # student steps between points of the accuracy curve
+    eval_every: int = 20  # student steps between points of the accuracy curve
     eval_samples: int = 16  # samples per held-out pair for pass@1 (and pass@k up to it)
     num_threads: int = 1  # torch intra-op threads; 0: torch's default
 
@@ -100,7 +102,7 @@ class Config(RLConfig):
         if self.seed != RLConfig.seed:
             raise ConfigError(f"seed: distill seeds its student methods with seeds=[...] (the teacher and the student "
                               f"start with data_seed); got seed={self.seed}")
-        for key in ("sft_lr", "teacher_rl_lr"):
+        for key in ("sft_lr", "teacher_rl_lr", "supervised_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
 
@@ -186,9 +188,13 @@ def student_sft_settings(cfg: Config) -> dict:
 
 
 def method_settings(cfg: Config, method: str, seed: int) -> dict:
-    """Everything a student method's stage depends on: the teacher's and the start's settings, the student keys,
-    SeqKD's temperature for seqkd only, the method and the seed."""
-    own = {k: v for k, v in settings(cfg).items() if k != "seqkd_temperature" or method == "seqkd"}
+    """Everything a student method's stage depends on: the teacher's and the start's settings, the student keys (the
+    learning rate of its family, SeqKD's temperature for seqkd only), the method and the seed."""
+    if method in SUPERVISED:
+        other = {"lr"} if method == "seqkd" else {"lr", "seqkd_temperature"}
+    else:
+        other = {"supervised_lr", "seqkd_temperature"}
+    own = {k: v for k, v in settings(cfg).items() if k not in other}
     return {**own, "method": method, "seed": seed}
 
 
@@ -251,7 +257,8 @@ def seqkd_stage(path: Path, cfg: Config, teacher, tokenizer, pairs, seed: int) -
 def student_trainer(cfg: Config, tokenizer, pairs, held_out, method: str, seed: int, folder: Path, start: Path,
                     teacher, seqkd_data=None):
     """One student method from the student start, seeded by `seed` (data order and sampling), `max_steps` steps of
-    `batch_size x num_generations` completions at `lr`, its held-out accuracy recorded every `eval_every` steps."""
+    `batch_size x num_generations` completions (at `supervised_lr` or `lr`), its held-out accuracy recorded every
+    `eval_every` steps."""
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(start)
@@ -261,7 +268,8 @@ def student_trainer(cfg: Config, tokenizer, pairs, held_out, method: str, seed: 
         examples = {"sft": sft_examples(pairs), "supervised_kd": sft_examples(pairs), "seqkd": seqkd_data}[method]
         # Pure distillation (weight 1, GKD's supervised KD): the ground-truth tokens only choose where to match
         distill = dict(distill="forward_kl", distill_weight=1.0) if method == "supervised_kd" else {}
-        config = sft_config(folder, cfg, cfg.batch_size * cfg.num_generations, cfg.lr, cfg.max_steps, seed, **distill)
+        config = sft_config(folder, cfg, cfg.batch_size * cfg.num_generations, cfg.supervised_lr, cfg.max_steps, seed,
+                            **distill)
         return SFTTrainer(student, config, tokenizer=tokenizer, train_data=examples, callbacks=callbacks,
                           **({"teacher": teacher} if method == "supervised_kd" else {}))
     keys = {f.name for f in dataclasses.fields(RLConfig)}

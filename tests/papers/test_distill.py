@@ -59,7 +59,8 @@ def test_every_method_trains_the_same_steps_on_the_same_number_of_completions(tm
                 for m in module.METHODS}
     for method, trainer in trainers.items():
         c = trainer.config
-        assert (c.max_steps, c.lr, c.seed) == (4, cfg.lr, 3)
+        lr = cfg.lr if isinstance(trainer, RLTrainer) else cfg.supervised_lr
+        assert (c.max_steps, c.lr, c.seed) == (4, lr, 3)
         sequences = c.batch_size * (c.num_generations if isinstance(trainer, RLTrainer) else 1)
         assert sequences == cfg.batch_size * cfg.num_generations == 8
         assert (trainer.teacher is not None) == (method in ("supervised_kd", "on_policy")), method
