@@ -112,6 +112,9 @@ def run(cfg: Config) -> Path:
         key = "beta" if cfg.beta != RLConfig.beta else "distill_coef"  # GKD's λ=1 pure on-policy, no KL to the start
         raise ConfigError(f"{key}: distill compares the methods as the paper defines them ({key}="
                           f"{getattr(RLConfig, key)}); it takes no other")
+    if cfg.distill_discount != RLConfig.distill_discount and "grpo" in cfg.methods:  # found now, not after 4 stages
+        raise ConfigError("distill_discount: only on_policy has a teacher's term to discount; run it with "
+                          "methods=[on_policy] (grpo has no teacher)")
     out = output_folder(cfg.output_dir, cfg.num_threads)
     tokenizer = make_tokenizer()
     train, held_out = split_problems(cfg.held_out, cfg.data_seed)

@@ -117,6 +117,9 @@ def test_the_shipped_config_loads_and_its_errors_name_the_key(tmp_path):
     for override, key in (("beta=0.1", "beta"), ("distill_coef=0.5", "distill_coef")):
         with pytest.raises(ConfigError, match=f"^{key}: distill compares"):
             module.run(load([override, f"output_dir={tmp_path}"])[1])
+    with pytest.raises(ConfigError, match="^distill_discount: only on_policy"):
+        module.run(load(["distill_discount=1.0", f"output_dir={tmp_path}"])[1])
+    assert not any(tmp_path.iterdir())  # refused before any stage trained
     assert gap_closed(0.6, start=0.2, teacher=0.8) == pytest.approx(2 / 3)
 
 
