@@ -69,7 +69,7 @@ class Config(RLConfig):
     supervised_lr: float = 1e-3  # sft, seqkd, supervised_kd (on_policy and grpo train at `lr`)
     seqkd_temperature: float = 0.0  # the teacher's completions for SeqKD: 0 greedy, else sampled at it
     eval_every: int = 20  # student steps between points of the accuracy curve
-    eval_samples: int = 16  # samples per held-out pair for pass@1 (and pass@k up to it)
+    eval_samples: int = 16  # samples per held-out pair at eval_temperature for pass@1 (and pass@k up to it)
     num_threads: int = 1  # torch intra-op threads; 0: torch's default
 
     # Which runs to make and how they are scored may change between invocations, not how each trains.
@@ -128,7 +128,8 @@ def run(cfg: Config) -> Path:
                                             student_sft_settings(cfg))
 
     def score(model, seed):
-        return pass_at_k_and_greedy(model, tokenizer, held_out, cfg.eval_samples, 1.0, cfg.max_new_tokens, seed)
+        return pass_at_k_and_greedy(model, tokenizer, held_out, cfg.eval_samples, cfg.eval_temperature,
+                                    cfg.max_new_tokens, seed)
 
     scored_teacher = {**score(teacher, cfg.data_seed), "train_seconds": round(seconds["teacher_sft"]
                                                                                + seconds["teacher"], 1)}
@@ -152,7 +153,8 @@ def run(cfg: Config) -> Path:
                   f"{100 * scores['pass_at']['1']:5.1f}%", flush=True)
     seconds["total"] = round(time.perf_counter() - start, 1)
     write_results(out, PAPER, rows, scored_start, scored_teacher,
-                  {"held_out": cfg.held_out, "eval_samples": cfg.eval_samples, "steps": cfg.max_steps,
+                  {"held_out": cfg.held_out, "eval_samples": cfg.eval_samples, "eval_temperature": cfg.eval_temperature,
+                   "steps": cfg.max_steps,
                    "sequences_per_step": cfg.batch_size * cfg.num_generations, "seconds": seconds,
                    "teacher_size": f"width {cfg.teacher_hidden_size}, {cfg.teacher_num_layers} layers",
                    "student_size": f"width {cfg.student_hidden_size}, {cfg.student_num_layers} layers",

@@ -128,7 +128,7 @@ def results_table(paper: str, seeds: list[dict], start: dict, teacher: dict, set
         return f"{mean:.1f} ± {std:.1f}{unit}" if len(m["seeds"]) > 1 else f"{mean:.1f}{unit}"
 
     lines = [f"# {paper}", "", f"{settings['held_out']} held-out pairs; pass@1 from {settings['eval_samples']} samples "
-             f"each at temperature 1; {settings['steps']} student steps per method; {n_seeds} seed(s); total wall "
+             f"each at temperature {settings['eval_temperature']:g}; {settings['steps']} student steps per method; {n_seeds} seed(s); total wall "
              f"time {settings['seconds']['total']:.0f} s.", "",
              "| model | seeds | greedy acc | pass@1 | gap to the teacher closed | train s |", "|---|---|---|---|---|---|",
              f"| teacher (SFT + GRPO, {settings['teacher_size']}) | - | {100 * teacher['greedy_acc']:.1f}% | "
