@@ -2,7 +2,7 @@
 Self-Generated Mistakes", GKD), on two-digit addition: a small student learns from a larger teacher on its own
 samples, against students trained on fixed data with the same number of steps.
 
-    paperloop run distill output_dir=runs/distill                 # one seed: teacher, student start, 5 methods
+    paperloop run distill output_dir=runs/distill                 # one seed: teacher, student start, 8 methods
     paperloop run distill output_dir=runs/distill seeds=[0,1,2]    # the README's table (reuses the first three stages)
 
 The teacher is rlvr's recipe (a tiny Llama of width 128 and 4 layers: SFTTrainer, then GRPO with RLTrainer); the
@@ -10,8 +10,10 @@ student (width 64, 2 layers) is trained by SFTTrainer for a few steps to partial
 from that one checkpoint, for `max_steps` optimizer steps of `batch_size x num_generations` completions each:
 `sft` (SFTTrainer on the ground-truth sums), `seqkd` (SFTTrainer on the teacher's completions of the training
 prompts, drawn once), `supervised_kd` (SFTTrainer with `teacher=`: forward KL to the teacher on the ground-truth
-completions), `on_policy` (RLTrainer with `teacher=` and no reward: the student's samples, each token's advantage the
-sampled reverse KL -(log π_student - log π_teacher)) and `grpo` (RLTrainer on the 0/1 correctness reward). Each
+completions), `gkd_reverse_kl`, `gkd_jsd`, `gkd_forward_kl` (GKD's own loss: the student's samples, the exact
+divergence from the teacher at every sampled position, `GKDTrainer`), `on_policy` (RLTrainer with `teacher=` and no
+reward: the student's samples, each token's advantage the sampled reverse KL -(log π_student - log π_teacher)) and
+`grpo` (RLTrainer on the 0/1 correctness reward). Each
 student's greedy accuracy on held-out pairs is recorded every `eval_every` steps; each final model is scored by
 greedy accuracy and pass@1. Writes results.json, results.md and results.png (accuracy over steps per method, the
 teacher's as a line) under output_dir; every stage trains in its own folder, a stopped command continues where it
@@ -30,6 +32,7 @@ from typing import Tuple
 
 from paperloop import ConfigError, RLConfig, RLTrainer, SFTConfig, SFTTrainer
 from paperloop.callbacks import ProgressBar, TensorBoardLogger
+from paperloop.lm.distill import distill_loss, divergence_fn
 from paperloop.models.lm import tiny_causal_lm
 
 from ..rlvr.evaluate import evaluate as pass_at_k_and_greedy
@@ -39,8 +42,12 @@ from .evaluate import AccuracyCurve, seqkd_examples, write_results
 
 PAPER = ('Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" '
          '(GKD): on-policy distillation vs SFT, SeqKD and supervised KD at equal student steps, on two-digit addition')
-METHODS = ("sft", "seqkd", "supervised_kd", "on_policy", "grpo")
+METHODS = ("sft", "seqkd", "supervised_kd", "gkd_reverse_kl", "gkd_jsd", "gkd_forward_kl", "on_policy", "grpo")
 SUPERVISED, ON_POLICY = ("sft", "seqkd", "supervised_kd"), ("on_policy", "grpo")
+# GKD's own on-policy loss (λ = 1): the student's samples, the exact divergence from the teacher at every sampled
+# position (`lm.distill`'s, as SFTTrainer distills): reverse KL, the generalized JSD at β = 0.5, forward KL
+GKD = {"gkd_reverse_kl": dict(beta=1.0), "gkd_jsd": dict(beta=0.5), "gkd_forward_kl": dict(beta=0.0)}
+LR_KEY = {**{m: "supervised_lr" for m in SUPERVISED}, **{m: "gkd_lr" for m in GKD}, **{m: "lr" for m in ON_POLICY}}
 MAX_LENGTH = 16  # `99+99=` and `198` + EOS, with room to spare
 
 
@@ -67,6 +74,9 @@ class Config(RLConfig):
     sft_batch_size: int = 64  # the teacher's and the student start's SFT
     sft_lr: float = 1e-3
     supervised_lr: float = 1e-3  # sft, seqkd, supervised_kd (on_policy and grpo train at `lr`)
+    gkd_lr: float = 1e-4  # gkd_* (best of 3e-5, 1e-4, 3e-4, 1e-3 on seed 0: README)
+    gkd_num_generations: int = 2  # gkd_*: samples per prompt (the paper's 1 is no group for RLTrainer), as many
+    # completions a step as the others: batch_size x num_generations / gkd_num_generations prompts
     seqkd_temperature: float = 0.0  # the teacher's completions for SeqKD: 0 greedy, else sampled at it
     eval_every: int = 20  # student steps between points of the accuracy curve
     eval_samples: int = 16  # samples per held-out pair at eval_temperature for pass@1 (and pass@k up to it)
@@ -102,7 +112,10 @@ class Config(RLConfig):
         if self.seed != RLConfig.seed:
             raise ConfigError(f"seed: distill seeds its student methods with seeds=[...] (the teacher and the student "
                               f"start with data_seed); got seed={self.seed}")
-        for key in ("sft_lr", "teacher_rl_lr", "supervised_lr"):
+        if self.gkd_num_generations < 2 or (self.batch_size * self.num_generations) % self.gkd_num_generations:
+            raise ConfigError(f"gkd_num_generations: must be >= 2 and divide batch_size x num_generations = "
+                              f"{self.batch_size * self.num_generations}, got {self.gkd_num_generations}")
+        for key in ("sft_lr", "teacher_rl_lr", "supervised_lr", "gkd_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
 
@@ -195,10 +208,11 @@ def student_sft_settings(cfg: Config) -> dict:
 def method_settings(cfg: Config, method: str, seed: int) -> dict:
     """Everything a student method's stage depends on: the teacher's and the start's settings, the student keys (the
     learning rate of its family, SeqKD's temperature for seqkd only), the method and the seed."""
-    if method in SUPERVISED:
-        other = {"lr"} if method == "seqkd" else {"lr", "seqkd_temperature"}
-    else:
-        other = {"supervised_lr", "seqkd_temperature"}
+    other = {key for key in LR_KEY.values() if key != LR_KEY[method]}  # the other families' learning rates
+    if method not in GKD:
+        other.add("gkd_num_generations")
+    if method != "seqkd":
+        other.add("seqkd_temperature")
     own = {k: v for k, v in settings(cfg).items() if k not in other}
     return {**own, "method": method, "seed": seed}
 
@@ -280,8 +294,31 @@ def student_trainer(cfg: Config, tokenizer, pairs, held_out, method: str, seed: 
     keys = {f.name for f in dataclasses.fields(RLConfig)}
     config = RLConfig(**{**{k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}, "seed": seed,
                          "output_dir": str(folder)})
+    if method in GKD:  # as many completions a step, over more prompts
+        G = cfg.gkd_num_generations
+        config = dataclasses.replace(config, lr=cfg.gkd_lr, num_generations=G,
+                                     batch_size=cfg.batch_size * cfg.num_generations // G)
+        return GKDTrainer(student, config, tokenizer=tokenizer, train_data=rl_prompts(pairs), teacher=teacher,
+                          callbacks=callbacks, divergence=divergence_fn("jsd", **GKD[method]))
     if method == "on_policy":  # no reward: each sampled token's advantage is the teacher's term alone
         return RLTrainer(student, config, tokenizer=tokenizer, train_data=rl_prompts(pairs), teacher=teacher,
                          callbacks=callbacks)
     return RLTrainer(student, config, tokenizer=tokenizer, train_data=rl_prompts(pairs), reward_fns=[correct],
                      callbacks=callbacks)
+
+
+class GKDTrainer(RLTrainer):
+    """GKD's on-policy distillation as the paper trains it (λ = 1): RLTrainer's rollouts (the student samples; the
+    sampler, the data order and a resume are RLTrainer's), and instead of a policy gradient the loss is the exact
+    divergence from the teacher over the vocabulary at every sampled position, differentiated through the student's
+    distribution (`lm.distill.distill_loss`, what `SFTTrainer(teacher=...)` trains on fixed data), the mean over a
+    micro-batch's sampled tokens (the update's, with the one micro-batch an update this paper runs). No reward and no
+    advantage: the teacher's sampled term RLTrainer computes is only logged."""
+
+    def __init__(self, *args, divergence, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.divergence = divergence
+
+    def training_step(self, batch: dict):
+        parts = distill_loss(self.model, self.teacher, batch, self.divergence, 1.0)
+        return parts["loss"], {"policy/divergence": parts["distill/kl"].detach()}

@@ -81,7 +81,10 @@ class AccuracyCurve(Callback):
 
 METHOD_NAMES = {"sft": "SFT on ground truth", "seqkd": "SeqKD (SFT on teacher samples)",
                 "supervised_kd": "supervised KD (forward KL on ground truth)",
-                "on_policy": "on-policy distillation (reverse KL, λ=1)", "grpo": "GRPO on the correctness reward"}
+                "gkd_reverse_kl": "GKD on-policy, exact reverse KL (λ=1)",
+                "gkd_jsd": "GKD on-policy, exact JSD β=0.5 (λ=1)",
+                "gkd_forward_kl": "GKD on-policy, exact forward KL (λ=1)",
+                "on_policy": "on-policy, sampled reverse KL as advantage", "grpo": "GRPO on the correctness reward"}
 
 
 def gap_closed(accuracy: float, start: float, teacher: float) -> float:

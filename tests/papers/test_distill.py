@@ -59,11 +59,10 @@ def test_every_method_trains_the_same_steps_on_the_same_number_of_completions(tm
                 for m in module.METHODS}
     for method, trainer in trainers.items():
         c = trainer.config
-        lr = cfg.lr if isinstance(trainer, RLTrainer) else cfg.supervised_lr
-        assert (c.max_steps, c.lr, c.seed) == (4, lr, 3)
+        assert (c.max_steps, c.lr, c.seed) == (4, getattr(cfg, module.LR_KEY[method]), 3)
         sequences = c.batch_size * (c.num_generations if isinstance(trainer, RLTrainer) else 1)
         assert sequences == cfg.batch_size * cfg.num_generations == 8
-        assert (trainer.teacher is not None) == (method in ("supervised_kd", "on_policy")), method
+        assert (trainer.teacher is not None) == (method in ("supervised_kd", "on_policy", *module.GKD)), method
     assert all(isinstance(trainers[m], SFTTrainer) for m in ("sft", "seqkd", "supervised_kd"))
     assert trainers["supervised_kd"].config.distill == "forward_kl" and trainers["supervised_kd"].config.distill_weight == 1
     assert trainers["on_policy"].reward_names == [] and trainers["grpo"].reward_names == ["correct"]
@@ -71,6 +70,42 @@ def test_every_method_trains_the_same_steps_on_the_same_number_of_completions(tm
         first = trainers[method].train_data[0]  # the trained tokens of the first example: its completion and EOS
         trained = first.target_tokens[first.weights > 0].tolist()
         assert tok.decode(trained, skip_special_tokens=True) == texts[0]["completion"], method
+
+
+@pytest.mark.parametrize("method, beta", [("gkd_reverse_kl", 1.0), ("gkd_jsd", 0.5)])
+def test_gkd_trains_the_exact_divergence_from_the_teacher_on_the_students_own_samples(tmp_path, method, beta):
+    """GKD's loss of a step is the divergence over the whole vocabulary at each token the student sampled (not the
+    prompt's), averaged over those tokens — computed here from both models' full logits, in float64 — and it is 0
+    when the teacher is the student."""
+    module, cfg = load([f"output_dir={tmp_path}", *TINY])
+    tok = make_tokenizer()
+    train, held_out = split_problems(cfg.held_out, cfg.data_seed)
+    start, teacher = tmp_path / "start", tiny_causal_lm(len(tok), 16, 1, seed=1)
+    tiny_causal_lm(len(tok), 16, 1, seed=0).save_pretrained(start)
+    trainer = module.student_trainer(cfg, tok, train, held_out, method, 0, tmp_path / method, start, teacher)
+    seen = []
+    real = trainer.training_step
+    trainer.training_step = lambda batch: seen.append((batch, *real(batch))) or seen[-1][1:]
+    trainer.fit()
+    batch, loss, metrics = seen[0]
+    assert batch["weights"].sum() > 0 and not batch["weights"][:, :3].any()  # `a+b=` is the prompt: not trained
+    start_model = tiny_causal_lm(len(tok), 16, 1, seed=0)  # the student before its first update
+    with torch.no_grad():
+        logp = start_model(input_ids=batch["input_ids"]).logits.double().log_softmax(-1)
+        logq = teacher(input_ids=batch["input_ids"]).logits.double().log_softmax(-1)
+    p, q = logp.exp(), logq.exp()
+    if beta == 1.0:
+        divergence = (p * (logp - logq)).sum(-1)  # KL(student ‖ teacher)
+    else:
+        logm = (beta * q + (1 - beta) * p).log()
+        divergence = beta * (q * (logq - logm)).sum(-1) + (1 - beta) * (p * (logp - logm)).sum(-1)
+    weights = batch["weights"].double()
+    expected = (divergence * weights).sum() / weights.sum()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(metrics["policy/divergence"]) == pytest.approx(float(expected), rel=1e-4)
+    same = module.student_trainer(cfg, tok, train, held_out, method, 0, tmp_path / "same", start,
+                                  tiny_causal_lm(len(tok), 16, 1, seed=0))
+    assert float(same.training_step(batch)[0]) == pytest.approx(0.0, abs=1e-6)
 
 
 def train_with_curve(tmp_path, name, curve, extra=(), resume=None):
@@ -111,7 +146,7 @@ def test_the_shipped_config_loads_and_its_errors_name_the_key(tmp_path):
     for override, key in (("methods=[sft,ppo]", "methods"), ("methods=[sft,sft]", "methods"),
                           ("seeds=[0,0]", "seeds"), ("eval_samples=12", "eval_samples"), ("seed=1", "seed"),
                           ("seqkd_temperature=-1", "seqkd_temperature"), ("student_sft_steps=0", "student_sft_steps"),
-                          ("teacher_num_generations=1", "teacher_num_generations"), ("max_steps=null", "max_steps")):
+                          ("teacher_num_generations=1", "teacher_num_generations"), ("gkd_num_generations=3", "gkd_num_generations"), ("max_steps=null", "max_steps")):
         with pytest.raises(ConfigError, match=f"^{key}"):
             load([override])
     for override, key in (("beta=0.1", "beta"), ("distill_coef=0.5", "distill_coef")):
