@@ -15,7 +15,8 @@ def paperloop(*args, cwd=None):
 def test_list_names_the_papers():
     proc = paperloop("list")
     assert proc.returncode == 0
-    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["dpo", "grokking", "mnist1d", "retool", "rlvr"]
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["distill", "dpo", "grokking", "mnist1d",
+                                                                      "retool", "rlvr"]
 
 
 @pytest.mark.parametrize("override, message", [
