@@ -1,5 +1,6 @@
-"""Run under torchrun by test_sft_extras.py: SFT on 2 CPU processes (gloo), padded (batch 4 each) and packed
-(one micro-batch each), plain SGD; rank 0 writes the final weights and every step's loss."""
+"""Run under torchrun by test_sft_extras.py: SFT on 2 CPU processes (gloo), padded (batch 4 each), packed (one
+micro-batch each), and padded with a teacher (off-policy distillation, half NLL and half forward KL), plain SGD;
+rank 0 writes the final weights and every step's loss (and the distillation's divergence)."""
 
 import argparse
 import json
@@ -18,13 +19,20 @@ class SGDTrainer(SFTTrainer):
         return torch.optim.SGD(self.model.parameters(), lr=self.config.lr)
 
 
-def build(out, callbacks=(), **cfg) -> SFTTrainer:
+KD = dict(distill="forward_kl", distill_weight=0.5)
+
+
+def teacher():
+    return model(seed=1)
+
+
+def build(out, callbacks=(), teacher=None, **cfg) -> SFTTrainer:
     settings = dict(max_length=24, batch_size=4, max_epochs=2, lr=0.1, output_dir=str(out))
     settings.update(cfg)
     if settings.get("packing"):
         settings.setdefault("pack_length", 32)
     return SGDTrainer(model(), SFTConfig(**settings), tokenizer=tokenizer(), train_data=sorting_examples(44),
-                      callbacks=list(callbacks))
+                      callbacks=list(callbacks), teacher=teacher)
 
 
 def main():
@@ -32,10 +40,11 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
-    for name, cfg in (("padded", {}), ("packed", {"packing": True})):
+    for name, cfg in (("padded", {}), ("packed", {"packing": True}), ("kd", {**KD, "teacher": teacher()})):
         losses = []
         t = build(Path(args.out) / f"ddp-{name}", callbacks=[LambdaCallback(
-            on_batch_end=lambda tr, o: losses.append(float(o["train/loss"])))], **cfg)
+            on_batch_end=lambda tr, o: losses.append([float(o[k]) for k in ("train/loss", "distill/kl") if k in o]))],
+            **cfg)
         t.fit()
         if t.is_main_process:
             save_file({k: v.contiguous() for k, v in t.unwrapped_model.state_dict().items()},

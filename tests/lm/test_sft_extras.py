@@ -186,19 +186,24 @@ def test_compile_matches_eager_and_keeps_compile_time_out_of_throughput(tmp_path
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_processes_match_one_process_padded_and_packed(tmp_path):
+def test_two_processes_match_one_process_padded_packed_and_distilling(tmp_path):
     proc = run_worker(WORKER, "--out", tmp_path, processes=2, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from tests.lm.ddp_worker import build
+    from tests.lm.ddp_worker import KD, build, teacher
     from safetensors.torch import load_file
 
-    for name, single_cfg in (("padded", dict(batch_size=8)), ("packed", dict(packing=True, grad_accum_steps=2))):
-        # 2 processes of batch 4 = 1 of batch 8; packed: 2 processes x 1 micro-batch = 1 process x 2
+    for name, single_cfg in (("padded", dict(batch_size=8)), ("packed", dict(packing=True, grad_accum_steps=2)),
+                             ("kd", dict(batch_size=8, **KD, teacher=teacher()))):
+        # 2 processes of batch 4 = 1 of batch 8; packed: 2 processes x 1 micro-batch = 1 process x 2; with a
+        # teacher, the step's divergence (distill/kl) is every process's too
         losses = []
         single = build(tmp_path / f"single-{name}", callbacks=[LambdaCallback(
-            on_batch_end=lambda t, o: losses.append(float(o["train/loss"])))], **single_cfg)
+            on_batch_end=lambda t, o: losses.append([float(o[k]) for k in ("train/loss", "distill/kl") if k in o]))],
+            **single_cfg)
         single.fit()
         ddp = load_file(str(tmp_path / f"{name}.safetensors"))
         for k, v in weights(single.model).items():
             torch.testing.assert_close(ddp[k], v, rtol=0, atol=1e-6)
-        assert json.loads((tmp_path / f"{name}.json").read_text()) == pytest.approx(losses, rel=1e-6)
+        ddp_losses = json.loads((tmp_path / f"{name}.json").read_text())
+        assert len(ddp_losses[0]) == (2 if name == "kd" else 1)
+        assert [x for step in ddp_losses for x in step] == pytest.approx([x for step in losses for x in step], rel=1e-6)

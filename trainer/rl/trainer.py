@@ -56,7 +56,7 @@ from ..lm.base import LMTrainer, digest
 from ..lm.modules import disable_dropout
 from ..plans import Step
 from ..rng import mixed_seed
-from .advantages import (add_teacher_term, group_advantages, group_spread, overlong_penalty, lag_weighted,
+from .advantages import (add_teacher_term, group_advantages, group_spread, lag_weighted, overlong_penalty,
                          zero_std_fraction)
 from .config import RLConfig
 from .envs import Episodes, episode_seed
