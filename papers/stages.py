@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -80,3 +81,22 @@ def finished_stage(folder: Path, settings: dict, model_class=None) -> tuple[obje
                           f"another output_dir, or remove {folder} to train it again")
     model = (model_class or AutoModelForCausalLM).from_pretrained(folder / "model").eval()
     return model, json.loads(record.read_text())["seconds"]
+
+
+def data_stage(path: Path, settings: dict, make, what: str, field: str) -> list:
+    """Data a paper draws once (SeqKD's teacher samples, DPO's labelled pairs): `make()` writes them to `path` (JSON,
+    under `field`, beside the `settings` they were made with; atomically), and a later run reads them back. A file
+    made with other settings is refused, naming the first key that differs (`what` names the data in the error)."""
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record["settings"] != settings:
+            key = next(k for k in settings if record["settings"].get(k) != settings[k])
+            raise ConfigError(f"{key}: {path} holds {what} made with {key}={record['settings'].get(key)!r}, this "
+                              f"command asks for {settings[key]!r}; use another output_dir, or remove {path.parent}")
+        return record[field]
+    data = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, field: data}) + "\n")
+    os.replace(tmp, path)
+    return data

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from paperloop.models.lm import tiny_causal_lm
 
 from ..rlvr.evaluate import evaluate as pass_at_k_and_greedy
 from ..rlvr.task import correct, make_tokenizer, rl_prompts, sft_examples, split_problems
-from ..stages import output_folder, stage, stage_settings
+from ..stages import data_stage, output_folder, stage, stage_settings
 from .evaluate import AccuracyCurve, seqkd_examples, write_results
 
 PAPER = ('Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" '
@@ -258,19 +257,8 @@ def seqkd_stage(path: Path, cfg: Config, teacher, tokenizer, pairs, seed: int) -
     """The seed's SeqKD data: the teacher's completion of every training prompt, drawn once and kept in `path` (a
     file written with other settings is refused, naming the key)."""
     wanted = {**teacher_settings(cfg), "seqkd_temperature": cfg.seqkd_temperature, "seed": seed}
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record["settings"] != wanted:
-            key = next(k for k in wanted if record["settings"].get(k) != wanted[k])
-            raise ConfigError(f"{key}: {path} holds SeqKD data made with {key}={record['settings'].get(key)!r}, "
-                              f"this command asks for {wanted[key]!r}; use another output_dir, or remove {path.parent}")
-        return record["examples"]
-    examples = seqkd_examples(teacher, tokenizer, pairs, cfg.max_new_tokens, cfg.seqkd_temperature, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": wanted, "examples": examples}) + "\n")
-    os.replace(tmp, path)
-    return examples
+    return data_stage(path, wanted, lambda: seqkd_examples(teacher, tokenizer, pairs, cfg.max_new_tokens,
+                                                           cfg.seqkd_temperature, seed), "SeqKD data", "examples")
 
 
 def student_trainer(cfg: Config, tokenizer, pairs, held_out, method: str, seed: int, folder: Path, start: Path,

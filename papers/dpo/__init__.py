@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from paperloop.callbacks import Callback, ProgressBar, TensorBoardLogger
 from paperloop.models.lm import tiny_causal_lm
 from paperloop.preference import DPOConfig, DPOTrainer, RewardConfig, RewardModelScorer, RewardTrainer
 
-from ..stages import output_folder, stage, stage_settings
+from ..stages import data_stage, output_folder, stage, stage_settings
 from .evaluate import evaluate, preference_pairs, write_results
 from .task import COMPLETION_WORDS, PROMPT_WORDS, make_tokenizer, prompts, sentiment, sft_examples
 
@@ -184,22 +183,15 @@ def pair_stage(path: Path, cfg: Config, reference, tokenizer, seed: int) -> list
     """The seed's preference pairs: sampled from the SFT model and labelled once, then read back (a file written
     with other settings is refused, naming the key)."""
     wanted = {**sft_settings(cfg), **pair_settings(cfg), "seed": seed}
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record["settings"] != wanted:
-            key = next(k for k in wanted if record["settings"].get(k) != wanted[k])
-            raise ConfigError(f"{key}: {path} holds pairs made with {key}={record['settings'].get(key)!r}, this "
-                              f"command asks for {wanted[key]!r}; use another output_dir, or remove {path.parent}")
-        return record["pairs"]
-    opening = prompts(cfg.pair_prompts, PAIR_PROMPTS_SEED + seed)
-    pairs = preference_pairs(reference, tokenizer, opening, cfg.max_new_tokens, seed)
-    if not pairs:
-        raise ValueError(f"pair_prompts={cfg.pair_prompts}: every prompt's two completions tied; sample more")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": wanted, "pairs": pairs}) + "\n")
-    os.replace(tmp, path)
-    return pairs
+
+    def draw() -> list[dict]:
+        opening = prompts(cfg.pair_prompts, PAIR_PROMPTS_SEED + seed)
+        pairs = preference_pairs(reference, tokenizer, opening, cfg.max_new_tokens, seed)
+        if not pairs:
+            raise ValueError(f"pair_prompts={cfg.pair_prompts}: every prompt's two completions tied; sample more")
+        return pairs
+
+    return data_stage(path, wanted, draw, "pairs", "pairs")
 
 
 def _sequence_classifier():
